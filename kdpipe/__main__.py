@@ -1,0 +1,5 @@
+"""Allow `python -m kdpipe ...` (and `torchrun -m kdpipe ...`)."""
+
+from kdpipe.cli import main
+
+main()

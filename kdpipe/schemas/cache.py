@@ -1,0 +1,120 @@
+"""Read-only access to a finished cache: validated manifest, shard files, row-group iteration.
+
+Both sides use this: `trainer/` streams row groups from it, `kdpipe inspect` and
+`kdpipe verify` report on it. Nothing here writes to the cache, so any number of training runs
+may read one cache at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdpipe.schemas.errors import CacheFormatError
+from kdpipe.schemas.io import sha256_file
+from kdpipe.schemas.manifest import CacheManifest, ShardInfo, read_manifest
+from kdpipe.schemas.shard import INPUT_IDS, SAMPLE_ID, check_shard_schema
+
+
+def tokens_digest(sample_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> str:
+    """sha256 of sample ids and token ids: identifies a shard's input independent of encoding."""
+    digest = hashlib.sha256()
+    for sample_id, ids in zip(sample_ids, sequences, strict=True):
+        digest.update(np.int64(sample_id).tobytes())
+        digest.update(np.int64(len(ids)).tobytes())
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Cache:
+    """An opened, validated cache folder."""
+
+    root: Path
+    manifest: CacheManifest
+
+    def shard_path(self, shard: ShardInfo) -> Path:
+        return self.root / shard.file
+
+    def iter_row_groups(
+        self, columns: Sequence[str] | None = None, shards: Sequence[ShardInfo] | None = None
+    ) -> Iterator[pa.Table]:
+        """Yield the cache one Parquet row group at a time (64 sequences by default)."""
+        for shard in shards if shards is not None else self.manifest.shards:
+            parquet = pq.ParquetFile(self.shard_path(shard))
+            for index in range(parquet.num_row_groups):
+                yield parquet.read_row_group(index, columns=list(columns) if columns else None)
+
+    def read_column(self, name: str) -> pa.ChunkedArray:
+        """One per-sequence column of the whole cache (small: one value per sequence)."""
+        return pa.chunked_array(
+            [t.column(name).combine_chunks() for t in self.iter_row_groups([name])],
+            type=self.manifest.shard_layout.schema().field(name).type,
+        )
+
+    def verify(self) -> list[str]:
+        """Every fault found: missing or altered shards, wrong schema, row counts, stray files."""
+        problems: list[str] = []
+        listed = {s.file for s in self.manifest.shards}
+        for shard in self.manifest.shards:
+            path = self.shard_path(shard)
+            if not path.is_file():
+                problems.append(f"{shard.file}: missing")
+                continue
+            if path.stat().st_size != shard.bytes:
+                problems.append(f"{shard.file}: {path.stat().st_size} bytes, manifest says "
+                                f"{shard.bytes}")
+            if sha256_file(path) != shard.sha256:
+                problems.append(f"{shard.file}: sha256 differs from the manifest (corrupted or "
+                                "modified)")
+                continue
+            try:
+                check_shard_schema(path, self.manifest.shard_layout)
+                problems.extend(self._check_rows(shard))
+            except CacheFormatError as exc:
+                problems.append(str(exc))
+        for stray in sorted(self.root.glob("shard-*.parquet")):
+            if stray.name not in listed:
+                problems.append(f"{stray.name}: shard file not listed in the manifest")
+        if not self.manifest.complete:
+            problems.append("manifest is marked incomplete: re-run the same `kdpipe "
+                            "cache-teacher` command to finish it")
+        return problems
+
+    def _check_rows(self, shard: ShardInfo) -> list[str]:
+        table = pq.read_table(self.shard_path(shard), columns=[SAMPLE_ID, INPUT_IDS])
+        sample_ids = table.column(SAMPLE_ID).to_pylist()
+        problems = []
+        if len(sample_ids) != shard.rows:
+            problems.append(f"{shard.file}: {len(sample_ids)} rows, manifest says {shard.rows}")
+        sequences = table.column(INPUT_IDS).to_pylist()
+        if tokens_digest(sample_ids, sequences) != shard.tokens_sha256:
+            problems.append(f"{shard.file}: token ids differ from the manifest's tokens_sha256")
+        return problems
+
+
+def open_cache(cache_dir: str | Path, require_complete: bool = True) -> Cache:
+    """Open a cache for reading; checks the manifest and every shard's presence and schema.
+
+    Checksums are not recomputed here (that reads every byte): `kdpipe verify` does it.
+    """
+    root = Path(cache_dir)
+    manifest = read_manifest(root)
+    if require_complete and not manifest.complete:
+        raise CacheFormatError(
+            f"{root}: the cache is incomplete (interrupted cache-teacher run); re-run the same "
+            "`kdpipe cache-teacher` command to finish it"
+        )
+    for shard in manifest.shards:
+        path = root / shard.file
+        if not path.is_file():
+            raise CacheFormatError(f"{path}: listed in the manifest but missing; run "
+                                   f"`kdpipe verify {root}`")
+        check_shard_schema(path, manifest.shard_layout)
+    return Cache(root=root, manifest=manifest)

@@ -1,0 +1,60 @@
+"""Crash-safe file writes and checksums: write to a temporary name in the same folder, then rename."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def temp_path_for(path: Path) -> Path:
+    """A temporary sibling of `path` that no reader will mistake for the real file."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path; on success fsync it and rename it over `path`, else delete it."""
+    final = Path(path)
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete temporaries left by a crashed writer (`.<name>.tmp-<pid>`); returns how many."""
+    removed = 0
+    for stale in folder.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+        removed += 1
+    return removed

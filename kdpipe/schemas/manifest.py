@@ -1,0 +1,203 @@
+"""The cache manifest (`manifest.json`): what a cache holds, how it was made, and its checksums.
+
+Written by `kdpipe cache-teacher` after every finished shard (atomically, with
+`complete=false` until the last one), read and validated by every other stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from kdpipe import __version__
+from kdpipe.schemas.errors import CacheFormatError
+from kdpipe.schemas.fingerprint import json_fingerprint
+from kdpipe.schemas.io import atomic_write_json
+from kdpipe.schemas.records import from_dict, read_json, to_dict
+from kdpipe.schemas.shard import ShardLayout
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+LAYOUTS = ("packed", "document")
+TAIL_MODES = ("exact", "uniform")  # uniform: tempered tails approximated at train time
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # name relative to the cache folder, e.g. "shard-00000.parquet"
+    rows: int  # sequences
+    tokens: int  # input tokens (sum of sequence lengths)
+    targets: int  # positions with a teacher distribution (tokens - rows)
+    first_sample_id: int
+    last_sample_id: int
+    bytes: int
+    sha256: str  # of the Parquet file
+    tokens_sha256: str  # of the sample ids and token ids, independent of encoding
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name_or_path: str
+    revision: str | None  # hub commit when loaded from the hub
+    fingerprint: str  # sha256 over config and sampled weight bytes
+    backend: str  # "hf" or "vllm"
+    dtype: str  # compute dtype of the teacher pass
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    name_or_path: str
+    fingerprint: str  # schemas.fingerprint.tokenizer_fingerprint
+    size: int  # len(tokenizer), including added tokens
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    sources: tuple[str, ...]  # files as given, or "hf:NAME" for a hub dataset
+    text_field: str
+    split: str | None
+    fingerprint: str
+    documents_read: int
+    documents_skipped: int  # empty or undecodable, counted and skipped
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    corpus: CorpusInfo
+    vocab_size: int  # width of the teacher's output head
+    top_k: int
+    max_length: int
+    layout: str  # "packed" or "document"
+    shard_size: int  # sequences per shard
+    id_dtype: str
+    logprob_dtype: str
+    capture_temperature: float
+    tail_temperatures: tuple[float, ...]
+    tail_mode: str
+    settings_fingerprint: str  # everything that determines the cache's content
+    complete: bool
+    shards: tuple[ShardInfo, ...] = ()
+    topk_layout: str = "flat"  # top-k columns are flat lists with stride top_k
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    kdpipe_version: str = __version__
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shard_layout(self) -> ShardLayout:
+        return ShardLayout(self.id_dtype, self.logprob_dtype, bool(self.tail_temperatures))
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def num_targets(self) -> int:
+        return sum(s.targets for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def with_fingerprint(self) -> CacheManifest:
+        """This manifest with `settings_fingerprint` computed from its settings."""
+        return replace(self, settings_fingerprint=json_fingerprint(self.settings()))
+
+    def with_shard(self, shard: ShardInfo) -> CacheManifest:
+        kept = tuple(s for s in self.shards if s.file != shard.file)
+        return replace(self, shards=tuple(sorted(kept + (shard,), key=lambda s: s.file)))
+
+    def settings(self) -> dict[str, object]:
+        """The fields that determine the cache's content (fingerprinted, compared on resume)."""
+        return {
+            "teacher": self.teacher.fingerprint,
+            "teacher_dtype": self.teacher.dtype,
+            "backend": self.teacher.backend,
+            "tokenizer": self.tokenizer.fingerprint,
+            "corpus": self.corpus.fingerprint,
+            "text_field": self.corpus.text_field,
+            "split": self.corpus.split,
+            "vocab_size": self.vocab_size,
+            "top_k": self.top_k,
+            "max_length": self.max_length,
+            "layout": self.layout,
+            "shard_size": self.shard_size,
+            "id_dtype": self.id_dtype,
+            "logprob_dtype": self.logprob_dtype,
+            "capture_temperature": self.capture_temperature,
+            "tail_temperatures": list(self.tail_temperatures),
+            "tail_mode": self.tail_mode,
+            "topk_layout": self.topk_layout,
+        }
+
+    def validate(self, where: str) -> None:
+        problems = []
+        if json_fingerprint(self.settings()) != self.settings_fingerprint:
+            problems.append("settings do not match settings_fingerprint (was the manifest "
+                            "edited by hand?); re-create the cache")
+        if self.layout not in LAYOUTS:
+            problems.append(f"layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.tail_mode not in TAIL_MODES:
+            problems.append(f"tail_mode {self.tail_mode!r} is not one of {TAIL_MODES}")
+        if not 1 <= self.top_k <= self.vocab_size:
+            problems.append(f"top_k {self.top_k} outside 1..vocab_size ({self.vocab_size})")
+        if self.topk_layout != "flat":
+            problems.append(f"topk_layout {self.topk_layout!r} is not 'flat'")
+        try:
+            self.shard_layout.schema()
+        except KeyError as exc:
+            problems.append(f"unknown column type {exc}")
+        for shard in self.shards:
+            if "/" in shard.file or "\\" in shard.file or shard.file.startswith("."):
+                problems.append(f"shard file name {shard.file!r} must be a plain name")
+        if problems:
+            raise CacheFormatError(f"{where}: " + "; ".join(problems))
+
+
+def manifest_path(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / MANIFEST_NAME
+
+
+def write_manifest(cache_dir: str | Path, manifest: CacheManifest) -> None:
+    """Replace the manifest atomically (a crash leaves the previous one intact)."""
+    atomic_write_json(manifest_path(cache_dir), to_dict(manifest))
+
+
+def read_manifest(cache_dir: str | Path) -> CacheManifest:
+    """Read and validate a manifest; the schema version is checked before anything else."""
+    path = manifest_path(cache_dir)
+    if not Path(cache_dir).is_dir():
+        raise FileNotFoundError(
+            f"cache folder {cache_dir} does not exist; run `kdpipe cache-teacher --out {cache_dir}`"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {cache_dir} is not a kdpipe cache; "
+            f"run `kdpipe cache-teacher --out {cache_dir}` first"
+        )
+    data = read_json(path)
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(version, int):
+        raise CacheFormatError(f"{path}: no integer 'schema_version'; not a kdpipe manifest")
+    if version > MANIFEST_SCHEMA_VERSION:
+        raise CacheFormatError(
+            f"{path}: written with cache schema version {version} by kdpipe "
+            f"{data.get('kdpipe_version', '?')}; this kdpipe ({__version__}) reads up to version "
+            f"{MANIFEST_SCHEMA_VERSION}: upgrade kdpipe"
+        )
+    if version < MANIFEST_SCHEMA_VERSION:
+        raise CacheFormatError(
+            f"{path}: cache schema version {version} is no longer supported; "
+            "re-create the cache with `kdpipe cache-teacher --overwrite`"
+        )
+    manifest = from_dict(CacheManifest, data, str(path))
+    manifest.validate(str(path))
+    return manifest

@@ -1,0 +1,94 @@
+"""The Parquet schema of a cache shard: one row per sequence, explicit types, never inferred.
+
+Per-position columns hold one value per *target* position t = 0..T-2 (position t predicts
+token t+1 of `input_ids`). The top-k columns are flat with stride k: entry `t * k + j` is the
+j-th most likely next token at position t, in descending order of log-prob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdpipe.schemas.errors import CacheFormatError
+
+SHARD_SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"kdpipe.schema_version"
+SHARD_COMPRESSION = "zstd"
+SHARD_COMPRESSION_LEVEL = 6
+ROW_GROUP_SIZE = 64  # sequences per row group: a reader's unit of decoding and prefetch
+
+# Column names: the public contract (docs/cache-format.md documents each).
+SAMPLE_ID = "sample_id"
+INPUT_IDS = "input_ids"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+TAIL_LOGMASS = "tail_logmass"
+TARGET_LOGPROB = "target_logprob"
+TAIL_LOGMASS_TEMPERED = "tail_logmass_tempered"
+NUM_TARGETS = "num_targets"
+TEACHER_NLL = "teacher_nll"
+TEACHER_ENTROPY = "teacher_entropy"
+TEACHER_CONFIDENCE = "teacher_confidence"
+TEACHER_TOP1 = "teacher_top1"
+
+SEQUENCE_STATS = (TEACHER_NLL, TEACHER_ENTROPY, TEACHER_CONFIDENCE, TEACHER_TOP1)
+
+ID_DTYPES = {"uint16": pa.uint16(), "uint32": pa.uint32()}
+LOGPROB_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def id_dtype_for_vocab(vocab_size: int) -> str:
+    """The narrowest unsigned integer type that holds every id of a vocabulary."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What varies between caches: integer width, log-prob precision, tempered tails stored."""
+
+    id_dtype: str
+    logprob_dtype: str
+    has_tempered_tails: bool
+
+    def schema(self) -> pa.Schema:
+        ids = ID_DTYPES[self.id_dtype]
+        fields = [
+            pa.field(SAMPLE_ID, pa.int64(), nullable=False),
+            pa.field(INPUT_IDS, pa.list_(ids), nullable=False),
+            pa.field(TOPK_IDS, pa.list_(ids), nullable=False),
+            pa.field(TOPK_LOGPROBS, pa.list_(LOGPROB_DTYPES[self.logprob_dtype]), nullable=False),
+            pa.field(TAIL_LOGMASS, pa.list_(pa.float32()), nullable=False),
+            pa.field(TARGET_LOGPROB, pa.list_(pa.float32()), nullable=False),
+        ]
+        if self.has_tempered_tails:
+            fields.append(pa.field(TAIL_LOGMASS_TEMPERED, pa.list_(pa.float32()), nullable=False))
+        fields.append(pa.field(NUM_TARGETS, pa.int32(), nullable=False))
+        fields.extend(pa.field(name, pa.float32(), nullable=False) for name in SEQUENCE_STATS)
+        metadata = {SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode()}
+        return pa.schema(fields, metadata=metadata)
+
+
+def check_shard_schema(path: Path, layout: ShardLayout) -> None:
+    """Raise CacheFormatError unless the Parquet file at `path` has exactly `layout`'s schema."""
+    try:
+        found = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CacheFormatError(f"{path}: not a readable Parquet file ({exc}); "
+                               "run `kdpipe verify` on the cache") from exc
+    version = (found.metadata or {}).get(SCHEMA_VERSION_KEY)
+    if version != str(SHARD_SCHEMA_VERSION).encode():
+        shown = version.decode() if version else "none"
+        raise CacheFormatError(
+            f"{path}: shard schema version {shown}, this kdpipe reads version "
+            f"{SHARD_SCHEMA_VERSION}; re-create the cache or use a matching kdpipe"
+        )
+    expected = layout.schema()
+    if not found.remove_metadata().equals(expected.remove_metadata()):
+        raise CacheFormatError(
+            f"{path}: columns do not match the manifest's layout "
+            f"(expected {expected.remove_metadata()}, found {found.remove_metadata()})"
+        )
