@@ -19,7 +19,13 @@ import pyarrow.parquet as pq
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import sha256_file
 from kdpipe.schemas.manifest import CacheManifest, ShardInfo, read_manifest
-from kdpipe.schemas.shard import INPUT_IDS, SAMPLE_ID, check_shard_schema
+from kdpipe.schemas.shard import (
+    INPUT_IDS,
+    NUM_TARGETS,
+    SAMPLE_ID,
+    TEACHER_NLL,
+    check_shard_schema,
+)
 
 
 def tokens_digest(sample_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> str:
@@ -99,10 +105,12 @@ class Cache:
         return problems
 
 
-def open_cache(cache_dir: str | Path, require_complete: bool = True) -> Cache:
+def open_cache(cache_dir: str | Path, require_complete: bool = True,
+               check_shards: bool = True) -> Cache:
     """Open a cache for reading; checks the manifest and every shard's presence and schema.
 
-    Checksums are not recomputed here (that reads every byte): `kdpipe verify` does it.
+    Checksums are not recomputed here (that reads every byte): `Cache.verify` does it, and
+    reports instead of raising, so `kdpipe verify` opens with `check_shards=False`.
     """
     root = Path(cache_dir)
     manifest = read_manifest(root)
@@ -111,10 +119,40 @@ def open_cache(cache_dir: str | Path, require_complete: bool = True) -> Cache:
             f"{root}: the cache is incomplete (interrupted cache-teacher run); re-run the same "
             "`kdpipe cache-teacher` command to finish it"
         )
-    for shard in manifest.shards:
+    for shard in manifest.shards if check_shards else ():
         path = root / shard.file
         if not path.is_file():
             raise CacheFormatError(f"{path}: listed in the manifest but missing; run "
                                    f"`kdpipe verify {root}`")
         check_shard_schema(path, manifest.shard_layout)
     return Cache(root=root, manifest=manifest)
+
+
+def summarize(cache: Cache) -> dict[str, object]:
+    """What `kdpipe inspect` prints: provenance, size and the teacher's mean NLL per token."""
+    m = cache.manifest
+    nll = cache.read_column(TEACHER_NLL).to_numpy()
+    targets = cache.read_column(NUM_TARGETS).to_numpy()
+    mean_nll = float((nll * targets).sum() / max(int(targets.sum()), 1))
+    return {
+        "cache": str(cache.root),
+        "complete": m.complete,
+        "teacher": m.teacher.name_or_path,
+        "teacher_revision": m.teacher.revision or "-",
+        "backend": m.teacher.backend,
+        "tokenizer": m.tokenizer.name_or_path,
+        "tokenizer_fingerprint": m.tokenizer.fingerprint[:16],
+        "vocab_size": m.vocab_size,
+        "top_k": m.top_k,
+        "layout": m.layout,
+        "max_length": m.max_length,
+        "tail_temperatures": ",".join(f"{t:g}" for t in m.tail_temperatures) or "-",
+        "sequences": m.num_sequences,
+        "tokens": m.num_tokens,
+        "shards": len(m.shards),
+        "bytes": m.num_bytes,
+        "bytes_per_token": m.num_bytes / max(m.num_targets, 1),
+        "bytes_per_entry": m.num_bytes / max(m.num_targets * m.top_k, 1),
+        "teacher_nll": mean_nll,
+        "documents_skipped": m.corpus.documents_skipped,
+    }

@@ -1,4 +1,4 @@
-"""Crash-safe file writes and checksums: write to a temporary name in the same folder, then rename."""
+"""Crash-safe writes and checksums: write to a temporary name in the same folder, then rename."""
 
 from __future__ import annotations
 

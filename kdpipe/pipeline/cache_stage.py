@@ -1,0 +1,334 @@
+"""Stage 1, `kdpipe cache-teacher`: corpus -> teacher -> Parquet shards + manifest.
+
+Idempotent and crash-safe: every shard is written under a temporary name and renamed, the
+manifest is replaced atomically after each shard, and re-running the same command resumes
+(complete shards whose checksum holds are kept). Different settings into an existing cache are
+refused unless `overwrite` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from itertools import chain
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
+from kdpipe.pipeline.sequences import iter_sequences
+from kdpipe.pipeline.shard_writer import shard_name, write_shard
+from kdpipe.pipeline.teacher_hf import (
+    SequenceTargets,
+    load_teacher,
+    resolve_device,
+    resolve_dtype,
+    teacher_targets,
+)
+from kdpipe.pipeline.teacher_info import describe_teacher, load_tokenizer, teacher_vocab_size
+from kdpipe.schemas.cache import tokens_digest
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.fingerprint import tokenizer_fingerprint
+from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
+from kdpipe.schemas.manifest import (
+    MANIFEST_NAME,
+    CacheManifest,
+    CorpusInfo,
+    ShardInfo,
+    TokenizerInfo,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
+from kdpipe.schemas.shard import LOGPROB_DTYPES, id_dtype_for_vocab
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "cache_config.json"
+BACKENDS = ("hf",)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CacheTeacherConfig:
+    """Every option of `kdpipe cache-teacher`, with its default."""
+
+    teacher: str
+    data: tuple[str, ...]
+    out: Path
+    tokenizer: str | None = None
+    backend: str = "hf"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    top_k: int = 64
+    max_length: int = 512
+    pack: bool = False
+    shard_size: int = 1024
+    text_field: str = "text"
+    split: str | None = "train"
+    tail_temperatures: tuple[float, ...] = field(default_factory=tuple)
+    logprob_dtype: str = "float16"
+    strict: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+    @property
+    def layout(self) -> str:
+        return "packed" if self.pack else "document"
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every invalid option."""
+        problems = []
+        if not self.data:
+            problems.append("--data is required (a file, folder, glob or dataset name)")
+        if self.backend not in BACKENDS:
+            problems.append(f"--backend {self.backend!r}: this version supports only 'hf'")
+        if self.top_k < 1:
+            problems.append(f"--top-k must be >= 1 (got {self.top_k})")
+        if self.max_length < 2:
+            problems.append(f"--max-length must be >= 2 so a sequence has a target "
+                            f"(got {self.max_length})")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.shard_size < 1:
+            problems.append(f"--shard-size must be >= 1 (got {self.shard_size})")
+        if any(t <= 0 for t in self.tail_temperatures):
+            problems.append(f"--tail-temperatures must be > 0 (got {self.tail_temperatures})")
+        if self.logprob_dtype not in LOGPROB_DTYPES:
+            problems.append(f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}")
+        if self.out.exists() and not self.out.is_dir():
+            problems.append(f"--out {self.out} is a file; give a folder for the cache")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
+    """Run the whole stage; returns the finished manifest."""
+    cfg.validate()
+    sources = resolve_sources(cfg.data)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code,
+                               flag="--tokenizer" if cfg.tokenizer else "--teacher")
+    teacher_info, model_config = describe_teacher(cfg.teacher, cfg.backend, cfg.dtype,
+                                                  cfg.trust_remote_code)
+    vocab_size = teacher_vocab_size(model_config)
+    _check_against_model(cfg, tokenizer, vocab_size, model_config)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    teacher_info = replace(teacher_info, dtype=str(dtype).removeprefix("torch."))
+    draft = CacheManifest(
+        teacher=teacher_info,
+        tokenizer=TokenizerInfo(
+            name_or_path=cfg.tokenizer or cfg.teacher,
+            fingerprint=tokenizer_fingerprint(tokenizer), size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id),
+        corpus=CorpusInfo(sources=tuple(sources), text_field=cfg.text_field, split=cfg.split,
+                          fingerprint=corpus_fingerprint(sources, cfg.text_field, cfg.split),
+                          documents_read=0, documents_skipped=0),
+        vocab_size=vocab_size, top_k=cfg.top_k, max_length=cfg.max_length, layout=cfg.layout,
+        shard_size=cfg.shard_size, id_dtype=id_dtype_for_vocab(max(vocab_size, len(tokenizer))),
+        logprob_dtype=cfg.logprob_dtype, capture_temperature=1.0,
+        tail_temperatures=tuple(cfg.tail_temperatures), tail_mode="exact",
+        settings_fingerprint="", complete=False,
+    ).with_fingerprint()
+    previous = _previous_manifest(cfg, draft)
+    if previous is not None and previous.complete and _shards_intact(cfg.out, previous):
+        log.info("%s is already a complete cache with these settings; nothing to do", cfg.out)
+        return previous
+
+    # Read up to the first shard before loading the teacher or touching --out, so corpus
+    # errors (missing field, empty corpus) cost seconds and leave nothing behind.
+    stats = CorpusStats()
+    documents = iter_documents(sources, cfg.text_field, cfg.split, cfg.strict, stats)
+    shard_stream = _in_background(_shards(iter_sequences(documents, tokenizer, cfg.max_length,
+                                                         cfg.layout), cfg.shard_size))
+    first_shard = next(shard_stream, None)
+    if first_shard is None:
+        raise ConfigError(f"--data {' '.join(cfg.data)}: no sequence of at least 2 tokens; "
+                          "the corpus is empty or every document is too short")
+    model = load_teacher(cfg.teacher, device, dtype, cfg.trust_remote_code)
+    if previous is None:
+        _clear_cache_files(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(cfg.out)
+    atomic_write_json(cfg.out / CONFIG_NAME, _config_json(cfg))
+    kept = {s.file: s for s in previous.shards} if previous is not None else {}
+    manifest = replace(draft, shards=())
+    write_manifest(cfg.out, manifest)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    progress = tqdm(desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True)
+    started = time.perf_counter()
+    computed_tokens = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        pending: Future[ShardInfo] | None = None
+        for index, (sample_ids, seqs) in enumerate(chain([first_shard], shard_stream)):
+            name = shard_name(index)
+            reused = _reusable_shard(cfg.out, kept.get(name), sample_ids, seqs)
+            tokens = sum(len(s) for s in seqs)
+            if reused is not None:
+                manifest = manifest.with_shard(reused)
+                write_manifest(cfg.out, manifest)
+                progress.update(tokens)
+                continue
+            targets = _run_teacher(model, seqs, cfg, pad_id, progress)
+            computed_tokens += tokens
+            if pending is not None:
+                manifest = manifest.with_shard(pending.result())
+                write_manifest(cfg.out, manifest)
+            pending = writer.submit(write_shard, cfg.out / name, draft.shard_layout, sample_ids,
+                                    seqs, targets)
+        if pending is not None:
+            manifest = manifest.with_shard(pending.result())
+    progress.close()
+    corpus = replace(manifest.corpus, documents_read=stats.documents_read,
+                     documents_skipped=stats.documents_skipped)
+    manifest = replace(manifest, corpus=corpus, complete=True)
+    write_manifest(cfg.out, manifest)
+    elapsed = time.perf_counter() - started
+    log.info("cached %d sequences, %d tokens in %d shards (%d tokens computed, %.0f tok/s) "
+             "-> %s", manifest.num_sequences, manifest.num_tokens, len(manifest.shards),
+             computed_tokens, computed_tokens / max(elapsed, 1e-9), cfg.out)
+    return manifest
+
+
+def _check_against_model(cfg: CacheTeacherConfig, tokenizer: Any, vocab_size: int,
+                         model_config: Any) -> None:
+    if cfg.top_k > vocab_size:
+        raise ConfigError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({vocab_size})")
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the teacher's head only "
+                          f"{vocab_size}: pass the teacher's own tokenizer with --tokenizer")
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds the teacher's "
+                          f"max_position_embeddings ({limit})")
+
+
+def _previous_manifest(cfg: CacheTeacherConfig, draft: CacheManifest) -> CacheManifest | None:
+    """The existing cache's manifest if we may resume it; refuses to clobber anything else."""
+    out = cfg.out
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if not manifest_path(out).is_file():
+        raise ConfigError(f"--out {out} is a non-empty folder that is not a kdpipe cache; "
+                          "choose an empty or new folder")
+    previous = read_manifest(out)
+    if previous.settings_fingerprint == draft.settings_fingerprint:
+        return previous
+    if cfg.overwrite:
+        log.warning("--overwrite: replacing the cache in %s", out)
+        return None
+    old, new = previous.settings(), draft.settings()
+    changed = sorted(k for k in new if old.get(k) != new[k])
+    raise ConfigError(f"--out {out} holds a cache made with different settings "
+                      f"({', '.join(changed)}); pass --overwrite to replace it or choose "
+                      "another --out")
+
+
+def _shards_intact(out: Path, manifest: CacheManifest) -> bool:
+    return all((out / s.file).is_file() and sha256_file(out / s.file) == s.sha256
+               for s in manifest.shards)
+
+
+def _reusable_shard(out: Path, recorded: ShardInfo | None, sample_ids: list[int],
+                    seqs: list[list[int]]) -> ShardInfo | None:
+    """The recorded shard if its file is intact and holds exactly these sequences."""
+    if recorded is None:
+        return None
+    if recorded.tokens_sha256 != tokens_digest(sample_ids, seqs):
+        raise ConfigError(f"{out / recorded.file}: the corpus changed since this cache was "
+                          "started; pass --overwrite to rebuild it")
+    path = out / recorded.file
+    if path.is_file() and sha256_file(path) == recorded.sha256:
+        return recorded
+    log.warning("%s is missing or corrupt; recomputing it", path)
+    return None
+
+
+def _clear_cache_files(out: Path) -> None:
+    """Remove what a previous kdpipe cache left (only our own files)."""
+    if not out.is_dir():
+        return
+    for path in [*out.glob("shard-*.parquet"), out / MANIFEST_NAME, out / CONFIG_NAME]:
+        path.unlink(missing_ok=True)
+
+
+def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad_id: int,
+                 progress: tqdm) -> list[SequenceTargets]:
+    """Teacher targets for one shard, batching sequences of similar length to cut padding."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    results: list[SequenceTargets | None] = [None] * len(seqs)
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start : start + cfg.batch_size]
+        outputs = teacher_targets(model, [seqs[i] for i in batch], cfg.top_k,
+                                  cfg.tail_temperatures, pad_id)
+        for i, out in zip(batch, outputs, strict=True):
+            results[i] = out
+        progress.update(sum(len(seqs[i]) for i in batch))
+    return [r for r in results if r is not None]
+
+
+def _shards(sequences: Iterable[list[int]], shard_size: int
+            ) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Group the sequence stream into shards; sample_id is the position in the stream."""
+    ids: list[int] = []
+    seqs: list[list[int]] = []
+    for sample_id, seq in enumerate(sequences):
+        ids.append(sample_id)
+        seqs.append(seq)
+        if len(seqs) == shard_size:
+            yield ids, seqs
+            ids, seqs = [], []
+    if seqs:
+        yield ids, seqs
+
+
+def _in_background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Produce `items` in a thread (reading and tokenizing overlap the teacher's work)."""
+    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():  # give up once the consumer has gone away
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as exc:  # re-raised in the consumer's thread
+            put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="corpus-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = buffer.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+def _config_json(cfg: CacheTeacherConfig) -> dict[str, Any]:
+    data = asdict(cfg)
+    data["out"] = str(cfg.out)
+    return data

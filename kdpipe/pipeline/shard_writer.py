@@ -1,0 +1,88 @@
+"""Turn teacher outputs into one Parquet shard, written under a temporary name and renamed.
+
+Columns are built straight from numpy buffers with the schema from `kdpipe.schemas.shard`
+(never inferred), so a shard is bit-for-bit determined by its inputs and layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdpipe.pipeline.teacher_hf import SequenceTargets
+from kdpipe.schemas import shard as cols
+from kdpipe.schemas.cache import tokens_digest
+from kdpipe.schemas.io import atomic_path, sha256_file
+from kdpipe.schemas.manifest import ShardInfo
+from kdpipe.schemas.shard import ShardLayout
+
+_NUMPY = {"uint16": np.uint16, "uint32": np.uint32, "float16": np.float16,
+          "float32": np.float32}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _list_column(values: Sequence[np.ndarray], dtype: str, arrow_type: pa.DataType) -> pa.Array:
+    """A list<arrow_type> column from one flat numpy array per row."""
+    lengths = np.fromiter((v.size for v in values), dtype=np.int64, count=len(values))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([v.reshape(-1) for v in values]).astype(_NUMPY[dtype], copy=False)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                    pa.array(flat, arrow_type.value_type))
+
+
+def build_table(layout: ShardLayout, sample_ids: Sequence[int],
+                sequences: Sequence[Sequence[int]], targets: Sequence[SequenceTargets]
+                ) -> pa.Table:
+    schema = layout.schema()
+
+    def lists(name: str, rows: Sequence[np.ndarray], dtype: str) -> pa.Array:
+        return _list_column(rows, dtype, schema.field(name).type)
+
+    arrays = {
+        cols.SAMPLE_ID: pa.array(sample_ids, pa.int64()),
+        cols.INPUT_IDS: lists(cols.INPUT_IDS, [np.asarray(s) for s in sequences],
+                              layout.id_dtype),
+        cols.TOPK_IDS: lists(cols.TOPK_IDS, [t.topk_ids for t in targets], layout.id_dtype),
+        cols.TOPK_LOGPROBS: lists(cols.TOPK_LOGPROBS, [t.topk_logprobs for t in targets],
+                                  layout.logprob_dtype),
+        cols.TAIL_LOGMASS: lists(cols.TAIL_LOGMASS, [t.tail_logmass for t in targets],
+                                 "float32"),
+        cols.TARGET_LOGPROB: lists(cols.TARGET_LOGPROB, [t.target_logprob for t in targets],
+                                   "float32"),
+    }
+    if layout.has_tempered_tails:
+        tempered = [t.tail_logmass_tempered for t in targets]
+        assert all(t is not None for t in tempered)
+        arrays[cols.TAIL_LOGMASS_TEMPERED] = lists(
+            cols.TAIL_LOGMASS_TEMPERED, tempered, "float32")  # type: ignore[arg-type]
+    arrays[cols.NUM_TARGETS] = pa.array([len(s) - 1 for s in sequences], pa.int32())
+    arrays[cols.TEACHER_NLL] = pa.array([t.nll for t in targets], pa.float32())
+    arrays[cols.TEACHER_ENTROPY] = pa.array([t.entropy for t in targets], pa.float32())
+    arrays[cols.TEACHER_CONFIDENCE] = pa.array([t.confidence for t in targets], pa.float32())
+    arrays[cols.TEACHER_TOP1] = pa.array([t.top1 for t in targets], pa.float32())
+    return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+def write_shard(path: Path, layout: ShardLayout, sample_ids: Sequence[int],
+                sequences: Sequence[Sequence[int]], targets: Sequence[SequenceTargets]
+                ) -> ShardInfo:
+    """Write a complete shard atomically and describe it for the manifest."""
+    table = build_table(layout, sample_ids, sequences, targets)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=cols.ROW_GROUP_SIZE,
+                       compression=cols.SHARD_COMPRESSION,
+                       compression_level=cols.SHARD_COMPRESSION_LEVEL)
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+    tokens = sum(len(s) for s in sequences)
+    return ShardInfo(file=path.name, rows=len(sequences), tokens=tokens,
+                     targets=tokens - len(sequences), first_sample_id=int(sample_ids[0]),
+                     last_sample_id=int(sample_ids[-1]), bytes=size, sha256=digest,
+                     tokens_sha256=tokens_digest(sample_ids, sequences))

@@ -1,0 +1,157 @@
+"""The transformers teacher backend: one no-grad forward pass, reduced to what students need.
+
+For every position t that predicts token t+1 we keep the top-k ids and log-probs, the exact
+tail log-mass (a log-sum-exp over the ids outside the top-k, never `log(1 - sum)`), the
+log-prob of the actual next token, and optionally the exact tail log-mass at other
+temperatures. Full-vocabulary rows exist only transiently, a chunk of positions at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdpipe.schemas.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POSITION_CHUNK = 2048  # positions reduced at once: bounds the float32 (n, V) working set
+
+
+@dataclass
+class SequenceTargets:
+    """Teacher outputs for one sequence of T tokens (T - 1 target positions)."""
+
+    topk_ids: np.ndarray  # (T-1, k) int64
+    topk_logprobs: np.ndarray  # (T-1, k) float32
+    tail_logmass: np.ndarray  # (T-1,) float32, -inf when k = V
+    target_logprob: np.ndarray  # (T-1,) float32
+    tail_logmass_tempered: np.ndarray | None  # (T-1, n_temperatures) float32
+    nll: float
+    entropy: float
+    confidence: float
+    top1: float
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)"
+                          ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_teacher(name_or_path: str, device: torch.device, dtype: torch.dtype,
+                 trust_remote_code: bool) -> Any:
+    """AutoModelForCausalLM in eval mode, on `device`, no grad needed."""
+    from transformers import AutoModelForCausalLM
+
+    model: Any
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--teacher {name_or_path}: cannot load a causal LM ({first_line})"
+                          ) from exc
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _reduce_positions(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
+                      temperatures: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Reduce full rows of logits (n, V) to the per-position cache columns, in float32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    top_lp, top_ids = logprobs.topk(top_k, dim=-1, sorted=True)  # (n, k)
+    outside = torch.ones_like(logprobs, dtype=torch.bool).scatter_(1, top_ids, False)
+    tail = torch.logsumexp(logprobs.masked_fill(~outside, float("-inf")), dim=-1)  # (n,)
+    probs = logprobs.exp()
+    entropy = -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
+    out = {
+        "topk_ids": top_ids,
+        "topk_logprobs": top_lp,
+        "tail_logmass": tail,
+        "target_logprob": logprobs.gather(1, labels[:, None]).squeeze(1),
+        "entropy": entropy,
+        "top1": (top_ids[:, 0] == labels).float(),
+    }
+    if temperatures:
+        tempered = []
+        for tau in temperatures:
+            scaled = torch.log_softmax(logits.float() / tau, dim=-1)
+            tempered.append(torch.logsumexp(scaled.masked_fill(~outside, float("-inf")), -1))
+        out["tail_logmass_tempered"] = torch.stack(tempered, dim=-1)  # (n, n_temps)
+    return out
+
+
+@torch.no_grad()
+def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
+                    temperatures: Sequence[float], pad_id: int) -> list[SequenceTargets]:
+    """Run the teacher on one batch of sequences (right-padded) and reduce each to targets."""
+    device = next(model.parameters()).device
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attention[row, : len(seq)] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V)
+
+    # Flatten the real target positions: row r, positions 0..len_r - 2 predict 1..len_r - 1.
+    valid = attention[:, 1:].bool()  # (B, T-1)
+    flat_logits = logits[:, :-1][valid]  # (N, V) in the model's dtype
+    flat_labels = input_ids[:, 1:][valid]  # (N,)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, flat_labels.numel(), POSITION_CHUNK):
+        chunk = _reduce_positions(flat_logits[start : start + POSITION_CHUNK],
+                                  flat_labels[start : start + POSITION_CHUNK], top_k,
+                                  temperatures)
+        for name, value in chunk.items():
+            parts.setdefault(name, []).append(value)
+    columns = {name: torch.cat(values).cpu().numpy() for name, values in parts.items()}
+
+    results = []
+    offset = 0
+    for length in lengths:
+        span = slice(offset, offset + length - 1)
+        offset += length - 1
+        target_lp = columns["target_logprob"][span]
+        results.append(SequenceTargets(
+            topk_ids=columns["topk_ids"][span],
+            topk_logprobs=columns["topk_logprobs"][span],
+            tail_logmass=columns["tail_logmass"][span],
+            target_logprob=target_lp,
+            tail_logmass_tempered=(columns["tail_logmass_tempered"][span]
+                                   if temperatures else None),
+            nll=float(-target_lp.mean()),
+            entropy=float(columns["entropy"][span].mean()),
+            confidence=float(np.exp(target_lp).mean()),
+            top1=float(columns["top1"][span].mean()),
+        ))
+    return results
