@@ -1,1 +1,1 @@
-"""The student side: train students from a cache. Never imports `kdpipe.pipeline`; loads no teacher."""
+"""The student side: train students from a cache. Never imports `kdpipe.pipeline`; no teacher."""

@@ -1,0 +1,408 @@
+"""Corpus input for `kdpipe cache-teacher`: turn `--data` values into a stream of documents.
+
+A `--data` value is a file, a folder (searched recursively), a glob, or a Hugging Face dataset
+name. Local formats: `.txt` (one file = one document), `.jsonl`, `.jsonl.zst` (decompressed as
+a stream) and `.parquet` (read a batch at a time). Order is deterministic — sorted paths within
+a folder or glob, then the order of the `--data` values — because the teacher stage numbers
+samples in the order it reads them.
+
+A large corpus always holds a few bad documents; they are skipped, counted and summarised in
+one warning rather than stopping a long run (`strict=True` stops at the first instead).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.fingerprint import files_fingerprint, json_fingerprint
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+SUFFIXES = (".jsonl.zst", ".jsonl", ".parquet", ".txt")
+# Endings that mark a value as a file the user meant, never a dataset name.
+_PATHLIKE = (*SUFFIXES, ".zst", ".json", ".gz", ".csv", ".tsv", ".arrow", ".bz2", ".xz")
+_GLOB_CHARS = re.compile(r"[*?[]")
+_FIELD_PROBE = 1000  # records without the text field before a file is called wrong, not dirty
+_BATCH_ROWS = 1024  # parquet rows per batch
+
+
+@dataclass
+class CorpusStats:
+    """Counters filled while `iter_documents` runs (the manifest records them)."""
+
+    documents_read: int = 0  # documents yielded
+    documents_skipped: int = 0  # empty / undecodable / non-string text field
+
+
+def _suffix(path: str | Path) -> str | None:
+    name = str(path).lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), None)
+
+
+def _looks_like_path(value: str) -> bool:
+    """A dataset name is `name` or `owner/name`; anything else that does not exist is a typo."""
+    return (value.startswith(("/", "./", "../", "~")) or "\\" in value or value.count("/") > 1
+            or value.lower().endswith(_PATHLIKE))
+
+
+def _supported(paths: Sequence[Path], value: str, what: str) -> list[Path]:
+    files = [p for p in paths if p.is_file()]
+    keep = [p for p in files if _suffix(p) is not None]
+    if not keep:
+        raise ConfigError(f"--data {value}: {what} holds no supported files "
+                          f"({', '.join(SUFFIXES)}); point --data at the corpus files")
+    if len(keep) < len(files):
+        logger.warning("--data %s: ignoring %d files of other formats (supported: %s)",
+                       value, len(files) - len(keep), ", ".join(SUFFIXES))
+    return keep
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .cache, .git, ...
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(found)
+
+
+def resolve_sources(data: Sequence[str]) -> list[str]:
+    """Expand `--data` values into the ordered list of files and `hf:NAME` datasets to read.
+
+    Existing paths win over dataset names; a glob that matches nothing, or a missing path that
+    looks like a path (`./x`, `a/b/c`, `x.jsonl`), is an error rather than a dataset lookup.
+    """
+    if not data:
+        raise ConfigError("--data: no corpus given; pass a file, folder, glob or dataset name")
+    sources: list[str] = []
+    seen: set[Path] = set()
+    for value in data:
+        path = Path(os.path.expanduser(value))
+        if path.is_file():
+            if _suffix(path) is None:
+                raise ConfigError(f"--data {value}: unsupported file format; convert it to one "
+                                  f"of {', '.join(SUFFIXES)}")
+            files = [path]
+        elif path.is_dir():
+            files = _supported(_folder_files(path), value, "folder")
+        elif _GLOB_CHARS.search(value):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(value), recursive=True))
+            if not matches:
+                raise ConfigError(f"--data {value}: the pattern matches no files; check the path")
+            files = _supported(matches, value, "pattern")
+        elif _looks_like_path(value):
+            raise ConfigError(f"--data {value}: file not found; check the path")
+        else:
+            sources.append(HF_PREFIX + value)
+            continue
+        for file in files:
+            key = file.resolve()
+            if key in seen:
+                logger.warning("--data %s: %s is already in the corpus; reading it once", value,
+                               file)
+                continue
+            seen.add(key)
+            sources.append(str(file))
+    return sources
+
+
+# ---- Hugging Face datasets -----------------------------------------------------------------
+
+def _hf_error(name: str, split: str | None, exc: Exception) -> ConfigError:
+    detail = " ".join(str(exc).split())[:300]
+    return ConfigError(f"--data {name}: not a file or folder, and loading it as a dataset "
+                       f"(split {split!r}) failed: {type(exc).__name__}: {detail}; "
+                       f"check the path, the dataset name or --split")
+
+
+def _load_hf(name: str, split: str | None) -> tuple[Any, list[str] | None]:
+    import datasets  # heavy import, only needed for hub corpora
+
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, bad split
+        raise _hf_error(name, split, exc) from exc
+    if isinstance(ds, datasets.IterableDatasetDict):  # split=None
+        if len(ds) != 1:
+            raise ConfigError(f"--split: dataset {name} has splits {sorted(ds)}; pick one")
+        ds = next(iter(ds.values()))
+    features = getattr(ds, "features", None)
+    return ds, (list(features) if features is not None else None)
+
+
+def _hf_fingerprint(name: str, split: str | None) -> dict[str, Any]:
+    """What identifies a hub dataset without downloading it.
+
+    Limitation: we cannot hash the content of a remote dataset without reading it. For hub
+    repos the builder hash and data-file URLs carry the repo's commit sha, so a new revision
+    changes the fingerprint; a local dataset folder gets the sampled content hash of its files.
+    Datasets whose files are not versioned (plain URLs) are identified by name and config only.
+    """
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(name)
+    except (OSError, ValueError) as exc:
+        raise _hf_error(name, split, exc) from exc
+    data_files = builder.config.data_files or {}
+    splits = [split] if split is not None else sorted(str(s) for s in data_files)
+    files = [str(f) for s in splits for f in data_files.get(s, [])]
+    entry: dict[str, Any] = {"dataset": name, "split": split, "config": builder.config.name,
+                             "version": str(builder.info.version)}
+    if files and all(Path(f).is_file() for f in files):
+        entry["files"] = files_fingerprint(files, root=name)
+    else:
+        entry["files"] = files
+        entry["builder_hash"] = builder.hash
+    return entry
+
+
+def corpus_fingerprint(sources: Sequence[str], text_field: str, split: str | None) -> str:
+    """sha256 over the sources in reading order and the text field (see `_hf_fingerprint`).
+
+    Local files contribute their sampled content hash (`files_fingerprint`) under their base
+    name, so a moved corpus keeps its fingerprint; `split` only matters for `hf:` sources.
+    """
+    entries: list[Any] = []
+    for source in sources:
+        if source.startswith(HF_PREFIX):
+            entries.append(_hf_fingerprint(source[len(HF_PREFIX):], split))
+        else:
+            entries.append(files_fingerprint([source]))
+    return json_fingerprint({"sources": entries, "text_field": text_field})
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+class _Skips:
+    """Counts bad documents, or raises on the first one under `strict`."""
+
+    def __init__(self, stats: CorpusStats, strict: bool) -> None:
+        self.stats, self.strict = stats, strict
+        self.reasons: Counter[str] = Counter()
+        self.first: str | None = None
+
+    def __call__(self, where: str, reason: str, hint: str = "") -> None:
+        if self.strict:
+            raise ConfigError(f"--strict: {where}: {reason}; fix or remove that document{hint}, "
+                              f"or drop --strict to skip bad documents")
+        self.stats.documents_skipped += 1
+        self.reasons[reason] += 1
+        self.first = self.first or where
+
+
+class _FieldProbe:
+    """Tells a file that never has the text field (a wrong `--text-field`) from a dirty one."""
+
+    def __init__(self, source: str, text_field: str) -> None:
+        self.source, self.text_field = source, text_field
+        self.records = self.with_field = 0
+        self.keys: list[str] = []
+
+    def see(self, record: dict[str, Any]) -> bool:
+        self.records += 1
+        if self.text_field in record:
+            self.with_field += 1
+            return True
+        self.keys = self.keys or list(record)
+        if self.records >= _FIELD_PROBE:
+            self.check()
+        return False
+
+    def check(self) -> None:
+        if self.records and not self.with_field:
+            raise _missing_field(self.text_field, self.source, self.keys)
+
+
+def _missing_field(text_field: str, source: str, keys: Sequence[str]) -> ConfigError:
+    return ConfigError(f"--text-field {text_field}: {source} has no field {text_field!r} "
+                       f"(fields: {', '.join(map(str, keys)) or 'none'}); pass --text-field "
+                       f"naming the column that holds the text")
+
+
+def _record_text(record: Any, where: str, probe: _FieldProbe, skip: _Skips) -> str | None:
+    field = probe.text_field
+    if not isinstance(record, dict):
+        skip(where, "not a JSON object")
+        return None
+    if not probe.see(record):
+        skip(where, f"no field {field!r}", hint=" or pass --text-field")
+        return None
+    text = record[field]
+    if not isinstance(text, str):
+        skip(where, f"field {field!r} is not a string")
+        return None
+    try:
+        text.encode("utf-8")  # lone surrogates from "\ud800" escapes would crash the tokenizer
+    except UnicodeEncodeError:
+        skip(where, "not valid UTF-8")
+        return None
+    return _nonempty(text, where, skip)
+
+
+def _nonempty(text: str, where: str, skip: _Skips) -> str | None:
+    if text.strip():
+        return text
+    skip(where, "empty")
+    return None
+
+
+def _open_lines(path: Path, raw: BinaryIO) -> BinaryIO:
+    if _suffix(path) != ".jsonl.zst":
+        return raw
+    import zstandard
+
+    # read_across_frames: files written by concatenating frames (e.g. `zstd` on split output).
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return io.BufferedReader(reader, buffer_size=1 << 20)
+
+
+def _read_jsonl(path: Path, text_field: str, skip: _Skips) -> Iterator[str]:
+    import zstandard
+
+    probe = _FieldProbe(str(path), text_field)
+    with open(path, "rb") as raw:
+        lines = _open_lines(path, raw)
+        lineno = 0
+        try:
+            for lineno, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue  # blank lines separate nothing in JSON lines
+                where = f"{path} line {lineno}"
+                try:
+                    record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                except UnicodeDecodeError:
+                    skip(where, "not valid UTF-8")
+                    continue
+                except json.JSONDecodeError:
+                    skip(where, "not valid JSON")
+                    continue
+                text = _record_text(record, where, probe, skip)
+                if text is not None:
+                    yield text
+        except zstandard.ZstdError as exc:
+            raise ConfigError(f"--data {path}: corrupt zstd stream after line {lineno} ({exc}); "
+                              f"re-create or remove the file") from exc
+    probe.check()
+
+
+def _read_txt(path: Path, skip: _Skips) -> Iterator[str]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        skip(f"{path} byte {exc.start}", "not valid UTF-8")
+        return
+    if _nonempty(text, str(path), skip) is not None:
+        yield text
+
+
+def _read_parquet(path: Path, text_field: str, skip: _Skips) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise _missing_field(text_field, str(path), schema.names)
+    kind = schema.field(text_field).type
+    as_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    if not (as_bytes or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or str(kind) == "string_view"):
+        raise ConfigError(f"--text-field {text_field}: column {text_field!r} of {path} is {kind}, "
+                          f"not text; pass --text-field naming the text column")
+    row = 0
+    # iter_batches reads one row group at a time: memory stays at a row group's text column.
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            where = f"{path} row {row}"
+            if value is None:
+                skip(where, f"field {text_field!r} is null")
+                continue
+            if as_bytes:
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    skip(where, "not valid UTF-8")
+                    continue
+            if _nonempty(value, where, skip) is not None:
+                yield value
+
+
+def _read_hf(name: str, text_field: str, split: str | None, skip: _Skips) -> Iterator[str]:
+    ds, columns = _load_hf(name, split)
+    source = f"dataset {name}"
+    if columns is not None and text_field not in columns:
+        raise _missing_field(text_field, source, columns)
+    probe = _FieldProbe(source, text_field)
+    for index, record in enumerate(ds, start=1):
+        text = _record_text(record, f"{source} record {index}", probe, skip)
+        if text is not None:
+            yield text
+    probe.check()
+
+
+def _read_source(source: str, text_field: str, split: str | None, skip: _Skips) -> Iterator[str]:
+    if source.startswith(HF_PREFIX):
+        yield from _read_hf(source[len(HF_PREFIX):], text_field, split, skip)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"--data {source}: file not found; check the path")
+    suffix = _suffix(path)
+    if suffix == ".txt":
+        yield from _read_txt(path, skip)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path, text_field, skip)
+    elif suffix in (".jsonl", ".jsonl.zst"):
+        yield from _read_jsonl(path, text_field, skip)
+    else:
+        raise ConfigError(f"--data {source}: unsupported file format; convert it to one of "
+                          f"{', '.join(SUFFIXES)}")
+
+
+def _describe(sources: Sequence[str], shown: int = 3) -> str:
+    if not sources:
+        return "no sources"
+    more = f" and {len(sources) - shown} more" if len(sources) > shown else ""
+    return ", ".join(sources[:shown]) + more
+
+
+def iter_documents(sources: Sequence[str], text_field: str = "text", split: str | None = "train",
+                   strict: bool = False, stats: CorpusStats | None = None) -> Iterator[str]:
+    """Yield the non-empty text of every document of `sources` (from `resolve_sources`), in order.
+
+    Streams: at most one document (or one Parquet batch) is held at a time, so corpus size does
+    not matter. Empty, undecodable and non-string documents are skipped and counted in `stats`;
+    a corpus with no document at all is a ConfigError raised once the sources are exhausted.
+    """
+    stats = stats if stats is not None else CorpusStats()
+    skip = _Skips(stats, strict)
+    read = 0
+    try:
+        for source in sources:
+            for text in _read_source(source, text_field, split, skip):
+                read += 1
+                stats.documents_read += 1
+                yield text
+        if read == 0:
+            skipped = sum(skip.reasons.values())
+            raise ConfigError(f"--data: empty corpus (0 documents, {skipped} skipped) in "
+                              f"{_describe(sources)}; check --data and --text-field")
+    finally:
+        if skip.reasons:
+            counts = ", ".join(f"{n} {reason}" for reason, n in skip.reasons.most_common())
+            logger.warning("skipped %d of %d documents (%s); first at %s; pass --strict to stop "
+                           "at the first bad document", sum(skip.reasons.values()),
+                           read + sum(skip.reasons.values()), counts, skip.first)

@@ -1,0 +1,212 @@
+"""The student's output head and loss, computed a chunk of tokens at a time.
+
+For a student with a large vocabulary the (N, V) float32 logits are by far the largest
+tensor of a training step (8k tokens × 128k vocab × 4 bytes = 4 GiB, plus the same again for
+their log-softmax and gradient). Here the head runs on `chunk_size` tokens at a time and each
+chunk is wrapped in `torch.utils.checkpoint` (use_reentrant=False): only the chunk's input
+hidden states are kept for backward, and the chunk's logits are recomputed there, one chunk
+at a time. Peak extra memory is O(chunk_size × V), not O(N × V): measured on CPU at about
+6-7 float32 (chunk_size, V) tensors (logits, masked copy, their gradients), so with a 128k
+vocabulary chunk_size=1024 costs ~3.5 GiB and 256 under 1 GiB.
+
+Why checkpointing and not a fused "compute the gradients in forward" autograd.Function
+(Liger's fused linear cross-entropy): gradients stay autograd's, so every divergence in
+`losses.py`, any head module (bias, tied weights, wrapped/sharded layers) and any
+`logit_transform` get exact gradients with no hand-written backward to keep in sync, and no
+(V, H) float32 gradient buffer is held between forward and backward. The price is one extra
+head matmul per chunk in backward (the head's forward recomputed: +1/3 of its FLOPs).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.trainer.losses import LOSSES, divergence, student_partition, teacher_partition
+
+MODES = ("kd", "ce")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How the student loss is formed; validated on construction (all problems at once)."""
+
+    kind: str = "forward"  # one of losses.LOSSES
+    temperature: float = 1.0  # τ of the KD term; CE is always at τ = 1
+    beta: float = 0.5  # jsd: m = β p + (1 - β) q
+    alpha: float = 0.1  # skew: KL(p || α p + (1 - α) q)
+    chunk_size: int = 1024  # tokens per chunk of the head
+    mode: str = "kd"  # "kd": (1 - λ) CE + λ τ² KD; "ce": CE only, no teacher terms
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid loss settings: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.kind not in LOSSES:
+            found.append(f"--loss {self.kind!r} is not one of {', '.join(LOSSES)}")
+        if not self.temperature > 0:
+            found.append(f"--temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.beta < 1.0:
+            found.append(f"--beta must be in (0, 1), got {self.beta}")
+        if not 0.0 <= self.alpha <= 1.0:
+            found.append(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.chunk_size < 1:
+            found.append(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.mode not in MODES:
+            found.append(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
+        return found
+
+
+@dataclass
+class TeacherTargets:
+    """The cached teacher distribution, one row per real target token (padding removed)."""
+
+    topk_ids: Tensor  # (N, k) int64
+    topk_logprobs: Tensor  # (N, k) float16/float32
+    tail_logmass: Tensor  # (N,) float32
+    tempered_tail_logmass: Tensor | None = None  # (N,) exact log tail mass at cfg.temperature
+
+
+@dataclass
+class LossSums:
+    """Sums over the tokens given, not means: the loop divides by the global token count."""
+
+    total: Tensor  # differentiable: Σ_n [(1 - λ_n) CE_n + λ_n τ² KD_n]
+    ce: Tensor  # detached Σ CE_n
+    kd: Tensor  # detached Σ KD_n (the divergence, no τ², no λ)
+    correct_top1: Tensor  # detached count of tokens where student argmax == teacher top-1
+    tokens: int
+
+
+def _head_logits(head: torch.nn.Module | Tensor, hidden: Tensor) -> Tensor:
+    if isinstance(head, Tensor):
+        return F.linear(hidden, head)  # (n, V_s)
+    return head(hidden)  # (n, V_s)
+
+
+def _head_width(head: torch.nn.Module | Tensor) -> int | None:
+    if isinstance(head, Tensor):
+        return head.shape[0]
+    weight = getattr(head, "weight", None)
+    return weight.shape[0] if isinstance(weight, Tensor) else None
+
+
+def _chunk_loss(
+    hidden: Tensor,
+    labels: Tensor | None,
+    kd_weight: Tensor | None,
+    topk_ids: Tensor | None,
+    topk_logprobs: Tensor | None,
+    tail_logmass: Tensor | None,
+    tempered_tail: Tensor | None,
+    *,
+    head: torch.nn.Module | Tensor,
+    cfg: LossConfig,
+    teacher_vocab_size: int,
+    logit_transform: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(total, ce, kd, correct) sums for one chunk; the unit that checkpoint recomputes."""
+    logits = _head_logits(head, hidden)  # (n, V_s) in the head's dtype
+    if logit_transform is not None:
+        logits = logit_transform(logits)
+    logits = logits.float()  # (n, V_s)
+    assert labels is not None
+    # CE as logsumexp - gathered logit: same value as F.cross_entropy, but it keeps only the
+    # logits (alive anyway) for backward instead of a second (n, V_s) log-softmax.
+    ce = torch.logsumexp(logits, dim=-1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if topk_ids is not None:
+        correct = (logits.argmax(dim=-1) == topk_ids[:, 0]).sum()
+    else:
+        correct = torch.zeros((), dtype=torch.long, device=logits.device)
+    if cfg.mode == "ce":
+        zero = torch.zeros((), device=logits.device)
+        return ce.sum(), ce.detach().sum(), zero, correct
+    assert topk_ids is not None and topk_logprobs is not None and tail_logmass is not None
+    assert kd_weight is not None
+    log_p, log_p_tail = teacher_partition(topk_logprobs, tail_logmass, cfg.temperature,
+                                          teacher_vocab_size, tempered_tail)
+    log_q, log_q_tail = student_partition(logits, topk_ids, cfg.temperature)
+    kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)  # (n,)
+    lam = kd_weight.float()  # (n,)
+    total = ((1.0 - lam) * ce + lam * (cfg.temperature**2) * kd).sum()
+    return total, ce.detach().sum(), kd.detach().sum(), correct
+
+
+def chunked_distill_loss(
+    hidden: Tensor,
+    head: torch.nn.Module | Tensor,
+    labels: Tensor,
+    kd_weight: Tensor | None,
+    cfg: LossConfig,
+    teacher: TeacherTargets | None,
+    teacher_vocab_size: int,
+    logit_transform: Callable[[Tensor], Tensor] | None = None,
+) -> LossSums:
+    """Loss sums over N real target tokens, computed `cfg.chunk_size` tokens at a time.
+
+    hidden (N, H): final hidden states at the real target positions, already flattened.
+    head: the student's output layer (a module such as nn.Linear, or a weight (V_s, H)).
+    labels (N,): true next tokens. kd_weight (N,): λ per token (ignored, may be None, when
+    cfg.mode == "ce"). teacher: the cached targets of the same N tokens (None allowed in ce
+    mode). teacher_vocab_size: manifest.vocab_size (the student head may be wider).
+    logit_transform: applied to each chunk's logits (e.g. final logit soft-capping).
+    """
+    n = hidden.shape[0]
+    if hidden.dim() != 2 or labels.shape != (n,):
+        raise ValueError(f"expected hidden (N, H) and labels (N,), got {tuple(hidden.shape)} "
+                         f"and {tuple(labels.shape)}")
+    kd_mode = cfg.mode == "kd"
+    if kd_mode and teacher is None:
+        raise ValueError("mode 'kd' needs the teacher's cached targets; pass teacher=...")
+    if kd_mode and (kd_weight is None or kd_weight.shape != (n,)):
+        raise ValueError(f"kd_weight must be a (N,) = ({n},) tensor of λ per token in mode 'kd'")
+    if teacher is not None:
+        if teacher.topk_ids.shape[0] != n or teacher.topk_logprobs.shape != teacher.topk_ids.shape:
+            raise ValueError(f"teacher targets {tuple(teacher.topk_ids.shape)} / "
+                             f"{tuple(teacher.topk_logprobs.shape)} do not match N = {n} tokens")
+        width = _head_width(head)
+        if width is not None and width < teacher_vocab_size:
+            raise ConfigError(f"the student's output head has {width} rows but the teacher's "
+                              f"vocabulary has {teacher_vocab_size}; the student must use the "
+                              "teacher's tokenizer (a head at least as wide)")
+    # Per-token inputs of the chunk function; teacher columns only where they are used.
+    ids = teacher.topk_ids.long() if teacher is not None else None  # (N, k)
+    columns: tuple[Tensor | None, ...] = (labels, kd_weight if kd_mode else None, ids)
+    if kd_mode and teacher is not None:
+        tempered = teacher.tempered_tail_logmass if cfg.temperature != 1.0 else None
+        columns += (teacher.topk_logprobs, teacher.tail_logmass, tempered)
+    else:
+        columns += (None, None, None)
+    chunk_fn = functools.partial(_chunk_loss, head=head, cfg=cfg,
+                                 teacher_vocab_size=teacher_vocab_size,
+                                 logit_transform=logit_transform)
+
+    use_checkpoint = torch.is_grad_enabled()
+    totals: list[Tensor] = []
+    ce_sum = torch.zeros((), device=hidden.device)
+    kd_sum = torch.zeros((), device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, n, cfg.chunk_size):
+        sl = slice(start, start + cfg.chunk_size)
+        pieces = [None if c is None else c[sl] for c in columns]
+        if use_checkpoint:  # the chunk's logits are recomputed in backward, never kept
+            out = checkpoint(chunk_fn, hidden[sl], *pieces, use_reentrant=False)
+        else:
+            out = chunk_fn(hidden[sl], *pieces)
+        totals.append(out[0])
+        ce_sum = ce_sum + out[1]
+        kd_sum = kd_sum + out[2]
+        correct = correct + out[3]
+    # With no tokens: a zero that is still connected to the graph, so backward() works.
+    total = torch.stack(totals).sum() if totals else hidden.float().sum() * 0.0
+    return LossSums(total=total, ce=ce_sum, kd=kd_sum, correct_top1=correct, tokens=n)

@@ -1,0 +1,117 @@
+"""`kdpipe evaluate`: one no-grad pass of a student over a cache (or its held-out split).
+
+Reports the mean per-token CE of the true next tokens and its perplexity, the mean KD
+divergence to the cached teacher exactly as the trainer defines it (`--loss`, `--temperature`;
+without τ² and λ), top-1 agreement with the teacher and the mixed loss at `--kd-weight`.
+The trainer's periodic eval calls `run_evaluation`, the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdpipe.schemas.cache import open_cache
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.trainer.chunked_loss import LossConfig, chunked_distill_loss
+from kdpipe.trainer.config import EvalConfig
+from kdpipe.trainer.data import BatchLoader, CacheIndex, build_index, columns_for
+from kdpipe.trainer.metrics import summarise
+from kdpipe.trainer.model import (
+    StudentParts,
+    autocast,
+    autocast_dtype,
+    check_tokenizer,
+    check_vocab,
+    load_student,
+    load_tokenizer,
+    resolve_device,
+    split_student,
+)
+from kdpipe.trainer.sampler import holdout_mask
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarray,
+                   loss_cfg: LossConfig, kd_weight: float, device: torch.device,
+                   amp_dtype: torch.dtype | None, batch_size: int, pad_id: int,
+                   prefetch: int = 4, progress: bool = False) -> dict[str, Any]:
+    """Metrics of `parts` on `sample_ids` of `index` (the model is left in its prior mode)."""
+    if sample_ids.size == 0:
+        raise ConfigError(f"no samples to evaluate in {index.cache.root} (empty split?)")
+    kd_cfg = LossConfig(kind=loss_cfg.kind, temperature=loss_cfg.temperature,
+                        beta=loss_cfg.beta, alpha=loss_cfg.alpha,
+                        chunk_size=loss_cfg.chunk_size, mode="kd")
+    columns = columns_for(index.cache, teacher=True, temperature=kd_cfg.temperature)
+    vocab = index.cache.manifest.vocab_size
+    was_training = parts.model.training
+    parts.model.eval()
+    sums = {"total": 0.0, "ce": 0.0, "kd": 0.0, "correct_top1": 0.0}
+    tokens = 0
+    started = time.perf_counter()
+    loader = BatchLoader(index, sample_ids, columns, batch_size, 1, pad_id, prefetch,
+                         cached_groups=2)  # storage order: one row group after another
+    bar = tqdm(total=len(loader), desc="eval", unit="batch", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    with loader:
+        for global_batch in loader:
+            for cpu_batch in global_batch.micro:
+                batch = cpu_batch.to(device)
+                with autocast(device, amp_dtype):
+                    hidden = parts.hidden_states(batch.input_ids, batch.attention_mask)
+                    hidden = hidden[batch.target_mask]  # (N, H)
+                    lam = torch.full((batch.num_targets,), kd_weight, device=device)  # (N,)
+                    out = chunked_distill_loss(hidden, parts.head, batch.labels, lam, kd_cfg,
+                                               batch.teacher, vocab, parts.logit_transform)
+                sums["total"] += float(out.total)
+                sums["ce"] += float(out.ce)
+                sums["kd"] += float(out.kd)
+                sums["correct_top1"] += float(out.correct_top1)
+                tokens += out.tokens
+            bar.update(1)
+    bar.close()
+    parts.model.train(was_training)
+    result = summarise(sums, tokens)
+    result["loss"] = sums["total"] / max(tokens, 1)
+    result["samples"] = int(sample_ids.size)
+    result["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+    return result
+
+
+def eval_sample_ids(index: CacheIndex, fraction: float, max_samples: int | None) -> np.ndarray:
+    """The held-out split (fraction > 0) or the whole cache, in storage order, capped."""
+    ids = index.sample_ids
+    if fraction > 0:
+        ids = ids[holdout_mask(ids, fraction)]
+    return ids[:max_samples] if max_samples is not None else ids
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate a student on a cache; returns the metrics `kdpipe evaluate` prints."""
+    cfg.validate()
+    cache = open_cache(cfg.cache)
+    manifest = cache.manifest
+    tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, manifest, cfg.trust_remote_code)
+    check_tokenizer(tokenizer, manifest, cfg.cache)
+    model = load_student(cfg.student, None, manifest, tokenizer, seed=0,
+                         trust_remote_code=cfg.trust_remote_code)
+    check_vocab(model, manifest, cfg.student)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    parts = split_student(model, cfg.student)
+    index = build_index(cache)
+    ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
+    pad_id = manifest.tokenizer.pad_token_id or 0
+    result = run_evaluation(parts, index, ids, cfg.loss_config(), cfg.kd_weight, device,
+                            autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
+                            cfg.prefetch, cfg.progress)
+    result.update({"student": cfg.student, "cache": str(cfg.cache), "loss_kind": cfg.loss,
+                   "temperature": cfg.temperature})
+    return result

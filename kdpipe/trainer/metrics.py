@@ -1,0 +1,180 @@
+"""What a run records: metrics and sample order as JSON lines, per-sample statistics.
+
+`RUN/metrics.jsonl` has one record per logged train step (`"split": "train"`) and per eval
+(`"split": "eval"`); `RUN/order.jsonl` has, for every optimizer step, the sample ids it used
+(and their λ when they vary), so a run can prove the order it followed. TensorBoard gets the
+same scalars when `torch.utils.tensorboard` is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from kdpipe.schemas import snapshot as snap
+from kdpipe.schemas.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+ORDER_NAME = "order.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class JsonLines:
+    """Append-only JSON lines, flushed per record (a crashed run keeps what it logged)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def truncate_after_step(path: Path, step: int) -> None:
+    """Drop records of steps after `step`: on resume, those came from the interrupted run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class RunLogger:
+    """metrics.jsonl + order.jsonl (+ TensorBoard) of one run folder."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.metrics = JsonLines(run_dir / METRICS_NAME)
+        self.order = JsonLines(run_dir / ORDER_NAME)
+        self.tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.debug("tensorboard not installed; metrics go to %s only", METRICS_NAME)
+            else:
+                self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.tb is not None:
+            split, step = record.get("split", "train"), record.get("step", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{split}/{key}", value, step)
+
+    def log_order(self, step: int, epoch: int, sample_ids: np.ndarray,
+                  kd_weights: np.ndarray | None) -> None:
+        record: dict[str, Any] = {"step": step, "epoch": epoch,
+                                  "sample_ids": [int(s) for s in sample_ids]}
+        if kd_weights is not None:
+            record["kd_weight"] = [round(float(w), 6) for w in kd_weights]
+        self.order.write(record)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.order.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+@torch.no_grad()
+def per_token_ce(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
+                 logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """(N, H) hidden states, (N,) labels → (N,) float32 CE of each label, in token chunks.
+
+    Costs one extra no-grad head matmul per token; used only for per-sample snapshots.
+    """
+    out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, labels.shape[0], chunk_size):
+        z = head(hidden[start:start + chunk_size])
+        z = (logit_transform(z) if logit_transform is not None else z).float()  # (n, V)
+        y = labels[start:start + chunk_size]
+        out[start:start + chunk_size] = torch.logsumexp(z, -1) - z.gather(1, y[:, None])[:, 0]
+    return out
+
+
+class SampleStats:
+    """Per-sample sums of CE and confidence over one epoch, for snapshots."""
+
+    def __init__(self) -> None:
+        # sample_id -> [Σ mean CE, Σ mean confidence, tokens, occurrences, last step]
+        self.rows: dict[int, list[float]] = {}
+
+    def add(self, sample_ids: torch.Tensor, target_row: torch.Tensor, ce: torch.Tensor,
+            step: int) -> None:
+        """Fold one micro-batch in: (B,) ids, (N,) row of each target, (N,) per-token CE."""
+        b = sample_ids.shape[0]
+        row = target_row.to(ce.device)
+        ce_sum = torch.zeros(b, dtype=torch.float64, device=ce.device).index_add_(
+            0, row, ce.double())
+        conf_sum = torch.zeros(b, dtype=torch.float64, device=ce.device).index_add_(
+            0, row, torch.exp(-ce.double()))
+        tokens = torch.bincount(row, minlength=b)
+        for sid, c, p, n in zip(sample_ids.tolist(), ce_sum.tolist(), conf_sum.tolist(),
+                                tokens.tolist(), strict=True):
+            entry = self.rows.setdefault(int(sid), [0.0, 0.0, 0.0, 0.0, 0.0])
+            if entry[3] == 0:
+                entry[2] = n
+            entry[0] += c / max(n, 1)
+            entry[1] += p / max(n, 1)
+            entry[3] += 1
+            entry[4] = step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def table(self, epoch: int) -> pa.Table:
+        """The snapshot rows (sorted by sample id) in the schemas.snapshot layout."""
+        ids = sorted(self.rows)
+        data = np.array([self.rows[i] for i in ids], dtype=np.float64).reshape(-1, 5)
+        seen = np.maximum(data[:, 3], 1)
+        return pa.Table.from_arrays([
+            pa.array(np.asarray(ids, dtype=np.int64), pa.int64()),
+            pa.array(np.full(len(ids), epoch, dtype=np.int32), pa.int32()),
+            pa.array(data[:, 4].astype(np.int64), pa.int64()),
+            pa.array((data[:, 0] / seen).astype(np.float32), pa.float32()),
+            pa.array((data[:, 1] / seen).astype(np.float32), pa.float32()),
+            pa.array(data[:, 2].astype(np.int32), pa.int32()),
+            pa.array(data[:, 3].astype(np.int32), pa.int32()),
+        ], schema=snap.SNAPSHOT_SCHEMA)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        ids = sorted(self.rows)
+        values = torch.tensor([self.rows[i] for i in ids], dtype=torch.float64).reshape(-1, 5)
+        return {"sample_ids": torch.tensor(ids, dtype=torch.int64), "values": values}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rows = {int(i): [float(v) for v in row] for i, row in
+                     zip(state["sample_ids"].tolist(), state["values"].tolist(), strict=True)}
+
+
+def summarise(sums: dict[str, float], tokens: int) -> dict[str, float]:
+    """Per-token means from summed losses; ppl from the mean CE."""
+    n = max(tokens, 1)
+    ce = sums["ce"] / n
+    return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "kd": sums["kd"] / n,
+            "top1_agreement": sums["correct_top1"] / n, "tokens": tokens}

@@ -1,0 +1,209 @@
+"""Load a student and split it into body (→ final hidden states) and output head.
+
+The loss computes the head in chunks over target tokens (`chunked_loss.py`), so the model's
+own forward, which would build a (B, T, V) logits tensor, is never called in training. That
+split is only correct if `head(body(x))`, plus any known logit transform, equals the model's
+logits: `split_student` checks this numerically on a few tokens and refuses any architecture
+whose head does something else, rather than training on silently wrong logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.fingerprint import tokenizer_fingerprint
+from kdpipe.schemas.manifest import CacheManifest
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+SPLIT_CHECK_TOKENS = 8  # tokens of the numerical head-split check
+SPLIT_CHECK_TOLERANCE = 1e-3  # relative to the logits' scale, in float32
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)"
+                          ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32 (the default on CPU)."""
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    return AUTOCAST_DTYPES.get(dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass, or nothing when `dtype` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def load_tokenizer(student: str | None, tokenizer: str | None, manifest: CacheManifest,
+                   trust_remote_code: bool = False) -> Any:
+    """--tokenizer if given, else the student's own, else the one the cache was made with."""
+    from transformers import AutoTokenizer
+
+    candidates = [("--tokenizer", tokenizer)] if tokenizer else []
+    if not tokenizer and student:
+        candidates.append(("--student", student))
+    if not tokenizer:
+        candidates.append(("the cache manifest's tokenizer", manifest.tokenizer.name_or_path))
+    errors = []
+    for source, name in candidates:
+        try:
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            errors.append(f"{source} {name}: {first}")
+    raise ConfigError("cannot load a tokenizer (" + "; ".join(errors) + "); pass --tokenizer")
+
+
+def check_tokenizer(tokenizer: Any, manifest: CacheManifest, cache_dir: str | Path) -> None:
+    """Refuse a student whose tokenizer is not the one the cache's token ids come from."""
+    found = tokenizer_fingerprint(tokenizer)
+    if found != manifest.tokenizer.fingerprint:
+        raise ConfigError(
+            f"tokenizer mismatch: the student's tokenizer "
+            f"({getattr(tokenizer, 'name_or_path', '?')}, fingerprint {found[:12]}) is not "
+            f"the one cache {cache_dir} was made with "
+            f"({manifest.tokenizer.name_or_path}, {manifest.tokenizer.fingerprint[:12]}); a "
+            "student must share the teacher's tokenizer (pass --tokenizer or re-cache)"
+        )
+
+
+def load_student(student: str | None, student_config: str | None, manifest: CacheManifest,
+                 tokenizer: Any, seed: int, trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM in float32: pretrained from --student, or initialised from --student-config.
+
+    A config file without `vocab_size` gets the teacher's head width; special token ids
+    default to the tokenizer's. Initialisation is seeded, so a run is reproducible.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if student is not None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32,
+                                                        trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--student {student}: cannot load a causal LM ({first})") from exc
+    assert student_config is not None
+    try:
+        spec = json.loads(Path(student_config).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--student-config {student_config}: not valid JSON ({exc})") from exc
+    if not isinstance(spec, dict) or "model_type" not in spec:
+        raise ConfigError(f"--student-config {student_config}: needs a JSON object with "
+                          "'model_type' (e.g. \"llama\") and the model's settings")
+    spec.setdefault("vocab_size", manifest.vocab_size)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        spec.setdefault(key, getattr(tokenizer, key))
+    model_type = spec.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **spec)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--student-config {student_config}: {exc}") from exc
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                            trust_remote_code=trust_remote_code)
+
+
+def check_vocab(model: nn.Module, manifest: CacheManifest, student: str) -> None:
+    """The head must cover every teacher id, the embeddings every token id of the cache."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    width = head.weight.shape[0]
+    if width < manifest.vocab_size:
+        raise ConfigError(
+            f"{student}: the student's output head has {width} ids but the teacher's has "
+            f"{manifest.vocab_size}; the student cannot represent every teacher id (resize "
+            "its embeddings to at least the teacher's vocab size)")
+    rows = model.get_input_embeddings().weight.shape[0]  # type: ignore[operator]
+    if rows < manifest.tokenizer.size:
+        raise ConfigError(f"{student}: {rows} input embeddings for a tokenizer of "
+                          f"{manifest.tokenizer.size} tokens")
+
+
+def _known_transform(config: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+    """Logit transforms transformers applies after the head, by config attribute."""
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        return (lambda z: torch.tanh(z / cap) * cap), f"soft-cap {cap}"
+    scale = getattr(config, "logit_scale", None)  # Cohere
+    if isinstance(scale, (int, float)) and scale != 1:
+        return (lambda z: z * scale), f"logit scale {scale}"
+    divide = getattr(config, "logits_scaling", None)  # Granite
+    if isinstance(divide, (int, float)) and divide != 1:
+        return (lambda z: z / divide), f"logits scaling 1/{divide}"
+    return None, "none"
+
+
+@dataclass
+class StudentParts:
+    """A student as the trainer uses it: body → hidden states, head, optional transform."""
+
+    model: nn.Module
+    body: nn.Module
+    head: nn.Module
+    logit_transform: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> torch.Tensor:
+        """(B, T) ids → (B, T, H) final hidden states (after the final norm)."""
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits of some hidden states (tests and the split check only)."""
+        z = self.head(hidden)
+        return self.logit_transform(z) if self.logit_transform is not None else z
+
+
+def split_student(model: nn.Module, name: str) -> StudentParts:
+    """Find body and head, and check on a few tokens that they reproduce the model's logits."""
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if body is None or body is model or head is None:
+        raise ConfigError(f"{name}: {type(model).__name__} has no separate base model and "
+                          "output embeddings; kdpipe cannot compute its head in chunks")
+    transform, described = _known_transform(model.config)
+    parts = StudentParts(model, body, head, transform)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = min(model.get_input_embeddings().weight.shape[0], 1000)  # type: ignore[operator]
+    ids = torch.arange(SPLIT_CHECK_TOKENS, device=device)[None, :] % vocab  # (1, T)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        found = parts.logits(parts.hidden_states(ids, mask)).float()
+    model.train(was_training)
+    error = (expected - found).abs().max().item()
+    if error > SPLIT_CHECK_TOLERANCE * max(1.0, expected.abs().max().item()):
+        raise ConfigError(
+            f"{name}: {type(model).__name__} computes its logits differently from "
+            f"output_embeddings(final hidden states) (known transform: {described}; max "
+            f"difference {error:.3g}); kdpipe refuses to train it rather than use wrong logits")
+    log.info("student %s: body %s, head %s, logit transform %s", name,
+             type(body).__name__, type(head).__name__, described)
+    return parts

@@ -1,0 +1,93 @@
+"""The run folder's life cycle: create it, recognise it, resume it or refuse to mix two runs.
+
+A run folder holds `config.json`; a finished run also `final_metrics.json`. Re-running the same
+command on a finished run returns its results without training; a different config in an
+existing run folder is refused unless `--overwrite` (start over) or `--resume` (continue; only
+the fields in `config.RESUMABLE_CHANGES` may differ). On resume, records written after the
+checkpoint by the interrupted run are dropped, so the logs read like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdpipe.schemas import snapshot as snap
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.trainer.checkpoint import latest_checkpoint
+from kdpipe.trainer.config import (
+    CONFIG_NAME,
+    COSMETIC_FIELDS,
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    read_config,
+    write_config,
+)
+from kdpipe.trainer.metrics import METRICS_NAME, ORDER_NAME, truncate_after_step
+
+log = logging.getLogger(__name__)
+
+FINAL_METRICS_NAME = "final_metrics.json"
+
+
+@dataclass(frozen=True)
+class RunStart:
+    checkpoint: Path | None  # resume from here; None: start from step 0
+    finished: dict[str, Any] | None  # the results of an already finished identical run
+
+
+def prepare_run_dir(cfg: TrainConfig) -> RunStart:
+    """Create, reuse or refuse the run folder `cfg.out`; writes `config.json`."""
+    run_dir = Path(cfg.out)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise ConfigError(f"--out {run_dir} exists and is not a kdpipe run folder (no "
+                              f"{CONFIG_NAME}); choose an empty or new folder")
+        previous = read_config(run_dir)
+        changed = [f for f in previous.changed_fields(cfg) if f not in COSMETIC_FIELDS]
+        finished = (run_dir / FINAL_METRICS_NAME).is_file()
+        if cfg.overwrite:
+            log.info("--overwrite: deleting the previous run in %s", run_dir)
+            shutil.rmtree(run_dir)
+        elif finished and not changed:
+            log.info("%s already holds this finished run; nothing to do", run_dir)
+            results = json.loads((run_dir / FINAL_METRICS_NAME).read_text(encoding="utf-8"))
+            return RunStart(checkpoint=None, finished=results)
+        elif cfg.resume:
+            fixed = [f for f in changed if f not in RESUMABLE_CHANGES]
+            if fixed:
+                raise ConfigError(
+                    f"--resume {run_dir}: the run was made with different {', '.join(fixed)}; "
+                    "only run length and reporting options may change on resume (use "
+                    "--overwrite or another --out to start a different run)")
+            if changed:
+                log.warning("resuming %s with changed %s (the LR schedule follows the new "
+                            "length)", run_dir, ", ".join(changed))
+            write_config(run_dir, cfg)
+            (run_dir / FINAL_METRICS_NAME).unlink(missing_ok=True)
+            return RunStart(checkpoint=latest_checkpoint(run_dir), finished=None)
+        elif changed:
+            raise ConfigError(
+                f"--out {run_dir} holds a run with a different config ({', '.join(changed)}); "
+                "pass --resume to continue it, --overwrite to replace it, or choose another "
+                "--out")
+        else:
+            raise ConfigError(f"--out {run_dir} holds an unfinished run with this config; pass "
+                              "--resume to continue it or --overwrite to start over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+    return RunStart(checkpoint=None, finished=None)
+
+
+def rewind_logs(run_dir: Path, step: int, epoch: int) -> None:
+    """Forget what the interrupted run logged after the checkpoint at `step` (in `epoch`)."""
+    for name in (METRICS_NAME, ORDER_NAME):
+        truncate_after_step(run_dir / name, step)
+    for snap_epoch, snap_step, path in snap.list_snapshots(run_dir):
+        stale = snap_epoch >= epoch if snap_step is None else snap_step > step
+        if stale:
+            path.unlink()

@@ -1,0 +1,314 @@
+"""`kdpipe train-student`: train a student from a teacher cache alone (no teacher is loaded).
+
+Reads top to bottom: setup (run folder, student, data, optimizer, resume) → loop of
+`train_step` over global batches with logging, eval, snapshots and checkpoints → final save.
+Each optimizer step's loss is normalised by the real target tokens of its whole global batch
+(all gradient-accumulation micro-batches), so splitting a batch never changes the gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdpipe.schemas import snapshot as snap
+from kdpipe.schemas.cache import open_cache
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.io import atomic_write_json
+from kdpipe.trainer import checkpoint as ckpt
+from kdpipe.trainer.chunked_loss import LossConfig, chunked_distill_loss
+from kdpipe.trainer.config import TrainConfig
+from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
+from kdpipe.trainer.evaluate import run_evaluation
+from kdpipe.trainer.metrics import RunLogger, SampleStats, per_token_ce
+from kdpipe.trainer.model import (
+    StudentParts,
+    autocast,
+    autocast_dtype,
+    check_tokenizer,
+    check_vocab,
+    load_student,
+    load_tokenizer,
+    resolve_device,
+    split_student,
+)
+from kdpipe.trainer.run_dir import FINAL_METRICS_NAME, prepare_run_dir, rewind_logs
+from kdpipe.trainer.sampler import (
+    ConstantKdWeight,
+    KdWeightFn,
+    Sampler,
+    ShuffleSampler,
+    holdout_mask,
+)
+
+log = logging.getLogger(__name__)
+
+
+def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.ndarray,
+                         loss_cfg: LossConfig, teacher_vocab_size: int, device: torch.device,
+                         amp_dtype: torch.dtype | None, stats: SampleStats | None = None,
+                         step: int = 0) -> dict[str, float]:
+    """Forward + backward over the micro-batches of one global batch; returns per-token means.
+
+    kd_weight: (S,) λ of each sample of the global batch, in order. Each micro-batch's loss
+    sum is divided by the global batch's real target tokens before backward, so the summed
+    gradients equal those of one big batch's token mean, however the batch is split.
+    """
+    tokens = max(batch.num_targets, 1)
+    lam_by_sample = torch.from_numpy(np.asarray(kd_weight, dtype=np.float32))  # (S,)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # total, ce, kd, correct
+    first = 0
+    for cpu_batch in batch.micro:
+        mb = cpu_batch.to(device)
+        rows = cpu_batch.sample_ids.numel()
+        lam = lam_by_sample[first:first + rows].to(device)[mb.target_row]  # (N,)
+        first += rows
+        with autocast(device, amp_dtype):
+            hidden = parts.hidden_states(mb.input_ids, mb.attention_mask)  # (B, T, H)
+            hidden = hidden[mb.target_mask]  # (N, H) real target positions only
+            out = chunked_distill_loss(hidden, parts.head, mb.labels, lam, loss_cfg, mb.teacher,
+                                       teacher_vocab_size, parts.logit_transform)
+        (out.total / tokens).backward()
+        sums += torch.stack([out.total.detach().double(), out.ce.double(), out.kd.double(),
+                             out.correct_top1.double()])
+        if stats is not None:
+            with autocast(device, amp_dtype):
+                ce = per_token_ce(hidden.detach(), parts.head, mb.labels, loss_cfg.chunk_size,
+                                  parts.logit_transform)  # (N,)
+            stats.add(cpu_batch.sample_ids, mb.target_row, ce, step)
+    total, ce_sum, kd_sum, correct = (s / tokens for s in sums.tolist())
+    return {"loss": total, "ce": ce_sum, "kd": kd_sum, "top1_agreement": correct,
+            "tokens": batch.num_targets}
+
+
+def train_step(parts: StudentParts, optimizer: torch.optim.Optimizer, scheduler: Any,
+               batch: GlobalBatch, kd_weight: np.ndarray, loss_cfg: LossConfig,
+               teacher_vocab_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+               max_grad_norm: float, stats: SampleStats | None, step: int) -> dict[str, float]:
+    """One optimizer step: accumulate gradients, clip, AdamW, advance the LR schedule."""
+    result = accumulate_gradients(parts, batch, kd_weight, loss_cfg, teacher_vocab_size,
+                                  device, amp_dtype, stats, step)
+    params = [p for p in parts.model.parameters() if p.grad is not None]
+    clip = max_grad_norm if max_grad_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    result["lr"] = scheduler.get_last_lr()[0]
+    result["grad_norm"] = float(norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, norms or other 1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def split_data(cfg: TrainConfig, index: CacheIndex
+               ) -> tuple[np.ndarray, CacheIndex | None, np.ndarray]:
+    """(train ids, eval index or None, eval ids): --eval-cache, or --eval-fraction by hash."""
+    ids = index.sample_ids
+    held = holdout_mask(ids, cfg.eval_fraction)
+    train_ids = ids[~held]
+    if cfg.eval_cache is not None:
+        eval_cache = open_cache(cfg.eval_cache)
+        if eval_cache.manifest.tokenizer.fingerprint != index.cache.manifest.tokenizer.fingerprint:
+            raise ConfigError(f"--eval-cache {cfg.eval_cache} was made with a different "
+                              f"tokenizer than --cache {cfg.cache}")
+        eval_index: CacheIndex | None = build_index(eval_cache)
+        assert eval_index is not None
+        eval_ids = eval_index.sample_ids
+    elif cfg.eval_fraction > 0:
+        eval_index, eval_ids = index, ids[held]
+    else:
+        eval_index, eval_ids = None, ids[:0]
+    if train_ids.size == 0:
+        raise ConfigError(f"--cache {cfg.cache}: no training samples left after "
+                          f"--eval-fraction {cfg.eval_fraction}")
+    if eval_index is not None and eval_ids.size == 0:
+        raise ConfigError(f"--eval-fraction {cfg.eval_fraction} holds out no sample of "
+                          f"{len(index)}; raise it or use --eval-cache")
+    return train_ids, eval_index, eval_ids[:cfg.eval_max_samples]
+
+
+def write_snapshot(run_dir: Path, stats: SampleStats, epoch: int, step: int, complete: bool,
+                   fingerprint: str) -> None:
+    if len(stats) == 0:
+        return
+    name = snap.snapshot_name(epoch, None if complete else step)
+    snap.write_snapshot(run_dir / snap.SNAPSHOTS_DIR / name, stats.table(epoch), epoch, step,
+                        complete, fingerprint)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig, sampler: Sampler | None = None,
+          kd_weight_fn: KdWeightFn | None = None) -> dict[str, Any]:
+    """Run `kdpipe train-student`; returns the final metrics (also in RUN/final_metrics.json).
+
+    `sampler` and `kd_weight_fn` replace the seeded shuffle and the constant λ (curricula and
+    selective reliance plug in here); both must be deterministic for --resume to be exact.
+    """
+    # --- setup ---------------------------------------------------------------------------
+    cfg.validate()
+    start = prepare_run_dir(cfg)
+    if start.finished is not None:
+        return start.finished
+    run_dir = Path(cfg.out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.dtype, device)
+    cache = open_cache(cfg.cache)
+    manifest = cache.manifest
+    name = cfg.student or cfg.student_config or "student"
+    tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, manifest, cfg.trust_remote_code)
+    check_tokenizer(tokenizer, manifest, cfg.cache)
+    source = str(start.checkpoint) if start.checkpoint is not None else cfg.student
+    model = load_student(source, None if source else cfg.student_config, manifest, tokenizer,
+                         cfg.seed, cfg.trust_remote_code)
+    check_vocab(model, manifest, name)
+    model.to(device)
+    model.train()
+    parts = split_student(model, name)
+
+    index = build_index(cache)
+    train_ids, eval_index, eval_ids = split_data(cfg, index)
+    sampler = sampler or ShuffleSampler(index, train_ids, cfg.seed, cfg.shuffle_window)
+    kd_weight_fn = kd_weight_fn or ConstantKdWeight(cfg.kd_weight)
+    log_kd_weights = not isinstance(kd_weight_fn, ConstantKdWeight)
+    per_step = cfg.batch_size * cfg.grad_accum
+    total_steps = cfg.max_steps or sum(-(-sampler.epoch_size(e) // per_step)
+                                       for e in range(cfg.epochs or 1))
+    loss_cfg = cfg.loss_config()
+    columns = columns_for(cache, teacher=cfg.mode == "kd", temperature=cfg.temperature)
+    pad_id = manifest.tokenizer.pad_token_id or 0
+
+    optimizer = build_optimizer(model, cfg)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    state = ckpt.TrainerState(step=0, epoch=0, batches_in_epoch=0, tokens_seen=0,
+                              samples_seen=0, config=cfg.to_json_dict())
+    stats = SampleStats() if cfg.snapshots else None
+    if start.checkpoint is not None:
+        state = replace(ckpt.read_trainer_state(start.checkpoint), config=cfg.to_json_dict())
+        saved = ckpt.load_training_state(start.checkpoint)
+        optimizer.load_state_dict(saved[ckpt.OPTIMIZER_KEY])
+        scheduler.load_state_dict(saved[ckpt.SCHEDULER_KEY])
+        ckpt.set_rng_state(saved[ckpt.RNG_KEY])
+        if stats is not None and ckpt.SAMPLE_STATS_KEY in saved:
+            stats.load_state_dict(saved[ckpt.SAMPLE_STATS_KEY])
+        log.info("resuming %s from %s (step %d, epoch %d)", run_dir, start.checkpoint.name,
+                 state.step, state.epoch)
+    rewind_logs(run_dir, state.step, state.epoch)
+
+    def save(folder: Path, with_training_state: bool) -> None:
+        training_state = None
+        if with_training_state:
+            training_state = {ckpt.OPTIMIZER_KEY: optimizer.state_dict(),
+                              ckpt.SCHEDULER_KEY: scheduler.state_dict(),
+                              ckpt.RNG_KEY: ckpt.rng_state()}
+            if stats is not None:
+                training_state[ckpt.SAMPLE_STATS_KEY] = stats.state_dict()
+        ckpt.save_checkpoint(folder, model, tokenizer, state, training_state)
+
+    def evaluate_now() -> dict[str, Any] | None:
+        if eval_index is None:
+            return None
+        return run_evaluation(parts, eval_index, eval_ids, loss_cfg, cfg.kd_weight, device,
+                              amp_dtype, cfg.batch_size, pad_id, cfg.prefetch, progress=False)
+
+    # --- train ---------------------------------------------------------------------------
+    last: dict[str, Any] = {}
+    window_tokens, window_start = 0, time.perf_counter()
+    with RunLogger(run_dir) as logger, tqdm(total=total_steps, initial=state.step,
+                                             desc="train-student", unit="step",
+                                             disable=not cfg.progress, dynamic_ncols=True) as bar:
+        while state.step < total_steps:
+            order = sampler.epoch_order(state.epoch)
+            batches = -(-order.size // per_step)
+            if batches == 0:
+                raise ConfigError(f"the sampler gave no samples for epoch {state.epoch}")
+            remaining = order[state.batches_in_epoch * per_step:]
+            with BatchLoader(index, remaining, columns, cfg.batch_size, cfg.grad_accum, pad_id,
+                             cfg.prefetch, cached_groups=cfg.shuffle_window) as loader:
+                for batch in loader:
+                    step = state.step + 1
+                    lam = kd_weight_fn(batch.sample_ids, step)  # (S,)
+                    result = train_step(parts, optimizer, scheduler, batch, lam, loss_cfg,
+                                        manifest.vocab_size, device, amp_dtype,
+                                        cfg.max_grad_norm, stats, step)
+                    epoch = state.epoch
+                    state = replace(state, step=step, batches_in_epoch=state.batches_in_epoch + 1,
+                                    tokens_seen=state.tokens_seen + batch.num_targets,
+                                    samples_seen=state.samples_seen + batch.sample_ids.size)
+                    logger.log_order(step, epoch, batch.sample_ids, lam if log_kd_weights else None)
+                    window_tokens += batch.num_targets
+                    last = {"split": "train", "step": step, "epoch": epoch, **result}
+                    if step % cfg.log_every == 0 or step == total_steps:
+                        now = time.perf_counter()
+                        last["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                        window_tokens, window_start = 0, now
+                        logger.log(last)
+                        bar.set_postfix(loss=f"{result['loss']:.4f}",
+                                        tok_s=f"{last['tokens_per_s']:.0f}")
+                    bar.update(1)
+                    paused = time.perf_counter()  # snapshots, eval, saving: not in tokens/s
+                    if state.batches_in_epoch == batches:  # epoch done: snapshot, next epoch
+                        if stats is not None:
+                            write_snapshot(run_dir, stats, epoch, step, True,
+                                           manifest.settings_fingerprint)
+                            stats = SampleStats()
+                        state = replace(state, epoch=epoch + 1, batches_in_epoch=0)
+                    elif (cfg.snapshot_every and step % cfg.snapshot_every == 0
+                          and stats is not None):
+                        write_snapshot(run_dir, stats, epoch, step, False,
+                                       manifest.settings_fingerprint)
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                        metrics = evaluate_now()
+                        if metrics is not None:
+                            logger.log({"split": "eval", "step": step, "epoch": epoch, **metrics})
+                    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                        save(run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(step), True)
+                        ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
+                    window_start += time.perf_counter() - paused
+                    if step >= total_steps:
+                        break
+
+        # --- final save ----------------------------------------------------------------------
+        if stats is not None and len(stats):  # stopped mid-epoch: what it saw so far
+            write_snapshot(run_dir, stats, state.epoch, state.step, False,
+                           manifest.settings_fingerprint)
+        final_eval = evaluate_now()
+        if final_eval is not None:
+            logger.log({"split": "eval", "step": state.step, "epoch": state.epoch, **final_eval})
+    save(run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(state.step), True)
+    ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
+    save(run_dir / ckpt.FINAL_DIR, False)
+    final: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch,
+                             "tokens_seen": state.tokens_seen,
+                             "samples_seen": state.samples_seen}
+    final.update({f"train_{k}": v for k, v in last.items() if k not in ("split", "step", "epoch")})
+    if final_eval is not None:
+        final.update({f"eval_{k}": v for k, v in final_eval.items()})
+    atomic_write_json(run_dir / FINAL_METRICS_NAME, final)
+    log.info("finished %s: step %d, train loss %s", run_dir, state.step,
+             final.get("train_loss"))
+    return final

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything, then lint, type-check and run the test suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+if [ -n "${VIRTUAL_ENV:-}" ]; then BIN="$VIRTUAL_ENV/bin"; else BIN=.venv/bin; fi
+"$BIN/ruff" check kdpipe tests benchmarks examples
+"$BIN/mypy"
+"$BIN/python" -m pytest -q "$@"

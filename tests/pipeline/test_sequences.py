@@ -1,0 +1,180 @@
+"""Sequence building: both layouts against a naive reference, edge lengths, errors, streaming."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from kdpipe.pipeline.corpus import iter_documents
+from kdpipe.pipeline.sequences import LAYOUTS, iter_sequences
+from kdpipe.schemas.errors import ConfigError
+
+DOCS = ["def f(x):\n    return x + 1\n", "import os", "a", "class A:\n    pass\n" * 5,
+        "print('hello world')  # comment\n" * 3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def reference_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def expected_document(tokenizer: Any, docs: list[str], max_length: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for text in docs:
+        ids = reference_ids(tokenizer, text) + [tokenizer.eos_token_id]
+        chunks = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+        out.extend(c for c in chunks if len(c) >= 2)
+    return out
+
+
+def expected_packed(tokenizer: Any, docs: list[str], max_length: int) -> list[list[int]]:
+    stream = [t for text in docs for t in reference_ids(tokenizer, text) + [tokenizer.eos_token_id]]
+    blocks = [stream[i:i + max_length] for i in range(0, len(stream), max_length)]
+    return [b for b in blocks if len(b) >= 2]
+
+
+def build(docs: Any, tokenizer: Any, max_length: int, layout: str, **kw: Any) -> list[list[int]]:
+    return list(iter_sequences(docs, tokenizer, max_length, layout, **kw))
+
+
+def test_layouts_are_the_manifest_layouts() -> None:
+    assert set(LAYOUTS) == {"packed", "document"}
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 7, 16, 1000])
+def test_document_layout_matches_reference(tokenizer: Any, max_length: int) -> None:
+    got = build(DOCS, tokenizer, max_length, "document")
+    assert got == expected_document(tokenizer, DOCS, max_length)
+    assert all(2 <= len(s) <= max_length for s in got)
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 7, 16, 1000])
+def test_packed_layout_matches_reference(tokenizer: Any, max_length: int) -> None:
+    got = build(DOCS, tokenizer, max_length, "packed")
+    assert got == expected_packed(tokenizer, DOCS, max_length)
+    assert all(len(s) == max_length for s in got[:-1])
+    total = sum(len(reference_ids(tokenizer, d)) + 1 for d in DOCS)
+    kept = sum(map(len, got))
+    assert kept == total or (kept == total - 1 and total % max_length == 1)
+
+
+def test_document_boundaries(tokenizer: Any) -> None:
+    eos = tokenizer.eos_token_id
+    ids = reference_ids(tokenizer, DOCS[0])
+    n = len(ids)
+    # Tokens plus EOS fill exactly one sequence.
+    assert build([DOCS[0]], tokenizer, n + 1, "document") == [ids + [eos]]
+    # Exactly the document's token count: the lone EOS left over has no target and is dropped.
+    assert build([DOCS[0]], tokenizer, n, "document") == [ids]
+    # A one-token document still makes a sequence with its EOS; an empty one does not.
+    one = reference_ids(tokenizer, "a")
+    assert len(one) == 1
+    assert build(["a", ""], tokenizer, 8, "document") == [one + [eos]]
+
+
+def test_packed_remainder(tokenizer: Any) -> None:
+    eos = tokenizer.eos_token_id
+    ids = reference_ids(tokenizer, DOCS[0])
+    n = len(ids)
+    assert build([DOCS[0]], tokenizer, n + 1, "packed") == [ids + [eos]]
+    assert build([DOCS[0]], tokenizer, n, "packed") == [ids]  # remainder [eos] dropped
+    assert build([DOCS[0]], tokenizer, n + 5, "packed") == [ids + [eos]]  # short tail kept
+    (a,) = reference_ids(tokenizer, "a")
+    assert build(["a", "a"], tokenizer, 3, "packed") == [[a, eos, a]]  # then [eos]: dropped
+    assert build(["a", "a", "a"], tokenizer, 4, "packed") == [[a, eos, a, eos], [a, eos]]
+
+
+def test_no_eos_tokenizer(tiny_tokenizer_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    ids = reference_ids(tok, DOCS[0])
+    assert build([DOCS[0], "a"], tok, len(ids), "document") == [ids]  # "a" alone: no target
+    with pytest.raises(ConfigError, match=r"^--pack: the tokenizer has no EOS token"):
+        build(DOCS, tok, 8, "packed")
+
+
+@pytest.mark.parametrize("max_length", [1, 0, -4])
+def test_max_length_below_two(tokenizer: Any, max_length: int) -> None:
+    with pytest.raises(ConfigError, match=rf"^--max-length {max_length}: "):
+        iter_sequences(DOCS, tokenizer, max_length, "document")
+
+
+def test_unknown_layout(tokenizer: Any) -> None:
+    with pytest.raises(ConfigError, match=r"layout 'padded': unknown; expected one of packed"):
+        iter_sequences(DOCS, tokenizer, 8, "padded")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deterministic_and_batch_size_independent(tokenizer: Any, layout: str) -> None:
+    docs = DOCS * 7
+    first = build(docs, tokenizer, 9, layout)
+    assert build(docs, tokenizer, 9, layout) == first
+    assert build(iter(docs), tokenizer, 9, layout, batch_size=1) == first
+    assert build(docs, tokenizer, 9, layout, batch_size=4) == first
+
+
+def test_truncation_in_tokenizer_json_is_ignored(tiny_tokenizer_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.backend_tokenizer.enable_truncation(4)
+    untruncated = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert build(DOCS, tok, 16, "document") == expected_document(untruncated, DOCS, 16)
+    assert tok.backend_tokenizer.truncation is not None  # the caller's tokenizer is untouched
+
+
+def test_no_overlong_sequence_warning(tiny_tokenizer_dir: Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    n = len(reference_ids(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), DOCS[3]))
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.model_max_length = 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        got = build([DOCS[3]], tok, 8, "document")
+    assert n > 4 and sum(map(len, got)) == n + 1
+    assert not [r for r in caplog.records if "longer than" in r.getMessage()]
+
+
+class SlowLike:
+    """A tokenizer without a Rust backend: exercises the generic `tokenizer(...)` path."""
+
+    is_fast = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.eos_token_id = inner.eos_token_id
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+        assert kwargs == {"add_special_tokens": False, "verbose": False}
+        return self.inner(texts, **kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_slow_tokenizer_path(tokenizer: Any, layout: str) -> None:
+    assert build(DOCS, SlowLike(tokenizer), 7, layout) == build(DOCS, tokenizer, 7, layout)
+
+
+def test_streams_without_materialising(tokenizer: Any) -> None:
+    def endless() -> Iterator[str]:
+        for i in itertools.count():
+            yield f"document number {i}\n"
+
+    for layout in LAYOUTS:
+        first = list(itertools.islice(iter_sequences(endless(), tokenizer, 8, layout,
+                                                     batch_size=16), 50))
+        assert len(first) == 50
+
+
+def test_from_corpus_files(tokenizer: Any, jsonl_corpus: Path) -> None:
+    docs = list(iter_documents([str(jsonl_corpus)]))
+    got = build(iter_documents([str(jsonl_corpus)]), tokenizer, 128, "document")
+    assert got == expected_document(tokenizer, docs, 128)
