@@ -84,26 +84,49 @@ def load_teacher(name_or_path: str, device: torch.device, dtype: torch.dtype,
 
 def _reduce_positions(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
                       temperatures: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Reduce full rows of logits (n, V) to the per-position cache columns, in float32."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-    top_lp, top_ids = logprobs.topk(top_k, dim=-1, sorted=True)  # (n, k)
-    outside = torch.ones_like(logprobs, dtype=torch.bool).scatter_(1, top_ids, False)
-    tail = torch.logsumexp(logprobs.masked_fill(~outside, float("-inf")), dim=-1)  # (n,)
-    probs = logprobs.exp()
-    entropy = -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
-    out = {
-        "topk_ids": top_ids,
-        "topk_logprobs": top_lp,
-        "tail_logmass": tail,
-        "target_logprob": logprobs.gather(1, labels[:, None]).squeeze(1),
-        "entropy": entropy,
-        "top1": (top_ids[:, 0] == labels).float(),
-    }
+    """Reduce full rows of logits (n, V) to the per-position cache columns, in float32.
+
+    One top-(k+1) and one exp pass over the rows give everything: with c the row maximum
+    and m the (k+1)-th largest logit, every id outside the top-k has exp(z - m) <= 1 and
+    the (k+1)-th contributes exactly 1, so the tail sum neither overflows nor underflows
+    however small the tail is, and no full log-softmax row is ever built.
+    """
+    z = logits.float()  # (n, V); no copy for a float32 teacher
+    vocab = z.shape[-1]
+    top_z, top_ids = z.topk(min(top_k + 1, vocab), dim=-1, sorted=True)  # (n, k+1)
+    c = top_z[:, :1]  # (n, 1) row maximum
+    head = top_z[:, :top_k] - c  # (n, k) logits relative to the maximum
+    top_ids = top_ids[:, :top_k]
+    out: dict[str, torch.Tensor] = {"topk_ids": top_ids}
+    if top_k < vocab:
+        m = top_z[:, top_k:]  # (n, 1)
+        rest = (z - m).exp_().scatter_(1, top_ids, 0.0)  # (n, V): exp(z - m) outside top-k
+        rest_sum = rest.sum(-1, keepdim=True)  # >= 1
+        log_rest = (m - c) + rest_sum.log()  # log sum_{i not in K} exp(z_i - c)
+        rest_dot = (rest * z).sum(-1, keepdim=True) - c * rest_sum  # sum e_i (z_i - c)
+    else:
+        log_rest = torch.full_like(c, float("-inf"))
+    lse = torch.logaddexp(torch.logsumexp(head, -1, keepdim=True), log_rest)  # (n, 1)
+    out["topk_logprobs"] = head - lse
+    out["tail_logmass"] = (log_rest - lse).squeeze(1)
+    # Entropy H = lse - sum_i p_i (z_i - c), split into the top-k and the tail.
+    expected = (out["topk_logprobs"].exp() * head).sum(-1, keepdim=True)
+    if top_k < vocab:
+        expected = expected + (m - c - lse).exp() * rest_dot
+    out["entropy"] = (lse - expected).squeeze(1)
+    out["target_logprob"] = (z.gather(1, labels[:, None]) - c - lse).squeeze(1)
+    out["top1"] = (top_ids[:, 0] == labels).float()
     if temperatures:
         tempered = []
         for tau in temperatures:
-            scaled = torch.log_softmax(logits.float() / tau, dim=-1)
-            tempered.append(torch.logsumexp(scaled.masked_fill(~outside, float("-inf")), -1))
+            if top_k < vocab:
+                rest_tau = ((z - m) / tau).exp_().scatter_(1, top_ids, 0.0).sum(-1, keepdim=True)
+                log_rest_tau = (m - c) / tau + rest_tau.log()
+            else:
+                log_rest_tau = log_rest
+            lse_tau = torch.logaddexp(torch.logsumexp(head / tau, -1, keepdim=True),
+                                      log_rest_tau)
+            tempered.append((log_rest_tau - lse_tau).squeeze(1))
         out["tail_logmass_tempered"] = torch.stack(tempered, dim=-1)  # (n, n_temps)
     return out
 
@@ -123,17 +146,15 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
     input_ids, attention = input_ids.to(device), attention.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V)
 
-    # Flatten the real target positions: row r, positions 0..len_r - 2 predict 1..len_r - 1.
-    valid = attention[:, 1:].bool()  # (B, T-1)
-    flat_logits = logits[:, :-1][valid]  # (N, V) in the model's dtype
-    flat_labels = input_ids[:, 1:][valid]  # (N,)
+    # Row r, positions 0..len_r - 2 predict tokens 1..len_r - 1; contiguous views, no copies.
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, flat_labels.numel(), POSITION_CHUNK):
-        chunk = _reduce_positions(flat_logits[start : start + POSITION_CHUNK],
-                                  flat_labels[start : start + POSITION_CHUNK], top_k,
-                                  temperatures)
-        for name, value in chunk.items():
-            parts.setdefault(name, []).append(value)
+    for row, length in enumerate(lengths):
+        for start in range(0, length - 1, POSITION_CHUNK):
+            stop = min(start + POSITION_CHUNK, length - 1)
+            chunk = _reduce_positions(logits[row, start:stop], input_ids[row, start + 1:stop + 1],
+                                      top_k, temperatures)
+            for name, value in chunk.items():
+                parts.setdefault(name, []).append(value)
     columns = {name: torch.cat(values).cpu().numpy() for name, values in parts.items()}
 
     results = []
