@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--teacher-steps", type=int, default=200)
     parser.add_argument("--top-k", type=int, default=64)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -86,6 +86,7 @@ class LossSums:
     kd: Tensor  # detached Σ KD_n (the divergence, no τ², no λ)
     correct_top1: Tensor  # detached count of tokens where student argmax == teacher top-1
     tokens: int
+    ce_per_token: Tensor  # detached (N,) CE of each token: per-sample snapshots for free
 
 
 def _head_logits(head: torch.nn.Module | Tensor, hidden: Tensor) -> Tensor:
@@ -115,7 +116,7 @@ def _chunk_loss(
     teacher_vocab_size: int,
     logit_transform: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(total, ce, kd, correct) sums for one chunk; the unit that checkpoint recomputes."""
+    """(total, per-token ce, kd, correct) of one chunk; the unit that checkpoint recomputes."""
     logits = _head_logits(head, hidden)  # (n, V_s) in the head's dtype
     if logit_transform is not None:
         logits = logit_transform(logits)
@@ -130,7 +131,7 @@ def _chunk_loss(
         correct = torch.zeros((), dtype=torch.long, device=logits.device)
     if cfg.mode == "ce":
         zero = torch.zeros((), device=logits.device)
-        return ce.sum(), ce.detach().sum(), zero, correct
+        return ce.sum(), ce.detach(), zero, correct
     assert topk_ids is not None and topk_logprobs is not None and tail_logmass is not None
     assert kd_weight is not None
     log_p, log_p_tail = teacher_partition(topk_logprobs, tail_logmass, cfg.temperature,
@@ -139,7 +140,7 @@ def _chunk_loss(
     kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)  # (n,)
     lam = kd_weight.float()  # (n,)
     total = ((1.0 - lam) * ce + lam * (cfg.temperature**2) * kd).sum()
-    return total, ce.detach().sum(), kd.detach().sum(), correct
+    return total, ce.detach(), kd.detach().sum(), correct
 
 
 def chunked_distill_loss(
@@ -193,7 +194,7 @@ def chunked_distill_loss(
 
     use_checkpoint = torch.is_grad_enabled()
     totals: list[Tensor] = []
-    ce_sum = torch.zeros((), device=hidden.device)
+    ce_tokens: list[Tensor] = []
     kd_sum = torch.zeros((), device=hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, n, cfg.chunk_size):
@@ -204,9 +205,11 @@ def chunked_distill_loss(
         else:
             out = chunk_fn(hidden[sl], *pieces)
         totals.append(out[0])
-        ce_sum = ce_sum + out[1]
+        ce_tokens.append(out[1])
         kd_sum = kd_sum + out[2]
         correct = correct + out[3]
     # With no tokens: a zero that is still connected to the graph, so backward() works.
     total = torch.stack(totals).sum() if totals else hidden.float().sum() * 0.0
-    return LossSums(total=total, ce=ce_sum, kd=kd_sum, correct_top1=correct, tokens=n)
+    ce_per_token = torch.cat(ce_tokens) if ce_tokens else hidden.new_zeros(0, dtype=torch.float32)
+    return LossSums(total=total, ce=ce_per_token.sum(), kd=kd_sum, correct_top1=correct,
+                    tokens=n, ce_per_token=ce_per_token)

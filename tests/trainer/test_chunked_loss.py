@@ -167,6 +167,16 @@ def test_ce_mode_is_plain_cross_entropy():
     assert int(with_teacher.correct_top1) == int(expected)
 
 
+@pytest.mark.parametrize("mode", ["ce", "kd"])
+def test_per_token_ce_is_reported_for_every_chunk(mode):
+    hidden, head, labels, teacher = make_inputs()
+    cfg = LossConfig(mode=mode, chunk_size=5)
+    got = chunked_distill_loss(hidden, head, labels, torch.full((N,), 0.5), cfg, teacher, V)
+    ref = F.cross_entropy(head(hidden), labels, reduction="none")
+    torch.testing.assert_close(got.ce_per_token, ref.detach())
+    assert not got.ce_per_token.requires_grad
+
+
 def test_no_grad_and_empty_inputs():
     hidden, head, labels, teacher = make_inputs()
     cfg = LossConfig(chunk_size=4)
