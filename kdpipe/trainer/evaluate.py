@@ -43,7 +43,11 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
                    loss_cfg: LossConfig, kd_weight: float, device: torch.device,
                    amp_dtype: torch.dtype | None, batch_size: int, pad_id: int,
                    prefetch: int = 4, progress: bool = False) -> dict[str, Any]:
-    """Metrics of `parts` on `sample_ids` of `index` (the model is left in its prior mode)."""
+    """Metrics of `parts` on `sample_ids` of `index` (the model is left in its prior mode).
+
+    KD and top-1 agreement are always measured; the reported `loss` is the training
+    objective: the λ-mix in mode "kd", plain CE in mode "ce".
+    """
     if sample_ids.size == 0:
         raise ConfigError(f"no samples to evaluate in {index.cache.root} (empty split?)")
     kd_cfg = LossConfig(kind=loss_cfg.kind, temperature=loss_cfg.temperature,
@@ -51,6 +55,7 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
                         chunk_size=loss_cfg.chunk_size, mode="kd")
     columns = columns_for(index.cache, teacher=True, temperature=kd_cfg.temperature)
     vocab = index.cache.manifest.vocab_size
+    objective_weight = kd_weight if loss_cfg.mode == "kd" else 0.0
     was_training = parts.model.training
     parts.model.eval()
     sums = {"total": 0.0, "ce": 0.0, "kd": 0.0, "correct_top1": 0.0}
@@ -67,7 +72,8 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
                 with autocast(device, amp_dtype):
                     hidden = parts.hidden_states(batch.input_ids, batch.attention_mask)
                     hidden = hidden[batch.target_mask]  # (N, H)
-                    lam = torch.full((batch.num_targets,), kd_weight, device=device)  # (N,)
+                    lam = torch.full((batch.num_targets,), objective_weight,
+                                     device=device)  # (N,)
                     out = chunked_distill_loss(hidden, parts.head, batch.labels, lam, kd_cfg,
                                                batch.teacher, vocab, parts.logit_transform)
                 sums["total"] += float(out.total)
