@@ -37,6 +37,11 @@ TEACHER_TOP1 = "teacher_top1"
 
 SEQUENCE_STATS = (TEACHER_NLL, TEACHER_ENTROPY, TEACHER_CONFIDENCE, TEACHER_TOP1)
 
+# Parquet encodings, chosen by measurement (docs/benchmarks.md): top-k ids repeat across
+# positions and gain from a dictionary; floats gain from byte-stream-split and lose with one.
+DICTIONARY_COLUMNS = (TOPK_IDS,)
+BYTE_STREAM_SPLIT_COLUMNS = (TOPK_LOGPROBS, TAIL_LOGMASS, TARGET_LOGPROB, TAIL_LOGMASS_TEMPERED)
+
 ID_DTYPES = {"uint16": pa.uint16(), "uint32": pa.uint32()}
 LOGPROB_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
