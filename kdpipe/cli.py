@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from kdpipe import __version__
@@ -44,14 +43,18 @@ def _parse_floats(text: str, flag: str) -> tuple[float, ...]:
 
 @app.command("cache-teacher")
 def cache_teacher_command(
-    teacher: Annotated[str, typer.Option(help="Teacher model: local folder or hub name.")],
-    data: Annotated[list[str], typer.Option(
-        help="Corpus: .txt/.jsonl/.jsonl.zst/.parquet file, folder, glob, or a Hugging Face "
-        "dataset name. Repeat for several.")],
     out: Annotated[Path, typer.Option(help="Cache folder to create (or resume).")],
+    teacher: Annotated[str | None, typer.Option(
+        help="Teacher model: local folder or hub name (required unless --merge).")] = None,
+    data: Annotated[list[str] | None, typer.Option(
+        help="Corpus: .txt/.jsonl/.jsonl.zst/.parquet file, folder, glob, or a Hugging Face "
+        "dataset name. Repeat for several.")] = None,
     tokenizer: Annotated[str | None, typer.Option(
         help="Tokenizer path/name if it is not stored with the teacher.")] = None,
-    backend: Annotated[str, typer.Option(help="Teacher backend: hf (transformers).")] = "hf",
+    backend: Annotated[str, typer.Option(
+        help="Teacher backend: hf (transformers: exact tails and entropy), vllm (GPU, "
+        "pip install 'kdpipe[vllm]'), auto (vllm when it is installed and a GPU is visible, "
+        "else hf).")] = "hf",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(
         help="Teacher compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
@@ -78,31 +81,72 @@ def cache_teacher_command(
         help="Replace an existing cache made with different settings.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(
         help="Allow the teacher/tokenizer to run code from its repository.")] = False,
+    num_workers: Annotated[int, typer.Option(
+        help="Workers caching this corpus together into --out (docs/distributed.md).")] = 1,
+    worker_index: Annotated[int, typer.Option(
+        help="This worker's index, 0..num-workers-1: it caches shards i, i+N, i+2N, ...")] = 0,
+    merge: Annotated[bool, typer.Option(
+        help="Only merge the finished workers' manifest parts in --out into manifest.json.")
+    ] = False,
+    gpu_memory_utilization: Annotated[float, typer.Option(
+        help="vllm: share of each GPU's memory vLLM may use.")] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option(
+        help="vllm: GPUs to split one teacher over (only for a teacher too big for one).")] = 1,
 ) -> None:
     """Run the teacher over a corpus once; write top-k log-probs, tail mass and confidence."""
+    if merge:
+        from kdpipe.pipeline.workers import merge_parts
+
+        merged = merge_parts(out, num_workers if num_workers > 1 else None)
+        typer.echo(f"cache ready: {out} ({merged.num_sequences} sequences, "
+                   f"{merged.num_tokens} tokens, {len(merged.shards)} shards)")
+        return
+    if teacher is None:
+        raise ConfigError("--teacher is required (a local model folder or hub name), unless "
+                          "--merge")
     from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
+    from kdpipe.pipeline.workers import is_part
 
     cfg = CacheTeacherConfig(
-        teacher=teacher, data=tuple(data), out=out, tokenizer=tokenizer, backend=backend,
+        teacher=teacher, data=tuple(data or ()), out=out, tokenizer=tokenizer, backend=backend,
         device=device, dtype=dtype, batch_size=batch_size, top_k=top_k, max_length=max_length,
         pack=pack, shard_size=shard_size, text_field=text_field, split=split,
         tail_temperatures=_parse_floats(tail_temperatures, "--tail-temperatures"),
         logprob_dtype=logprob_dtype, strict=strict, overwrite=overwrite,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, num_workers=num_workers, worker_index=worker_index,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size)
     manifest = cache_teacher(cfg)
+    if is_part(manifest):
+        typer.echo(f"worker {worker_index} of {num_workers} done: {len(manifest.shards)} "
+                   f"shards in {out}; the last worker to finish merges the manifest (or run "
+                   f"`kdpipe cache-teacher --merge --out {out}`)")
+        return
     typer.echo(f"cache ready: {out} ({manifest.num_sequences} sequences, "
                f"{manifest.num_tokens} tokens, {len(manifest.shards)} shards)")
 
 
 @app.command("inspect")
 def inspect_command(
-    path: Annotated[Path, typer.Argument(help="A cache folder.")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="A cache folder, or one curriculum file (two: also their rank correlation).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Summarise a cache: teacher, tokenizer, k, sequences, tokens, bytes/token, teacher NLL."""
+    """Summarise a cache (teacher, tokenizer, k, sequences, bytes/token, teacher NLL) or a
+    curriculum (source, metric, score quantiles; with two, Spearman's rank correlation)."""
     from kdpipe.schemas.cache import open_cache, summarize
+    from kdpipe.schemas.curriculum import is_curriculum_file
 
-    summary = summarize(open_cache(path, require_complete=False))
+    if any(is_curriculum_file(p) for p in paths):
+        from kdpipe.pipeline.curriculum_cli import inspect_curricula
+
+        for line in inspect_curricula(paths, as_json):
+            typer.echo(line)
+        return
+    if len(paths) != 1:
+        raise ConfigError("kdpipe inspect takes one cache folder (or one or two curriculum "
+                          "files)")
+    summary = summarize(open_cache(paths[0], require_complete=False))
     if as_json:
         typer.echo(json.dumps(summary))
         return
@@ -133,6 +177,9 @@ def _register_optional_commands() -> None:
 
     app.command("train-student")(trainer_cli.train_student)
     app.command("evaluate")(trainer_cli.evaluate)
+    from kdpipe.pipeline import curriculum_cli
+
+    app.command("build-curriculum")(curriculum_cli.build_curriculum)
 
 
 def _config_file_defaults(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
@@ -165,9 +212,8 @@ def _config_file_defaults(argv: list[str]) -> tuple[list[str], dict[str, Any] | 
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     section = loaded.get(command, loaded)
-    click_command = typer.main.get_command(app)
-    assert isinstance(click_command, click.Group)
-    target = click_command.get_command(click.Context(click_command), command)
+    commands = getattr(typer.main.get_command(app), "commands", {})  # the click group's
+    target = commands.get(command)
     known = {p.name for p in target.params} if target is not None else set()
     values = {str(k).replace("-", "_"): v for k, v in section.items()}
     unknown = sorted(k for k in values if k not in known)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,16 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB) -> PreTrai
                                    bos_token="<|endoftext|>", pad_token="<|pad|>")
     fast.save_pretrained(out_dir)
     return fast
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    threads spinning against loader and writer threads make each tiny op ~100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

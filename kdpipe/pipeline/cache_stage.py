@@ -4,6 +4,10 @@ Idempotent and crash-safe: every shard is written under a temporary name and ren
 manifest is replaced atomically after each shard, and re-running the same command resumes
 (complete shards whose checksum holds are kept). Different settings into an existing cache are
 refused unless `overwrite` is set.
+
+Two teacher backends fill the same shards: `hf` (transformers, full logits: exact tails and
+entropy) and `vllm` (GPU, top-k prompt log-probs: see `teacher_vllm`). With `num_workers > 1`
+this run is one worker of many over the same corpus (see `workers`).
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from tqdm import tqdm
 
+from kdpipe.pipeline import teacher_vllm, workers
 from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 from kdpipe.pipeline.sequences import iter_sequences
 from kdpipe.pipeline.shard_writer import shard_name, write_shard
@@ -51,8 +57,10 @@ from kdpipe.schemas.shard import LOGPROB_DTYPES, id_dtype_for_vocab
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "cache_config.json"
-BACKENDS = ("hf",)
+BACKENDS = ("auto", "hf", "vllm")
 T = TypeVar("T")
+# One shard's sequences -> their targets; updates the progress bar by the tokens it computed.
+TeacherRunner = Callable[[list[list[int]], tqdm], list[SequenceTargets]]
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class CacheTeacherConfig:
     data: tuple[str, ...]
     out: Path
     tokenizer: str | None = None
-    backend: str = "hf"
+    backend: str = "hf"  # "auto" picks vllm on a GPU machine with vLLM installed
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 8
@@ -78,6 +86,10 @@ class CacheTeacherConfig:
     strict: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
+    num_workers: int = 1
+    worker_index: int = 0
+    gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU for weights + KV cache
+    tensor_parallel_size: int = 1  # vLLM: GPUs one teacher is split over
 
     @property
     def layout(self) -> str:
@@ -89,7 +101,25 @@ class CacheTeacherConfig:
         if not self.data:
             problems.append("--data is required (a file, folder, glob or dataset name)")
         if self.backend not in BACKENDS:
-            problems.append(f"--backend {self.backend!r}: this version supports only 'hf'")
+            problems.append(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.backend == "vllm" and self.tail_temperatures:
+            problems.append("--tail-temperatures needs --backend hf: vLLM returns only top-k "
+                            "log-probs, so exact tempered tails cannot be computed (without "
+                            "them the trainer uses the uniform-tail approximation)")
+        if self.backend == "vllm" and self.device not in ("auto", "cuda"):
+            problems.append(f"--device {self.device} with --backend vllm: vLLM uses the GPUs "
+                            "CUDA_VISIBLE_DEVICES shows; leave --device at auto")
+        if self.num_workers < 1:
+            problems.append(f"--num-workers must be >= 1 (got {self.num_workers})")
+        elif not 0 <= self.worker_index < self.num_workers:
+            problems.append(f"--worker-index must be in 0..{self.num_workers - 1} for "
+                            f"--num-workers {self.num_workers} (got {self.worker_index})")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append("--gpu-memory-utilization must be in (0, 1] "
+                            f"(got {self.gpu_memory_utilization})")
+        if self.tensor_parallel_size < 1:
+            problems.append(f"--tensor-parallel-size must be >= 1 (got "
+                            f"{self.tensor_parallel_size})")
         if self.top_k < 1:
             problems.append(f"--top-k must be >= 1 (got {self.top_k})")
         if self.max_length < 2:
@@ -110,18 +140,23 @@ class CacheTeacherConfig:
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
-    """Run the whole stage; returns the finished manifest."""
+    """Run the whole stage; returns the finished manifest (a worker: its part, or the merge)."""
     cfg.validate()
+    backend = resolve_backend(cfg)
+    if backend == "hf" and cfg.tensor_parallel_size > 1:
+        raise ConfigError("--tensor-parallel-size splits a teacher over GPUs with vLLM only; "
+                          "pass --backend vllm on a GPU machine with vLLM installed")
     sources = resolve_sources(cfg.data)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code,
                                flag="--tokenizer" if cfg.tokenizer else "--teacher")
-    teacher_info, model_config = describe_teacher(cfg.teacher, cfg.backend, cfg.dtype,
+    teacher_info, model_config = describe_teacher(cfg.teacher, backend, cfg.dtype,
                                                   cfg.trust_remote_code)
     vocab_size = teacher_vocab_size(model_config)
     _check_against_model(cfg, tokenizer, vocab_size, model_config)
-    device = resolve_device(cfg.device)
+    device = torch.device("cuda") if backend == "vllm" else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     teacher_info = replace(teacher_info, dtype=str(dtype).removeprefix("torch."))
+    vllm = backend == "vllm"
     draft = CacheManifest(
         teacher=teacher_info,
         tokenizer=TokenizerInfo(
@@ -135,13 +170,16 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
         vocab_size=vocab_size, top_k=cfg.top_k, max_length=cfg.max_length, layout=cfg.layout,
         shard_size=cfg.shard_size, id_dtype=id_dtype_for_vocab(max(vocab_size, len(tokenizer))),
         logprob_dtype=cfg.logprob_dtype, capture_temperature=1.0,
-        tail_temperatures=tuple(cfg.tail_temperatures), tail_mode="exact",
+        tail_temperatures=tuple(cfg.tail_temperatures),
+        tail_mode="uniform" if vllm else "exact",
+        entropy_mode=teacher_vllm.ENTROPY_MODE if vllm else "exact",
         settings_fingerprint="", complete=False,
     ).with_fingerprint()
     previous = _previous_manifest(cfg, draft)
     if previous is not None and previous.complete and _shards_intact(cfg.out, previous):
         log.info("%s is already a complete cache with these settings; nothing to do", cfg.out)
         return previous
+    kept = _resumable_shards(cfg, draft, previous)
 
     # Read up to the first shard before loading the teacher or touching --out, so corpus
     # errors (missing field, empty corpus) cost seconds and leave nothing behind.
@@ -153,36 +191,36 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     if first_shard is None:
         raise ConfigError(f"--data {' '.join(cfg.data)}: no sequence of at least 2 tokens; "
                           "the corpus is empty or every document is too short")
-    model = load_teacher(cfg.teacher, device, dtype, cfg.trust_remote_code)
-    if previous is None:
-        _clear_cache_files(cfg.out)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(cfg.out)
-    atomic_write_json(cfg.out / CONFIG_NAME, _config_json(cfg))
-    kept = {s.file: s for s in previous.shards} if previous is not None else {}
-    manifest = replace(draft, shards=())
-    write_manifest(cfg.out, manifest)
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run_teacher = _teacher_runner(cfg, backend, device, dtype, pad_id, vocab_size,
+                                  model_config)
+    _prepare_out(cfg, draft, fresh=kept is None)
+    kept = kept or {}
+    manifest = replace(draft, shards=())
+    _record(cfg, manifest)
+
     progress = tqdm(desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True)
     started = time.perf_counter()
-    computed_tokens = 0
+    computed_tokens = stream_shards = stream_sequences = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         pending: Future[ShardInfo] | None = None
         for index, (sample_ids, seqs) in enumerate(chain([first_shard], shard_stream)):
+            stream_shards, stream_sequences = index + 1, stream_sequences + len(seqs)
+            if not workers.owns_shard(index, cfg.num_workers, cfg.worker_index):
+                continue  # another worker's shard: its sequences only advance the sample ids
             name = shard_name(index)
             reused = _reusable_shard(cfg.out, kept.get(name), sample_ids, seqs)
             tokens = sum(len(s) for s in seqs)
             if reused is not None:
                 manifest = manifest.with_shard(reused)
-                write_manifest(cfg.out, manifest)
+                _record(cfg, manifest)
                 progress.update(tokens)
                 continue
-            targets = _run_teacher(model, seqs, cfg, pad_id, progress)
+            targets = run_teacher(seqs, progress)
             computed_tokens += tokens
             if pending is not None:
                 manifest = manifest.with_shard(pending.result())
-                write_manifest(cfg.out, manifest)
+                _record(cfg, manifest)
             pending = writer.submit(write_shard, cfg.out / name, draft.shard_layout, sample_ids,
                                     seqs, targets)
         if pending is not None:
@@ -191,12 +229,64 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     corpus = replace(manifest.corpus, documents_read=stats.documents_read,
                      documents_skipped=stats.documents_skipped)
     manifest = replace(manifest, corpus=corpus, complete=True)
-    write_manifest(cfg.out, manifest)
     elapsed = time.perf_counter() - started
     log.info("cached %d sequences, %d tokens in %d shards (%d tokens computed, %.0f tok/s) "
              "-> %s", manifest.num_sequences, manifest.num_tokens, len(manifest.shards),
              computed_tokens, computed_tokens / max(elapsed, 1e-9), cfg.out)
-    return manifest
+    if cfg.num_workers == 1:
+        write_manifest(cfg.out, manifest)
+        return manifest
+    part = workers.finished_part(manifest, cfg.worker_index, cfg.num_workers, stream_shards,
+                                 stream_sequences)
+    _record(cfg, part)
+    merged = workers.try_merge(cfg.out, cfg.num_workers)
+    if merged is None:
+        log.info("worker %d of %d finished; the last worker to finish merges the manifest",
+                 cfg.worker_index, cfg.num_workers)
+    return merged if merged is not None else part
+
+
+def resolve_backend(cfg: CacheTeacherConfig) -> str:
+    """The backend this run uses; `auto` is vLLM when it is installed and a GPU is visible.
+
+    `auto` keeps hf when exact tempered tails are asked for (only full logits give them) or a
+    device other than the default GPU is named.
+    """
+    if cfg.backend == "vllm":
+        teacher_vllm.require_vllm()
+        return "vllm"
+    if cfg.backend == "hf" or cfg.tail_temperatures or cfg.device not in ("auto", "cuda"):
+        return "hf"
+    if teacher_vllm.vllm_importable() and teacher_vllm.cuda_available():
+        log.info("--backend auto: vLLM is installed and a GPU is visible; using vLLM")
+        return "vllm"
+    return "hf"
+
+
+def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
+                    dtype: torch.dtype, pad_id: int, vocab_size: int,
+                    model_config: Any) -> TeacherRunner:
+    """Load the teacher once; the runner turns one shard's sequences into targets."""
+    if backend == "vllm":
+        text_config = (model_config.get_text_config()
+                       if hasattr(model_config, "get_text_config") else model_config)
+        limit = getattr(text_config, "max_position_embeddings", None)
+        teacher = teacher_vllm.load_vllm_teacher(
+            cfg.teacher, top_k=cfg.top_k, vocab_size=vocab_size, max_length=cfg.max_length,
+            position_limit=limit if isinstance(limit, int) else None,
+            dtype=str(dtype).removeprefix("torch."),
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            trust_remote_code=cfg.trust_remote_code)
+
+        def run_vllm(seqs: list[list[int]], progress: tqdm) -> list[SequenceTargets]:
+            targets = teacher.targets(seqs)  # the whole shard in one generate call
+            progress.update(sum(len(s) for s in seqs))
+            return targets
+
+        return run_vllm
+    model = load_teacher(cfg.teacher, device, dtype, cfg.trust_remote_code)
+    return lambda seqs, progress: _run_teacher(model, seqs, cfg, pad_id, progress)
 
 
 def _check_against_model(cfg: CacheTeacherConfig, tokenizer: Any, vocab_size: int,
@@ -218,6 +308,15 @@ def _previous_manifest(cfg: CacheTeacherConfig, draft: CacheManifest) -> CacheMa
     if not out.exists() or not any(out.iterdir()):
         return None
     if not manifest_path(out).is_file():
+        if cfg.num_workers > 1 and not _foreign_files(out):
+            return None  # other workers' files, or a folder they are just filling
+        if workers.part_files(out) and not _foreign_files(out):
+            if cfg.overwrite:
+                return None
+            raise ConfigError(f"--out {out} holds an unfinished multi-worker cache (manifest "
+                              "parts, no manifest.json): finish it with its --num-workers, "
+                              f"merge it with `kdpipe cache-teacher --merge --out {out}`, or "
+                              "pass --overwrite")
         raise ConfigError(f"--out {out} is a non-empty folder that is not a kdpipe cache; "
                           "choose an empty or new folder")
     previous = read_manifest(out)
@@ -226,11 +325,75 @@ def _previous_manifest(cfg: CacheTeacherConfig, draft: CacheManifest) -> CacheMa
     if cfg.overwrite:
         log.warning("--overwrite: replacing the cache in %s", out)
         return None
-    old, new = previous.settings(), draft.settings()
-    changed = sorted(k for k in new if old.get(k) != new[k])
     raise ConfigError(f"--out {out} holds a cache made with different settings "
-                      f"({', '.join(changed)}); pass --overwrite to replace it or choose "
-                      "another --out")
+                      f"({_changed_settings(previous, draft)}); pass --overwrite to replace it "
+                      "or choose another --out")
+
+
+def _changed_settings(old: CacheManifest, new: CacheManifest) -> str:
+    before, after = old.settings(), new.settings()
+    return ", ".join(sorted(k for k in after if before.get(k) != after[k]))
+
+
+def _resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,
+                      previous: CacheManifest | None) -> dict[str, ShardInfo] | None:
+    """Recorded shards a re-run may keep (each re-checked before use); None: start afresh.
+
+    A worker resumes from its own part, and from a merged manifest with the same settings.
+    """
+    if cfg.num_workers == 1:
+        return {s.file: s for s in previous.shards} if previous is not None else None
+    part = workers.read_part(cfg.out, cfg.worker_index, cfg.num_workers)
+    if part is not None and part.settings_fingerprint != draft.settings_fingerprint:
+        if not cfg.overwrite:
+            raise ConfigError(f"--out {cfg.out}: worker {cfg.worker_index}'s part was made with "
+                              f"different settings ({_changed_settings(part, draft)}); pass "
+                              "--overwrite to redo it or choose another --out")
+        part = None
+    if part is None and previous is None:
+        return None
+    recorded = [*(previous.shards if previous is not None else ()),
+                *(part.shards if part is not None else ())]
+    return {s.file: s for s in recorded
+            if (index := workers.shard_index(s.file)) is not None
+            and workers.owns_shard(index, cfg.num_workers, cfg.worker_index)}
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Names in `out` that no kdpipe cache-teacher run writes."""
+    ours = {MANIFEST_NAME, CONFIG_NAME, workers.MERGE_LOCK}
+    return [p.name for p in out.iterdir()
+            if p.name not in ours and not workers.SHARD_RE.match(p.name)
+            and not workers.PART_RE.match(p.name) and ".tmp-" not in p.name]
+
+
+def _prepare_out(cfg: CacheTeacherConfig, draft: CacheManifest, fresh: bool) -> None:
+    """Create --out and clear what this run replaces (a worker touches only its own files)."""
+    out = cfg.out
+    if cfg.num_workers == 1:
+        if fresh:
+            _clear_cache_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out)
+    else:
+        if fresh:
+            workers.clear_worker_files(out, cfg.worker_index, cfg.num_workers)
+        out.mkdir(parents=True, exist_ok=True)
+        workers.remove_worker_temp_files(out, cfg.worker_index, cfg.num_workers)
+        stale = manifest_path(out)  # a merged manifest of other settings (--overwrite)
+        if stale.is_file() and read_manifest(out).settings_fingerprint != \
+                draft.settings_fingerprint:
+            stale.unlink(missing_ok=True)
+    if cfg.num_workers == 1 or cfg.worker_index == 0:
+        atomic_write_json(out / CONFIG_NAME, _config_json(cfg))
+
+
+def _record(cfg: CacheTeacherConfig, manifest: CacheManifest) -> None:
+    """Persist progress: the manifest itself, or a worker's part (never manifest.json)."""
+    if cfg.num_workers == 1:
+        write_manifest(cfg.out, manifest)
+    else:
+        workers.write_part(cfg.out, cfg.worker_index, cfg.num_workers, manifest)
 
 
 def _shards_intact(out: Path, manifest: CacheManifest) -> bool:
@@ -257,7 +420,8 @@ def _clear_cache_files(out: Path) -> None:
     """Remove what a previous kdpipe cache left (only our own files)."""
     if not out.is_dir():
         return
-    for path in [*out.glob("shard-*.parquet"), out / MANIFEST_NAME, out / CONFIG_NAME]:
+    for path in [*out.glob("shard-*.parquet"), *out.glob("manifest.part-*-of-*.json"),
+                 out / MANIFEST_NAME, out / CONFIG_NAME, out / workers.MERGE_LOCK]:
         path.unlink(missing_ok=True)
 
 
@@ -331,4 +495,6 @@ def _in_background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
 def _config_json(cfg: CacheTeacherConfig) -> dict[str, Any]:
     data = asdict(cfg)
     data["out"] = str(cfg.out)
+    if cfg.num_workers > 1:
+        del data["worker_index"]  # written once for all workers
     return data

@@ -20,6 +20,9 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 LAYOUTS = ("packed", "document")
 TAIL_MODES = ("exact", "uniform")  # uniform: tempered tails approximated at train time
+# How teacher_entropy was computed: exactly over the full vocabulary (hf backend), or as a lower
+# bound from the top-k and the tail mass (vLLM backend: no full logits).
+ENTROPY_MODES = ("exact", "topk_lower_bound")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class CacheManifest:
     complete: bool
     shards: tuple[ShardInfo, ...] = ()
     topk_layout: str = "flat"  # top-k columns are flat lists with stride top_k
+    entropy_mode: str = "exact"  # one of ENTROPY_MODES; follows from the backend
     schema_version: int = MANIFEST_SCHEMA_VERSION
     kdpipe_version: str = __version__
     extra: dict[str, str] = field(default_factory=dict)
@@ -149,6 +153,8 @@ class CacheManifest:
             problems.append(f"tail_mode {self.tail_mode!r} is not one of {TAIL_MODES}")
         if not 1 <= self.top_k <= self.vocab_size:
             problems.append(f"top_k {self.top_k} outside 1..vocab_size ({self.vocab_size})")
+        if self.entropy_mode not in ENTROPY_MODES:
+            problems.append(f"entropy_mode {self.entropy_mode!r} is not one of {ENTROPY_MODES}")
         if self.topk_layout != "flat":
             problems.append(f"topk_layout {self.topk_layout!r} is not 'flat'")
         try:
@@ -183,6 +189,11 @@ def read_manifest(cache_dir: str | Path) -> CacheManifest:
             f"{path} not found: {cache_dir} is not a kdpipe cache; "
             f"run `kdpipe cache-teacher --out {cache_dir}` first"
         )
+    return read_manifest_file(path)
+
+
+def read_manifest_file(path: Path) -> CacheManifest:
+    """Read and validate a manifest-shaped file (`manifest.json` or a worker's part)."""
     data = read_json(path)
     version = data.get("schema_version") if isinstance(data, dict) else None
     if not isinstance(version, int):

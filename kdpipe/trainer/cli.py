@@ -94,6 +94,44 @@ def train_student(
         help="Delete a previous run in --out and start over.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(
         help="Allow the student/tokenizer to run code from its repository.")] = False,
+    curriculum: Annotated[str | None, typer.Option(
+        help="Curriculum index from `kdpipe build-curriculum` (same cache): present samples "
+        "easy → hard. See docs/curriculum.md.")] = None,
+    curriculum_source: Annotated[str, typer.Option(
+        help="file: the --curriculum ranking throughout; snapshot: re-rank after every epoch "
+        "from that epoch's per-sample training losses (epoch 0: --curriculum, else "
+        "shuffled).")] = "file",
+    curriculum_metric: Annotated[str, typer.Option(
+        help="What snapshot re-ranking sorts by: nll (loss) or confidence.")] = "nll",
+    pacing: Annotated[str, typer.Option(
+        help="Share of the easiest data available at step t: linear, root, exp, step, "
+        "baby-steps, or none (every sample once per epoch, in ranked order).")] = "linear",
+    pacing_start: Annotated[float, typer.Option(help="b: starting share of the data.")] = 0.2,
+    pacing_full: Annotated[float, typer.Option(
+        help="a: share of training after which all data is available.")] = 0.8,
+    pacing_increase: Annotated[float, typer.Option(
+        help="inc: growth factor per step of --pacing exp.")] = 2.0,
+    pacing_step_length: Annotated[int | None, typer.Option(
+        help="Steps per stage of exp, step and baby-steps (default: all data at a·T).")
+    ] = None,
+    pacing_buckets: Annotated[int | None, typer.Option(
+        help="Difficulty buckets of baby-steps (default: the curriculum's, else 10).")] = None,
+    order: Annotated[str, typer.Option(
+        help="curriculum (easy → hard); controls: anti (hard → easy), random (shuffled).")
+    ] = "curriculum",
+    reliance: Annotated[str, typer.Option(
+        help="λ per sample: constant (--kd-weight), threshold, linear (from the difficulty "
+        "percentile), token (from the teacher's per-token uncertainty 1 - p_T(y)).")
+    ] = "constant",
+    kd_weight_low: Annotated[float, typer.Option(help="λ_lo of selective reliance.")] = 0.1,
+    kd_weight_high: Annotated[float, typer.Option(help="λ_hi of selective reliance.")] = 0.9,
+    reliance_quantile: Annotated[float, typer.Option(
+        help="q of --reliance threshold: λ_hi above this percentile, λ_lo below.")] = 0.5,
+    reliance_control: Annotated[str, typer.Option(
+        help="none, or shuffled: the same λ values given to random samples.")] = "none",
+    kd_weight_schedule: Annotated[str, typer.Option(
+        help="Control: none; linear (λ_lo → λ_hi over steps, all samples alike); matched "
+        "(each step's mean selective λ for all its samples).")] = "none",
 ) -> None:
     """Train a student from a teacher cache (no teacher is loaded); prints final metrics."""
     from kdpipe.trainer.train import train
@@ -109,7 +147,14 @@ def train_student(
         keep_checkpoints=keep_checkpoints, snapshots=snapshots, snapshot_every=snapshot_every,
         log_every=log_every, seed=seed, device=device, dtype=dtype, chunk_size=chunk_size,
         shuffle_window=shuffle_window, prefetch=prefetch, progress=progress, resume=resume,
-        overwrite=overwrite, trust_remote_code=trust_remote_code)
+        overwrite=overwrite, trust_remote_code=trust_remote_code, curriculum=curriculum,
+        curriculum_source=curriculum_source, curriculum_metric=curriculum_metric,
+        pacing=pacing, pacing_start=pacing_start, pacing_full=pacing_full,
+        pacing_increase=pacing_increase, pacing_step_length=pacing_step_length,
+        pacing_buckets=pacing_buckets, order=order, reliance=reliance,
+        kd_weight_low=kd_weight_low, kd_weight_high=kd_weight_high,
+        reliance_quantile=reliance_quantile, reliance_control=reliance_control,
+        kd_weight_schedule=kd_weight_schedule)
     typer.echo(json.dumps(train(cfg)))
 
 

@@ -16,6 +16,7 @@ from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.trainer.chunked_loss import LossConfig
+from kdpipe.trainer.curriculum_config import CurriculumConfig
 
 CONFIG_NAME = "config.json"
 MODES = ("kd", "ce")
@@ -114,10 +115,28 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
+    # Curriculum and selective reliance (docs/curriculum.md; curriculum_config.py).
+    curriculum: str | None = None  # a `kdpipe build-curriculum` index
+    curriculum_source: str = "file"  # file, or snapshot: re-rank from each epoch's losses
+    curriculum_metric: str = "nll"  # what snapshot re-ranking sorts by: nll or confidence
+    pacing: str = "linear"
+    pacing_start: float = 0.2
+    pacing_full: float = 0.8
+    pacing_increase: float = 2.0
+    pacing_step_length: int | None = None
+    pacing_buckets: int | None = None
+    order: str = "curriculum"  # curriculum (easy -> hard), anti, random
+    reliance: str = "constant"
+    kd_weight_low: float = 0.1
+    kd_weight_high: float = 0.9
+    reliance_quantile: float = 0.5
+    reliance_control: str = "none"
+    kd_weight_schedule: str = "none"
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, or return None."""
         problems = _common_problems(self)
+        problems += self.curriculum_config().problems(self.mode, self.snapshots)
         if (self.student is None) == (self.student_config is None):
             problems.append("give exactly one of --student PATH and --student-config JSON")
         problems += _path_problems("--student-config", self.student_config, "file")
@@ -170,6 +189,16 @@ class TrainConfig:
     def loss_config(self) -> LossConfig:
         return LossConfig(kind=self.loss, temperature=self.temperature, beta=self.beta,
                           alpha=self.alpha, chunk_size=self.chunk_size, mode=self.mode)
+
+    def curriculum_config(self) -> CurriculumConfig:
+        return CurriculumConfig(
+            file=self.curriculum, source=self.curriculum_source, metric=self.curriculum_metric,
+            pacing=self.pacing, pacing_start=self.pacing_start, pacing_full=self.pacing_full,
+            pacing_increase=self.pacing_increase, pacing_step_length=self.pacing_step_length,
+            pacing_buckets=self.pacing_buckets, order=self.order, reliance=self.reliance,
+            kd_weight_low=self.kd_weight_low, kd_weight_high=self.kd_weight_high,
+            reliance_quantile=self.reliance_quantile, reliance_control=self.reliance_control,
+            kd_weight_schedule=self.kd_weight_schedule)
 
     def to_json_dict(self) -> dict[str, Any]:
         return to_dict(self)

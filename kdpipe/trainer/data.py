@@ -101,6 +101,7 @@ class Columns:
     top_k: int
     tempered_index: int | None = None  # which of the cache's tail temperatures to read
     num_tempered: int = 0
+    target_logprob: bool = False  # the teacher's log p(true token): token-level reliance
 
     @property
     def names(self) -> list[str]:
@@ -109,10 +110,13 @@ class Columns:
             names += [cols.TOPK_IDS, cols.TOPK_LOGPROBS, cols.TAIL_LOGMASS]
             if self.tempered_index is not None:
                 names.append(cols.TAIL_LOGMASS_TEMPERED)
+        if self.target_logprob:
+            names.append(cols.TARGET_LOGPROB)
         return names
 
 
-def columns_for(cache: Cache, teacher: bool, temperature: float) -> Columns:
+def columns_for(cache: Cache, teacher: bool, temperature: float,
+                target_logprob: bool = False) -> Columns:
     """Read the exact tempered tail when the cache stores one for `temperature`."""
     temps = cache.manifest.tail_temperatures
     index = next((i for i, t in enumerate(temps) if abs(t - temperature) < 1e-9), None)
@@ -121,7 +125,7 @@ def columns_for(cache: Cache, teacher: bool, temperature: float) -> Columns:
                  "approximation", cache.root, temperature)
     return Columns(teacher=teacher, top_k=cache.manifest.top_k,
                    tempered_index=index if teacher and temperature != 1.0 else None,
-                   num_tempered=len(temps))
+                   num_tempered=len(temps), target_logprob=target_logprob)
 
 
 def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +145,7 @@ class RowGroup:
     topk_logprobs: np.ndarray | None  # (targets * k,)
     tail_logmass: np.ndarray | None  # (targets,)
     tempered: np.ndarray | None  # (targets,) at the chosen temperature
+    target_logprob: np.ndarray | None = None  # (targets,) teacher log p(true next token)
 
     def target_span(self, row: int) -> slice:
         # Row r has len_r tokens and len_r - 1 targets; targets are stored back to back.
@@ -163,6 +168,11 @@ def decode_row_group(table: pa.Table, columns: Columns) -> RowGroup:
             _, tempered = _flat_list(table, cols.TAIL_LOGMASS_TEMPERED)  # (targets * n_temps,)
             group.tempered = tempered.reshape(targets, columns.num_tempered)[
                 :, columns.tempered_index]
+    if columns.target_logprob:
+        _, group.target_logprob = _flat_list(table, cols.TARGET_LOGPROB)
+        if group.target_logprob.size != int(offsets[-1]) - table.num_rows:
+            raise CacheFormatError("target_logprob does not match input_ids lengths; run "
+                                   "`kdpipe verify` on the cache")
     return group
 
 
@@ -177,6 +187,7 @@ class Batch:
     labels: torch.Tensor  # (N,) int64 true next tokens
     target_row: torch.Tensor  # (N,) int64 batch row of each target
     teacher: TeacherTargets | None
+    target_logprob: torch.Tensor | None = None  # (N,) float32 teacher log p(label), if read
 
     @property
     def num_targets(self) -> int:
@@ -197,7 +208,9 @@ class Batch:
                      attention_mask=self.attention_mask.to(device, non_blocking=True),
                      target_mask=self.target_mask.to(device, non_blocking=True),
                      labels=self.labels.to(device, non_blocking=True),
-                     target_row=self.target_row.to(device, non_blocking=True), teacher=teacher)
+                     target_row=self.target_row.to(device, non_blocking=True), teacher=teacher,
+                     target_logprob=(None if self.target_logprob is None else
+                                     self.target_logprob.to(device, non_blocking=True)))
 
 
 @dataclass
@@ -242,6 +255,11 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
             tail_logmass=torch.from_numpy(tail.astype(np.float32)),  # (N,)
             tempered_tail_logmass=tempered,  # (N,) or None
         )
+    target_logprob = None
+    if columns.target_logprob:
+        target_logprob = torch.from_numpy(np.concatenate(
+            [g.target_logprob[g.target_span(r)] for _, g, r in rows]  # type: ignore[index]
+        ).astype(np.float32))  # (N,)
     return Batch(
         sample_ids=torch.tensor([sid for sid, _, _ in rows], dtype=torch.int64),
         input_ids=torch.from_numpy(input_ids),
@@ -249,7 +267,7 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
         target_mask=torch.from_numpy(target_mask),
         labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
         target_row=torch.from_numpy(np.repeat(np.arange(len(rows)), lengths - 1)),
-        teacher=teacher,
+        teacher=teacher, target_logprob=target_logprob,
     )
 
 

@@ -27,6 +27,7 @@ from kdpipe.schemas.io import atomic_write_json
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.chunked_loss import LossConfig, chunked_distill_loss
 from kdpipe.trainer.config import TrainConfig
+from kdpipe.trainer.curriculum_config import check_curriculum_file, setup_curriculum
 from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.metrics import RunLogger, SampleStats, per_token_ce
@@ -56,10 +57,12 @@ log = logging.getLogger(__name__)
 def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.ndarray,
                          loss_cfg: LossConfig, teacher_vocab_size: int, device: torch.device,
                          amp_dtype: torch.dtype | None, stats: SampleStats | None = None,
-                         step: int = 0) -> dict[str, float]:
+                         step: int = 0, token_kd_weight: list[torch.Tensor] | None = None
+                         ) -> dict[str, float]:
     """Forward + backward over the micro-batches of one global batch; returns per-token means.
 
-    kd_weight: (S,) λ of each sample of the global batch, in order. Each micro-batch's loss
+    kd_weight: (S,) λ of each sample of the global batch, in order; token_kd_weight, when
+    given, replaces it by (N_m,) λ per target token of each micro-batch. Each micro-batch's loss
     sum is divided by the global batch's real target tokens before backward, so the summed
     gradients equal those of one big batch's token mean, however the batch is split.
     """
@@ -67,10 +70,13 @@ def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.
     lam_by_sample = torch.from_numpy(np.asarray(kd_weight, dtype=np.float32))  # (S,)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # total, ce, kd, correct
     first = 0
-    for cpu_batch in batch.micro:
+    for m, cpu_batch in enumerate(batch.micro):
         mb = cpu_batch.to(device)
         rows = cpu_batch.sample_ids.numel()
-        lam = lam_by_sample[first:first + rows].to(device)[mb.target_row]  # (N,)
+        if token_kd_weight is not None:
+            lam = token_kd_weight[m].to(device)  # (N,) λ per token
+        else:
+            lam = lam_by_sample[first:first + rows].to(device)[mb.target_row]  # (N,)
         first += rows
         with autocast(device, amp_dtype):
             hidden = parts.hidden_states(mb.input_ids, mb.attention_mask)  # (B, T, H)
@@ -93,10 +99,11 @@ def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.
 def train_step(parts: StudentParts, optimizer: torch.optim.Optimizer, scheduler: Any,
                batch: GlobalBatch, kd_weight: np.ndarray, loss_cfg: LossConfig,
                teacher_vocab_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-               max_grad_norm: float, stats: SampleStats | None, step: int) -> dict[str, float]:
+               max_grad_norm: float, stats: SampleStats | None, step: int,
+               token_kd_weight: list[torch.Tensor] | None = None) -> dict[str, float]:
     """One optimizer step: accumulate gradients, clip, AdamW, advance the LR schedule."""
     result = accumulate_gradients(parts, batch, kd_weight, loss_cfg, teacher_vocab_size,
-                                  device, amp_dtype, stats, step)
+                                  device, amp_dtype, stats, step, token_kd_weight)
     params = [p for p in parts.model.parameters() if p.grad is not None]
     clip = max_grad_norm if max_grad_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -164,9 +171,11 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
 
     `sampler` and `kd_weight_fn` replace the seeded shuffle and the constant λ (curricula and
     selective reliance plug in here); both must be deterministic for --resume to be exact.
+    Without them, `--curriculum*`/`--reliance*` options build them (curriculum_config.py).
     """
     # --- setup ---------------------------------------------------------------------------
     cfg.validate()
+    check_curriculum_file(cfg.curriculum_config(), cfg.cache)  # before touching the run folder
     start = prepare_run_dir(cfg)
     if start.finished is not None:
         return start.finished
@@ -189,14 +198,21 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
 
     index = build_index(cache)
     train_ids, eval_index, eval_ids = split_data(cfg, index)
-    sampler = sampler or ShuffleSampler(index, train_ids, cfg.seed, cfg.shuffle_window)
-    kd_weight_fn = kd_weight_fn or ConstantKdWeight(cfg.kd_weight)
-    log_kd_weights = not isinstance(kd_weight_fn, ConstantKdWeight)
     per_step = cfg.batch_size * cfg.grad_accum
+    plugins = setup_curriculum(cfg.curriculum_config(), cache, index.sample_ids, train_ids,
+                               seed=cfg.seed, per_step=per_step, max_steps=cfg.max_steps,
+                               epochs=cfg.epochs, kd_weight=cfg.kd_weight, run_dir=run_dir,
+                               loader_groups=cfg.shuffle_window)
+    sampler = sampler or plugins.sampler or ShuffleSampler(index, train_ids, cfg.seed,
+                                                           cfg.shuffle_window)
+    kd_weight_fn = kd_weight_fn or plugins.kd_weight_fn or ConstantKdWeight(cfg.kd_weight)
+    token_fn = plugins.token_fn  # token-level reliance: λ per target token
+    log_kd_weights = not isinstance(kd_weight_fn, ConstantKdWeight) or token_fn is not None
     total_steps = cfg.max_steps or sum(-(-sampler.epoch_size(e) // per_step)
                                        for e in range(cfg.epochs or 1))
     loss_cfg = cfg.loss_config()
-    columns = columns_for(cache, teacher=cfg.mode == "kd", temperature=cfg.temperature)
+    columns = columns_for(cache, teacher=cfg.mode == "kd", temperature=cfg.temperature,
+                          target_logprob=token_fn is not None)
     pad_id = manifest.tokenizer.pad_token_id or 0
 
     optimizer = build_optimizer(model, cfg)
@@ -252,9 +268,14 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
                 for batch in loader:
                     step = state.step + 1
                     lam = kd_weight_fn(batch.sample_ids, step)  # (S,)
+                    token_lam = None
+                    if token_fn is not None:  # λ per token; log each sample's mean λ
+                        token_lam, lam = token_fn(
+                            [(mb.target_logprob, mb.target_row, mb.sample_ids.numel())
+                             for mb in batch.micro], step)
                     result = train_step(parts, optimizer, scheduler, batch, lam, loss_cfg,
                                         manifest.vocab_size, device, amp_dtype,
-                                        cfg.max_grad_norm, stats, step)
+                                        cfg.max_grad_norm, stats, step, token_lam)
                     epoch = state.epoch
                     state = replace(state, step=step, batches_in_epoch=state.batches_in_epoch + 1,
                                     tokens_seen=state.tokens_seen + batch.num_targets,

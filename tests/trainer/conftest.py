@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_MODULES = ["textwrap.py", "shlex.py", "colorsys.py", "bisect.py", "fnmatch.py",
                   "glob.py", "keyword.py", "heapq.py", "string.py", "abc.py"]
 TAIL_TEMPERATURE = 2.0  # stored exactly in the test cache
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    threads spinning against the loader thread make each tiny op ~100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

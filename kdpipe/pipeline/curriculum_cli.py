@@ -1,0 +1,144 @@
+"""Typer command `build-curriculum`, and what `kdpipe inspect` shows for curriculum files.
+
+Registered by `kdpipe/cli.py`; the command only builds a `BuildCurriculumConfig` and calls
+`build_curriculum`. `inspect_curricula` summarises one curriculum, or two and the Spearman
+rank correlation of their scores over the samples both rank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from kdpipe.schemas.curriculum import Curriculum, read_curriculum
+from kdpipe.schemas.errors import ConfigError
+
+
+def build_curriculum(
+    cache: Annotated[str, typer.Option(help="Teacher cache folder to rank.")],
+    out: Annotated[str, typer.Option(help="Curriculum file to write, e.g. curriculum.parquet.")],
+    source: Annotated[str, typer.Option(
+        help="teacher (cached stats, no model), student (--student scoring pass), snapshot "
+        "(--run's per-sample training losses), length (baseline).")] = "teacher",
+    metric: Annotated[str | None, typer.Option(
+        help="teacher: nll|entropy|confidence; student: nll|confidence|entropy; snapshot: "
+        "nll|confidence|variability. Default nll. Higher score = harder.")] = None,
+    student: Annotated[str | None, typer.Option(
+        help="--source student: the checkpoint to score with (e.g. RUN/final).")] = None,
+    run: Annotated[str | None, typer.Option(
+        help="--source snapshot: a train-student run folder.")] = None,
+    epoch: Annotated[list[int] | None, typer.Option(
+        help="--source snapshot: epoch(s) to use (repeat for a data map; default: the last "
+        "finished epoch).")] = None,
+    buckets: Annotated[int, typer.Option(help="Equal-size difficulty buckets.")] = 10,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="--source student: tokenizer if not stored with the student.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per scoring batch.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="Autocast dtype of the scoring pass: auto, float32, bfloat16, float16.")] = "auto",
+    chunk_size: Annotated[int, typer.Option(help="Target tokens per head chunk.")] = 1024,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing curriculum built with other settings.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    trust_remote_code: Annotated[bool, typer.Option(
+        help="Allow the student/tokenizer to run code from its repository.")] = False,
+) -> None:
+    """Rank a cache's samples easy → hard by a difficulty score; write a curriculum index."""
+    from kdpipe.pipeline.curriculum import BuildCurriculumConfig
+    from kdpipe.pipeline.curriculum import build_curriculum as run_build
+
+    cfg = BuildCurriculumConfig(
+        cache=cache, out=out, source=source, metric=metric, student=student, run=run,
+        epochs=tuple(epoch or ()), buckets=buckets, tokenizer=tokenizer, batch_size=batch_size,
+        device=device, dtype=dtype, chunk_size=chunk_size, overwrite=overwrite,
+        progress=progress, trust_remote_code=trust_remote_code)
+    curriculum = run_build(cfg)
+    info = curriculum.info
+    typer.echo(f"curriculum ready: {out} ({info.num_samples} samples by {info.source}/"
+               f"{info.metric}, {info.num_buckets} buckets)")
+
+
+def curriculum_summary(path: str | Path, curriculum: Curriculum | None = None
+                       ) -> dict[str, Any]:
+    """What `kdpipe inspect FILE` prints for a curriculum."""
+    c = curriculum or read_curriculum(path)
+    info, ordered = c.info, c.ordered_ids()
+    q = np.quantile(c.score, [0.0, 0.25, 0.5, 0.75, 1.0]) if c.score.size else [np.nan] * 5
+    summary: dict[str, Any] = {
+        "curriculum": str(path), "source": info.source, "metric": info.metric,
+        "samples": info.num_samples, "buckets": info.num_buckets,
+        "cache_fingerprint": info.cache_fingerprint[:16],
+        "score_min": float(q[0]), "score_q25": float(q[1]), "score_median": float(q[2]),
+        "score_q75": float(q[3]), "score_max": float(q[4]),
+        "easiest": ",".join(str(i) for i in ordered[:5].tolist()),
+        "hardest": ",".join(str(i) for i in ordered[::-1][:5].tolist()),
+    }
+    if c.mean_confidence is not None and c.variability is not None:
+        summary["mean_confidence"] = float(c.mean_confidence.mean())
+        summary["mean_variability"] = float(c.variability.mean())
+    summary.update({f"setting_{k}": v for k, v in sorted(info.settings.items())
+                    if k not in ("source", "metric", "buckets")})
+    return summary
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (as Spearman's ρ needs)."""
+    order = np.argsort(values, kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    ordered = values[order]
+    new_value = np.r_[True, ordered[1:] != ordered[:-1]]
+    dense = np.cumsum(new_value)[inverse]  # (n,) 1-based group of each value
+    bounds = np.r_[np.nonzero(new_value)[0], new_value.size]
+    return 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
+
+
+def rank_correlation(a: Curriculum, b: Curriculum) -> dict[str, Any]:
+    """Spearman's ρ between two curricula's scores over the samples both rank."""
+    common, ia, ib = np.intersect1d(a.sample_ids, b.sample_ids, return_indices=True)
+    result: dict[str, Any] = {"common_samples": int(common.size),
+                              "same_cache": a.info.cache_fingerprint == b.info.cache_fingerprint}
+    if common.size < 2:
+        result["spearman"] = float("nan")
+        return result
+    ra, rb = average_ranks(a.score[ia]), average_ranks(b.score[ib])
+    sa, sb = ra.std(), rb.std()
+    rho = float(((ra - ra.mean()) * (rb - rb.mean())).mean() / (sa * sb)) if sa and sb \
+        else float("nan")
+    result["spearman"] = rho
+    return result
+
+
+def inspect_curricula(paths: Sequence[str | Path], as_json: bool = False) -> list[str]:
+    """Lines for `kdpipe inspect`: one curriculum's summary, or two and their ρ."""
+    if not 1 <= len(paths) <= 2:
+        raise ConfigError(f"kdpipe inspect takes one curriculum, or two to compare; got "
+                          f"{len(paths)} paths")
+    curricula = [read_curriculum(p) for p in paths]
+    summaries = [curriculum_summary(p, c) for p, c in zip(paths, curricula, strict=True)]
+    comparison = rank_correlation(*curricula) if len(curricula) == 2 else None
+    if as_json:
+        record: dict[str, Any] = summaries[0] if comparison is None else \
+            {"curricula": summaries, **comparison}
+        return [json.dumps(record)]
+    lines: list[str] = []
+    for summary in summaries:
+        width = max(len(k) for k in summary)
+        if lines:
+            lines.append("")
+        for key, value in summary.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else value
+            lines.append(f"{key:<{width}}  {shown}")
+    if comparison is not None:
+        lines.append("")
+        lines.append(f"spearman_rho    {comparison['spearman']:.4f}")
+        lines.append(f"common_samples  {comparison['common_samples']}")
+        lines.append(f"same_cache      {comparison['same_cache']}")
+    return lines
+

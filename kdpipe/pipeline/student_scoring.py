@@ -1,0 +1,106 @@
+"""One no-grad pass of a student checkpoint over a cache: its confidence on every sample.
+
+Used by `kdpipe build-curriculum --source student`. Per sample, over its target tokens y_t:
+mean NLL = mean_t -log p_S(y_t), confidence = mean_t p_S(y_t), entropy = mean_t H(p_S(·|t))
+(nats, full vocabulary). Reuses the trainer's loader and head split (pipeline may import
+trainer, never the reverse), so the student sees exactly the token sequences training would.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdpipe.schemas.cache import Cache
+from kdpipe.trainer.data import BatchLoader, Columns, build_index
+from kdpipe.trainer.model import (
+    StudentParts,
+    autocast,
+    autocast_dtype,
+    check_tokenizer,
+    check_vocab,
+    load_student,
+    load_tokenizer,
+    resolve_device,
+    split_student,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudentScores:
+    sample_ids: np.ndarray  # (n,) int64, storage order
+    nll: np.ndarray  # (n,) float64 mean -log p_S(y_t)
+    confidence: np.ndarray  # (n,) float64 mean p_S(y_t)
+    entropy: np.ndarray  # (n,) float64 mean entropy of p_S
+
+
+@torch.no_grad()
+def score_student(cache: Cache, student: str, tokenizer: str | None = None,
+                  batch_size: int = 8, device: str = "auto", dtype: str = "auto",
+                  chunk_size: int = 1024, progress: bool = True,
+                  trust_remote_code: bool = False) -> StudentScores:
+    """Mean NLL, confidence and entropy of `student` on every sample of `cache`."""
+    manifest = cache.manifest
+    tok = load_tokenizer(student, tokenizer, manifest, trust_remote_code)
+    check_tokenizer(tok, manifest, cache.root)
+    model = load_student(student, None, manifest, tok, seed=0,
+                         trust_remote_code=trust_remote_code)
+    check_vocab(model, manifest, student)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    model.eval()
+    parts = split_student(model, student)
+    amp = autocast_dtype(dtype, torch_device)
+    index = build_index(cache)
+    columns = Columns(teacher=False, top_k=manifest.top_k)
+    pad_id = manifest.tokenizer.pad_token_id or 0
+    sums = np.zeros((len(index), 3), dtype=np.float64)  # Σ nll, Σ p, Σ entropy per sample
+    tokens = np.zeros(len(index), dtype=np.int64)
+    position = {int(s): i for i, s in enumerate(index.sample_ids)}
+    loader = BatchLoader(index, index.sample_ids, columns, batch_size, 1, pad_id,
+                         cached_groups=2)  # storage order: each row group decoded once
+    with loader, tqdm(total=len(loader), desc="score-student", unit="batch",
+                      disable=not progress, dynamic_ncols=True) as bar:
+        for global_batch in loader:
+            for cpu_batch in global_batch.micro:
+                mb = cpu_batch.to(torch_device)
+                with autocast(torch_device, amp):
+                    hidden = parts.hidden_states(mb.input_ids, mb.attention_mask)  # (B, T, H)
+                hidden = hidden[mb.target_mask]  # (N, H)
+                per_token = _token_stats(parts, hidden, mb.labels, chunk_size,
+                                         torch_device, amp)  # (N, 3)
+                rows = cpu_batch.sample_ids.numel()
+                by_row = torch.zeros(rows, 3, dtype=torch.float64, device=per_token.device)
+                by_row.index_add_(0, mb.target_row, per_token.double())
+                counts = torch.bincount(mb.target_row, minlength=rows)
+                for sid, stats, n in zip(cpu_batch.sample_ids.tolist(), by_row.cpu().numpy(),
+                                         counts.tolist(), strict=True):
+                    sums[position[sid]] = stats
+                    tokens[position[sid]] = n
+            bar.update(1)
+    means = sums / np.maximum(tokens, 1)[:, None]
+    if np.any(tokens == 0):
+        log.warning("%d samples have no target token; their scores are 0",
+                    int((tokens == 0).sum()))
+    return StudentScores(index.sample_ids.copy(), means[:, 0], means[:, 1], means[:, 2])
+
+
+def _token_stats(parts: StudentParts, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                 device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    """(N, H) hidden, (N,) labels → (N, 3) float32 [-log p(y), p(y), entropy], in chunks."""
+    out = torch.empty(labels.shape[0], 3, dtype=torch.float32, device=hidden.device)
+    for start in range(0, labels.shape[0], chunk_size):
+        with autocast(device, amp):
+            z = parts.logits(hidden[start:start + chunk_size])  # (n, V)
+        logp = torch.log_softmax(z.float(), dim=-1)  # (n, V)
+        y = labels[start:start + chunk_size]
+        nll = -logp.gather(1, y[:, None])[:, 0]
+        entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
+        out[start:start + chunk_size] = torch.stack([nll, torch.exp(-nll), entropy], dim=1)
+    return out

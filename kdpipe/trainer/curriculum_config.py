@@ -1,0 +1,217 @@
+"""`CurriculumConfig`: the curriculum and selective-reliance options of `train-student`, and the
+one function that turns them into the trainer's plug-ins (sampler, λ per sample or token).
+
+Nested in `TrainConfig` (its `curriculum` field), so a run folder's `config.json` records them
+and `--resume` refuses to change them. docs/curriculum.md describes every option.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdpipe.schemas.cache import Cache, open_cache
+from kdpipe.schemas.curriculum import check_matches_cache, read_curriculum
+from kdpipe.schemas.shard import ROW_GROUP_SIZE, SAMPLE_ID
+from kdpipe.trainer.curriculum_sampler import ORDERS, SNAPSHOT_METRICS, CurriculumSampler, Ranking
+from kdpipe.trainer.pacing import Pacing
+from kdpipe.trainer.reliance import (
+    KD_WEIGHT_SCHEDULES,
+    RELIANCE_CONTROLS,
+    RELIANCE_MODES,
+    RelianceMapping,
+    SampleReliance,
+    ScheduledKdWeight,
+    TokenReliance,
+)
+from kdpipe.trainer.sampler import KdWeightFn
+
+log = logging.getLogger(__name__)
+
+CURRICULUM_SOURCES = ("file", "snapshot")
+DEFAULT_BUCKETS = 10  # baby-steps buckets when neither --pacing-buckets nor a file gives them
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """Every curriculum / selective-reliance flag of train-student, with its default."""
+
+    file: str | None = None  # --curriculum: a `kdpipe build-curriculum` index
+    source: str = "file"  # --curriculum-source: file, or snapshot (re-rank every epoch)
+    metric: str = "nll"  # --curriculum-metric: what snapshot re-ranking sorts by
+    pacing: str = "linear"
+    pacing_start: float = 0.2
+    pacing_full: float = 0.8
+    pacing_increase: float = 2.0
+    pacing_step_length: int | None = None
+    pacing_buckets: int | None = None  # default: the file's bucket count, else 10
+    order: str = "curriculum"  # curriculum (easy → hard), anti, random
+    reliance: str = "constant"
+    kd_weight_low: float = 0.1
+    kd_weight_high: float = 0.9
+    reliance_quantile: float = 0.5
+    reliance_control: str = "none"
+    kd_weight_schedule: str = "none"
+
+    @property
+    def active(self) -> bool:
+        """Whether samples are ordered by difficulty at all."""
+        return self.file is not None or self.source == "snapshot"
+
+    def pacing_for(self, buckets: int) -> Pacing:
+        return Pacing(self.pacing, self.pacing_start, self.pacing_full, self.pacing_increase,
+                      self.pacing_step_length,
+                      buckets if self.pacing_buckets is None else self.pacing_buckets)
+
+    def problems(self, mode: str, snapshots: bool) -> list[str]:
+        """Every invalid or contradictory option (TrainConfig.validate reports them)."""
+        found = self.pacing_for(DEFAULT_BUCKETS).problems()
+        if self.source not in CURRICULUM_SOURCES:
+            found.append(f"--curriculum-source {self.source!r} is not one of "
+                         f"{', '.join(CURRICULUM_SOURCES)}")
+        if self.metric not in SNAPSHOT_METRICS:
+            found.append(f"--curriculum-metric {self.metric!r} is not one of "
+                         f"{', '.join(SNAPSHOT_METRICS)}")
+        if self.file is not None and not Path(self.file).is_file():
+            found.append(f"--curriculum {self.file}: no such file (make one with `kdpipe "
+                         "build-curriculum`)")
+        if self.order not in ORDERS:
+            found.append(f"--order {self.order!r} is not one of {', '.join(ORDERS)}")
+        default = CurriculumConfig()
+        if not self.active:
+            changed = [flag for flag, mine, theirs in (
+                ("--pacing", self.pacing, default.pacing), ("--order", self.order, default.order),
+                ("--curriculum-metric", self.metric, default.metric))
+                if mine != theirs]
+            if changed:
+                found.append(f"{', '.join(changed)} need --curriculum FILE or "
+                             "--curriculum-source snapshot")
+        if self.source == "snapshot" and not snapshots:
+            found.append("--curriculum-source snapshot re-ranks from the per-sample snapshots; "
+                         "do not pass --no-snapshots")
+        found += self._reliance_problems(mode)
+        return found
+
+    def _reliance_problems(self, mode: str) -> list[str]:
+        found = []
+        if self.reliance not in RELIANCE_MODES:
+            found.append(f"--reliance {self.reliance!r} is not one of "
+                         f"{', '.join(RELIANCE_MODES)}")
+        if self.reliance_control not in RELIANCE_CONTROLS:
+            found.append(f"--reliance-control {self.reliance_control!r} is not one of "
+                         f"{', '.join(RELIANCE_CONTROLS)}")
+        if self.kd_weight_schedule not in KD_WEIGHT_SCHEDULES:
+            found.append(f"--kd-weight-schedule {self.kd_weight_schedule!r} is not one of "
+                         f"{', '.join(KD_WEIGHT_SCHEDULES)}")
+        for flag, value in (("--kd-weight-low", self.kd_weight_low),
+                            ("--kd-weight-high", self.kd_weight_high),
+                            ("--reliance-quantile", self.reliance_quantile)):
+            if not 0.0 <= value <= 1.0:
+                found.append(f"{flag} {value} must be within [0, 1]")
+        selective = self.reliance in ("threshold", "linear", "token")
+        if self.reliance in ("threshold", "linear") and not self.active:
+            found.append(f"--reliance {self.reliance} maps the difficulty percentile to λ; give "
+                         "--curriculum FILE or --curriculum-source snapshot")
+        if self.reliance_control == "shuffled" and not selective:
+            found.append("--reliance-control shuffled needs --reliance threshold, linear or "
+                         "token")
+        if self.kd_weight_schedule == "linear" and self.reliance != "constant":
+            found.append("--kd-weight-schedule linear gives all samples the same λ; use it with "
+                         "--reliance constant")
+        if self.kd_weight_schedule == "matched" and not selective:
+            found.append("--kd-weight-schedule matched averages selective λ values; use it with "
+                         "--reliance threshold, linear or token")
+        if self.kd_weight_schedule != "none" and self.reliance_control != "none":
+            found.append("give at most one control: --reliance-control or --kd-weight-schedule")
+        if mode == "ce" and (self.reliance != "constant" or self.kd_weight_schedule != "none"):
+            found.append("--reliance and --kd-weight-schedule need --mode kd (λ weighs the KD "
+                         "term)")
+        return found
+
+
+def check_curriculum_file(cl: CurriculumConfig, cache_dir: str | Path) -> None:
+    """Refuse a --curriculum made for another cache before the run folder is created."""
+    if cl.file is None:
+        return
+    cache = open_cache(cache_dir)
+    cache_ids = cache.read_column(SAMPLE_ID).to_numpy().astype(np.int64)
+    check_matches_cache(read_curriculum(cl.file), f"--curriculum {cl.file}", cache_dir,
+                        cache.manifest.settings_fingerprint, cache_ids, cache_ids[:0])
+
+
+@dataclass
+class CurriculumPlugins:
+    """What `setup_curriculum` hands the trainer; None leaves the trainer's default."""
+
+    sampler: CurriculumSampler | None
+    kd_weight_fn: KdWeightFn | None
+    token_fn: TokenReliance | None
+    total_steps: int
+
+
+def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
+                     train_ids: np.ndarray, *, seed: int, per_step: int,
+                     max_steps: int | None, epochs: int | None, kd_weight: float,
+                     run_dir: str | Path, loader_groups: int | None = None
+                     ) -> CurriculumPlugins:
+    """Load and check the curriculum, build the sampler and the λ functions.
+
+    cache_ids: (n,) every sample id of the cache; train_ids: the training split. total_steps
+    is computed as the trainer does (--max-steps, else epochs × batches per epoch), since the
+    pacing functions need it before training starts. loader_groups: the loader's row-group
+    cache (--shuffle-window), to warn when a curriculum's random access will thrash it.
+    """
+    n_train = int(np.asarray(train_ids).size)
+    total_steps = max_steps or (epochs or 1) * -(-n_train // per_step)
+    initial, buckets = None, DEFAULT_BUCKETS
+    fingerprint = cache.manifest.settings_fingerprint
+    if cl.file is not None:
+        curriculum = read_curriculum(cl.file)
+        check_matches_cache(curriculum, f"--curriculum {cl.file}", cache.root, fingerprint,
+                            cache_ids, train_ids)
+        where = np.searchsorted(curriculum.sample_ids, np.asarray(train_ids, dtype=np.int64))
+        initial = Ranking.from_scores(train_ids, curriculum.score[where])
+        buckets = curriculum.info.num_buckets
+        log.info("curriculum %s (%s/%s): %d training samples ranked", cl.file,
+                 curriculum.info.source, curriculum.info.metric, len(initial))
+    sampler = None
+    if cl.active:
+        _warn_about_random_access(cache, loader_groups)
+        sampler = CurriculumSampler(
+            train_ids, cl.pacing_for(buckets), per_step, total_steps, seed, initial, cl.order,
+            snapshot_run=run_dir if cl.source == "snapshot" else None,
+            snapshot_metric=cl.metric, cache_fingerprint=fingerprint)
+    mapping = RelianceMapping(cl.reliance, cl.kd_weight_low, cl.kd_weight_high,
+                              cl.reliance_quantile, kd_weight)
+    kd_weight_fn: KdWeightFn | None = None
+    token_fn = None
+    if cl.kd_weight_schedule == "linear":
+        kd_weight_fn = ScheduledKdWeight(cl.kd_weight_low, cl.kd_weight_high, total_steps)
+    elif cl.reliance in ("threshold", "linear"):
+        assert sampler is not None  # validated: these modes need a curriculum
+        kd_weight_fn = SampleReliance(mapping, sampler, train_ids, seed, cl.reliance_control,
+                                      cl.kd_weight_schedule)
+    elif cl.reliance == "token":
+        token_fn = TokenReliance(mapping, seed, cl.reliance_control, cl.kd_weight_schedule)
+    return CurriculumPlugins(sampler, kd_weight_fn, token_fn, total_steps)
+
+
+def _warn_about_random_access(cache: Cache, loader_groups: int | None) -> None:
+    """A difficulty order visits row groups at random: about one decode per sample unless the
+    loader can keep every row group decoded (measured ~60x slower loading; docs/curriculum.md).
+    """
+    manifest = cache.manifest
+    groups = sum(-(-s.rows // ROW_GROUP_SIZE) for s in manifest.shards)
+    if loader_groups is None or loader_groups >= groups:
+        return
+    id_bytes = 2 if manifest.id_dtype == "uint16" else 4
+    lp_bytes = 2 if manifest.logprob_dtype == "float16" else 4
+    decoded = (manifest.num_targets * (manifest.top_k * (id_bytes + lp_bytes) + 4)
+               + manifest.num_tokens * id_bytes)
+    log.warning("a curriculum reads the cache's %d row groups in difficulty order, not storage "
+                "order, and the loader keeps only %d decoded (--shuffle-window): expect about "
+                "one row-group decode per sample. If %.2f GiB fit in memory, pass "
+                "--shuffle-window %d.", groups, loader_groups, decoded / 2**30, groups)

@@ -1,0 +1,159 @@
+"""Selective reliance: the KD weight λ of each sample (or token) from its difficulty.
+
+Loss per sample: (1 - λ_i) · CE + λ_i · τ² · KD. With the sample's difficulty percentile
+u ∈ [0, 1] (0 = easiest, from the active curriculum's ranking):
+
+* constant:  λ_i = --kd-weight
+* threshold: λ_i = λ_hi if u_i > q else λ_lo          (q = --reliance-quantile)
+* linear:    λ_i = λ_lo + (λ_hi - λ_lo) · u_i
+* token:     λ_t = λ_lo + (λ_hi - λ_lo) · (1 - p_T(y_t)), p_T(y_t) = exp(target_logprob_t)
+             from the cache: the student leans on the teacher where the teacher itself is
+             unsure of the true token (needs no curriculum).
+
+Controls, to tell selective reliance from its side effects:
+
+* --reliance-control shuffled: the same λ values, given to random samples. A seeded
+  permutation π of the training split pairs each sample with a partner; sample i gets the λ
+  its partner π(i) would get (per token: the λ values of a micro-batch permuted over its
+  tokens). Over the split the multiset of λ values is unchanged; their link to difficulty is
+  gone.
+* --kd-weight-schedule linear: λ(t) = λ_lo + (λ_hi - λ_lo) · (t - 1) / (T - 1) for every
+  sample of step t (1-based, T total steps): a plain λ warm-up. In a sorted curriculum SR
+  raises λ as harder samples arrive, so this is the schedule SR could be mistaken for.
+* --kd-weight-schedule matched: every sample of step t gets the mean of the λ values SR would
+  give that step's samples (token-weighted for `token`): SR's exact λ-over-time with its
+  per-sample selectivity removed.
+
+A sample whose percentile is not known yet (epoch 0 of `--curriculum-source snapshot` without
+a file) gets the constant --kd-weight. All functions are deterministic in (seed, step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+RELIANCE_MODES = ("constant", "threshold", "linear", "token")
+RELIANCE_CONTROLS = ("none", "shuffled")
+KD_WEIGHT_SCHEDULES = ("none", "linear", "matched")
+_SALT = 0x72656C79  # separates the controls' RNG streams from the sampler's
+
+
+@dataclass(frozen=True)
+class RelianceMapping:
+    """Difficulty → λ: the formulas of the module docstring."""
+
+    mode: str = "constant"
+    low: float = 0.1  # λ_lo
+    high: float = 0.9  # λ_hi
+    quantile: float = 0.5  # q of `threshold`
+    constant: float = 0.5  # --kd-weight
+
+    def sample_lambda(self, u: np.ndarray) -> np.ndarray:
+        """(S,) percentiles (NaN = unknown) → (S,) float64 λ."""
+        u = np.asarray(u, dtype=np.float64)
+        if self.mode == "threshold":
+            lam = np.where(u > self.quantile, self.high, self.low)
+        elif self.mode == "linear":
+            lam = self.low + (self.high - self.low) * u
+        else:
+            lam = np.full(u.shape, self.constant)
+        return np.where(np.isnan(u), self.constant, lam)
+
+    def token_lambda(self, target_logprob: torch.Tensor) -> torch.Tensor:
+        """(N,) teacher log p_T(y_t) → (N,) float32 λ_t = λ_lo + (λ_hi - λ_lo)(1 - p_T)."""
+        uncertainty = 1.0 - torch.exp(target_logprob.double())
+        return (self.low + (self.high - self.low) * uncertainty).float()
+
+
+class PercentileSource(Protocol):
+    def percentiles(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
+        """(S,) difficulty percentile of each sample at optimizer step `step` (NaN: unknown)."""
+        ...
+
+
+def partner_map(train_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, their partners): a seeded random permutation of the training split."""
+    ids = np.sort(np.asarray(train_ids, dtype=np.int64))
+    return ids, np.random.default_rng([seed, _SALT, 0]).permutation(ids)
+
+
+class SampleReliance:
+    """KdWeightFn (`trainer.sampler.KdWeightFn`) for threshold/linear, with the controls."""
+
+    def __init__(self, mapping: RelianceMapping, source: PercentileSource,
+                 train_ids: np.ndarray, seed: int, control: str = "none",
+                 schedule: str = "none") -> None:
+        self.mapping, self.source, self.control, self.schedule = mapping, source, control, schedule
+        self.ids, self.partners = partner_map(train_ids, seed)
+
+    def partner(self, sample_ids: np.ndarray) -> np.ndarray:
+        where = np.searchsorted(self.ids, np.asarray(sample_ids, dtype=np.int64))
+        return self.partners[where]
+
+    def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
+        ids = self.partner(sample_ids) if self.control == "shuffled" else sample_ids
+        lam = self.mapping.sample_lambda(self.source.percentiles(ids, step))  # (S,)
+        if self.schedule == "matched":
+            lam = np.full_like(lam, lam.mean())
+        return lam.astype(np.float32)
+
+
+class ScheduledKdWeight:
+    """KdWeightFn of `--kd-weight-schedule linear`: λ(t) for all samples of step t."""
+
+    def __init__(self, low: float, high: float, total_steps: int) -> None:
+        self.low, self.high, self.total_steps = low, high, total_steps
+
+    def value(self, step: int) -> float:
+        frac = min(max(step - 1, 0) / max(self.total_steps - 1, 1), 1.0)
+        return self.low + (self.high - self.low) * frac
+
+    def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
+        return np.full(len(sample_ids), self.value(step), dtype=np.float32)
+
+
+# (target_logprob (N_m,), target_row (N_m,), rows) of each micro-batch of one global batch;
+# target_logprob is None only when the loader was not asked for it (a bug, refused).
+MicroTargets = tuple[torch.Tensor | None, torch.Tensor, int]
+
+
+class TokenReliance:
+    """λ per token from the teacher's uncertainty; also the per-sample means that get logged."""
+
+    def __init__(self, mapping: RelianceMapping, seed: int, control: str = "none",
+                 schedule: str = "none") -> None:
+        self.mapping, self.seed, self.control, self.schedule = mapping, seed, control, schedule
+
+    def __call__(self, micro: Sequence[MicroTargets], step: int
+                 ) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Per micro-batch (N_m,) float32 λ_t, and (S,) the mean λ of each sample's tokens."""
+        weights = []
+        for m, (target_logprob, _, _) in enumerate(micro):
+            if target_logprob is None:
+                raise ValueError("token-level reliance needs the target_logprob column; "
+                                 "build the loader's Columns with target_logprob=True")
+            lam = self.mapping.token_lambda(target_logprob.cpu())  # (N_m,)
+            if self.control == "shuffled":
+                rng = np.random.default_rng([self.seed, _SALT, 1, step, m])
+                lam = lam[torch.from_numpy(rng.permutation(lam.numel()))]
+            weights.append(lam)
+        if self.schedule == "matched":
+            every = torch.cat(weights) if weights else torch.zeros(0)
+            mean = float(every.double().mean()) if every.numel() else self.mapping.constant
+            weights = [torch.full_like(w, mean) for w in weights]
+        means = [sample_means(w, row.cpu(), rows) for w, (_, row, rows) in
+                 zip(weights, micro, strict=True)]
+        return weights, (np.concatenate(means) if means else np.zeros(0, np.float32))
+
+
+def sample_means(token_values: torch.Tensor, target_row: torch.Tensor, rows: int) -> np.ndarray:
+    """(N,) per-token values, (N,) row of each token → (rows,) float32 mean per row."""
+    sums = torch.zeros(rows, dtype=torch.float64).index_add_(0, target_row,
+                                                             token_values.double())
+    counts = torch.bincount(target_row, minlength=rows).clamp(min=1)
+    return (sums / counts).float().numpy()

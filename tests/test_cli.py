@@ -1,0 +1,53 @@
+"""Option sources: command line over environment over `--config FILE`, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdpipe.cli import main
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def cache_args(tmp_path: Path) -> list[str]:
+    return ["cache-teacher", "--teacher", "t", "--data", "d.jsonl", "--out",
+            str(tmp_path / "out")]
+
+
+def test_config_file_fills_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("cache-teacher:\n  top-k: 0\n  max_length: 1\n")
+    code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
+    assert code == 2 and "--top-k must be >= 1" in err and "--max-length must be >= 2" in err
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("top_k: 0\n")
+    monkeypatch.setenv("KDPIPE_CACHE_TEACHER_TOP_K", "-3")
+    code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
+    assert code == 2 and "--top-k must be >= 1 (got -3)" in err
+    code, err = run([*cache_args(tmp_path), "--config", str(config), "--top-k", "4"], capsys)
+    assert code == 2 and "--top-k" not in err and "d.jsonl" in err  # next problem: the data
+
+
+def test_bad_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("top_k: 8\nsurprise: 1\n")
+    code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
+    assert code == 2 and "unknown option(s) for cache-teacher: surprise" in err
+    code, err = run([*cache_args(tmp_path), "--config", str(tmp_path / "none.yaml")], capsys)
+    assert code == 2 and "none.yaml: file not found" in err
+    config.write_text("[unclosed")
+    code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
+    assert code == 2 and "not valid YAML" in err
