@@ -6,4 +6,8 @@ bash scripts/install.sh
 if [ -n "${VIRTUAL_ENV:-}" ]; then BIN="$VIRTUAL_ENV/bin"; else BIN=.venv/bin; fi
 "$BIN/ruff" check kdpipe tests benchmarks examples
 "$BIN/mypy"
-"$BIN/python" -m pytest -q "$@"
+# A private temp root: pytest prunes old numbered folders of the shared default root, so two
+# test runs on one machine would otherwise delete each other's session fixtures.
+BASETEMP=$(mktemp -d -t kdpipe-tests-XXXXXX)
+trap 'rm -rf "$BASETEMP"' EXIT
+"$BIN/python" -m pytest -q --basetemp "$BASETEMP" "$@"
