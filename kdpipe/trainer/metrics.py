@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
 
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.io import atomic_write_text
@@ -98,23 +96,6 @@ class RunLogger:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-@torch.no_grad()
-def per_token_ce(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
-                 logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> torch.Tensor:
-    """(N, H) hidden states, (N,) labels → (N,) float32 CE of each label, in token chunks.
-
-    Costs one extra no-grad head matmul per token; used only for per-sample snapshots.
-    """
-    out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, labels.shape[0], chunk_size):
-        z = head(hidden[start:start + chunk_size])
-        z = (logit_transform(z) if logit_transform is not None else z).float()  # (n, V)
-        y = labels[start:start + chunk_size]
-        out[start:start + chunk_size] = torch.logsumexp(z, -1) - z.gather(1, y[:, None])[:, 0]
-    return out
 
 
 class SampleStats:

@@ -30,7 +30,7 @@ from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.curriculum_config import check_curriculum_file, setup_curriculum
 from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
 from kdpipe.trainer.evaluate import run_evaluation
-from kdpipe.trainer.metrics import RunLogger, SampleStats, per_token_ce
+from kdpipe.trainer.metrics import RunLogger, SampleStats
 from kdpipe.trainer.model import (
     StudentParts,
     autocast,
@@ -87,10 +87,7 @@ def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.
         sums += torch.stack([out.total.detach().double(), out.ce.double(), out.kd.double(),
                              out.correct_top1.double()])
         if stats is not None:
-            with autocast(device, amp_dtype):
-                ce = per_token_ce(hidden.detach(), parts.head, mb.labels, loss_cfg.chunk_size,
-                                  parts.logit_transform)  # (N,)
-            stats.add(cpu_batch.sample_ids, mb.target_row, ce, step)
+            stats.add(cpu_batch.sample_ids, mb.target_row, out.ce_per_token, step)
     total, ce_sum, kd_sum, correct = (s / tokens for s in sums.tolist())
     return {"loss": total, "ce": ce_sum, "kd": kd_sum, "top1_agreement": correct,
             "tokens": batch.num_targets}
