@@ -14,6 +14,13 @@ random-init teacher is near-uniform and says nothing about size or precision.
 (b) bytes per cached token and per stored (id, log-prob) entry at several k.
 (c) float16 vs float32 log-prob storage: KL from the exact top-k+tail partition to the one
     decoded from float16 (renormalised, as the trainer does), and the bytes saved.
+
+With `--cache-mode sampled --samples N` it measures only a sampled cache at N draws per
+position: bytes per token, and unique ids per position.
+
+With `--encoding compact` it measures only the compact encoding instead: bytes per stored
+(id, log-prob) entry at the largest k, plain float16 and compact side by side, and the mean KL
+from the exact (float32) top-k+tail partition to the one decoded from the compact cache.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ import logging
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -36,6 +46,7 @@ from kdpipe.pipeline.sequences import iter_sequences
 from kdpipe.pipeline.teacher_hf import load_teacher
 from kdpipe.pipeline.teacher_info import load_tokenizer
 from kdpipe.schemas.cache import open_cache
+from kdpipe.schemas.encoding import decode_topk
 
 
 def corpus_subset(data: str, tokenizer_path: str, tokens: int, out: Path) -> Path:
@@ -109,7 +120,85 @@ def float16_distortion(cache_dir: Path) -> dict[str, float]:
             "max_kl": float(kl.max()), "max_abs_logprob_error": max_abs}
 
 
-def cache_size(cache_dir: Path) -> dict[str, float]:
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "topk_id_deltas", "topk_logprob_q")
+
+
+def compact_distortion(exact_dir: Path, compact_dir: Path) -> dict[str, float]:
+    """KL(exact float32 partition || partition decoded from the compact cache), per position."""
+    exact_cache, compact_cache = open_cache(exact_dir), open_cache(compact_dir)
+    k = exact_cache.manifest.top_k
+    kls, max_abs = [], 0.0
+    pairs = zip(exact_cache.iter_row_groups(["topk_ids", "topk_logprobs", "tail_logmass"]),
+                compact_cache.iter_row_groups(["topk_id_deltas", "topk_logprob_q"]),
+                strict=True)
+    for exact, compact in pairs:
+        def flat(table: pa.Table, name: str) -> np.ndarray:
+            return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+        ids = flat(exact, "topk_ids").astype(np.int64).reshape(-1, k)
+        lp = flat(exact, "topk_logprobs").astype(np.float64).reshape(-1, k)
+        tail = flat(exact, "tail_logmass").astype(np.float64)
+        dec_ids, dec_lp = decode_topk(flat(compact, "topk_id_deltas"),
+                                      flat(compact, "topk_logprob_q"), k)
+        dec_ids, dec_lp = dec_ids.reshape(-1, k), dec_lp.astype(np.float64).reshape(-1, k)
+        by_id, dec_by_id = np.argsort(ids, 1), np.argsort(dec_ids, 1)  # align the two orders
+        assert np.array_equal(np.take_along_axis(ids, by_id, 1),
+                              np.take_along_axis(dec_ids, dec_by_id, 1))
+        lp, dec_lp = np.take_along_axis(lp, by_id, 1), np.take_along_axis(dec_lp, dec_by_id, 1)
+        max_abs = max(max_abs, float(np.abs(lp - dec_lp).max()))
+        p = np.concatenate([lp, tail[:, None]], axis=1)  # (n, k+1)
+        q = np.concatenate([dec_lp, tail[:, None]], axis=1)
+        p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
+        q -= np.logaddexp.reduce(q, axis=1, keepdims=True)  # the trainer renormalises
+        finite = np.isfinite(p)
+        kls.append(np.where(finite, np.exp(p) * (np.where(finite, p, 0)
+                                                 - np.where(finite, q, 0)), 0.0).sum(1))
+    kl = np.concatenate(kls)
+    return {"mean_kl": float(kl.mean()), "p99_kl": float(np.quantile(kl, 0.99)),
+            "max_kl": float(kl.max()), "max_abs_logprob_error": max_abs}
+
+
+def compact_report(config: Callable[..., CacheTeacherConfig], k: int
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """Plain float16, plain float32 (the exact reference) and compact caches at top-k `k`."""
+    plain, exact = config(k, "plain"), config(k, "exact", logprob_dtype="float32")
+    compact = config(k, "compact", encoding="compact")
+    for cfg in (plain, exact, compact):
+        cache_teacher(cfg)
+    sizes = {name: cache_size(cfg.out) for name, cfg in
+             (("plain", plain), ("float32", exact), ("compact", compact))}
+    distortion = compact_distortion(exact.out, compact.out)
+    lines = [
+        f"| encoding (k={k}) | bytes/token | bytes/entry (all columns) | "
+        "bytes/entry (top-k columns) |",
+        "|---|---|---|---|",
+        *[f"| {name} | {s['bytes_per_token']:.1f} | {s['bytes_per_entry']:.3f} | "
+          f"{s['topk_bytes_per_entry']:.3f} |" for name, s in sizes.items()],
+        "",
+        f"compact vs exact float32 top-k+tail partition: mean KL {distortion['mean_kl']:.2e} "
+        f"nats, p99 {distortion['p99_kl']:.2e}, max {distortion['max_kl']:.2e}; "
+        f"max |Δ log-prob| {distortion['max_abs_logprob_error']:.4f}.",
+    ]
+    return {"sizes": sizes, "compact_distortion": distortion}, lines
+
+
+def sampled_report(config: Callable[..., CacheTeacherConfig], samples: int
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """A sampled cache at `samples` draws per position: size and unique ids per position."""
+    cfg = config(1, "sampled", cache_mode="sampled", samples=samples)
+    cache_teacher(cfg)
+    size = cache_size(cfg.out)
+    unique = np.concatenate([
+        t.column("sampled_lengths").combine_chunks().flatten().to_numpy().astype(np.int64)
+        for t in open_cache(cfg.out).iter_row_groups(["sampled_lengths"])])
+    lines = [f"sampled cache, N = {samples}: {size['bytes_per_token']:.1f} bytes/token, "
+             f"{unique.mean():.1f} unique ids per position (median {np.median(unique):.0f}); "
+             "bytes/token by column: " + ", ".join(
+                 f"{n} {b:.1f}" for n, b in size["column_bytes_per_token"].items())]
+    return {"size": size, "mean_unique": float(unique.mean())}, lines
+
+
+def cache_size(cache_dir: Path) -> dict[str, Any]:
     m = open_cache(cache_dir).manifest
     columns: dict[str, int] = {}
     for shard in m.shards:
@@ -123,7 +212,7 @@ def cache_size(cache_dir: Path) -> dict[str, float]:
     return {"k": m.top_k, "bytes": m.num_bytes, "targets": targets,
             "bytes_per_token": m.num_bytes / targets,
             "bytes_per_entry": m.num_bytes / (targets * m.top_k),
-            "topk_bytes_per_entry": (columns["topk_ids"] + columns["topk_logprobs"])
+            "topk_bytes_per_entry": sum(columns.get(c, 0) for c in TOPK_COLUMNS)
             / (targets * m.top_k),
             "column_bytes_per_token": {n: b / targets for n, b in columns.items()}}
 
@@ -137,6 +226,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ks", default="8,32,64")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-cache-teacher"))
+    parser.add_argument("--encoding", choices=("plain", "compact"), default="plain",
+                        help="compact: measure only the compact encoding (size, distortion).")
+    parser.add_argument("--cache-mode", choices=("topk", "sampled"), default="topk",
+                        help="sampled: measure only a sampled cache of --samples draws.")
+    parser.add_argument("--samples", type=int, default=50)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +247,15 @@ def main() -> None:
                                       dtype="float32", **kw)  # type: ignore[arg-type]
 
         ks = [int(k) for k in args.ks.split(",")]
+        if args.encoding == "compact" or args.cache_mode == "sampled":
+            name = "compact" if args.encoding == "compact" else "sampled"
+            only, lines = (compact_report(config, max(ks)) if name == "compact"
+                           else sampled_report(config, args.samples))
+            report = "\n".join(lines)
+            print(report)
+            (args.out / f"{name}.json").write_text(json.dumps(only, indent=2))
+            (args.out / f"{name}.md").write_text(report + "\n")
+            return
         main_cfg = config(max(ks), f"k{max(ks)}")
         # Bracket the stage with two forward timings: a shared machine's load drifts.
         forward_before, tokens = bare_forward_seconds(main_cfg)

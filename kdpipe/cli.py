@@ -74,6 +74,19 @@ def cache_teacher_command(
     logprob_dtype: Annotated[str, typer.Option(
         help="Storage type of top-k log-probs: float16 (default; error measured in "
         "docs/cache-format.md) or float32.")] = "float16",
+    encoding: Annotated[str, typer.Option(
+        help="Top-k storage: plain (ids + float log-probs) or compact (delta-coded ids, "
+        "log-probs quantised to 1/16 nat: about half the size, KL <= 5e-4; docs/cache-format.md).")
+    ] = "plain",
+    cache_mode: Annotated[str, typer.Option(
+        help="topk (top-k log-probs + tail mass) or sampled (--samples draws per position "
+        "from the teacher, stored as unique ids with counts; train with --loss sampled).")
+    ] = "topk",
+    samples: Annotated[int, typer.Option(
+        help="sampled: draws per position (1..255).")] = 50,
+    sample_seed: Annotated[int, typer.Option(
+        help="sampled: seed of the draws (each sequence's generator is seeded from it and "
+        "its sample id).")] = 0,
     strict: Annotated[bool, typer.Option(
         help="Fail on the first empty or undecodable document instead of skipping it.")
     ] = False,
@@ -112,7 +125,8 @@ def cache_teacher_command(
         device=device, dtype=dtype, batch_size=batch_size, top_k=top_k, max_length=max_length,
         pack=pack, shard_size=shard_size, text_field=text_field, split=split,
         tail_temperatures=_parse_floats(tail_temperatures, "--tail-temperatures"),
-        logprob_dtype=logprob_dtype, strict=strict, overwrite=overwrite,
+        logprob_dtype=logprob_dtype, encoding=encoding, cache_mode=cache_mode,
+        samples=samples, sample_seed=sample_seed, strict=strict, overwrite=overwrite,
         trust_remote_code=trust_remote_code, num_workers=num_workers, worker_index=worker_index,
         gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size)

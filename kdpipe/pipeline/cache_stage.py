@@ -39,6 +39,7 @@ from kdpipe.pipeline.teacher_hf import (
 )
 from kdpipe.pipeline.teacher_info import describe_teacher, load_tokenizer, teacher_vocab_size
 from kdpipe.schemas.cache import tokens_digest
+from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.fingerprint import tokenizer_fingerprint
 from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
@@ -59,8 +60,9 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "cache_config.json"
 BACKENDS = ("auto", "hf", "vllm")
 T = TypeVar("T")
-# One shard's sequences -> their targets; updates the progress bar by the tokens it computed.
-TeacherRunner = Callable[[list[list[int]], tqdm], list[SequenceTargets]]
+# One shard's (sample ids, sequences) -> their targets; updates the progress bar by the tokens
+# it computed.
+TeacherRunner = Callable[[list[int], list[list[int]], tqdm], list[SequenceTargets]]
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class CacheTeacherConfig:
     split: str | None = "train"
     tail_temperatures: tuple[float, ...] = field(default_factory=tuple)
     logprob_dtype: str = "float16"
+    encoding: str = "plain"  # "compact": quantised log-probs, delta-coded ids (encoding.py)
+    cache_mode: str = "topk"  # "sampled": `samples` teacher draws per position (hf only)
+    samples: int = 50
+    sample_seed: int = 0
     strict: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -133,6 +139,24 @@ class CacheTeacherConfig:
             problems.append(f"--tail-temperatures must be > 0 (got {self.tail_temperatures})")
         if self.logprob_dtype not in LOGPROB_DTYPES:
             problems.append(f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}")
+        if self.encoding not in ENCODINGS:
+            problems.append(f"--encoding must be one of {', '.join(ENCODINGS)} "
+                            f"(got {self.encoding!r})")
+        if self.cache_mode not in CACHE_MODES:
+            problems.append(f"--cache-mode must be one of {', '.join(CACHE_MODES)} "
+                            f"(got {self.cache_mode!r})")
+        if self.cache_mode == "sampled":
+            if not 1 <= self.samples <= MAX_SAMPLES:
+                problems.append(f"--samples must be in 1..{MAX_SAMPLES} (got {self.samples})")
+            if self.backend == "vllm":
+                problems.append("--cache-mode sampled needs --backend hf: drawing from the "
+                                "teacher's distribution needs its full logits")
+            if self.tail_temperatures:
+                problems.append("--tail-temperatures applies to top-k caches; drop it with "
+                                "--cache-mode sampled")
+            if self.encoding != "plain":
+                problems.append("--encoding compact applies to top-k caches; drop it with "
+                                "--cache-mode sampled")
         if self.out.exists() and not self.out.is_dir():
             problems.append(f"--out {self.out} is a file; give a folder for the cache")
         if problems:
@@ -173,6 +197,9 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
         tail_temperatures=tuple(cfg.tail_temperatures),
         tail_mode="uniform" if vllm else "exact",
         entropy_mode=teacher_vllm.ENTROPY_MODE if vllm else "exact",
+        encoding=cfg.encoding, cache_mode=cfg.cache_mode,
+        samples=cfg.samples if cfg.cache_mode == "sampled" else 0,
+        sample_seed=cfg.sample_seed if cfg.cache_mode == "sampled" else 0,
         settings_fingerprint="", complete=False,
     ).with_fingerprint()
     previous = _previous_manifest(cfg, draft)
@@ -216,7 +243,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                 _record(cfg, manifest)
                 progress.update(tokens)
                 continue
-            targets = run_teacher(seqs, progress)
+            targets = run_teacher(sample_ids, seqs, progress)
             computed_tokens += tokens
             if pending is not None:
                 manifest = manifest.with_shard(pending.result())
@@ -255,7 +282,8 @@ def resolve_backend(cfg: CacheTeacherConfig) -> str:
     if cfg.backend == "vllm":
         teacher_vllm.require_vllm()
         return "vllm"
-    if cfg.backend == "hf" or cfg.tail_temperatures or cfg.device not in ("auto", "cuda"):
+    if (cfg.backend == "hf" or cfg.tail_temperatures or cfg.cache_mode == "sampled"
+            or cfg.device not in ("auto", "cuda")):
         return "hf"
     if teacher_vllm.vllm_importable() and teacher_vllm.cuda_available():
         log.info("--backend auto: vLLM is installed and a GPU is visible; using vLLM")
@@ -279,14 +307,16 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             trust_remote_code=cfg.trust_remote_code)
 
-        def run_vllm(seqs: list[list[int]], progress: tqdm) -> list[SequenceTargets]:
+        def run_vllm(sample_ids: list[int], seqs: list[list[int]], progress: tqdm
+                     ) -> list[SequenceTargets]:
             targets = teacher.targets(seqs)  # the whole shard in one generate call
             progress.update(sum(len(s) for s in seqs))
             return targets
 
         return run_vllm
     model = load_teacher(cfg.teacher, device, dtype, cfg.trust_remote_code)
-    return lambda seqs, progress: _run_teacher(model, seqs, cfg, pad_id, progress)
+    return lambda sample_ids, seqs, progress: _run_teacher(model, seqs, cfg, pad_id, progress,
+                                                           sample_ids)
 
 
 def _check_against_model(cfg: CacheTeacherConfig, tokenizer: Any, vocab_size: int,
@@ -426,14 +456,19 @@ def _clear_cache_files(out: Path) -> None:
 
 
 def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad_id: int,
-                 progress: tqdm) -> list[SequenceTargets]:
-    """Teacher targets for one shard, batching sequences of similar length to cut padding."""
+                 progress: tqdm, sample_ids: list[int]) -> list[SequenceTargets]:
+    """Teacher targets for one shard, batching sequences of similar length to cut padding.
+
+    `sample_ids` seed each sequence's draws in a sampled cache."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
     results: list[SequenceTargets | None] = [None] * len(seqs)
     for start in range(0, len(order), cfg.batch_size):
         batch = order[start : start + cfg.batch_size]
         outputs = teacher_targets(model, [seqs[i] for i in batch], cfg.top_k,
-                                  cfg.tail_temperatures, pad_id)
+                                  cfg.tail_temperatures, pad_id,
+                                  samples=cfg.samples if cfg.cache_mode == "sampled" else 0,
+                                  sample_ids=[sample_ids[i] for i in batch],
+                                  sample_seed=cfg.sample_seed)
         for i, out in zip(batch, outputs, strict=True):
             results[i] = out
         progress.update(sum(len(seqs[i]) for i in batch))

@@ -6,7 +6,7 @@ Columns are built straight from numpy buffers with the schema from `kdpipe.schem
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 from kdpipe.pipeline.teacher_hf import SequenceTargets
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import tokens_digest
+from kdpipe.schemas.encoding import delta_encode_segments, encode_topk
 from kdpipe.schemas.io import atomic_path, sha256_file
 from kdpipe.schemas.manifest import ShardInfo
 from kdpipe.schemas.shard import ShardLayout
 
-_NUMPY = {"uint16": np.uint16, "uint32": np.uint32, "float16": np.float16,
+_NUMPY = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "float16": np.float16,
           "float32": np.float32}
 
 
@@ -49,14 +50,26 @@ def build_table(layout: ShardLayout, sample_ids: Sequence[int],
         cols.SAMPLE_ID: pa.array(sample_ids, pa.int64()),
         cols.INPUT_IDS: lists(cols.INPUT_IDS, [np.asarray(s) for s in sequences],
                               layout.id_dtype),
-        cols.TOPK_IDS: lists(cols.TOPK_IDS, [t.topk_ids for t in targets], layout.id_dtype),
-        cols.TOPK_LOGPROBS: lists(cols.TOPK_LOGPROBS, [t.topk_logprobs for t in targets],
-                                  layout.logprob_dtype),
-        cols.TAIL_LOGMASS: lists(cols.TAIL_LOGMASS, [t.tail_logmass for t in targets],
-                                 "float32"),
-        cols.TARGET_LOGPROB: lists(cols.TARGET_LOGPROB, [t.target_logprob for t in targets],
-                                   "float32"),
     }
+    if layout.cache_mode == "sampled":
+        _add_sampled(arrays, lists, targets, layout.id_dtype)
+    elif layout.encoding == "compact":
+        encoded = [encode_topk(t.topk_ids, t.topk_logprobs) for t in targets]
+        arrays[cols.TOPK_ID_DELTAS] = lists(cols.TOPK_ID_DELTAS, [d for d, _ in encoded],
+                                            layout.id_dtype)
+        arrays[cols.TOPK_LOGPROB_Q] = lists(cols.TOPK_LOGPROB_Q, [q for _, q in encoded],
+                                            "uint16")
+    else:
+        arrays[cols.TOPK_IDS] = lists(cols.TOPK_IDS, [t.topk_ids for t in targets],
+                                      layout.id_dtype)
+        arrays[cols.TOPK_LOGPROBS] = lists(cols.TOPK_LOGPROBS,
+                                           [t.topk_logprobs for t in targets],
+                                           layout.logprob_dtype)
+    if layout.cache_mode == "topk":
+        arrays[cols.TAIL_LOGMASS] = lists(cols.TAIL_LOGMASS, [t.tail_logmass for t in targets],
+                                          "float32")
+    arrays[cols.TARGET_LOGPROB] = lists(cols.TARGET_LOGPROB,
+                                        [t.target_logprob for t in targets], "float32")
     if layout.has_tempered_tails:
         tempered = [t.tail_logmass_tempered for t in targets]
         assert all(t is not None for t in tempered)
@@ -70,6 +83,22 @@ def build_table(layout: ShardLayout, sample_ids: Sequence[int],
     return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
 
 
+def _add_sampled(arrays: dict[str, pa.Array],
+                 lists: Callable[[str, Sequence[np.ndarray], str], pa.Array],
+                 targets: Sequence[SequenceTargets], id_dtype: str) -> None:
+    """The sampled-cache columns: delta-coded unique ids, their counts, ids per position."""
+    deltas, counts, lengths = [], [], []
+    for t in targets:
+        if t.sampled_ids is None or t.sampled_counts is None or t.sampled_lengths is None:
+            raise ValueError("a sampled cache needs teacher targets drawn with samples > 0")
+        deltas.append(delta_encode_segments(t.sampled_ids, t.sampled_lengths))
+        counts.append(t.sampled_counts)
+        lengths.append(t.sampled_lengths)
+    arrays[cols.SAMPLED_ID_DELTAS] = lists(cols.SAMPLED_ID_DELTAS, deltas, id_dtype)
+    arrays[cols.SAMPLED_COUNTS] = lists(cols.SAMPLED_COUNTS, counts, "uint8")
+    arrays[cols.SAMPLED_LENGTHS] = lists(cols.SAMPLED_LENGTHS, lengths, "uint8")
+
+
 def write_shard(path: Path, layout: ShardLayout, sample_ids: Sequence[int],
                 sequences: Sequence[Sequence[int]], targets: Sequence[SequenceTargets]
                 ) -> ShardInfo:
@@ -80,8 +109,10 @@ def write_shard(path: Path, layout: ShardLayout, sample_ids: Sequence[int],
         pq.write_table(table, tmp, row_group_size=cols.ROW_GROUP_SIZE,
                        compression=cols.SHARD_COMPRESSION,
                        compression_level=cols.SHARD_COMPRESSION_LEVEL,
-                       use_dictionary=[c for c in cols.DICTIONARY_COLUMNS if c in names],
-                       use_byte_stream_split=[c for c in cols.BYTE_STREAM_SPLIT_COLUMNS
+                       use_dictionary=[cols.parquet_leaf(c) for c in cols.DICTIONARY_COLUMNS
+                                       if c in names],
+                       use_byte_stream_split=[cols.parquet_leaf(c)
+                                              for c in cols.BYTE_STREAM_SPLIT_COLUMNS
                                               if c in names])
         digest = sha256_file(tmp)
         size = tmp.stat().st_size

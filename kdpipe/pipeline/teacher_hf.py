@@ -8,7 +8,9 @@ temperatures. Full-vocabulary rows exist only transiently, a chunk of positions 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +39,17 @@ class SequenceTargets:
     entropy: float
     confidence: float
     top1: float
+    # Sampled caches only: per position the unique ids among N draws (ascending), their
+    # counts, and how many unique ids each position has.
+    sampled_ids: np.ndarray | None = None  # (entries,) int64
+    sampled_counts: np.ndarray | None = None  # (entries,) int64, sum N per position
+    sampled_lengths: np.ndarray | None = None  # (T-1,) int64
+
+
+# transformers builds models under process-global context managers (weight init, tying);
+# two threads loading at once (workers run as threads) can leave them switched for every
+# later model in the process, so teachers are built one at a time.
+MODEL_INIT_LOCK = threading.Lock()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,9 +82,10 @@ def load_teacher(name_or_path: str, device: torch.device, dtype: torch.dtype,
 
     model: Any
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        with MODEL_INIT_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--teacher {name_or_path}: cannot load a causal LM ({first_line})"
@@ -132,10 +146,41 @@ def _reduce_positions(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
     return out
 
 
+def sample_generator(seed: int, sample_id: int, device: torch.device) -> torch.Generator:
+    """The generator of one sequence's draws: seeded from (seed, sample_id) alone, so a
+    sample's draws do not depend on batching, sharding or which worker computes it."""
+    digest = hashlib.sha256(f"kdpipe-samples:{seed}:{sample_id}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def draw_unique(logits: torch.Tensor, samples: int, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N draws per row of softmax(logits) (n, V), with replacement, as unique ids with counts.
+
+    Returns (ids (entries,), counts (entries,), lengths (n,)), ids ascending within a row.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
+    drawn = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (n, N)
+    drawn = drawn.sort(dim=-1).values
+    new = torch.ones_like(drawn, dtype=torch.bool)  # (n, N): first of its run of equal ids
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    starts = new.flatten().nonzero().squeeze(1)  # every row starts a run
+    counts = torch.diff(starts, append=starts.new_tensor([drawn.numel()]))
+    return drawn.flatten()[starts], counts, new.sum(dim=-1)
+
+
 @torch.no_grad()
 def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
-                    temperatures: Sequence[float], pad_id: int) -> list[SequenceTargets]:
-    """Run the teacher on one batch of sequences (right-padded) and reduce each to targets."""
+                    temperatures: Sequence[float], pad_id: int, samples: int = 0,
+                    sample_ids: Sequence[int] | None = None, sample_seed: int = 0
+                    ) -> list[SequenceTargets]:
+    """Run the teacher on one batch of sequences (right-padded) and reduce each to targets.
+
+    With `samples` > 0, also draw that many ids per position from the teacher's distribution
+    (τ = 1), each sequence with `sample_generator(sample_seed, sample_ids[row])`.
+    """
+    if samples and (sample_ids is None or len(sample_ids) != len(sequences)):
+        raise ValueError("drawing samples needs one sample id per sequence")
     device = next(model.parameters()).device
     lengths = [len(s) for s in sequences]
     width = max(lengths)
@@ -150,20 +195,34 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
     # Row r, positions 0..len_r - 2 predict tokens 1..len_r - 1; contiguous views, no copies.
     parts: dict[str, list[torch.Tensor]] = {}
     for row, length in enumerate(lengths):
+        generator = (sample_generator(sample_seed, int(sample_ids[row]), logits.device)
+                     if samples and sample_ids is not None else None)
         for start in range(0, length - 1, POSITION_CHUNK):
             stop = min(start + POSITION_CHUNK, length - 1)
             chunk = _reduce_positions(logits[row, start:stop], input_ids[row, start + 1:stop + 1],
                                       top_k, temperatures)
+            if generator is not None:
+                ids, counts, unique = draw_unique(logits[row, start:stop], samples, generator)
+                chunk |= {"sampled_ids": ids, "sampled_counts": counts,
+                          "sampled_lengths": unique}
             for name, value in chunk.items():
                 parts.setdefault(name, []).append(value)
     columns = {name: torch.cat(values).cpu().numpy() for name, values in parts.items()}
 
     results = []
-    offset = 0
+    offset = entry = 0
     for length in lengths:
         span = slice(offset, offset + length - 1)
         offset += length - 1
         target_lp = columns["target_logprob"][span]
+        sampled: dict[str, np.ndarray] = {}
+        if samples:
+            per_position = columns["sampled_lengths"][span].astype(np.int64)
+            entries = slice(entry, entry + int(per_position.sum()))
+            entry = entries.stop
+            sampled = {"sampled_ids": columns["sampled_ids"][entries].astype(np.int64),
+                       "sampled_counts": columns["sampled_counts"][entries].astype(np.int64),
+                       "sampled_lengths": per_position}
         results.append(SequenceTargets(
             topk_ids=columns["topk_ids"][span],
             topk_logprobs=columns["topk_logprobs"][span],
@@ -175,5 +234,6 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
             entropy=float(columns["entropy"][span].mean()),
             confidence=float(np.exp(target_lp).mean()),
             top1=float(columns["top1"][span].mean()),
+            **sampled,
         ))
     return results

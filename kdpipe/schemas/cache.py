@@ -144,6 +144,8 @@ def summarize(cache: Cache) -> dict[str, object]:
         "tokenizer_fingerprint": m.tokenizer.fingerprint[:16],
         "vocab_size": m.vocab_size,
         "top_k": m.top_k,
+        "encoding": m.encoding,
+        "cache_mode": m.cache_mode if m.cache_mode == "topk" else f"sampled (N={m.samples})",
         "layout": m.layout,
         "max_length": m.max_length,
         "tail_temperatures": ",".join(f"{t:g}" for t in m.tail_temperatures) or "-",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kdpipe import __version__
+from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.fingerprint import json_fingerprint
 from kdpipe.schemas.io import atomic_write_json
@@ -87,13 +88,18 @@ class CacheManifest:
     shards: tuple[ShardInfo, ...] = ()
     topk_layout: str = "flat"  # top-k columns are flat lists with stride top_k
     entropy_mode: str = "exact"  # one of ENTROPY_MODES; follows from the backend
+    encoding: str = "plain"  # top-k columns: one of encoding.ENCODINGS
+    cache_mode: str = "topk"  # "sampled": N teacher samples per position instead of top-k
+    samples: int = 0  # sampled: draws per position (N)
+    sample_seed: int = 0  # sampled: position draws use a generator seeded by (seed, sample_id)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     kdpipe_version: str = __version__
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def shard_layout(self) -> ShardLayout:
-        return ShardLayout(self.id_dtype, self.logprob_dtype, bool(self.tail_temperatures))
+        return ShardLayout(self.id_dtype, self.logprob_dtype, bool(self.tail_temperatures),
+                           self.encoding, self.cache_mode)
 
     @property
     def num_sequences(self) -> int:
@@ -121,7 +127,7 @@ class CacheManifest:
 
     def settings(self) -> dict[str, object]:
         """The fields that determine the cache's content (fingerprinted, compared on resume)."""
-        return {
+        settings: dict[str, object] = {
             "teacher": self.teacher.fingerprint,
             "teacher_dtype": self.teacher.dtype,
             "backend": self.teacher.backend,
@@ -141,6 +147,14 @@ class CacheManifest:
             "tail_mode": self.tail_mode,
             "topk_layout": self.topk_layout,
         }
+        # Only non-default values, so caches made before a setting existed keep their
+        # fingerprint (and resume).
+        if self.encoding != "plain":
+            settings["encoding"] = self.encoding
+        if self.cache_mode != "topk":
+            settings |= {"cache_mode": self.cache_mode, "samples": self.samples,
+                         "sample_seed": self.sample_seed}
+        return settings
 
     def validate(self, where: str) -> None:
         problems = []
@@ -155,10 +169,17 @@ class CacheManifest:
             problems.append(f"top_k {self.top_k} outside 1..vocab_size ({self.vocab_size})")
         if self.entropy_mode not in ENTROPY_MODES:
             problems.append(f"entropy_mode {self.entropy_mode!r} is not one of {ENTROPY_MODES}")
+        if self.encoding not in ENCODINGS:
+            problems.append(f"encoding {self.encoding!r} is not one of {ENCODINGS}")
+        if self.cache_mode not in CACHE_MODES:
+            problems.append(f"cache_mode {self.cache_mode!r} is not one of {CACHE_MODES}")
+        if self.cache_mode == "sampled" and not 1 <= self.samples <= MAX_SAMPLES:
+            problems.append(f"samples {self.samples} outside 1..{MAX_SAMPLES}")
         if self.topk_layout != "flat":
             problems.append(f"topk_layout {self.topk_layout!r} is not 'flat'")
         try:
-            self.shard_layout.schema()
+            if self.encoding in ENCODINGS and self.cache_mode in CACHE_MODES:
+                self.shard_layout.schema()
         except KeyError as exc:
             problems.append(f"unknown column type {exc}")
         for shard in self.shards:

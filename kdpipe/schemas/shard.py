@@ -2,7 +2,9 @@
 
 Per-position columns hold one value per *target* position t = 0..T-2 (position t predicts
 token t+1 of `input_ids`). The top-k columns are flat with stride k: entry `t * k + j` is the
-j-th most likely next token at position t, in descending order of log-prob.
+j-th most likely next token at position t, in descending order of log-prob. The compact
+encoding (`kdpipe.schemas.encoding`) replaces the two top-k columns with `topk_id_deltas` and
+`topk_logprob_q`, same stride, ascending id order.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ SAMPLE_ID = "sample_id"
 INPUT_IDS = "input_ids"
 TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
+TOPK_ID_DELTAS = "topk_id_deltas"  # compact encoding
+TOPK_LOGPROB_Q = "topk_logprob_q"  # compact encoding
+SAMPLED_ID_DELTAS = "sampled_id_deltas"  # sampled cache: unique ids, ascending, delta-coded
+SAMPLED_COUNTS = "sampled_counts"  # sampled cache: how often each id was drawn
+SAMPLED_LENGTHS = "sampled_lengths"  # sampled cache: unique ids per target position
 TAIL_LOGMASS = "tail_logmass"
 TARGET_LOGPROB = "target_logprob"
 TAIL_LOGMASS_TEMPERED = "tail_logmass_tempered"
@@ -37,10 +44,19 @@ TEACHER_TOP1 = "teacher_top1"
 
 SEQUENCE_STATS = (TEACHER_NLL, TEACHER_ENTROPY, TEACHER_CONFIDENCE, TEACHER_TOP1)
 
-# Parquet encodings, chosen by measurement (docs/benchmarks.md): top-k ids repeat across
-# positions and gain from a dictionary; floats gain from byte-stream-split and lose with one.
-DICTIONARY_COLUMNS = (TOPK_IDS,)
+# Parquet encodings, chosen by measurement (docs/benchmarks.md): ids and quantised levels
+# repeat across positions and gain from a dictionary; floats gain from byte-stream-split and
+# lose with a dictionary. pyarrow applies these per-column options to leaf paths only (a
+# list column's top-level name is silently ignored), hence `parquet_leaf`.
+DICTIONARY_COLUMNS = (TOPK_IDS, TOPK_ID_DELTAS, TOPK_LOGPROB_Q, SAMPLED_ID_DELTAS,
+                      SAMPLED_COUNTS, SAMPLED_LENGTHS)
 BYTE_STREAM_SPLIT_COLUMNS = (TOPK_LOGPROBS, TAIL_LOGMASS, TARGET_LOGPROB, TAIL_LOGMASS_TEMPERED)
+
+
+def parquet_leaf(column: str) -> str:
+    """The Parquet leaf path of one of our list columns (what per-column options must name)."""
+    return f"{column}.list.element"
+
 
 ID_DTYPES = {"uint16": pa.uint16(), "uint32": pa.uint32()}
 LOGPROB_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
@@ -53,22 +69,48 @@ def id_dtype_for_vocab(vocab_size: int) -> str:
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """What varies between caches: integer width, log-prob precision, tempered tails stored."""
+    """What varies between caches: integer width, log-prob precision, tempered tails stored,
+    and the top-k encoding ("plain": ids and float log-probs; "compact": see encoding.py)."""
 
     id_dtype: str
     logprob_dtype: str
     has_tempered_tails: bool
+    encoding: str = "plain"
+    cache_mode: str = "topk"  # "sampled": sampled ids and counts instead of top-k and tail
 
     def schema(self) -> pa.Schema:
         ids = ID_DTYPES[self.id_dtype]
         fields = [
             pa.field(SAMPLE_ID, pa.int64(), nullable=False),
             pa.field(INPUT_IDS, pa.list_(ids), nullable=False),
-            pa.field(TOPK_IDS, pa.list_(ids), nullable=False),
-            pa.field(TOPK_LOGPROBS, pa.list_(LOGPROB_DTYPES[self.logprob_dtype]), nullable=False),
-            pa.field(TAIL_LOGMASS, pa.list_(pa.float32()), nullable=False),
-            pa.field(TARGET_LOGPROB, pa.list_(pa.float32()), nullable=False),
         ]
+        if self.cache_mode == "sampled":
+            fields += [
+                pa.field(SAMPLED_ID_DELTAS, pa.list_(ids), nullable=False),
+                pa.field(SAMPLED_COUNTS, pa.list_(pa.uint8()), nullable=False),
+                pa.field(SAMPLED_LENGTHS, pa.list_(pa.uint8()), nullable=False),
+                pa.field(TARGET_LOGPROB, pa.list_(pa.float32()), nullable=False),
+            ]
+        elif self.cache_mode != "topk":
+            raise KeyError(f"cache_mode {self.cache_mode!r}")
+        elif self.encoding == "plain":
+            fields += [
+                pa.field(TOPK_IDS, pa.list_(ids), nullable=False),
+                pa.field(TOPK_LOGPROBS, pa.list_(LOGPROB_DTYPES[self.logprob_dtype]),
+                         nullable=False),
+            ]
+        elif self.encoding == "compact":
+            fields += [
+                pa.field(TOPK_ID_DELTAS, pa.list_(ids), nullable=False),
+                pa.field(TOPK_LOGPROB_Q, pa.list_(pa.uint16()), nullable=False),
+            ]
+        else:
+            raise KeyError(f"encoding {self.encoding!r}")
+        if self.cache_mode == "topk":
+            fields += [
+                pa.field(TAIL_LOGMASS, pa.list_(pa.float32()), nullable=False),
+                pa.field(TARGET_LOGPROB, pa.list_(pa.float32()), nullable=False),
+            ]
         if self.has_tempered_tails:
             fields.append(pa.field(TAIL_LOGMASS_TEMPERED, pa.list_(pa.float32()), nullable=False))
         fields.append(pa.field(NUM_TARGETS, pa.int32(), nullable=False))

@@ -29,7 +29,13 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.losses import LOSSES, divergence, student_partition, teacher_partition
+from kdpipe.trainer.losses import (
+    LOSS_KINDS,
+    divergence,
+    sampled_cross_entropy,
+    student_partition,
+    teacher_partition,
+)
 
 MODES = ("kd", "ce")
 
@@ -38,7 +44,7 @@ MODES = ("kd", "ce")
 class LossConfig:
     """How the student loss is formed; validated on construction (all problems at once)."""
 
-    kind: str = "forward"  # one of losses.LOSSES
+    kind: str = "forward"  # one of losses.LOSS_KINDS
     temperature: float = 1.0  # τ of the KD term; CE is always at τ = 1
     beta: float = 0.5  # jsd: m = β p + (1 - β) q
     alpha: float = 0.1  # skew: KL(p || α p + (1 - α) q)
@@ -52,8 +58,8 @@ class LossConfig:
 
     def problems(self) -> list[str]:
         found = []
-        if self.kind not in LOSSES:
-            found.append(f"--loss {self.kind!r} is not one of {', '.join(LOSSES)}")
+        if self.kind not in LOSS_KINDS:
+            found.append(f"--loss {self.kind!r} is not one of {', '.join(LOSS_KINDS)}")
         if not self.temperature > 0:
             found.append(f"--temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.beta < 1.0:
@@ -64,6 +70,10 @@ class LossConfig:
             found.append(f"--chunk-size must be >= 1, got {self.chunk_size}")
         if self.mode not in MODES:
             found.append(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.kind == "sampled" and self.temperature != 1.0:
+            found.append("--loss sampled estimates the cross-entropy to the teacher at τ = 1 "
+                         f"(its samples were drawn at τ = 1); drop --temperature "
+                         f"{self.temperature}")
         return found
 
 
@@ -75,6 +85,14 @@ class TeacherTargets:
     topk_logprobs: Tensor  # (N, k) float16/float32
     tail_logmass: Tensor  # (N,) float32
     tempered_tail_logmass: Tensor | None = None  # (N,) exact log tail mass at cfg.temperature
+    # Sampled caches: the unique ids drawn per token, padded, and their weights c_j / N (0 at
+    # padding). The top-k fields then hold the most-drawn id (k = 1) for top-1 agreement.
+    sampled_ids: Tensor | None = None  # (N, S) int64
+    sampled_weights: Tensor | None = None  # (N, S) float32, rows sum to 1
+
+    @property
+    def is_sampled(self) -> bool:
+        return self.sampled_ids is not None
 
 
 @dataclass
@@ -110,6 +128,8 @@ def _chunk_loss(
     topk_logprobs: Tensor | None,
     tail_logmass: Tensor | None,
     tempered_tail: Tensor | None,
+    sampled_ids: Tensor | None,
+    sampled_weights: Tensor | None,
     *,
     head: torch.nn.Module | Tensor,
     cfg: LossConfig,
@@ -132,13 +152,19 @@ def _chunk_loss(
     if cfg.mode == "ce":
         zero = torch.zeros((), device=logits.device)
         return ce.sum(), ce.detach(), zero, correct
-    assert topk_ids is not None and topk_logprobs is not None and tail_logmass is not None
     assert kd_weight is not None
+    lam = kd_weight.float()  # (n,)
+    if cfg.kind == "sampled":
+        assert sampled_ids is not None and sampled_weights is not None
+        log_q_ids = logits.gather(-1, sampled_ids) - torch.logsumexp(logits, -1, keepdim=True)
+        kd = sampled_cross_entropy(log_q_ids, sampled_weights)  # (n,)
+        total = ((1.0 - lam) * ce + lam * kd).sum()  # τ = 1 (LossConfig refuses others)
+        return total, ce.detach(), kd.detach().sum(), correct
+    assert topk_ids is not None and topk_logprobs is not None and tail_logmass is not None
     log_p, log_p_tail = teacher_partition(topk_logprobs, tail_logmass, cfg.temperature,
                                           teacher_vocab_size, tempered_tail)
     log_q, log_q_tail = student_partition(logits, topk_ids, cfg.temperature)
     kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)  # (n,)
-    lam = kd_weight.float()  # (n,)
     total = ((1.0 - lam) * ce + lam * (cfg.temperature**2) * kd).sum()
     return total, ce.detach(), kd.detach().sum(), correct
 
@@ -175,6 +201,13 @@ def chunked_distill_loss(
         if teacher.topk_ids.shape[0] != n or teacher.topk_logprobs.shape != teacher.topk_ids.shape:
             raise ValueError(f"teacher targets {tuple(teacher.topk_ids.shape)} / "
                              f"{tuple(teacher.topk_logprobs.shape)} do not match N = {n} tokens")
+        if kd_mode and teacher.is_sampled and cfg.kind != "sampled":
+            raise ConfigError(f"--loss {cfg.kind} needs a top-k cache, but this cache is "
+                              "sampled (--cache-mode sampled): use --loss sampled")
+        if kd_mode and not teacher.is_sampled and cfg.kind == "sampled":
+            raise ConfigError("--loss sampled needs a sampled cache (`kdpipe cache-teacher "
+                              "--cache-mode sampled`); this cache holds top-k log-probs: use "
+                              "--loss forward")
         width = _head_width(head)
         if width is not None and width < teacher_vocab_size:
             raise ConfigError(f"the student's output head has {width} rows but the teacher's "
@@ -183,11 +216,13 @@ def chunked_distill_loss(
     # Per-token inputs of the chunk function; teacher columns only where they are used.
     ids = teacher.topk_ids.long() if teacher is not None else None  # (N, k)
     columns: tuple[Tensor | None, ...] = (labels, kd_weight if kd_mode else None, ids)
-    if kd_mode and teacher is not None:
+    if kd_mode and teacher is not None and teacher.is_sampled:
+        columns += (None, None, None, teacher.sampled_ids, teacher.sampled_weights)
+    elif kd_mode and teacher is not None:
         tempered = teacher.tempered_tail_logmass if cfg.temperature != 1.0 else None
-        columns += (teacher.topk_logprobs, teacher.tail_logmass, tempered)
+        columns += (teacher.topk_logprobs, teacher.tail_logmass, tempered, None, None)
     else:
-        columns += (None, None, None)
+        columns += (None, None, None, None, None)
     chunk_fn = functools.partial(_chunk_loss, head=head, cfg=cfg,
                                  teacher_vocab_size=teacher_vocab_size,
                                  logit_transform=logit_transform)

@@ -15,7 +15,7 @@ from kdpipe.trainer.config import EvalConfig, TrainConfig
 
 _LOSS_HELP = ("KD divergence on the cached top-k + tail partition: forward (KL with the tail "
               "bucket, exact), zero (renormalised top-k, biased; for comparison), reverse, "
-              "jsd, skew, tvd.")
+              "jsd, skew, tvd; sampled (count-weighted CE, for a --cache-mode sampled cache).")
 
 
 def train_student(

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import CacheFormatError, ConfigError
 from kdpipe.schemas.io import atomic_write_json
+from kdpipe.schemas.manifest import manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.trainer.chunked_loss import LossConfig
 from kdpipe.trainer.curriculum_config import CurriculumConfig
 
 CONFIG_NAME = "config.json"
 MODES = ("kd", "ce")
-LOSSES = ("forward", "zero", "reverse", "jsd", "skew", "tvd")
+LOSSES = ("forward", "zero", "reverse", "jsd", "skew", "tvd", "sampled")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -57,6 +58,26 @@ def _common_problems(c: Any) -> list[str]:
     if not 0.0 <= c.eval_fraction < 1.0:
         problems.append(f"--eval-fraction {c.eval_fraction} must be within [0, 1)")
     return problems
+
+
+def _loss_cache_problems(loss: str, cache: str) -> list[str]:
+    """A sampled cache needs --loss sampled and a top-k cache any other loss (KD runs only).
+
+    An unreadable cache is left to `open_cache`, which reports it with its own hint.
+    """
+    if not manifest_path(cache).is_file():
+        return []
+    try:
+        sampled = read_manifest(cache).cache_mode == "sampled"
+    except (CacheFormatError, OSError, ValueError):
+        return []
+    if sampled and loss != "sampled":
+        return [f"--loss {loss} needs a top-k cache, but --cache {cache} is sampled "
+                "(--cache-mode sampled): use --loss sampled"]
+    if not sampled and loss == "sampled":
+        return [f"--loss sampled needs a sampled cache, but --cache {cache} holds top-k "
+                "log-probs: use --loss forward, or `kdpipe cache-teacher --cache-mode sampled`"]
+    return []
 
 
 def _path_problems(flag: str, value: str | None, kind: str) -> list[str]:
@@ -147,6 +168,8 @@ class TrainConfig:
             problems.append(f"--out {self.out} is a file; give a folder for the run")
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode == "kd":
+            problems += _loss_cache_problems(self.loss, self.cache)
         if self.eval_cache is not None and self.eval_fraction > 0:
             problems.append("give at most one of --eval-cache and --eval-fraction")
         if self.scheduler not in SCHEDULERS:
@@ -181,6 +204,9 @@ class TrainConfig:
             problems.append(f"--shuffle-window {self.shuffle_window} must be >= 1")
         if self.eval_max_samples is not None and self.eval_max_samples < 1:
             problems.append(f"--eval-max-samples {self.eval_max_samples} must be >= 1")
+        if self.dtype == "float16":
+            problems.append("--dtype float16 trains without loss scaling, so small gradients "
+                            "underflow; use bfloat16 (or float32)")
         if self.resume and self.overwrite:
             problems.append("give at most one of --resume and --overwrite")
         if problems:
@@ -244,6 +270,7 @@ class EvalConfig:
     def validate(self) -> None:
         problems = _common_problems(self)
         problems += _path_problems("--cache", self.cache, "dir")
+        problems += _loss_cache_problems(self.loss, self.cache)
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"--max-samples {self.max_samples} must be >= 1")
         if problems:

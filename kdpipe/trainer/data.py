@@ -25,6 +25,7 @@ import torch
 
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import Cache
+from kdpipe.schemas.encoding import decode_sampled, decode_topk
 from kdpipe.schemas.errors import CacheFormatError, ConfigError
 from kdpipe.schemas.manifest import ShardInfo
 from kdpipe.trainer.chunked_loss import TeacherTargets
@@ -102,12 +103,19 @@ class Columns:
     tempered_index: int | None = None  # which of the cache's tail temperatures to read
     num_tempered: int = 0
     target_logprob: bool = False  # the teacher's log p(true token): token-level reliance
+    encoding: str = "plain"  # the cache's top-k encoding; decoded transparently
+    cache_mode: str = "topk"  # "sampled": sampled ids and counts instead of top-k and tail
+    samples: int = 0  # sampled: draws per position (the counts' denominator)
 
     @property
     def names(self) -> list[str]:
         names = [cols.SAMPLE_ID, cols.INPUT_IDS]
-        if self.teacher:
-            names += [cols.TOPK_IDS, cols.TOPK_LOGPROBS, cols.TAIL_LOGMASS]
+        if self.teacher and self.cache_mode == "sampled":
+            names += [cols.SAMPLED_ID_DELTAS, cols.SAMPLED_COUNTS, cols.SAMPLED_LENGTHS]
+        elif self.teacher:
+            names += ([cols.TOPK_ID_DELTAS, cols.TOPK_LOGPROB_Q] if self.encoding == "compact"
+                      else [cols.TOPK_IDS, cols.TOPK_LOGPROBS])
+            names.append(cols.TAIL_LOGMASS)
             if self.tempered_index is not None:
                 names.append(cols.TAIL_LOGMASS_TEMPERED)
         if self.target_logprob:
@@ -125,7 +133,9 @@ def columns_for(cache: Cache, teacher: bool, temperature: float,
                  "approximation", cache.root, temperature)
     return Columns(teacher=teacher, top_k=cache.manifest.top_k,
                    tempered_index=index if teacher and temperature != 1.0 else None,
-                   num_tempered=len(temps), target_logprob=target_logprob)
+                   num_tempered=len(temps), target_logprob=target_logprob,
+                   encoding=cache.manifest.encoding, cache_mode=cache.manifest.cache_mode,
+                   samples=cache.manifest.samples)
 
 
 def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +156,9 @@ class RowGroup:
     tail_logmass: np.ndarray | None  # (targets,)
     tempered: np.ndarray | None  # (targets,) at the chosen temperature
     target_logprob: np.ndarray | None = None  # (targets,) teacher log p(true next token)
+    sampled_ids: np.ndarray | None = None  # (entries,) unique sampled ids, per target
+    sampled_counts: np.ndarray | None = None  # (entries,)
+    sampled_offsets: np.ndarray | None = None  # (targets + 1,) into sampled_ids
 
     def target_span(self, row: int) -> slice:
         # Row r has len_r tokens and len_r - 1 targets; targets are stored back to back.
@@ -156,9 +169,23 @@ class RowGroup:
 def decode_row_group(table: pa.Table, columns: Columns) -> RowGroup:
     offsets, input_ids = _flat_list(table, cols.INPUT_IDS)
     group = RowGroup(offsets, input_ids, None, None, None, None)
-    if columns.teacher:
-        _, group.topk_ids = _flat_list(table, cols.TOPK_IDS)
-        _, group.topk_logprobs = _flat_list(table, cols.TOPK_LOGPROBS)
+    if columns.teacher and columns.cache_mode == "sampled":
+        _, deltas = _flat_list(table, cols.SAMPLED_ID_DELTAS)
+        _, group.sampled_counts = _flat_list(table, cols.SAMPLED_COUNTS)
+        _, lengths = _flat_list(table, cols.SAMPLED_LENGTHS)
+        group.sampled_ids, group.sampled_offsets = decode_sampled(deltas, lengths)
+        if lengths.size != int(offsets[-1]) - table.num_rows or \
+                group.sampled_counts.size != group.sampled_ids.size:
+            raise CacheFormatError("sampled columns do not match input_ids lengths; run "
+                                   "`kdpipe verify` on the cache")
+    elif columns.teacher:
+        if columns.encoding == "compact":
+            _, deltas = _flat_list(table, cols.TOPK_ID_DELTAS)
+            _, levels = _flat_list(table, cols.TOPK_LOGPROB_Q)
+            group.topk_ids, group.topk_logprobs = decode_topk(deltas, levels, columns.top_k)
+        else:
+            _, group.topk_ids = _flat_list(table, cols.TOPK_IDS)
+            _, group.topk_logprobs = _flat_list(table, cols.TOPK_LOGPROBS)
         _, group.tail_logmass = _flat_list(table, cols.TAIL_LOGMASS)
         targets = int(offsets[-1]) - table.num_rows
         if group.topk_ids.size != targets * columns.top_k or group.tail_logmass.size != targets:
@@ -202,7 +229,11 @@ class Batch:
                 topk_logprobs=t.topk_logprobs.to(device, non_blocking=True),
                 tail_logmass=t.tail_logmass.to(device, non_blocking=True),
                 tempered_tail_logmass=(None if t.tempered_tail_logmass is None else
-                                       t.tempered_tail_logmass.to(device, non_blocking=True)))
+                                       t.tempered_tail_logmass.to(device, non_blocking=True)),
+                sampled_ids=(None if t.sampled_ids is None else
+                             t.sampled_ids.to(device, non_blocking=True)),
+                sampled_weights=(None if t.sampled_weights is None else
+                                 t.sampled_weights.to(device, non_blocking=True)))
         return Batch(sample_ids=self.sample_ids,
                      input_ids=self.input_ids.to(device, non_blocking=True),
                      attention_mask=self.attention_mask.to(device, non_blocking=True),
@@ -235,7 +266,9 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
     target_mask = positions < (lengths - 1)[:, None]  # (B, T)
     labels = input_ids[:, 1:][target_mask[:, :-1]] if width > 1 else np.zeros(0, np.int64)
     teacher = None
-    if columns.teacher:
+    if columns.teacher and columns.cache_mode == "sampled":
+        teacher = _collate_sampled(rows, columns.samples)
+    elif columns.teacher:
         k = columns.top_k
         spans = [g.target_span(r) for _, g, r in rows]
         ids = np.concatenate([g.topk_ids[s.start * k:s.stop * k]  # type: ignore[index]
@@ -269,6 +302,39 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
         target_row=torch.from_numpy(np.repeat(np.arange(len(rows)), lengths - 1)),
         teacher=teacher, target_logprob=target_logprob,
     )
+
+
+def _collate_sampled(rows: Sequence[tuple[int, RowGroup, int]], samples: int) -> TeacherTargets:
+    """Sampled targets padded to (N, S), S the most unique ids of a token in the batch.
+
+    The top-k fields hold the empirical distribution's mode and the mass outside it (k = 1),
+    so top-1 agreement is reported against the most-drawn id.
+    """
+    ids_parts, count_parts, length_parts = [], [], []
+    for _, g, r in rows:
+        span = g.target_span(r)
+        assert g.sampled_offsets is not None and g.sampled_ids is not None
+        assert g.sampled_counts is not None
+        first, last = int(g.sampled_offsets[span.start]), int(g.sampled_offsets[span.stop])
+        ids_parts.append(g.sampled_ids[first:last])
+        count_parts.append(g.sampled_counts[first:last])
+        length_parts.append(np.diff(g.sampled_offsets[span.start:span.stop + 1]))
+    lengths = np.concatenate(length_parts).astype(np.int64)  # (N,)
+    width = max(int(lengths.max()) if lengths.size else 0, 1)
+    token = np.repeat(np.arange(lengths.size), lengths)  # (entries,)
+    slot = np.arange(token.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ids = np.zeros((lengths.size, width), dtype=np.int64)  # (N, S)
+    weights = np.zeros((lengths.size, width), dtype=np.float32)  # (N, S) c_j / samples
+    ids[token, slot] = np.concatenate(ids_parts)
+    weights[token, slot] = np.concatenate(count_parts).astype(np.float32) / samples
+    mode = weights.argmax(axis=1)[:, None]  # (N, 1)
+    top = np.take_along_axis(weights, mode, axis=1)  # (N, 1)
+    with np.errstate(divide="ignore"):
+        return TeacherTargets(
+            topk_ids=torch.from_numpy(np.take_along_axis(ids, mode, axis=1)),  # (N, 1)
+            topk_logprobs=torch.from_numpy(np.log(top)),  # (N, 1)
+            tail_logmass=torch.from_numpy(np.log1p(-top[:, 0])),  # (N,)
+            sampled_ids=torch.from_numpy(ids), sampled_weights=torch.from_numpy(weights))
 
 
 class _RowGroupReader:

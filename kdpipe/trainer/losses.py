@@ -25,7 +25,9 @@ import math
 import torch
 from torch import Tensor
 
-LOSSES = ("forward", "zero", "reverse", "jsd", "skew", "tvd")
+LOSSES = ("forward", "zero", "reverse", "jsd", "skew", "tvd")  # divergences on the partition
+SAMPLED = "sampled"  # count-weighted CE against a sampled cache (sampled_cross_entropy)
+LOSS_KINDS = LOSSES + (SAMPLED,)  # everything --loss accepts
 
 _NEG_INF = float("-inf")
 
@@ -117,6 +119,18 @@ def student_partition(
     return log_q, log_q_tail
 
 
+def sampled_cross_entropy(log_q_ids: Tensor, weights: Tensor) -> Tensor:
+    """Per-token -Σ_j (c_j / N) log q(j) over the ids drawn from the teacher (N,).
+
+    log_q_ids (N, S): student log-probs (τ = 1) at the unique sampled ids; weights (N, S):
+    c_j / N, 0 at padding. With the ids drawn from p, E[c_j / N] = p_j, so this is an
+    unbiased estimate of the cross-entropy H(p, q) = KL(p || q) + H(p): its gradient is that
+    of forward KL to the *full* teacher distribution, with no top-k truncation.
+    """
+    lq = _upcast(log_q_ids)
+    return -(weights.to(lq.dtype) * lq).sum(dim=-1)
+
+
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     """Σ a (log a - log b) over the last dim; outcomes with a = 0 give exactly 0, grads too."""
     support = log_a.exp() > 0  # a underflowing float32 counts as 0 too (its term is 0 anyway)
@@ -181,4 +195,7 @@ def divergence(
         return _kl(lp, _log_mix(alpha, lp, lq))
     if kind == "tvd":
         return 0.5 * (lp.exp() - lq.exp()).abs().sum(dim=-1)
+    if kind == SAMPLED:
+        raise ValueError("the sampled loss is not a divergence on the top-k partition; use "
+                         "sampled_cross_entropy")
     raise ValueError(f"unknown loss kind {kind!r}; expected one of {', '.join(LOSSES)}")

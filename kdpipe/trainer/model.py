@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,13 @@ def check_tokenizer(tokenizer: Any, manifest: CacheManifest, cache_dir: str | Pa
         )
 
 
+# transformers builds models under process-global context managers (weight init, tying):
+# two threads loading at once can leave them switched, and every later model loads with
+# untied, uninitialised weights. Runs started from threads (one cache, several students)
+# therefore build their models one at a time.
+MODEL_INIT_LOCK = threading.Lock()
+
+
 def load_student(student: str | None, student_config: str | None, manifest: CacheManifest,
                  tokenizer: Any, seed: int, trust_remote_code: bool = False) -> nn.Module:
     """A causal LM in float32: pretrained from --student, or initialised from --student-config.
@@ -103,8 +111,9 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
 
     if student is not None:
         try:
-            return AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32,
-                                                        trust_remote_code=trust_remote_code)
+            with MODEL_INIT_LOCK:
+                return AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32,
+                                                            trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"--student {student}: cannot load a causal LM ({first})") from exc
@@ -124,9 +133,10 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
         config = AutoConfig.for_model(model_type, **spec)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--student-config {student_config}: {exc}") from exc
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                            trust_remote_code=trust_remote_code)
+    with MODEL_INIT_LOCK:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code)
 
 
 def check_vocab(model: nn.Module, manifest: CacheManifest, student: str) -> None:

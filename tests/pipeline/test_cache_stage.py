@@ -45,6 +45,13 @@ def test_shards_hold_the_teacher_targets(tiny_teacher_dir: Path, small_corpus: P
                                expected.tail_logmass_tempered[:, 0], atol=1e-5)
     assert row["teacher_nll"] == pytest.approx(expected.nll, rel=1e-5)
     assert table.schema.field("topk_ids").type.value_type == "uint16"
+    # The per-column Parquet encodings really apply (pyarrow ignores non-leaf names silently).
+    row_group = pq.ParquetFile(cfg.out / manifest.shards[0].file).metadata.row_group(0)
+    encodings = {row_group.column(i).path_in_schema.split(".")[0]: row_group.column(i).encodings
+                 for i in range(row_group.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["topk_ids"]
+    assert "BYTE_STREAM_SPLIT" in encodings["topk_logprobs"]
+    assert "RLE_DICTIONARY" not in encodings["tail_logmass"]
 
 
 def test_interrupted_run_resumes_to_the_same_cache(tiny_teacher_dir: Path, small_corpus: Path,
