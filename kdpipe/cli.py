@@ -194,6 +194,12 @@ def _register_optional_commands() -> None:
     from kdpipe.pipeline import curriculum_cli
 
     app.command("build-curriculum")(curriculum_cli.build_curriculum)
+    from kdpipe.demo import cli as demo_cli
+    from kdpipe.experiments import cli as experiments_cli
+
+    app.command("demo")(demo_cli.demo)
+    app.command("experiment")(experiments_cli.experiment)
+    app.command("report")(experiments_cli.report)
 
 
 def _config_file_defaults(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:

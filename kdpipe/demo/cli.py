@@ -1,0 +1,34 @@
+"""Typer command `demo` (registered by `kdpipe/cli.py`): build the options, call `run_demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdpipe.demo.presets import DEFAULT_PRESET, PRESETS
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for every artifact and the table.")
+                   ] = Path("runs/demo"),
+    preset: Annotated[str, typer.Option(
+        help=f"Size: {', '.join(PRESETS)} (tiny: < 3 min, CI; small: < 10 min on 2 CPU "
+        "cores; full: a stronger teacher, about an hour).")] = DEFAULT_PRESET,
+    threads: Annotated[int, typer.Option(
+        help="Torch threads (0: half the CPU cores, at least 1).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    overwrite: Annotated[bool, typer.Option(
+        help="Delete a previous demo in --out and start over.")] = False,
+) -> None:
+    """Run every stage on the Python stdlib's source; compare CE/KD/KD-CL/KD-CL-SR students."""
+    from kdpipe.demo.run import TABLE_MD, run_demo
+
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    run_demo(out, preset, threads or None, device, progress, overwrite)
+    typer.echo((out / TABLE_MD).read_text(encoding="utf-8"))

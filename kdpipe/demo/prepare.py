@@ -1,0 +1,127 @@
+"""The demo's teacher side: corpus → tokenizer → teacher → caches, each stage skipped when done.
+
+1. corpus: the stdlib's source split by file into train and held-out JSON lines (`corpus.py`);
+2. tokenizer: a byte-level BPE trained on the train split (`tokenizer.py`);
+3. token cache: `train-student` reads only caches, so a throw-away 1-layer model "caches" the
+   train split at k = 1 — only its token ids are used (`--mode ce` reads no teacher column);
+4. teacher: a small Llama trained by `train(TrainConfig(mode="ce"))`, the student trainer itself;
+5. caches: `cache_teacher` with the trained teacher over train and held-out, at the preset's k.
+
+Every stage is the same Python function the CLI calls, and every one is idempotent, so an
+interrupted demo resumes where it stopped. `kdpipe experiment` uses this for `setup: embedded`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kdpipe.demo.corpus import write_corpus
+from kdpipe.demo.models import ModelSize, init_model, write_spec
+from kdpipe.demo.presets import Preset
+from kdpipe.demo.tokenizer import train_tokenizer
+from kdpipe.experiments.timing import TIMINGS_NAME, StageClock
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.io import atomic_write_json
+from kdpipe.schemas.manifest import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+READER = ModelSize(hidden=16, layers=1, heads=1)  # the token cache's throw-away model
+TEACHER_RUN = "teacher-run"
+PRESET_NAME = "preset.json"  # the preset a folder was prepared with
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Paths of everything the teacher side made (inputs of every student run)."""
+
+    root: Path
+    train_corpus: Path
+    heldout_corpus: Path
+    tokenizer: Path
+    teacher: Path  # the trained teacher (a transformers model folder)
+    cache: Path  # train split, top-k
+    heldout_cache: Path  # held-out split, top-k
+    student_config: Path  # the preset's student shape (--student-config)
+
+
+def cache_complete(path: Path) -> bool:
+    """Whether a cache folder holds a finished manifest (cheap: no shard is opened)."""
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    return bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
+
+
+def check_preset(root: Path, preset: Preset) -> None:
+    """One preset per folder: stages skip work whose output exists, so mixing two would mix
+    a tokenizer or teacher of one preset with the corpus of another."""
+    recorded = root / PRESET_NAME
+    if recorded.is_file():
+        previous = json.loads(recorded.read_text(encoding="utf-8"))
+        if previous != asdict(preset):
+            raise ConfigError(f"{root} was prepared with --preset {previous.get('name')} (other "
+                              "settings); choose another folder or delete it")
+        return
+    if root.is_dir() and any(p.name != TIMINGS_NAME for p in root.iterdir()):
+        raise ConfigError(f"{root} holds files but no {PRESET_NAME} (made by an older kdpipe "
+                          "or by hand?); choose a new folder")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(recorded, asdict(preset))
+
+
+def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device: str = "auto",
+            progress: bool = True) -> Prepared:
+    """Run (or find finished) stages 1-5 of the module docstring under `root`."""
+    from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
+    from kdpipe.trainer.config import TrainConfig
+    from kdpipe.trainer.train import train
+
+    check_preset(root, preset)
+    clock = clock or StageClock(root)
+    corpus_dir, tokenizer_dir = root / "corpus", root / "tokenizer"
+    with clock.stage("corpus", done=(corpus_dir / "corpus.json").is_file()):
+        train_jsonl, heldout_jsonl = write_corpus(corpus_dir, preset.train_chars,
+                                                  preset.heldout_chars)
+    with clock.stage("tokenizer", done=(tokenizer_dir / "tokenizer.json").is_file()):
+        train_tokenizer(train_jsonl, tokenizer_dir, preset.vocab_size)
+
+    def cache(model: Path, data: Path, out: Path, top_k: int) -> Path:
+        cache_teacher(CacheTeacherConfig(teacher=str(model), data=(str(data),), out=out,
+                                         top_k=top_k, pack=True, max_length=preset.max_length,
+                                         batch_size=32, shard_size=512, device=device))
+        return out
+
+    token_cache = root / "token-cache"
+    with clock.stage("token cache", done=cache_complete(token_cache)):
+        reader = init_model(tokenizer_dir, root / "models" / "token-reader", READER,
+                            preset.max_length)
+        cache(reader, train_jsonl, token_cache, top_k=1)
+    teacher_run = root / TEACHER_RUN
+    finished = (teacher_run / "final_metrics.json").is_file()
+    with clock.stage("teacher training", done=finished):
+        teacher_init = init_model(tokenizer_dir, root / "models" / "teacher-init", preset.teacher,
+                                  preset.max_length)
+        steps = preset.teacher_steps
+        teacher_cfg = TrainConfig(
+            cache=str(token_cache), out=str(teacher_run), student=str(teacher_init), mode="ce",
+            lr=preset.teacher_lr, warmup_steps=max(1, steps // 10),
+            batch_size=preset.teacher_batch_size, max_steps=steps, save_every=max(1, steps // 3),
+            keep_checkpoints=1, snapshots=False, device=device, progress=progress,
+            resume=(teacher_run / "config.json").is_file() and not finished)
+        if not finished:  # (the demo folder records its preset: a finished run is this one)
+            train(teacher_cfg)
+    teacher = teacher_run / "final"
+    cache_dir, heldout_dir = root / "cache", root / "heldout-cache"
+    with clock.stage("teacher cache (train)", done=cache_complete(cache_dir)):
+        cache(teacher, train_jsonl, cache_dir, preset.top_k)
+    with clock.stage("teacher cache (held-out)", done=cache_complete(heldout_dir)):
+        cache(teacher, heldout_jsonl, heldout_dir, preset.top_k)
+    student_config = write_spec(root / "models" / "student.json", preset.student,
+                                preset.max_length)
+    return Prepared(root=root, train_corpus=train_jsonl, heldout_corpus=heldout_jsonl,
+                    tokenizer=tokenizer_dir, teacher=teacher, cache=cache_dir,
+                    heldout_cache=heldout_dir, student_config=student_config)

@@ -1,0 +1,1 @@
+"""`kdpipe experiment` and `kdpipe report`: arms × seeds over one cache, with intervals."""

@@ -1,0 +1,130 @@
+"""Per-arm summaries of an experiment's runs: mean ± 95% CI, and each arm minus the baseline.
+
+Input: the run records of `results.json` (one per arm × seed, flat metrics). Output:
+`summary.json` and the Markdown tables `kdpipe experiment` prints and `kdpipe report` embeds.
+Intervals are Student-t over seeds; differences are paired by seed when the arm and the
+baseline ran the same seeds, Welch otherwise (`stats.py` says why).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from kdpipe.experiments.stats import LEVEL, Interval, difference_interval, mean_interval
+
+# metric -> (label, better direction: -1 lower is better, +1 higher, 0 neither)
+METRIC_INFO: dict[str, tuple[str, int]] = {
+    "eval_ce": ("held-out CE (nats/token)", -1),
+    "eval_ppl": ("held-out perplexity", -1),
+    "eval_top1_agreement": ("top-1 agreement with the teacher", +1),
+    "eval_kd": ("held-out KL to the teacher", -1),
+    "eval_loss": ("held-out training objective", -1),
+    "train_loss": ("final train loss", -1),
+    "train_tokens_per_s": ("train tokens/s", +1),
+    "wall_s": ("wall time (s)", -1),
+    "tokens_seen": ("training tokens", 0),
+}
+TABLE_METRICS = ("eval_ce", "eval_ppl", "eval_top1_agreement", "eval_kd")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def values_by_seed(records: Sequence[dict[str, Any]], arm: str, metric: str
+                   ) -> dict[int, float]:
+    """{seed: value} of the arm's finished runs that report the metric."""
+    return {int(r["seed"]): float(r[metric]) for r in records
+            if r["arm"] == arm and r.get("status") in ("ran", "skipped") and _finite(r.get(metric))}
+
+
+def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str], baseline: str | None,
+              metrics: Sequence[str] = tuple(METRIC_INFO), level: float = LEVEL
+              ) -> dict[str, Any]:
+    """{"arms": {arm: {metric: interval}}, "differences": {arm: {metric: interval}}, ...}."""
+    per_arm: dict[str, dict[str, Any]] = {}
+    differences: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        per_arm[arm] = {"runs": sum(1 for r in records if r["arm"] == arm),
+                        "finished": sum(1 for r in records if r["arm"] == arm
+                                        and r.get("status") in ("ran", "skipped"))}
+        for metric in metrics:
+            values = values_by_seed(records, arm, metric)
+            if values:
+                per_arm[arm][metric] = mean_interval(list(values.values()), level).as_dict()
+        if baseline is None or arm == baseline:
+            continue
+        differences[arm] = {}
+        for metric in metrics:
+            mine, theirs = values_by_seed(records, arm, metric), \
+                values_by_seed(records, baseline, metric)
+            if mine and theirs:
+                differences[arm][metric] = difference_interval(mine, theirs, level).as_dict()
+    return {"level": level, "baseline": baseline, "arms": per_arm, "differences": differences}
+
+
+def fmt(value: float, digits: int = 4) -> str:
+    """Numbers for tables: fixed digits, large values without decimals, NaN as '–'."""
+    if not _finite(value):
+        return "–"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+
+
+def _interval_text(d: dict[str, Any], digits: int = 4) -> str:
+    if not _finite(d["low"]):
+        return f"{fmt(d['estimate'], digits)} (n={d['n']})"
+    half = (d["high"] - d["low"]) / 2
+    return f"{fmt(d['estimate'], digits)} ± {fmt(half, digits)}"
+
+
+def verdict(d: dict[str, Any], direction: int) -> str:
+    """Plain words for a difference interval (arm − baseline)."""
+    interval = Interval(d["estimate"], d["low"], d["high"], d["n"], d.get("sd", math.nan),
+                        d.get("se", math.nan), d["df"], d["method"])
+    if not _finite(d["low"]):
+        return "no interval (one seed)"
+    if not interval.excludes_zero():
+        return "inside the noise"
+    if direction == 0:
+        return "differs"
+    better = (interval.estimate < 0) == (direction < 0)
+    return "better" if better else "worse"
+
+
+def summary_markdown(summary: dict[str, Any], arms: Sequence[str],
+                     labels: dict[str, str] | None = None,
+                     metrics: Sequence[str] = TABLE_METRICS) -> list[str]:
+    """Two Markdown tables: per-arm mean ± CI half-width, and differences from the baseline."""
+    labels = labels or {}
+    level = int(round(summary["level"] * 100))
+    lines = ["| arm | runs | " + " | ".join(METRIC_INFO[m][0] for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for arm in arms:
+        row = summary["arms"].get(arm, {})
+        cells = [_interval_text(row[m]) if m in row else "–" for m in metrics]
+        lines.append(f"| {labels.get(arm, arm)} | {row.get('finished', 0)}/{row.get('runs', 0)} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", f"Mean ± half-width of the {level}% Student-t interval over seeds."]
+    baseline = summary.get("baseline")
+    if baseline is None or not summary["differences"]:
+        return lines
+    metric = metrics[0]
+    label, direction = METRIC_INFO[metric]
+    lines += ["", f"Difference from **{labels.get(baseline, baseline)}** in {label} "
+              f"(arm − baseline; {level}% interval):", "",
+              "| arm | difference | interval | method | verdict |", "|---|---|---|---|---|"]
+    for arm in arms:
+        d = summary["differences"].get(arm, {}).get(metric)
+        if d is None:
+            continue
+        interval = f"[{fmt(d['low'])}, {fmt(d['high'])}]" if _finite(d["low"]) else "–"
+        method = {"paired": f"paired by seed (n={d['n']})",
+                  "welch": f"Welch (ν={fmt(d['df'], 3)})", "t": "t"}[d["method"]]
+        lines.append(f"| {labels.get(arm, arm)} | {fmt(d['estimate'])} | {interval} | {method} "
+                     f"| {verdict(d, direction)} |")
+    return lines
