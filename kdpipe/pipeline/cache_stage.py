@@ -33,7 +33,6 @@ from kdpipe.pipeline.shard_writer import shard_name, write_shard
 from kdpipe.pipeline.teacher_hf import (
     SequenceTargets,
     load_teacher,
-    resolve_device,
     resolve_dtype,
     teacher_targets,
 )
@@ -54,6 +53,7 @@ from kdpipe.schemas.manifest import (
     write_manifest,
 )
 from kdpipe.schemas.shard import LOGPROB_DTYPES, id_dtype_for_vocab
+from kdpipe.torch_runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

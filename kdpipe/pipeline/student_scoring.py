@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from kdpipe.schemas.cache import Cache
+from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.data import BatchLoader, Columns, build_index
 from kdpipe.trainer.model import (
     StudentParts,
@@ -25,7 +26,6 @@ from kdpipe.trainer.model import (
     check_vocab,
     load_student,
     load_tokenizer,
-    resolve_device,
     split_student,
 )
 

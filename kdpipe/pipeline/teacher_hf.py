@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.torch_runtime import MODEL_INIT_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +44,6 @@ class SequenceTargets:
     sampled_ids: np.ndarray | None = None  # (entries,) int64
     sampled_counts: np.ndarray | None = None  # (entries,) int64, sum N per position
     sampled_lengths: np.ndarray | None = None  # (T-1,) int64
-
-
-# transformers builds models under process-global context managers (weight init, tying);
-# two threads loading at once (workers run as threads) can leave them switched for every
-# later model in the process, so teachers are built one at a time.
-MODEL_INIT_LOCK = threading.Lock()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)"
-                          ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

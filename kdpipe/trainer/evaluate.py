@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.chunked_loss import LossConfig, chunked_distill_loss
 from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.data import BatchLoader, CacheIndex, build_index, columns_for
@@ -30,7 +31,6 @@ from kdpipe.trainer.model import (
     check_vocab,
     load_student,
     load_tokenizer,
-    resolve_device,
     split_student,
 )
 from kdpipe.trainer.sampler import holdout_mask

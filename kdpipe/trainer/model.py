@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,25 +23,13 @@ from torch import nn
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.fingerprint import tokenizer_fingerprint
 from kdpipe.schemas.manifest import CacheManifest
+from kdpipe.torch_runtime import MODEL_INIT_LOCK
 
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SPLIT_CHECK_TOKENS = 8  # tokens of the numerical head-split check
 SPLIT_CHECK_TOLERANCE = 1e-3  # relative to the logits' scale, in float32
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)"
-                          ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return resolved
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -91,13 +78,6 @@ def check_tokenizer(tokenizer: Any, manifest: CacheManifest, cache_dir: str | Pa
             f"({manifest.tokenizer.name_or_path}, {manifest.tokenizer.fingerprint[:12]}); a "
             "student must share the teacher's tokenizer (pass --tokenizer or re-cache)"
         )
-
-
-# transformers builds models under process-global context managers (weight init, tying):
-# two threads loading at once can leave them switched, and every later model loads with
-# untied, uninitialised weights. Runs started from threads (one cache, several students)
-# therefore build their models one at a time.
-MODEL_INIT_LOCK = threading.Lock()
 
 
 def load_student(student: str | None, student_config: str | None, manifest: CacheManifest,

@@ -24,6 +24,7 @@ from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json
+from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.chunked_loss import LossConfig, chunked_distill_loss
 from kdpipe.trainer.config import TrainConfig
@@ -39,7 +40,6 @@ from kdpipe.trainer.model import (
     check_vocab,
     load_student,
     load_tokenizer,
-    resolve_device,
     split_student,
 )
 from kdpipe.trainer.run_dir import FINAL_METRICS_NAME, prepare_run_dir, rewind_logs
