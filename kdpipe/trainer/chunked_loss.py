@@ -144,7 +144,8 @@ def _chunk_loss(
     assert labels is not None
     # CE as logsumexp - gathered logit: same value as F.cross_entropy, but it keeps only the
     # logits (alive anyway) for backward instead of a second (n, V_s) log-softmax.
-    ce = torch.logsumexp(logits, dim=-1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,), shared with the KD term at τ = 1
+    ce = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if topk_ids is not None:
         correct = (logits.argmax(dim=-1) == topk_ids[:, 0]).sum()
     else:
@@ -156,14 +157,15 @@ def _chunk_loss(
     lam = kd_weight.float()  # (n,)
     if cfg.kind == "sampled":
         assert sampled_ids is not None and sampled_weights is not None
-        log_q_ids = logits.gather(-1, sampled_ids) - torch.logsumexp(logits, -1, keepdim=True)
+        log_q_ids = logits.gather(-1, sampled_ids) - lse.unsqueeze(-1)  # (n, S)
         kd = sampled_cross_entropy(log_q_ids, sampled_weights)  # (n,)
         total = ((1.0 - lam) * ce + lam * kd).sum()  # τ = 1 (LossConfig refuses others)
         return total, ce.detach(), kd.detach().sum(), correct
     assert topk_ids is not None and topk_logprobs is not None and tail_logmass is not None
     log_p, log_p_tail = teacher_partition(topk_logprobs, tail_logmass, cfg.temperature,
                                           teacher_vocab_size, tempered_tail)
-    log_q, log_q_tail = student_partition(logits, topk_ids, cfg.temperature)
+    log_q, log_q_tail = student_partition(logits, topk_ids, cfg.temperature,
+                                          lse if cfg.temperature == 1.0 else None)
     kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)  # (n,)
     total = ((1.0 - lam) * ce + lam * (cfg.temperature**2) * kd).sum()
     return total, ce.detach(), kd.detach().sum(), correct
