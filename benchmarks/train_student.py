@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from kdpipe.schemas.cache import open_cache
+from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.data import BatchLoader, GlobalBatch, build_index, columns_for
 from kdpipe.trainer.metrics import SampleStats
@@ -57,7 +58,6 @@ from kdpipe.trainer.model import (
     check_tokenizer,
     load_student,
     load_tokenizer,
-    resolve_device,
     split_student,
 )
 from kdpipe.trainer.sampler import ShuffleSampler
