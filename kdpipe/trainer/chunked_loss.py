@@ -57,24 +57,30 @@ class LossConfig:
             raise ConfigError("invalid loss settings: " + "; ".join(problems))
 
     def problems(self) -> list[str]:
-        found = []
-        if self.kind not in LOSS_KINDS:
-            found.append(f"--loss {self.kind!r} is not one of {', '.join(LOSS_KINDS)}")
-        if not self.temperature > 0:
-            found.append(f"--temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.beta < 1.0:
-            found.append(f"--beta must be in (0, 1), got {self.beta}")
-        if not 0.0 <= self.alpha <= 1.0:
-            found.append(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.chunk_size < 1:
-            found.append(f"--chunk-size must be >= 1, got {self.chunk_size}")
-        if self.mode not in MODES:
-            found.append(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.kind == "sampled" and self.temperature != 1.0:
-            found.append("--loss sampled estimates the cross-entropy to the teacher at τ = 1 "
-                         f"(its samples were drawn at τ = 1); drop --temperature "
-                         f"{self.temperature}")
-        return found
+        return loss_problems(self.kind, self.temperature, self.beta, self.alpha,
+                             self.chunk_size, self.mode)
+
+
+def loss_problems(kind: str, temperature: float, beta: float, alpha: float, chunk_size: int,
+                  mode: str = "kd") -> list[str]:
+    """Every invalid loss option, named by its flag (LossConfig and the stage configs)."""
+    found = []
+    if kind not in LOSS_KINDS:
+        found.append(f"--loss {kind!r} is not one of {', '.join(LOSS_KINDS)}")
+    if not temperature > 0:
+        found.append(f"--temperature must be > 0, got {temperature}")
+    if not 0.0 < beta < 1.0:
+        found.append(f"--beta (JSD mixture weight) must be in (0, 1), got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        found.append(f"--alpha (skew KL weight) must be in [0, 1], got {alpha}")
+    if chunk_size < 1:
+        found.append(f"--chunk-size must be >= 1, got {chunk_size}")
+    if mode not in MODES:
+        found.append(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    if kind == "sampled" and temperature != 1.0:
+        found.append("--loss sampled estimates the cross-entropy to the teacher at τ = 1 "
+                     f"(its samples were drawn at τ = 1); drop --temperature {temperature}")
+    return found
 
 
 @dataclass

@@ -16,12 +16,11 @@ from kdpipe.schemas.errors import CacheFormatError, ConfigError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
-from kdpipe.trainer.chunked_loss import LossConfig
+from kdpipe.trainer.chunked_loss import LossConfig, loss_problems
 from kdpipe.trainer.curriculum_config import CurriculumConfig
 
 CONFIG_NAME = "config.json"
 MODES = ("kd", "ce")
-LOSSES = ("forward", "zero", "reverse", "jsd", "skew", "tvd", "sampled")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -36,21 +35,11 @@ RESUMABLE_CHANGES = COSMETIC_FIELDS + ("max_steps", "epochs", "eval_every", "sav
 
 def _common_problems(c: Any) -> list[str]:
     """Checks shared by `TrainConfig` and `EvalConfig` (loss settings, device, batch)."""
-    problems = []
-    if c.loss not in LOSSES:
-        problems.append(f"--loss {c.loss!r} is not one of {', '.join(LOSSES)}")
-    if not c.temperature > 0:
-        problems.append(f"--temperature {c.temperature} must be > 0")
+    problems = loss_problems(c.loss, c.temperature, c.beta, c.alpha, c.chunk_size)
     if not 0.0 <= c.kd_weight <= 1.0:
         problems.append(f"--kd-weight {c.kd_weight} must be within [0, 1]")
-    if not 0.0 < c.beta < 1.0:
-        problems.append(f"--beta {c.beta} (JSD mixture weight) must be within (0, 1)")
-    if not 0.0 <= c.alpha <= 1.0:
-        problems.append(f"--alpha {c.alpha} (skew KL weight) must be within [0, 1]")
     if c.batch_size < 1:
         problems.append(f"--batch-size {c.batch_size} must be >= 1")
-    if c.chunk_size < 1:
-        problems.append(f"--chunk-size {c.chunk_size} must be >= 1")
     if c.dtype not in DTYPES:
         problems.append(f"--dtype {c.dtype!r} is not one of {', '.join(DTYPES)}")
     if c.prefetch < 1:
