@@ -37,7 +37,8 @@ TRAINER_STATE_SCHEMA_VERSION = 1
 # Keys of training_state.pt.
 OPTIMIZER_KEY = "optimizer"
 SCHEDULER_KEY = "scheduler"
-RNG_KEY = "rng"
+RNG_KEY = "rng"  # rank 0's RNG (the only one on a single process)
+RANK_RNG_KEY = "rng_per_rank"  # every rank's RNG, in rank order (distributed runs)
 SAMPLE_STATS_KEY = "sample_stats"
 TORCH_RNG_KEY = "torch"
 CUDA_RNG_KEY = "cuda"
@@ -55,6 +56,7 @@ class TrainerState:
     tokens_seen: int
     samples_seen: int
     config: dict[str, Any]
+    world_size: int = 1  # processes that trained it; --resume needs the same number
     schema_version: int = TRAINER_STATE_SCHEMA_VERSION
     kdpipe_version: str = __version__
 
@@ -87,13 +89,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, tokenizer: Any, state: TrainerState,
-                    training_state: dict[str, Any] | None) -> Path:
-    """Write a checkpoint (or the final model, without training state) atomically."""
+                    training_state: dict[str, Any] | None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint (or the final model, without training state) atomically.
+
+    state_dict: the model's weights when `model` cannot give them itself (FSDP: gathered
+    from the shards on rank 0).
+    """
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+    model.save_pretrained(tmp, safe_serialization=True,  # type: ignore[operator]
+                          state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if training_state is not None:
         torch.save(training_state, tmp / TRAINING_STATE_NAME)

@@ -7,6 +7,7 @@ Registered by `kdpipe/cli.py`; the functions here only translate flags into `Tra
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -94,6 +95,10 @@ def train_student(
         help="Delete a previous run in --out and start over.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(
         help="Allow the student/tokenizer to run code from its repository.")] = False,
+    fsdp: Annotated[bool, typer.Option(
+        help="Under torchrun: shard parameters, gradients and optimizer state over the "
+        "processes (FSDP2) instead of replicating the student (DDP). See "
+        "docs/distributed.md.")] = False,
     curriculum: Annotated[str | None, typer.Option(
         help="Curriculum index from `kdpipe build-curriculum` (same cache): present samples "
         "easy → hard. See docs/curriculum.md.")] = None,
@@ -147,7 +152,8 @@ def train_student(
         keep_checkpoints=keep_checkpoints, snapshots=snapshots, snapshot_every=snapshot_every,
         log_every=log_every, seed=seed, device=device, dtype=dtype, chunk_size=chunk_size,
         shuffle_window=shuffle_window, prefetch=prefetch, progress=progress, resume=resume,
-        overwrite=overwrite, trust_remote_code=trust_remote_code, curriculum=curriculum,
+        overwrite=overwrite, trust_remote_code=trust_remote_code, fsdp=fsdp,
+        curriculum=curriculum,
         curriculum_source=curriculum_source, curriculum_metric=curriculum_metric,
         pacing=pacing, pacing_start=pacing_start, pacing_full=pacing_full,
         pacing_increase=pacing_increase, pacing_step_length=pacing_step_length,
@@ -155,7 +161,9 @@ def train_student(
         kd_weight_low=kd_weight_low, kd_weight_high=kd_weight_high,
         reliance_quantile=reliance_quantile, reliance_control=reliance_control,
         kd_weight_schedule=kd_weight_schedule)
-    typer.echo(json.dumps(train(cfg)))
+    final = train(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        typer.echo(json.dumps(final))
 
 
 def evaluate(

@@ -125,6 +125,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
+    fsdp: bool = False  # under torchrun: shard the student with FSDP2 instead of DDP
     # Curriculum and selective reliance (docs/curriculum.md; curriculum_config.py).
     curriculum: str | None = None  # a `kdpipe build-curriculum` index
     curriculum_source: str = "file"  # file, or snapshot: re-rank from each epoch's losses

@@ -8,6 +8,7 @@ and `--resume` refuses to change them. docs/curriculum.md describes every option
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,8 @@ class CurriculumPlugins:
 def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
                      train_ids: np.ndarray, *, seed: int, per_step: int,
                      max_steps: int | None, epochs: int | None, kd_weight: float,
-                     run_dir: str | Path, loader_groups: int | None = None
+                     run_dir: str | Path, loader_groups: int | None = None,
+                     sum_across: Callable[[list[float]], list[float]] | None = None
                      ) -> CurriculumPlugins:
     """Load and check the curriculum, build the sampler and the λ functions.
 
@@ -195,7 +197,8 @@ def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
         kd_weight_fn = SampleReliance(mapping, sampler, train_ids, seed, cl.reliance_control,
                                       cl.kd_weight_schedule)
     elif cl.reliance == "token":
-        token_fn = TokenReliance(mapping, seed, cl.reliance_control, cl.kd_weight_schedule)
+        token_fn = TokenReliance(mapping, seed, cl.reliance_control, cl.kd_weight_schedule,
+                                 sum_across)
     return CurriculumPlugins(sampler, kd_weight_fn, token_fn, total_steps)
 
 

@@ -14,14 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.torch_runtime import resolve_device
-from kdpipe.trainer.chunked_loss import LossConfig, chunked_distill_loss
+from kdpipe.trainer.chunked_loss import LossConfig
 from kdpipe.trainer.config import EvalConfig
-from kdpipe.trainer.data import BatchLoader, CacheIndex, build_index, columns_for
+from kdpipe.trainer.data import Batch, BatchLoader, CacheIndex, build_index, columns_for
+from kdpipe.trainer.distributed import Distributed, rank_slice
 from kdpipe.trainer.metrics import summarise
 from kdpipe.trainer.model import (
     StudentParts,
@@ -33,6 +35,7 @@ from kdpipe.trainer.model import (
     load_tokenizer,
     split_student,
 )
+from kdpipe.trainer.objective import StudentObjective, call
 from kdpipe.trainer.sampler import holdout_mask
 
 log = logging.getLogger(__name__)
@@ -42,52 +45,67 @@ log = logging.getLogger(__name__)
 def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarray,
                    loss_cfg: LossConfig, kd_weight: float, device: torch.device,
                    amp_dtype: torch.dtype | None, batch_size: int, pad_id: int,
-                   prefetch: int = 4, progress: bool = False) -> dict[str, Any]:
+                   prefetch: int = 4, progress: bool = False, *,
+                   objective: nn.Module | None = None, dist: Distributed | None = None
+                   ) -> dict[str, Any]:
     """Metrics of `parts` on `sample_ids` of `index` (the model is left in its prior mode).
 
     KD and top-1 agreement are always measured; the reported `loss` is the training
-    objective: the λ-mix in mode "kd", plain CE in mode "ce".
+    objective: the λ-mix in mode "kd", plain CE in mode "ce". Distributed (`dist`, with the
+    wrapped `objective`): each rank evaluates a contiguous share of `sample_ids` and the sums
+    are reduced, so every rank returns the metrics of the whole set.
     """
     if sample_ids.size == 0:
         raise ConfigError(f"no samples to evaluate in {index.cache.root} (empty split?)")
+    dist = dist or Distributed()
+    vocab = index.cache.manifest.vocab_size
+    objective = objective if objective is not None else StudentObjective(parts, vocab)
     kd_cfg = LossConfig(kind=loss_cfg.kind, temperature=loss_cfg.temperature,
                         beta=loss_cfg.beta, alpha=loss_cfg.alpha,
                         chunk_size=loss_cfg.chunk_size, mode="kd")
     columns = columns_for(index.cache, teacher=True, temperature=kd_cfg.temperature)
-    vocab = index.cache.manifest.vocab_size
     objective_weight = kd_weight if loss_cfg.mode == "kd" else 0.0
+    share = rank_slice(sample_ids, dist.world_size, dist.rank, batch_size)
     was_training = parts.model.training
     parts.model.eval()
-    sums = {"total": 0.0, "ce": 0.0, "kd": 0.0, "correct_top1": 0.0}
+    sums = [0.0, 0.0, 0.0, 0.0]  # total, ce, kd, correct top-1
     tokens = 0
     started = time.perf_counter()
-    loader = BatchLoader(index, sample_ids, columns, batch_size, 1, pad_id, prefetch,
+    loader = BatchLoader(index, share.sample_ids, columns, batch_size, 1, pad_id, prefetch,
                          cached_groups=2)  # storage order: one row group after another
     bar = tqdm(total=len(loader), desc="eval", unit="batch", disable=not progress,
                dynamic_ncols=True, leave=False)
+
+    def run(cpu_batch: Batch, real: bool) -> None:
+        nonlocal tokens
+        batch = cpu_batch.to(device)
+        lam = torch.full((batch.num_targets,), objective_weight, device=device)  # (N,)
+        with autocast(device, amp_dtype):
+            out = call(objective, batch, lam, kd_cfg)
+        if real:
+            for i, value in enumerate((out.total, out.ce, out.kd, out.correct_top1)):
+                sums[i] += float(value)
+            tokens += out.tokens
+
+    first, done = None, 0
     with loader:
         for global_batch in loader:
-            for cpu_batch in global_batch.micro:
-                batch = cpu_batch.to(device)
-                with autocast(device, amp_dtype):
-                    hidden = parts.hidden_states(batch.input_ids, batch.attention_mask)
-                    hidden = hidden[batch.target_mask]  # (N, H)
-                    lam = torch.full((batch.num_targets,), objective_weight,
-                                     device=device)  # (N,)
-                    out = chunked_distill_loss(hidden, parts.head, batch.labels, lam, kd_cfg,
-                                               batch.teacher, vocab, parts.logit_transform)
-                sums["total"] += float(out.total)
-                sums["ce"] += float(out.ce)
-                sums["kd"] += float(out.kd)
-                sums["correct_top1"] += float(out.correct_top1)
-                tokens += out.tokens
+            if first is None:
+                first = global_batch.micro[0]
+            run(global_batch.micro[0], share.real)
+            done += 1
             bar.update(1)
+    assert first is not None
+    for _ in range(share.micro_batches - done):  # every rank makes the same forward passes
+        run(first, False)
     bar.close()
     parts.model.train(was_training)
-    result = summarise(sums, tokens)
-    result["loss"] = sums["total"] / max(tokens, 1)
+    total, ce, kd, correct, tokens_all = dist.sum(sums + [float(tokens)], device)
+    n = int(tokens_all)
+    result = summarise({"total": total, "ce": ce, "kd": kd, "correct_top1": correct}, n)
+    result["loss"] = total / max(n, 1)
     result["samples"] = int(sample_ids.size)
-    result["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+    result["tokens_per_s"] = n / max(time.perf_counter() - started, 1e-9)
     return result
 
 

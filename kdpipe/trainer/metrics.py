@@ -128,6 +128,20 @@ class SampleStats:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @classmethod
+    def merged(cls, parts: list[dict[int, list[float]]]) -> SampleStats:
+        """One SampleStats from several ranks' `rows` (a sample seen on two ranks counts twice,
+        as it would have on one process)."""
+        out = cls()
+        for rows in parts:
+            for sid, (ce, conf, tokens, seen, step) in rows.items():
+                entry = out.rows.setdefault(int(sid), [0.0, 0.0, tokens, 0.0, 0.0])
+                entry[0] += ce
+                entry[1] += conf
+                entry[3] += seen
+                entry[4] = max(entry[4], step)
+        return out
+
     def table(self, epoch: int) -> pa.Table:
         """The snapshot rows (sorted by sample id) in the schemas.snapshot layout."""
         ids = sorted(self.rows)

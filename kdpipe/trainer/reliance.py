@@ -30,7 +30,7 @@ a file) gets the constant --kd-weight. All functions are deterministic in (seed,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -126,8 +126,11 @@ class TokenReliance:
     """λ per token from the teacher's uncertainty; also the per-sample means that get logged."""
 
     def __init__(self, mapping: RelianceMapping, seed: int, control: str = "none",
-                 schedule: str = "none") -> None:
+                 schedule: str = "none",
+                 sum_across: Callable[[list[float]], list[float]] | None = None) -> None:
         self.mapping, self.seed, self.control, self.schedule = mapping, seed, control, schedule
+        # Sums over processes (distributed runs), so `matched` is the whole global batch's mean.
+        self.sum_across = sum_across or (lambda values: values)
 
     def __call__(self, micro: Sequence[MicroTargets], step: int
                  ) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -144,7 +147,8 @@ class TokenReliance:
             weights.append(lam)
         if self.schedule == "matched":
             every = torch.cat(weights) if weights else torch.zeros(0)
-            mean = float(every.double().mean()) if every.numel() else self.mapping.constant
+            total, count = self.sum_across([float(every.double().sum()), float(every.numel())])
+            mean = total / count if count else self.mapping.constant
             weights = [torch.full_like(w, mean) for w in weights]
         means = [sample_means(w, row.cpu(), rows) for w, (_, row, rows) in
                  zip(weights, micro, strict=True)]

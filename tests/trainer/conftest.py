@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
+from kdpipe.pipeline.curriculum import BuildCurriculumConfig, build_curriculum
 from kdpipe.trainer.config import TrainConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -66,6 +67,15 @@ def student_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                 "num_attention_heads": 4, "num_key_value_heads": 4,
                                 "max_position_embeddings": 128}))
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_curriculum(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
+    """The teacher-NLL curriculum of `tiny_cache`."""
+    out = tmp_path_factory.mktemp("curricula") / "teacher-nll.parquet"
+    build_curriculum(BuildCurriculumConfig(cache=str(tiny_cache), out=str(out), source="teacher",
+                                           metric="nll", progress=False))
+    return out
 
 
 def small_config(cache: Path, out: Path, **overrides: object) -> TrainConfig:

@@ -14,7 +14,6 @@ import pytest
 import typer
 
 from kdpipe.cli import app, main
-from kdpipe.pipeline.curriculum import BuildCurriculumConfig, build_curriculum
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
@@ -43,14 +42,6 @@ def _cache_column(cache: Path, name: str) -> dict[int, float]:
 def _train_ids(cache: Path, fraction: float) -> np.ndarray:
     ids = np.sort(open_cache(cache).read_column(cols.SAMPLE_ID).to_numpy().astype(np.int64))
     return ids[~holdout_mask(ids, fraction)]
-
-
-@pytest.fixture(scope="module")
-def teacher_curriculum(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
-    out = tmp_path_factory.mktemp("curricula") / "teacher-nll.parquet"
-    build_curriculum(BuildCurriculumConfig(cache=str(tiny_cache), out=str(out), source="teacher",
-                                           metric="nll", progress=False))
-    return out
 
 
 def test_kd_cl_sr_run_follows_the_curriculum_and_logs_its_lambdas(

@@ -1,0 +1,79 @@
+"""The training objective as one module: student body → hidden states at targets → chunked loss.
+
+DDP and FSDP act at a module's forward: DDP arms its gradient hooks there, and FSDP gathers
+the sharded parameters of the embeddings, final norm and head (which the chunked loss calls
+directly, outside the model's own forward). So training and evaluation call the student
+through this module; on one process it is a plain function of the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+from kdpipe.trainer.chunked_loss import LossConfig, LossSums, chunked_distill_loss
+from kdpipe.trainer.data import Batch
+from kdpipe.trainer.model import StudentParts
+
+
+class StudentObjective(nn.Module):
+    """forward(batch, λ per target token, loss config) → the loss sums of one micro-batch."""
+
+    def __init__(self, parts: StudentParts, teacher_vocab_size: int) -> None:
+        super().__init__()
+        self.model = parts.model  # registered, so DDP/FSDP see every parameter
+        self.parts = parts  # a plain attribute: body and head are submodules of `model`
+        self.teacher_vocab_size = teacher_vocab_size
+
+    def forward(self, batch: Batch, kd_weight: Tensor | None, cfg: LossConfig
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(total, Σ CE, Σ KD, correct top-1, (N,) CE per token): tensors only, so DDP and
+        FSDP can find them; `sums` turns them back into LossSums."""
+        hidden = self.parts.hidden_states(batch.input_ids, batch.attention_mask)  # (B, T, H)
+        hidden = hidden[batch.target_mask]  # (N, H) real target positions only
+        out = chunked_distill_loss(hidden, self.parts.head, batch.labels, kd_weight, cfg,
+                                   batch.teacher, self.teacher_vocab_size,
+                                   self.parts.logit_transform)
+        return out.total, out.ce, out.kd, out.correct_top1, out.ce_per_token
+
+
+def sums(outputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]) -> LossSums:
+    total, ce, kd, correct, ce_per_token = outputs
+    return LossSums(total=total, ce=ce, kd=kd, correct_top1=correct,
+                    tokens=int(ce_per_token.numel()), ce_per_token=ce_per_token)
+
+
+def call(objective: nn.Module, batch: Batch, kd_weight: Tensor | None, cfg: LossConfig
+         ) -> LossSums:
+    """Run a (possibly DDP/FSDP-wrapped) StudentObjective on one micro-batch."""
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] = objective(batch, kd_weight, cfg)
+    return sums(out)
+
+
+def no_grad_sync(objective: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient reduction of a micro-batch that is not its step's last (when `skip`).
+
+    DDP: its `no_sync()` context; FSDP2: `set_requires_gradient_sync(False)`; one process:
+    nothing to skip.
+    """
+    if not skip:
+        return contextlib.nullcontext()
+    no_sync = getattr(objective, "no_sync", None)
+    if callable(no_sync):
+        return no_sync()
+    setter = getattr(objective, "set_requires_gradient_sync", None)
+    if callable(setter):
+        return _fsdp_no_sync(setter)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(setter: object) -> Iterator[None]:
+    assert callable(setter)
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)
