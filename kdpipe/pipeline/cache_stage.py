@@ -3,7 +3,7 @@
 Idempotent and crash-safe: every shard is written under a temporary name and renamed, the
 manifest is replaced atomically after each shard, and re-running the same command resumes
 (complete shards whose checksum holds are kept). Different settings into an existing cache are
-refused unless `overwrite` is set.
+refused unless `overwrite` is set (`cache_dir`).
 
 Two teacher backends fill the same shards: `hf` (transformers, full logits: exact tails and
 entropy) and `vllm` (GPU, top-k prompt log-probs: see `teacher_vllm`). With `num_workers > 1`
@@ -13,22 +13,29 @@ this run is one worker of many over the same corpus (see `workers`).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from kdpipe.pipeline import teacher_vllm, workers
+from kdpipe.pipeline.cache_dir import (
+    prepare_out,
+    previous_manifest,
+    record_progress,
+    resumable_shards,
+    reusable_shard,
+    shards_intact,
+)
 from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 from kdpipe.pipeline.sequences import iter_sequences
+from kdpipe.pipeline.shard_stream import in_background, shard_groups
 from kdpipe.pipeline.shard_writer import shard_name, write_shard
 from kdpipe.pipeline.teacher_hf import (
     SequenceTargets,
@@ -37,19 +44,14 @@ from kdpipe.pipeline.teacher_hf import (
     teacher_targets,
 )
 from kdpipe.pipeline.teacher_info import describe_teacher, load_tokenizer, teacher_vocab_size
-from kdpipe.schemas.cache import tokens_digest
 from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.fingerprint import tokenizer_fingerprint
-from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
 from kdpipe.schemas.manifest import (
-    MANIFEST_NAME,
     CacheManifest,
     CorpusInfo,
     ShardInfo,
     TokenizerInfo,
-    manifest_path,
-    read_manifest,
     write_manifest,
 )
 from kdpipe.schemas.shard import LOGPROB_DTYPES, id_dtype_for_vocab
@@ -57,9 +59,7 @@ from kdpipe.torch_runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "cache_config.json"
 BACKENDS = ("auto", "hf", "vllm")
-T = TypeVar("T")
 # One shard's (sample ids, sequences) -> their targets; updates the progress bar by the tokens
 # it computed.
 TeacherRunner = Callable[[list[int], list[list[int]], tqdm], list[SequenceTargets]]
@@ -202,18 +202,18 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
         sample_seed=cfg.sample_seed if cfg.cache_mode == "sampled" else 0,
         settings_fingerprint="", complete=False,
     ).with_fingerprint()
-    previous = _previous_manifest(cfg, draft)
-    if previous is not None and previous.complete and _shards_intact(cfg.out, previous):
+    previous = previous_manifest(cfg, draft)
+    if previous is not None and previous.complete and shards_intact(cfg.out, previous):
         log.info("%s is already a complete cache with these settings; nothing to do", cfg.out)
         return previous
-    kept = _resumable_shards(cfg, draft, previous)
+    kept = resumable_shards(cfg, draft, previous)
 
     # Read up to the first shard before loading the teacher or touching --out, so corpus
     # errors (missing field, empty corpus) cost seconds and leave nothing behind.
     stats = CorpusStats()
     documents = iter_documents(sources, cfg.text_field, cfg.split, cfg.strict, stats)
-    shard_stream = _in_background(_shards(iter_sequences(documents, tokenizer, cfg.max_length,
-                                                         cfg.layout), cfg.shard_size))
+    sequences = iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout)
+    shard_stream = in_background(shard_groups(sequences, cfg.shard_size))
     first_shard = next(shard_stream, None)
     if first_shard is None:
         raise ConfigError(f"--data {' '.join(cfg.data)}: no sequence of at least 2 tokens; "
@@ -221,10 +221,10 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run_teacher = _teacher_runner(cfg, backend, device, dtype, pad_id, vocab_size,
                                   model_config)
-    _prepare_out(cfg, draft, fresh=kept is None)
+    prepare_out(cfg, draft, fresh=kept is None)
     kept = kept or {}
     manifest = replace(draft, shards=())
-    _record(cfg, manifest)
+    record_progress(cfg, manifest)
 
     progress = tqdm(desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True)
     started = time.perf_counter()
@@ -236,18 +236,18 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
             if not workers.owns_shard(index, cfg.num_workers, cfg.worker_index):
                 continue  # another worker's shard: its sequences only advance the sample ids
             name = shard_name(index)
-            reused = _reusable_shard(cfg.out, kept.get(name), sample_ids, seqs)
+            reused = reusable_shard(cfg.out, kept.get(name), sample_ids, seqs)
             tokens = sum(len(s) for s in seqs)
             if reused is not None:
                 manifest = manifest.with_shard(reused)
-                _record(cfg, manifest)
+                record_progress(cfg, manifest)
                 progress.update(tokens)
                 continue
             targets = run_teacher(sample_ids, seqs, progress)
             computed_tokens += tokens
             if pending is not None:
                 manifest = manifest.with_shard(pending.result())
-                _record(cfg, manifest)
+                record_progress(cfg, manifest)
             pending = writer.submit(write_shard, cfg.out / name, draft.shard_layout, sample_ids,
                                     seqs, targets)
         if pending is not None:
@@ -265,7 +265,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
         return manifest
     part = workers.finished_part(manifest, cfg.worker_index, cfg.num_workers, stream_shards,
                                  stream_sequences)
-    _record(cfg, part)
+    record_progress(cfg, part)
     merged = workers.try_merge(cfg.out, cfg.num_workers)
     if merged is None:
         log.info("worker %d of %d finished; the last worker to finish merges the manifest",
@@ -332,129 +332,6 @@ def _check_against_model(cfg: CacheTeacherConfig, tokenizer: Any, vocab_size: in
                           f"max_position_embeddings ({limit})")
 
 
-def _previous_manifest(cfg: CacheTeacherConfig, draft: CacheManifest) -> CacheManifest | None:
-    """The existing cache's manifest if we may resume it; refuses to clobber anything else."""
-    out = cfg.out
-    if not out.exists() or not any(out.iterdir()):
-        return None
-    if not manifest_path(out).is_file():
-        if cfg.num_workers > 1 and not _foreign_files(out):
-            return None  # other workers' files, or a folder they are just filling
-        if workers.part_files(out) and not _foreign_files(out):
-            if cfg.overwrite:
-                return None
-            raise ConfigError(f"--out {out} holds an unfinished multi-worker cache (manifest "
-                              "parts, no manifest.json): finish it with its --num-workers, "
-                              f"merge it with `kdpipe cache-teacher --merge --out {out}`, or "
-                              "pass --overwrite")
-        raise ConfigError(f"--out {out} is a non-empty folder that is not a kdpipe cache; "
-                          "choose an empty or new folder")
-    previous = read_manifest(out)
-    if previous.settings_fingerprint == draft.settings_fingerprint:
-        return previous
-    if cfg.overwrite:
-        log.warning("--overwrite: replacing the cache in %s", out)
-        return None
-    raise ConfigError(f"--out {out} holds a cache made with different settings "
-                      f"({_changed_settings(previous, draft)}); pass --overwrite to replace it "
-                      "or choose another --out")
-
-
-def _changed_settings(old: CacheManifest, new: CacheManifest) -> str:
-    before, after = old.settings(), new.settings()
-    return ", ".join(sorted(k for k in after if before.get(k) != after[k]))
-
-
-def _resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,
-                      previous: CacheManifest | None) -> dict[str, ShardInfo] | None:
-    """Recorded shards a re-run may keep (each re-checked before use); None: start afresh.
-
-    A worker resumes from its own part, and from a merged manifest with the same settings.
-    """
-    if cfg.num_workers == 1:
-        return {s.file: s for s in previous.shards} if previous is not None else None
-    part = workers.read_part(cfg.out, cfg.worker_index, cfg.num_workers)
-    if part is not None and part.settings_fingerprint != draft.settings_fingerprint:
-        if not cfg.overwrite:
-            raise ConfigError(f"--out {cfg.out}: worker {cfg.worker_index}'s part was made with "
-                              f"different settings ({_changed_settings(part, draft)}); pass "
-                              "--overwrite to redo it or choose another --out")
-        part = None
-    if part is None and previous is None:
-        return None
-    recorded = [*(previous.shards if previous is not None else ()),
-                *(part.shards if part is not None else ())]
-    return {s.file: s for s in recorded
-            if (index := workers.shard_index(s.file)) is not None
-            and workers.owns_shard(index, cfg.num_workers, cfg.worker_index)}
-
-
-def _foreign_files(out: Path) -> list[str]:
-    """Names in `out` that no kdpipe cache-teacher run writes."""
-    ours = {MANIFEST_NAME, CONFIG_NAME, workers.MERGE_LOCK}
-    return [p.name for p in out.iterdir()
-            if p.name not in ours and not workers.SHARD_RE.match(p.name)
-            and not workers.PART_RE.match(p.name) and ".tmp-" not in p.name]
-
-
-def _prepare_out(cfg: CacheTeacherConfig, draft: CacheManifest, fresh: bool) -> None:
-    """Create --out and clear what this run replaces (a worker touches only its own files)."""
-    out = cfg.out
-    if cfg.num_workers == 1:
-        if fresh:
-            _clear_cache_files(out)
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)
-    else:
-        if fresh:
-            workers.clear_worker_files(out, cfg.worker_index, cfg.num_workers)
-        out.mkdir(parents=True, exist_ok=True)
-        workers.remove_worker_temp_files(out, cfg.worker_index, cfg.num_workers)
-        stale = manifest_path(out)  # a merged manifest of other settings (--overwrite)
-        if stale.is_file() and read_manifest(out).settings_fingerprint != \
-                draft.settings_fingerprint:
-            stale.unlink(missing_ok=True)
-    if cfg.num_workers == 1 or cfg.worker_index == 0:
-        atomic_write_json(out / CONFIG_NAME, _config_json(cfg))
-
-
-def _record(cfg: CacheTeacherConfig, manifest: CacheManifest) -> None:
-    """Persist progress: the manifest itself, or a worker's part (never manifest.json)."""
-    if cfg.num_workers == 1:
-        write_manifest(cfg.out, manifest)
-    else:
-        workers.write_part(cfg.out, cfg.worker_index, cfg.num_workers, manifest)
-
-
-def _shards_intact(out: Path, manifest: CacheManifest) -> bool:
-    return all((out / s.file).is_file() and sha256_file(out / s.file) == s.sha256
-               for s in manifest.shards)
-
-
-def _reusable_shard(out: Path, recorded: ShardInfo | None, sample_ids: list[int],
-                    seqs: list[list[int]]) -> ShardInfo | None:
-    """The recorded shard if its file is intact and holds exactly these sequences."""
-    if recorded is None:
-        return None
-    if recorded.tokens_sha256 != tokens_digest(sample_ids, seqs):
-        raise ConfigError(f"{out / recorded.file}: the corpus changed since this cache was "
-                          "started; pass --overwrite to rebuild it")
-    path = out / recorded.file
-    if path.is_file() and sha256_file(path) == recorded.sha256:
-        return recorded
-    log.warning("%s is missing or corrupt; recomputing it", path)
-    return None
-
-
-def _clear_cache_files(out: Path) -> None:
-    """Remove what a previous kdpipe cache left (only our own files)."""
-    if not out.is_dir():
-        return
-    for path in [*out.glob("shard-*.parquet"), *out.glob("manifest.part-*-of-*.json"),
-                 out / MANIFEST_NAME, out / CONFIG_NAME, out / workers.MERGE_LOCK]:
-        path.unlink(missing_ok=True)
-
-
 def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad_id: int,
                  progress: tqdm, sample_ids: list[int]) -> list[SequenceTargets]:
     """Teacher targets for one shard, batching sequences of similar length to cut padding.
@@ -473,63 +350,3 @@ def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad
             results[i] = out
         progress.update(sum(len(seqs[i]) for i in batch))
     return [r for r in results if r is not None]
-
-
-def _shards(sequences: Iterable[list[int]], shard_size: int
-            ) -> Iterator[tuple[list[int], list[list[int]]]]:
-    """Group the sequence stream into shards; sample_id is the position in the stream."""
-    ids: list[int] = []
-    seqs: list[list[int]] = []
-    for sample_id, seq in enumerate(sequences):
-        ids.append(sample_id)
-        seqs.append(seq)
-        if len(seqs) == shard_size:
-            yield ids, seqs
-            ids, seqs = [], []
-    if seqs:
-        yield ids, seqs
-
-
-def _in_background(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Produce `items` in a thread (reading and tokenizing overlap the teacher's work)."""
-    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry: tuple[str, Any]) -> bool:
-        while not stop.is_set():  # give up once the consumer has gone away
-            try:
-                buffer.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("done", None))
-        except BaseException as exc:  # re-raised in the consumer's thread
-            put(("error", exc))
-
-    thread = threading.Thread(target=produce, name="corpus-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = buffer.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-
-
-def _config_json(cfg: CacheTeacherConfig) -> dict[str, Any]:
-    data = asdict(cfg)
-    data["out"] = str(cfg.out)
-    if cfg.num_workers > 1:
-        del data["worker_index"]  # written once for all workers
-    return data
