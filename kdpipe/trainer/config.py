@@ -49,8 +49,9 @@ def _common_problems(c: Any) -> list[str]:
     return problems
 
 
-def _loss_cache_problems(loss: str, cache: str) -> list[str]:
-    """A sampled cache needs --loss sampled and a top-k cache any other loss (KD runs only).
+def _loss_cache_problems(loss: str, cache: str, flag: str = "--cache") -> list[str]:
+    """A sampled cache needs --loss sampled and a top-k cache any other loss (wherever the KD
+    term is computed: KD training, and every evaluation, which reports it).
 
     An unreadable cache is left to `open_cache`, which reports it with its own hint.
     """
@@ -61,10 +62,10 @@ def _loss_cache_problems(loss: str, cache: str) -> list[str]:
     except (CacheFormatError, OSError, ValueError):
         return []
     if sampled and loss != "sampled":
-        return [f"--loss {loss} needs a top-k cache, but --cache {cache} is sampled "
+        return [f"--loss {loss} needs a top-k cache, but {flag} {cache} is sampled "
                 "(--cache-mode sampled): use --loss sampled"]
     if not sampled and loss == "sampled":
-        return [f"--loss sampled needs a sampled cache, but --cache {cache} holds top-k "
+        return [f"--loss sampled needs a sampled cache, but {flag} {cache} holds top-k "
                 "log-probs: use --loss forward, or `kdpipe cache-teacher --cache-mode sampled`"]
     return []
 
@@ -158,8 +159,10 @@ class TrainConfig:
             problems.append(f"--out {self.out} is a file; give a folder for the run")
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.mode == "kd":
+        if self.mode == "kd" or self.eval_fraction > 0:  # evaluation reports the KD term too
             problems += _loss_cache_problems(self.loss, self.cache)
+        if self.eval_cache is not None:
+            problems += _loss_cache_problems(self.loss, self.eval_cache, "--eval-cache")
         if self.eval_cache is not None and self.eval_fraction > 0:
             problems.append("give at most one of --eval-cache and --eval-fraction")
         if self.scheduler not in SCHEDULERS:

@@ -103,3 +103,11 @@ def test_sampled_cache_trains_and_evaluates(tmp_path: Path, sampled_cache: Path,
     # CE-only training ignores the teacher columns: any cache works.
     small_config(sampled_cache, tmp_path / "ce", student=str(tiny_student_dir),
                  mode="ce").validate()
+    # Evaluation reports the KD term, so a held-out cache or split must suit --loss too,
+    # refused before training rather than at the first evaluation.
+    with pytest.raises(ConfigError, match="--eval-cache .* is sampled"):
+        small_config(tiny_cache, tmp_path / "bad", student=str(tiny_student_dir),
+                     eval_cache=str(sampled_cache)).validate()
+    with pytest.raises(ConfigError, match="--cache .* is sampled"):
+        small_config(sampled_cache, tmp_path / "bad", student=str(tiny_student_dir),
+                     mode="ce", eval_fraction=0.2).validate()
