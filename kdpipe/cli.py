@@ -105,6 +105,7 @@ def cache_teacher_command(
         help="vllm: share of each GPU's memory vLLM may use.")] = 0.9,
     tensor_parallel_size: Annotated[int, typer.Option(
         help="vllm: GPUs to split one teacher over (only for a teacher too big for one).")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run the teacher over a corpus once; write top-k log-probs, tail mass and confidence."""
     if merge:
@@ -129,7 +130,7 @@ def cache_teacher_command(
         samples=samples, sample_seed=sample_seed, strict=strict, overwrite=overwrite,
         trust_remote_code=trust_remote_code, num_workers=num_workers, worker_index=worker_index,
         gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size)
+        tensor_parallel_size=tensor_parallel_size, progress=progress)
     manifest = cache_teacher(cfg)
     if is_part(manifest):
         typer.echo(f"worker {worker_index} of {num_workers} done: {len(manifest.shards)} "

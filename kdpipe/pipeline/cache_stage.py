@@ -96,6 +96,7 @@ class CacheTeacherConfig:
     worker_index: int = 0
     gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU for weights + KV cache
     tensor_parallel_size: int = 1  # vLLM: GPUs one teacher is split over
+    progress: bool = True
 
     @property
     def layout(self) -> str:
@@ -226,7 +227,8 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     manifest = replace(draft, shards=())
     record_progress(cfg, manifest)
 
-    progress = tqdm(desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True)
+    progress = tqdm(desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True,
+                    disable=not cfg.progress)
     started = time.perf_counter()
     computed_tokens = stream_shards = stream_sequences = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:

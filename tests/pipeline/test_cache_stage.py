@@ -118,9 +118,11 @@ def test_changed_corpus_is_detected_on_resume(tiny_teacher_dir: Path, small_corp
 
 
 def test_packed_layout_fills_blocks(tiny_teacher_dir: Path, small_corpus: Path,
-                                    tmp_path: Path) -> None:
-    cfg = small_config(tiny_teacher_dir, small_corpus, tmp_path / "packed", pack=True)
+                                    tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cfg = small_config(tiny_teacher_dir, small_corpus, tmp_path / "packed", pack=True,
+                       progress=False)
     manifest = cache_teacher(cfg)
+    assert "cache-teacher:" not in capfd.readouterr().err  # no progress bar
     assert manifest.layout == "packed"
     lengths = [len(ids) for t in open_cache(cfg.out).iter_row_groups(["input_ids"])
                for ids in t.column("input_ids").to_pylist()]
