@@ -183,9 +183,12 @@ def dense_step(student: torch.nn.Module, teacher: torch.nn.Module | None,
 
 # --- one arm, in its own process --------------------------------------------------------------
 
-def sample_order(index: Any, seed: int, window: int, samples: int) -> np.ndarray:
-    """The trainer's seeded shuffle, epoch after epoch, cut to `samples` ids."""
-    sampler = ShuffleSampler(index, index.sample_ids, seed, window=window)
+def sample_order(index: Any, seed: int, window: int, samples: int,
+                 ids: np.ndarray | None = None) -> np.ndarray:
+    """The trainer's seeded shuffle of `ids` (default: all), epoch after epoch, cut to
+    `samples` ids."""
+    sampler = ShuffleSampler(index, index.sample_ids if ids is None else ids, seed,
+                             window=window)
     orders, have, epoch = [], 0, 0
     while have < samples:
         orders.append(sampler.epoch_order(epoch))
