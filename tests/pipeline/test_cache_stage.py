@@ -166,3 +166,9 @@ def test_inspect_reports_the_cache(tiny_teacher_dir: Path, small_corpus: Path, t
     assert summary["tokens"] == manifest.num_tokens and summary["teacher_nll"] > 0
     assert summary["bytes_per_token"] == pytest.approx(
         manifest.num_bytes / manifest.num_targets)
+    tails = np.concatenate([np.asarray(t.column("tail_logmass").to_pylist()[i])
+                            for t in open_cache(out).iter_row_groups(["tail_logmass"])
+                            for i in range(t.num_rows)])
+    assert summary["topk_mass_positions"] == manifest.num_targets == tails.size
+    assert summary["topk_mass"] == pytest.approx(float(np.mean(1 - np.exp(tails))), rel=1e-6)
+    assert 0 < summary["topk_mass"] < 1

@@ -58,6 +58,7 @@ def test_sampled_cache_round_trip_and_determinism(tiny_teacher_dir: Path, small_
     assert cache.verify() == []
     assert manifest.settings()["cache_mode"] == "sampled" and manifest.samples == SAMPLES
     assert summarize(cache)["cache_mode"] == f"sampled (N={SAMPLES})"
+    assert summarize(cache)["topk_mass"] == "-"  # no tail column to measure it from
     table = pq.read_table(cfg.out / manifest.shards[0].file)
     assert cols.TOPK_IDS not in table.column_names and cols.TAIL_LOGMASS not in table.column_names
 
