@@ -191,7 +191,9 @@ def evaluate(
     trust_remote_code: Annotated[bool, typer.Option(
         help="Allow the student/tokenizer to run code from its repository.")] = False,
 ) -> None:
-    """One pass of a student over a cache; prints one JSON object (ce, ppl, kd, top1...)."""
+    """One pass of a student over a cache; prints one JSON object (ce, ppl, kd, top1...).
+
+    Under torchrun the processes split the samples and reduce the sums."""
     from kdpipe.trainer.evaluate import evaluate as run
 
     cfg = EvalConfig(
@@ -200,4 +202,6 @@ def evaluate(
         beta=beta, alpha=alpha, batch_size=batch_size, device=device, dtype=dtype,
         chunk_size=chunk_size, prefetch=prefetch, progress=progress,
         trust_remote_code=trust_remote_code)
-    typer.echo(json.dumps(run(cfg)))
+    result = run(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        typer.echo(json.dumps(result))

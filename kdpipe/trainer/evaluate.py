@@ -118,24 +118,32 @@ def eval_sample_ids(index: CacheIndex, fraction: float, max_samples: int | None)
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate a student on a cache; returns the metrics `kdpipe evaluate` prints."""
+    """Evaluate a student on a cache; returns the metrics `kdpipe evaluate` prints.
+
+    Under torchrun each process evaluates a contiguous share of the samples on its own device
+    and the sums are reduced, so every process returns the metrics of the whole set.
+    """
     cfg.validate()
-    cache = open_cache(cfg.cache)
-    manifest = cache.manifest
-    tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, manifest, cfg.trust_remote_code)
-    check_tokenizer(tokenizer, manifest, cfg.cache)
-    model = load_student(cfg.student, None, manifest, tokenizer, seed=0,
-                         trust_remote_code=cfg.trust_remote_code)
-    check_vocab(model, manifest, cfg.student)
-    device = resolve_device(cfg.device)
-    model.to(device)
-    parts = split_student(model, cfg.student)
-    index = build_index(cache)
-    ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
-    pad_id = manifest.tokenizer.pad_token_id or 0
-    result = run_evaluation(parts, index, ids, cfg.loss_config(), cfg.kd_weight, device,
-                            autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
-                            cfg.prefetch, cfg.progress)
+    dist = Distributed.from_env(cfg.device)
+    try:
+        cache = open_cache(cfg.cache)
+        manifest = cache.manifest
+        tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, manifest, cfg.trust_remote_code)
+        check_tokenizer(tokenizer, manifest, cfg.cache)
+        model = load_student(cfg.student, None, manifest, tokenizer, seed=0,
+                             trust_remote_code=cfg.trust_remote_code)
+        check_vocab(model, manifest, cfg.student)
+        device = dist.device(resolve_device(cfg.device))
+        model.to(device)
+        parts = split_student(model, cfg.student)
+        index = build_index(cache)
+        ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
+        pad_id = manifest.tokenizer.pad_token_id or 0
+        result = run_evaluation(parts, index, ids, cfg.loss_config(), cfg.kd_weight, device,
+                                autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
+                                cfg.prefetch, cfg.progress and dist.is_main, dist=dist)
+    finally:
+        dist.close()
     result.update({"student": cfg.student, "cache": str(cfg.cache), "loss_kind": cfg.loss,
-                   "temperature": cfg.temperature})
+                   "temperature": cfg.temperature, "world_size": dist.world_size})
     return result

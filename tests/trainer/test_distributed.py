@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.trainer.checkpoint import CHECKPOINTS_DIR, FINAL_DIR
+from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.distributed import rank_order, rank_slice
+from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.run_dir import FINAL_METRICS_NAME
 from kdpipe.trainer.train import train
 
@@ -64,13 +66,14 @@ def _flags(cache: Path, out: Path, student: Path, device: str = "cpu", **options
     return args
 
 
-def torchrun(args: list[str], nproc: int = 2) -> None:
-    """`torchrun --nproc-per-node 2 -m kdpipe train-student ARGS`, failing on a non-zero exit."""
+def torchrun(args: list[str], nproc: int = 2, command: str = "train-student") -> str:
+    """`torchrun --nproc-per-node 2 -m kdpipe COMMAND ARGS`: its stdout; fails on an error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "kdpipe", "train-student", *args]
+           f"--nproc-per-node={nproc}", "-m", "kdpipe", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 def _records(run: Path, name: str) -> list[dict[str, Any]]:
@@ -133,6 +136,23 @@ def test_two_processes_train_like_one_and_resume(tmp_path: Path, tiny_cache: Pat
                        eval_every=4, save_every=5, fsdp=fsdp, resume=True)
     with pytest.raises(ConfigError, match="written by 2 process"):
         train(cfg)
+
+
+def test_evaluate_splits_the_samples_over_processes(tiny_cache: Path, tiny_student_dir: Path
+                                                    ) -> None:
+    """Each process evaluates its share (odd sizes: one pads a batch); rank 0 prints the
+    metrics of the whole set, equal to one process's."""
+    args = ["--student", str(tiny_student_dir), "--cache", str(tiny_cache), "--device", "cpu",
+            "--batch-size", "4", "--max-samples", "23", "--chunk-size", "64"]
+    lines = torchrun(args, command="evaluate").strip().splitlines()
+    assert len(lines) == 1  # only rank 0 prints
+    many = json.loads(lines[0])
+    one = evaluate(EvalConfig(student=str(tiny_student_dir), cache=str(tiny_cache),
+                              device="cpu", batch_size=4, max_samples=23, chunk_size=64))
+    assert many["world_size"] == 2 and one["world_size"] == 1
+    for key in ("ce", "ppl", "kd", "top1_agreement", "loss"):
+        assert many[key] == pytest.approx(one[key], rel=1e-5), key
+    assert many["tokens"] == one["tokens"] and many["samples"] == one["samples"] == 23
 
 
 @pytest.mark.parametrize("reliance", [
