@@ -18,7 +18,7 @@ from typing import Any
 
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.checkpoint import latest_checkpoint
+from kdpipe.trainer.checkpoint import latest_checkpoint, read_trainer_state
 from kdpipe.trainer.config import (
     CONFIG_NAME,
     COSMETIC_FIELDS,
@@ -40,8 +40,12 @@ class RunStart:
     finished: dict[str, Any] | None  # the results of an already finished identical run
 
 
-def prepare_run_dir(cfg: TrainConfig) -> RunStart:
-    """Create, reuse or refuse the run folder `cfg.out`; writes `config.json`."""
+def prepare_run_dir(cfg: TrainConfig, world_size: int = 1) -> RunStart:
+    """Create, reuse or refuse the run folder `cfg.out`; writes `config.json`.
+
+    world_size: the processes of this run; --resume refuses a checkpoint written by another
+    number (the data would be split differently) before anything in the folder changes.
+    """
     run_dir = Path(cfg.out)
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not (run_dir / CONFIG_NAME).is_file():
@@ -64,12 +68,14 @@ def prepare_run_dir(cfg: TrainConfig) -> RunStart:
                     f"--resume {run_dir}: the run was made with different {', '.join(fixed)}; "
                     "only run length and reporting options may change on resume (use "
                     "--overwrite or another --out to start a different run)")
+            checkpoint = latest_checkpoint(run_dir)
+            _check_world_size(run_dir, checkpoint, world_size)
             if changed:
                 log.warning("resuming %s with changed %s (the LR schedule follows the new "
                             "length)", run_dir, ", ".join(changed))
             write_config(run_dir, cfg)
             (run_dir / FINAL_METRICS_NAME).unlink(missing_ok=True)
-            return RunStart(checkpoint=latest_checkpoint(run_dir), finished=None)
+            return RunStart(checkpoint=checkpoint, finished=None)
         elif changed:
             raise ConfigError(
                 f"--out {run_dir} holds a run with a different config ({', '.join(changed)}); "
@@ -81,6 +87,17 @@ def prepare_run_dir(cfg: TrainConfig) -> RunStart:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)
     return RunStart(checkpoint=None, finished=None)
+
+
+def _check_world_size(run_dir: Path, checkpoint: Path | None, world_size: int) -> None:
+    if checkpoint is None:
+        return
+    written = read_trainer_state(checkpoint).world_size
+    if written != world_size:
+        raise ConfigError(
+            f"--resume {run_dir}: {checkpoint.name} was written by {written} process(es), this "
+            f"run has {world_size}; resume with torchrun --nproc-per-node (x nodes) = "
+            f"{written}, or start a new --out")
 
 
 def rewind_logs(run_dir: Path, step: int, epoch: int) -> None:

@@ -223,7 +223,7 @@ def _train(cfg: TrainConfig, dist: Distributed, sampler: Sampler | None,
     if cfg.fsdp and not dist.enabled:
         log.warning("--fsdp shards the student over the processes torchrun starts; on one "
                     "process it has no effect")
-    start = dist.on_main(lambda: prepare_run_dir(cfg))
+    start = dist.on_main(lambda: prepare_run_dir(cfg, dist.world_size))
     if start.finished is not None:
         return start.finished
     run_dir = Path(cfg.out)
@@ -276,11 +276,6 @@ def _train(cfg: TrainConfig, dist: Distributed, sampler: Sampler | None,
     stats = SampleStats() if cfg.snapshots else None
     if start.checkpoint is not None:
         state = replace(ckpt.read_trainer_state(start.checkpoint), config=cfg.to_json_dict())
-        if state.world_size != dist.world_size:
-            raise ConfigError(
-                f"--resume {run_dir}: {start.checkpoint.name} was written by {state.world_size} "
-                f"process(es), this run has {dist.world_size}; resume with torchrun "
-                f"--nproc-per-node (x nodes) = {state.world_size}, or start a new --out")
         saved = ckpt.load_training_state(start.checkpoint)
         load_optimizer_state(objective, optimizer, saved[ckpt.OPTIMIZER_KEY], fsdp)
         scheduler.load_state_dict(saved[ckpt.SCHEDULER_KEY])

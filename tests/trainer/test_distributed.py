@@ -129,13 +129,15 @@ def test_two_processes_train_like_one_and_resume(tmp_path: Path, tiny_cache: Pat
     torchrun(_flags(tiny_cache, crashed, tiny_student_dir, **options, resume=True))
     assert_same_training(many, crashed, rel=1e-6)
 
-    # A 2-process checkpoint does not resume on one process: the data split would differ.
-    (crashed / FINAL_METRICS_NAME).unlink()
+    # A 2-process checkpoint does not resume on one process (the data split would differ),
+    # and the refusal changes nothing: the finished run keeps its final metrics and config.
+    before = {p.name: p.read_bytes() for p in crashed.iterdir() if p.is_file()}
     cfg = small_config(tiny_cache, crashed, student=str(tiny_student_dir), batch_size=1,
-                       grad_accum=3, max_steps=None, epochs=1, eval_fraction=EVAL_FRACTION,
+                       grad_accum=3, max_steps=12, eval_fraction=EVAL_FRACTION,
                        eval_every=4, save_every=5, fsdp=fsdp, resume=True)
     with pytest.raises(ConfigError, match="written by 2 process"):
         train(cfg)
+    assert {p.name: p.read_bytes() for p in crashed.iterdir() if p.is_file()} == before
 
 
 def test_evaluate_splits_the_samples_over_processes(tiny_cache: Path, tiny_student_dir: Path
