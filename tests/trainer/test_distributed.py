@@ -66,14 +66,15 @@ def _flags(cache: Path, out: Path, student: Path, device: str = "cpu", **options
     return args
 
 
-def torchrun(args: list[str], nproc: int = 2, command: str = "train-student") -> str:
-    """`torchrun --nproc-per-node 2 -m kdpipe COMMAND ARGS`: its stdout; fails on an error."""
+def torchrun(args: list[str], nproc: int = 2, command: str = "train-student",
+             expect_failure: bool = False) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc-per-node 2 -m kdpipe COMMAND ARGS`, asserting its exit status."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "kdpipe", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+    assert (proc.returncode != 0) == expect_failure, proc.stderr[-4000:]
+    return proc
 
 
 def _records(run: Path, name: str) -> list[dict[str, Any]]:
@@ -140,13 +141,29 @@ def test_two_processes_train_like_one_and_resume(tmp_path: Path, tiny_cache: Pat
     assert {p.name: p.read_bytes() for p in crashed.iterdir() if p.is_file()} == before
 
 
+def test_a_refusal_on_rank_0_stops_the_run(tmp_path: Path, tiny_cache: Path,
+                                              tiny_student_dir: Path) -> None:
+    """Rank 0 alone decides about the run folder; its refusal (handed to every rank, see
+    Distributed.on_main) ends the run with the one-line error and a non-zero exit, and leaves
+    the folder as it was. torchrun may stop the other ranks once rank 0 has exited, so at
+    least one copy of the line is printed."""
+    run = tmp_path / "run"
+    train(small_config(tiny_cache, run, student=str(tiny_student_dir), max_steps=2))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    proc = torchrun(_flags(tiny_cache, run, tiny_student_dir, batch_size=2, max_steps=3),
+                    expect_failure=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdpipe: error:")]
+    assert errors and all("holds a run with a different config" in e for e in errors)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_evaluate_splits_the_samples_over_processes(tiny_cache: Path, tiny_student_dir: Path
                                                     ) -> None:
     """Each process evaluates its share (odd sizes: one pads a batch); rank 0 prints the
     metrics of the whole set, equal to one process's."""
     args = ["--student", str(tiny_student_dir), "--cache", str(tiny_cache), "--device", "cpu",
             "--batch-size", "4", "--max-samples", "23", "--chunk-size", "64"]
-    lines = torchrun(args, command="evaluate").strip().splitlines()
+    lines = torchrun(args, command="evaluate").stdout.strip().splitlines()
     assert len(lines) == 1  # only rank 0 prints
     many = json.loads(lines[0])
     one = evaluate(EvalConfig(student=str(tiny_student_dir), cache=str(tiny_cache),
