@@ -39,8 +39,8 @@ from kdpipe.schemas.errors import ConfigError
 # Options the runner sets for every run; an arm cannot.
 RUNNER_TRAIN_OPTIONS = ("cache", "out", "seed", "eval_cache", "resume", "overwrite")
 RUNNER_CURRICULUM_OPTIONS = ("cache", "out", "overwrite")
-TOP_LEVEL_KEYS = ("name", "description", "out", "setup", "seeds", "baseline", "metric", "train",
-                  "curricula", "arms")
+TOP_LEVEL_KEYS = ("name", "description", "out", "setup", "seeds", "baseline", "comparisons",
+                  "metric", "train", "curricula", "arms")
 SETUP_KEYS = ("embedded", "cache", "eval_cache")
 SUMMARY_METRICS = ("eval_ce", "eval_ppl", "eval_top1_agreement", "eval_kd", "eval_loss",
                    "train_loss", "train_tokens_per_s", "wall_s", "tokens_seen")
@@ -85,6 +85,7 @@ class ExperimentConfig:
     curricula: tuple[CurriculumSpec, ...] = ()
     train: dict[str, Any] = field(default_factory=dict)
     baseline: str | None = None
+    comparisons: tuple[tuple[str, str], ...] = ()  # (A, B): also report A − B, paired by seed
     metric: str = "eval_ce"
     description: str = ""
 
@@ -269,7 +270,8 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
     exp = ExperimentConfig(
         name=name, out=str(out or data.get("out") or Path("runs") / name), setup=setup,
         seeds=seeds, arms=tuple(arms), curricula=tuple(curricula), train=train,
-        baseline=None if baseline is None else str(baseline), metric=metric,
+        baseline=None if baseline is None else str(baseline),
+        comparisons=_comparisons(data.get("comparisons"), problems), metric=metric,
         description=str(data.get("description", "")).strip())
     problems += reference_problems(exp)
     if problems:
@@ -277,12 +279,35 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
     return exp
 
 
+def _comparisons(raw: Any, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    """`comparisons: [[A, B], ...]`: pairs of arm names (checked against the arms later)."""
+    if raw is None:
+        return ()
+    pairs = []
+    if not isinstance(raw, list):
+        problems.append("comparisons must be a list of [arm, arm] pairs")
+        return ()
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2
+                and all(isinstance(a, str) for a in item) and item[0] != item[1]):
+            problems.append(f"comparisons: {item!r} is not a pair of two different arm names "
+                            "([A, B] reports A − B)")
+            continue
+        pairs.append((item[0], item[1]))
+    return tuple(pairs)
+
+
 def reference_problems(exp: ExperimentConfig) -> list[str]:
-    """Names that point nowhere: baseline, from_arm, curricula used by arms."""
+    """Names that point nowhere: baseline, comparisons, from_arm, curricula used by arms."""
     problems = []
     arm_names = [a.name for a in exp.arms]
     if exp.baseline is not None and exp.baseline not in arm_names:
         problems.append(f"baseline {exp.baseline!r} is not an arm ({', '.join(arm_names)})")
+    for a, b in exp.comparisons:
+        unknown = [n for n in (a, b) if n not in arm_names]
+        if unknown:
+            problems.append(f"comparisons [{a}, {b}]: {', '.join(map(repr, unknown))} is not an "
+                            f"arm ({', '.join(arm_names)})")
     dependencies = exp.dependencies()
     for spec in exp.curricula:
         if spec.from_arm is None:

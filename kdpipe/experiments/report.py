@@ -132,7 +132,8 @@ def render_report(root: Path, plots: bool = True, out: Path | None = None) -> Pa
     if view.baseline:
         facts.append(f"baseline: {view.label(view.baseline)}")
     lines += ["; ".join(facts), "", "## Summary", ""]
-    summary = summarize(view.records, view.arms, view.baseline)
+    summary = summarize(view.records, view.arms, view.baseline,
+                        comparisons=view.comparisons)
     metrics = (view.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")
                                      if m != view.metric)
     lines += summary_markdown(summary, view.arms, view.labels, metrics)

@@ -42,6 +42,7 @@ class ExperimentView:
     description: str = ""
     command: str = ""
     inputs: dict[str, Any] = field(default_factory=dict)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
 
     def label(self, arm: str) -> str:
         return self.labels.get(arm, arm)
@@ -69,7 +70,8 @@ def load_view(root: Path) -> ExperimentView:
                               metric=exp.get("metric", "eval_ce"), records=records,
                               labels=exp.get("labels") or {},
                               description=exp.get("description", ""),
-                              command=exp.get("command", ""), inputs=exp.get("inputs") or {})
+                              command=exp.get("command", ""), inputs=exp.get("inputs") or {},
+                              comparisons=[(a, b) for a, b in exp.get("comparisons") or []])
     if (root / "config.json").is_file():  # one train-student run
         from kdpipe.trainer.config import read_config
 

@@ -257,7 +257,7 @@ def write_summary(exp: ExperimentConfig, records: list[dict[str, Any]], out: Pat
                   labels: dict[str, str] | None = None) -> dict[str, Any]:
     """summary.json and summary.md from the run records."""
     arms = [a.name for a in exp.arms]
-    summary = summarize(records, arms, exp.baseline)
+    summary = summarize(records, arms, exp.baseline, comparisons=exp.comparisons)
     summary["metric"] = exp.metric
     atomic_write_json(out / SUMMARY_NAME, summary)
     metrics = (exp.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")

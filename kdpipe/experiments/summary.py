@@ -42,9 +42,10 @@ def values_by_seed(records: Sequence[dict[str, Any]], arm: str, metric: str
 
 
 def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str], baseline: str | None,
-              metrics: Sequence[str] = tuple(METRIC_INFO), level: float = LEVEL
-              ) -> dict[str, Any]:
-    """{"arms": {arm: {metric: interval}}, "differences": {arm: {metric: interval}}, ...}."""
+              metrics: Sequence[str] = tuple(METRIC_INFO), level: float = LEVEL,
+              comparisons: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """{"arms": {arm: {metric: interval}}, "differences": {arm: {metric: interval}},
+    "comparisons": [{"a": A, "b": B, metric: interval of A − B}], ...}."""
     per_arm: dict[str, dict[str, Any]] = {}
     differences: dict[str, dict[str, Any]] = {}
     for arm in arms:
@@ -63,7 +64,16 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str], baseline: 
                 values_by_seed(records, baseline, metric)
             if mine and theirs:
                 differences[arm][metric] = difference_interval(mine, theirs, level).as_dict()
-    return {"level": level, "baseline": baseline, "arms": per_arm, "differences": differences}
+    pairs = []
+    for a, b in comparisons:
+        entry: dict[str, Any] = {"a": a, "b": b}
+        for metric in metrics:
+            mine, theirs = values_by_seed(records, a, metric), values_by_seed(records, b, metric)
+            if mine and theirs:
+                entry[metric] = difference_interval(mine, theirs, level).as_dict()
+        pairs.append(entry)
+    return {"level": level, "baseline": baseline, "arms": per_arm, "differences": differences,
+            "comparisons": pairs}
 
 
 def fmt(value: float, digits: int = 4) -> str:
@@ -110,21 +120,31 @@ def summary_markdown(summary: dict[str, Any], arms: Sequence[str],
         lines.append(f"| {labels.get(arm, arm)} | {row.get('finished', 0)}/{row.get('runs', 0)} | "
                      + " | ".join(cells) + " |")
     lines += ["", f"Mean ± half-width of the {level}% Student-t interval over seeds."]
-    baseline = summary.get("baseline")
-    if baseline is None or not summary["differences"]:
-        return lines
     metric = metrics[0]
     label, direction = METRIC_INFO[metric]
-    lines += ["", f"Difference from **{labels.get(baseline, baseline)}** in {label} "
-              f"(arm − baseline; {level}% interval):", "",
-              "| arm | difference | interval | method | verdict |", "|---|---|---|---|---|"]
-    for arm in arms:
-        d = summary["differences"].get(arm, {}).get(metric)
-        if d is None:
-            continue
-        interval = f"[{fmt(d['low'])}, {fmt(d['high'])}]" if _finite(d["low"]) else "–"
-        method = {"paired": f"paired by seed (n={d['n']})",
-                  "welch": f"Welch (ν={fmt(d['df'], 3)})", "t": "t"}[d["method"]]
-        lines.append(f"| {labels.get(arm, arm)} | {fmt(d['estimate'])} | {interval} | {method} "
-                     f"| {verdict(d, direction)} |")
+    baseline = summary.get("baseline")
+    if baseline is not None and summary["differences"]:
+        lines += ["", f"Difference from **{labels.get(baseline, baseline)}** in {label} "
+                  f"(arm − baseline; {level}% interval):", "",
+                  "| arm | difference | interval | method | verdict |", "|---|---|---|---|---|"]
+        for arm in arms:
+            d = summary["differences"].get(arm, {}).get(metric)
+            if d is not None:
+                lines.append(f"| {labels.get(arm, arm)} | {_difference_cells(d, direction)} |")
+    pairs = [p for p in summary.get("comparisons", []) if metric in p]
+    if pairs:
+        lines += ["", f"Comparisons in {label} (A − B; {level}% interval; the verdict is A's):",
+                  "", "| A − B | difference | interval | method | verdict |",
+                  "|---|---|---|---|---|"]
+        for p in pairs:
+            name = f"{labels.get(p['a'], p['a'])} − {labels.get(p['b'], p['b'])}"
+            lines.append(f"| {name} | {_difference_cells(p[metric], direction)} |")
     return lines
+
+
+def _difference_cells(d: dict[str, Any], direction: int) -> str:
+    """difference | interval | method | verdict, for one difference interval."""
+    interval = f"[{fmt(d['low'])}, {fmt(d['high'])}]" if _finite(d["low"]) else "–"
+    method = {"paired": f"paired by seed (n={d['n']})",
+              "welch": f"Welch (ν={fmt(d['df'], 3)})", "t": "t"}[d["method"]]
+    return f"{fmt(d['estimate'])} | {interval} | {method} | {verdict(d, direction)}"

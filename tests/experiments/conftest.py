@@ -67,6 +67,7 @@ def experiment_yaml(path: Path, caches: tuple[Path, Path], out: Path) -> Path:
         "setup": {"cache": str(caches[0]), "eval_cache": str(caches[1])},
         "seeds": [0, 1],
         "baseline": "kd",
+        "comparisons": [["kd-cl-sr", "kd-cl"]],
         "train": {"student-config": STUDENT, "epochs": 1, "batch-size": 8, "lr": "3e-3",
                   "eval-every": 2, "log-every": 1, "device": "cpu"},
         "curricula": {"teacher-nll": {"source": "teacher", "metric": "nll", "buckets": 4},

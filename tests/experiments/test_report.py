@@ -25,7 +25,8 @@ def test_markdown_names_every_arm_and_section(tiny_experiment: tuple[Path, Path]
         assert f"| {arm} |" in text
     for section in ("## Summary", "## Runs", "## Held-out evaluation over training",
                     "## Curricula: difficulty scores", "## Selective reliance",
-                    "## Curriculum pool over training", "paired by seed"):
+                    "## Curriculum pool over training", "paired by seed",
+                    "| kd-cl-sr − kd-cl | "):  # the YAML's `comparisons`
         assert section in text
     assert "teacher-nll" in text and "ce-snapshot/seed-0" in text
     assert not list((tmp_path / "md").glob("*.png"))

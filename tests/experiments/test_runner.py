@@ -29,6 +29,7 @@ def test_config_converts_values_and_reports_every_problem(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         parse_experiment({"setup": {"embedded": "small", "cache": "c"}, "seeds": [1, 1],
                           "baseline": "nope", "colour": "red",
+                          "comparisons": [["a", "ghost"], ["a", "a"], "a - b"],
                           "train": {"lr": "fast", "seed": 3, "bogus": 1},
                           "curricula": {"s": {"source": "teacher", "from_arm": "ghost"}},
                           "arms": {"a": {"curriculum": "missing"}}}, "bad.yaml")
@@ -37,7 +38,10 @@ def test_config_converts_values_and_reports_every_problem(tmp_path: Path) -> Non
                      "train.lr: expected a number", "train.seed: set by the experiment runner",
                      "train.bogus: unknown option", "baseline 'nope'", "'ghost' is not an arm",
                      "from_arm needs source snapshot or student",
-                     "arms.a.curriculum 'missing'"):
+                     "arms.a.curriculum 'missing'",
+                     "comparisons [a, ghost]: 'ghost' is not an arm",
+                     "comparisons: ['a', 'a'] is not a pair of two different arm names",
+                     "comparisons: 'a - b' is not a pair"):
         assert expected in message
 
 
@@ -83,6 +87,14 @@ def test_summary_intervals_match_an_independent_computation(
         pytest.approx(diff["estimate"])
     assert "kd" not in summary["differences"]  # the baseline itself
     assert "± " in (out / "summary.md").read_text()
+    # `comparisons: [[kd-cl-sr, kd-cl]]`: A − B paired by seed, in summary.json and summary.md
+    sr = {r["seed"]: r["eval_ce"] for r in records if r["arm"] == "kd-cl-sr"}
+    (pair,) = summary["comparisons"]
+    assert (pair["a"], pair["b"]) == ("kd-cl-sr", "kd-cl")
+    assert pair["eval_ce"]["method"] == "paired"
+    assert pair["eval_ce"]["estimate"] == pytest.approx(
+        sum(sr[s] - values["kd-cl"][s] for s in (0, 1)) / 2)
+    assert "| kd-cl-sr − kd-cl | " in (out / "summary.md").read_text()
 
 
 def test_rerun_skips_finished_runs(tiny_experiment: tuple[Path, Path],
