@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import ConfigError, choice_problems
 
 # Options the runner sets for every run; an arm cannot.
 RUNNER_TRAIN_OPTIONS = ("cache", "out", "seed", "eval_cache", "resume", "overwrite")
@@ -135,20 +135,15 @@ def _convert(value: Any, hint: Any, flag: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ValueError(f"{flag}: expected true or false, found {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{flag}: expected an integer, found {value!r}")
+    if hint in (int, float):
+        accepted = (int, str) if hint is int else (int, float, str)
+        wrong = f"{flag}: expected {'an integer' if hint is int else 'a number'}, found {value!r}"
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ValueError(wrong)
         try:
-            return int(value)
+            return hint(value)
         except ValueError:
-            raise ValueError(f"{flag}: expected an integer, found {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{flag}: expected a number, found {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{flag}: expected a number, found {value!r}") from None
+            raise ValueError(wrong) from None
     if hint is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ValueError(f"{flag}: expected a string, found {value!r}")
@@ -264,8 +259,7 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
         arms.append(ArmSpec(aname, convert_options(TrainConfig, options, f"arms.{aname}",
                                                    RUNNER_TRAIN_OPTIONS, problems=problems)))
     metric = str(data.get("metric", "eval_ce"))
-    if metric not in SUMMARY_METRICS:
-        problems.append(f"metric {metric!r} is not one of {', '.join(SUMMARY_METRICS)}")
+    problems += choice_problems("metric", metric, SUMMARY_METRICS)
     baseline = data.get("baseline")
     exp = ExperimentConfig(
         name=name, out=str(out or data.get("out") or Path("runs") / name), setup=setup,

@@ -45,7 +45,7 @@ from kdpipe.pipeline.teacher_hf import (
 )
 from kdpipe.pipeline.teacher_info import describe_teacher, load_tokenizer, teacher_vocab_size
 from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import ConfigError, choice_problems
 from kdpipe.schemas.fingerprint import tokenizer_fingerprint
 from kdpipe.schemas.manifest import (
     CacheManifest,
@@ -107,8 +107,7 @@ class CacheTeacherConfig:
         problems = []
         if not self.data:
             problems.append("--data is required (a file, folder, glob or dataset name)")
-        if self.backend not in BACKENDS:
-            problems.append(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        problems += choice_problems("--backend", self.backend, BACKENDS)
         if self.backend == "vllm" and self.tail_temperatures:
             problems.append("--tail-temperatures needs --backend hf: vLLM returns only top-k "
                             "log-probs, so exact tempered tails cannot be computed (without "

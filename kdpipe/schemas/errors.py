@@ -11,3 +11,10 @@ class ConfigError(KdpipeError, ValueError):
 
 class CacheFormatError(KdpipeError, ValueError):
     """A file on disk does not match the schema it claims (or any schema we know)."""
+
+
+def choice_problems(flag: str, value: object, choices: tuple[str, ...]) -> list[str]:
+    """[] when `value` is one of `choices`, else the one-line problem every config reports."""
+    if value in choices:
+        return []
+    return [f"{flag} {value!r} is not one of {', '.join(choices)}"]

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import ConfigError, choice_problems
 from kdpipe.trainer.losses import (
     LOSS_KINDS,
     divergence,
@@ -64,9 +64,7 @@ class LossConfig:
 def loss_problems(kind: str, temperature: float, beta: float, alpha: float, chunk_size: int,
                   mode: str = "kd") -> list[str]:
     """Every invalid loss option, named by its flag (LossConfig and the stage configs)."""
-    found = []
-    if kind not in LOSS_KINDS:
-        found.append(f"--loss {kind!r} is not one of {', '.join(LOSS_KINDS)}")
+    found = choice_problems("--loss", kind, LOSS_KINDS)
     if not temperature > 0:
         found.append(f"--temperature must be > 0, got {temperature}")
     if not 0.0 < beta < 1.0:
@@ -75,8 +73,7 @@ def loss_problems(kind: str, temperature: float, beta: float, alpha: float, chun
         found.append(f"--alpha (skew KL weight) must be in [0, 1], got {alpha}")
     if chunk_size < 1:
         found.append(f"--chunk-size must be >= 1, got {chunk_size}")
-    if mode not in MODES:
-        found.append(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    found += choice_problems("--mode", mode, MODES)
     if kind == "sampled" and temperature != 1.0:
         found.append("--loss sampled estimates the cross-entropy to the teacher at τ = 1 "
                      f"(its samples were drawn at τ = 1); drop --temperature {temperature}")

@@ -7,12 +7,12 @@ Registered by `kdpipe/cli.py`; the functions here only translate flags into `Tra
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated
 
 import typer
 
 from kdpipe.trainer.config import EvalConfig, TrainConfig
+from kdpipe.trainer.distributed import is_main_process
 
 _LOSS_HELP = ("KD divergence on the cached top-k + tail partition: forward (KL with the tail "
               "bucket, exact), zero (renormalised top-k, biased; for comparison), reverse, "
@@ -162,7 +162,7 @@ def train_student(
         reliance_quantile=reliance_quantile, reliance_control=reliance_control,
         kd_weight_schedule=kd_weight_schedule)
     final = train(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+    if is_main_process():  # under torchrun, rank 0 speaks for the run
         typer.echo(json.dumps(final))
 
 
@@ -203,5 +203,5 @@ def evaluate(
         chunk_size=chunk_size, prefetch=prefetch, progress=progress,
         trust_remote_code=trust_remote_code)
     result = run(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+    if is_main_process():  # under torchrun, rank 0 speaks for the run
         typer.echo(json.dumps(result))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.schemas.errors import CacheFormatError, ConfigError
+from kdpipe.schemas.errors import CacheFormatError, ConfigError, choice_problems
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
@@ -40,8 +40,7 @@ def _common_problems(c: Any) -> list[str]:
         problems.append(f"--kd-weight {c.kd_weight} must be within [0, 1]")
     if c.batch_size < 1:
         problems.append(f"--batch-size {c.batch_size} must be >= 1")
-    if c.dtype not in DTYPES:
-        problems.append(f"--dtype {c.dtype!r} is not one of {', '.join(DTYPES)}")
+    problems += choice_problems("--dtype", c.dtype, DTYPES)
     if c.prefetch < 1:
         problems.append(f"--prefetch {c.prefetch} must be >= 1")
     if not 0.0 <= c.eval_fraction < 1.0:
@@ -157,17 +156,14 @@ class TrainConfig:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             problems.append(f"--out {self.out} is a file; give a folder for the run")
-        if self.mode not in MODES:
-            problems.append(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
+        problems += choice_problems("--mode", self.mode, MODES)
         if self.mode == "kd" or self.eval_fraction > 0:  # evaluation reports the KD term too
             problems += _loss_cache_problems(self.loss, self.cache)
         if self.eval_cache is not None:
             problems += _loss_cache_problems(self.loss, self.eval_cache, "--eval-cache")
         if self.eval_cache is not None and self.eval_fraction > 0:
             problems.append("give at most one of --eval-cache and --eval-fraction")
-        if self.scheduler not in SCHEDULERS:
-            problems.append(f"--scheduler {self.scheduler!r} is not one of "
-                            f"{', '.join(SCHEDULERS)}")
+        problems += choice_problems("--scheduler", self.scheduler, SCHEDULERS)
         if not self.lr > 0:
             problems.append(f"--lr {self.lr} must be > 0")
         if self.weight_decay < 0:

@@ -16,6 +16,7 @@ import numpy as np
 
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.curriculum import check_matches_cache, read_curriculum
+from kdpipe.schemas.errors import choice_problems
 from kdpipe.schemas.shard import ROW_GROUP_SIZE, SAMPLE_ID
 from kdpipe.trainer.curriculum_sampler import ORDERS, SNAPSHOT_METRICS, CurriculumSampler, Ranking
 from kdpipe.trainer.pacing import Pacing
@@ -70,17 +71,12 @@ class CurriculumConfig:
     def problems(self, mode: str, snapshots: bool) -> list[str]:
         """Every invalid or contradictory option (TrainConfig.validate reports them)."""
         found = self.pacing_for(DEFAULT_BUCKETS).problems()
-        if self.source not in CURRICULUM_SOURCES:
-            found.append(f"--curriculum-source {self.source!r} is not one of "
-                         f"{', '.join(CURRICULUM_SOURCES)}")
-        if self.metric not in SNAPSHOT_METRICS:
-            found.append(f"--curriculum-metric {self.metric!r} is not one of "
-                         f"{', '.join(SNAPSHOT_METRICS)}")
+        found += choice_problems("--curriculum-source", self.source, CURRICULUM_SOURCES)
+        found += choice_problems("--curriculum-metric", self.metric, SNAPSHOT_METRICS)
         if self.file is not None and not Path(self.file).is_file():
             found.append(f"--curriculum {self.file}: no such file (make one with `kdpipe "
                          "build-curriculum`)")
-        if self.order not in ORDERS:
-            found.append(f"--order {self.order!r} is not one of {', '.join(ORDERS)}")
+        found += choice_problems("--order", self.order, ORDERS)
         default = CurriculumConfig()
         if not self.active:
             changed = [flag for flag, mine, theirs in (
@@ -97,16 +93,10 @@ class CurriculumConfig:
         return found
 
     def _reliance_problems(self, mode: str) -> list[str]:
-        found = []
-        if self.reliance not in RELIANCE_MODES:
-            found.append(f"--reliance {self.reliance!r} is not one of "
-                         f"{', '.join(RELIANCE_MODES)}")
-        if self.reliance_control not in RELIANCE_CONTROLS:
-            found.append(f"--reliance-control {self.reliance_control!r} is not one of "
-                         f"{', '.join(RELIANCE_CONTROLS)}")
-        if self.kd_weight_schedule not in KD_WEIGHT_SCHEDULES:
-            found.append(f"--kd-weight-schedule {self.kd_weight_schedule!r} is not one of "
-                         f"{', '.join(KD_WEIGHT_SCHEDULES)}")
+        found = choice_problems("--reliance", self.reliance, RELIANCE_MODES)
+        found += choice_problems("--reliance-control", self.reliance_control, RELIANCE_CONTROLS)
+        found += choice_problems("--kd-weight-schedule", self.kd_weight_schedule,
+                                 KD_WEIGHT_SCHEDULES)
         for flag, value in (("--kd-weight-low", self.kd_weight_low),
                             ("--kd-weight-high", self.kd_weight_high),
                             ("--reliance-quantile", self.reliance_quantile)):

@@ -172,6 +172,11 @@ class Distributed:
                 dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of a torchrun launch, or not under torchrun at all."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":

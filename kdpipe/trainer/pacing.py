@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kdpipe.schemas.errors import choice_problems
+
 PACINGS = ("linear", "root", "exp", "step", "baby-steps", "none")
 
 
@@ -36,9 +38,7 @@ class Pacing:
 
     def problems(self) -> list[str]:
         """Every invalid parameter, as flag-named messages."""
-        found = []
-        if self.name not in PACINGS:
-            found.append(f"--pacing {self.name!r} is not one of {', '.join(PACINGS)}")
+        found = choice_problems("--pacing", self.name, PACINGS)
         if not 0.0 < self.start <= 1.0:
             found.append(f"--pacing-start {self.start} must be within (0, 1]")
         if not 0.0 < self.full <= 1.0:

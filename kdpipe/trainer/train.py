@@ -181,10 +181,15 @@ def split_data(cfg: TrainConfig, index: CacheIndex
     return train_ids, eval_index, eval_ids[:cfg.eval_max_samples]
 
 
+def all_sample_stats(stats: SampleStats, dist: Distributed) -> SampleStats:
+    """Every rank's per-sample statistics merged (collective); on one process, `stats`."""
+    return SampleStats.merged(dist.gather(stats.rows)) if dist.enabled else stats
+
+
 def write_snapshot(run_dir: Path, stats: SampleStats, epoch: int, step: int, complete: bool,
                    fingerprint: str, dist: Distributed) -> None:
     """Every rank's per-sample statistics, merged, written by rank 0 (collective)."""
-    merged = SampleStats.merged(dist.gather(stats.rows)) if dist.enabled else stats
+    merged = all_sample_stats(stats, dist)
     if dist.is_main and len(merged):
         name = snap.snapshot_name(epoch, None if complete else step)
         snap.write_snapshot(run_dir / snap.SNAPSHOTS_DIR / name, merged.table(epoch), epoch,
@@ -300,8 +305,7 @@ def _train(cfg: TrainConfig, dist: Distributed, sampler: Sampler | None,
             if dist.enabled:
                 training_state[ckpt.RANK_RNG_KEY] = dist.gather(ckpt.rng_state())
             if stats is not None:
-                merged = SampleStats.merged(dist.gather(stats.rows)) if dist.enabled else stats
-                training_state[ckpt.SAMPLE_STATS_KEY] = merged.state_dict()
+                training_state[ckpt.SAMPLE_STATS_KEY] = all_sample_stats(stats, dist).state_dict()
         if main:
             ckpt.save_checkpoint(folder, model, tokenizer, state, training_state, weights)
             if with_training_state:
