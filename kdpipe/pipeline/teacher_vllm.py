@@ -7,7 +7,12 @@ containers, no detokenisation, one `generate` call per shard) and converts it:
 
 * alignment: vLLM's `prompt_logprobs[t]` is the distribution that predicted prompt token t
   (entry 0 is empty), so our target position t (predicting token t + 1) is its entry t + 1;
-* `target_logprob` comes from the actual-token entry, also when that token is outside the top-K;
+* the top-K at a position are exactly the entries ranked 1..K; `target_logprob` comes from the
+  actual-token entry whatever its rank, but that entry never stands in for a missing top one;
+* `vocab_size` is the tokenizer's vocabulary (ids 0..V-1), not the head width: checkpoints pad
+  the output head (Qwen2.5: 152,064 rows for 151,665 ids) and vLLM's softmax spans the padding
+  rows too. Their mass, negligible on real checkpoints, is counted in the tail bucket; a padding
+  id in the top-K is refused (`--backend hf` excludes padding rows from the softmax exactly);
 * the tail mass is `1 - sum(top-K probabilities)`, computed stably and bounded (see
   `tail_logmass_from_topk`); tempered tails are left to the trainer's uniform approximation;
 * the per-sequence entropy is a lower bound (see `entropy_lower_bound`).
@@ -117,7 +122,10 @@ def entropy_lower_bound(topk_logprobs: np.ndarray, tail_logmass: np.ndarray) -> 
 def targets_from_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray,
                       target_logprob: np.ndarray, labels: np.ndarray,
                       vocab_size: int) -> SequenceTargets:
-    """SequenceTargets from the top-K (T-1, K) and the actual tokens' log-probs (T-1,)."""
+    """SequenceTargets from the top-K (T-1, K) and the actual tokens' log-probs (T-1,).
+
+    `vocab_size` is the real vocabulary (no head padding): it is the V of the tail's bound.
+    """
     in_topk = (topk_ids == labels[:, None]).any(-1)  # (T-1,)
     tail = tail_logmass_from_topk(topk_logprobs, target_logprob, in_topk, vocab_size)
     unfloored = tail_logmass_from_topk(topk_logprobs, target_logprob, in_topk, vocab_size, 0.0)
@@ -140,8 +148,10 @@ def _flat_rows(prompt_logprobs: Any, labels: np.ndarray, top_k: int
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """(T-1, K+1) ids and log-probs from a FlatLogprobs whose positions are all K + 1 wide.
 
-    None when the container is not flat or not regular (the caller then reads positions one
-    by one). Row t is vLLM's entry t + 1: the actual token first, then the top-K by rank.
+    None when the container is not flat or not regular: positions of another width, or top
+    entries not ranked exactly 1..K in order (the caller then reads positions one by one and
+    applies the rank rule there). Row t is vLLM's entry t + 1: the actual token first, then the
+    top-K by rank.
     """
     if not all(hasattr(prompt_logprobs, a) for a in ("start_indices", "end_indices",
                                                      "token_ids", "logprobs")):
@@ -156,6 +166,12 @@ def _flat_rows(prompt_logprobs: Any, labels: np.ndarray, top_k: int
     if not np.array_equal(ends[1:], expected) or not np.array_equal(starts[1:], expected - width):
         return None
     lo, hi = int(starts[1]), int(ends[-1])
+    ranks = getattr(prompt_logprobs, "ranks", None)
+    if ranks is not None:
+        top_ranks = np.asarray(ranks[lo:hi]).reshape(n, width)[:, 1:]  # (T-1, K)
+        # Ranks of None (very old vLLMs) make an object array: the layout is trusted there.
+        if top_ranks.dtype != object and not (top_ranks == np.arange(1, width)).all():
+            return None
     ids = np.asarray(prompt_logprobs.token_ids[lo:hi], dtype=np.int64).reshape(n, width)
     lps = np.asarray(prompt_logprobs.logprobs[lo:hi], dtype=np.float32).reshape(n, width)
     return ids, lps
@@ -165,22 +181,42 @@ def _position(entries: Any, label: int, top_k: int, t: int
               ) -> tuple[list[int], list[float], float]:
     """Top-K ids, their log-probs and the actual token's log-prob from one position's dict.
 
-    A dict holds K + 1 ids when the actual token is outside the top-K and K ids when it is
-    inside (vLLM merges the duplicate). The top-K are ordered by rank (then log-prob), which
-    also covers older vLLMs that gave an injected actual token rank K + 1.
+    The top-K are the entries ranked 1..K, ordered by rank (then log-prob). The actual token
+    comes first with its true rank and is merged with its top-K entry when it has one, so a dict
+    holds K or K + 1 ids; ranking, not counting, keeps an actual token ranked past K from
+    filling the place of a top entry vLLM did not return. Without ranks (very old vLLMs) the
+    top-K are the K ids left after dropping an extra actual token.
     """
     if not entries or label not in entries:
         raise RuntimeError(f"vLLM prompt log-probs at position {t + 1} do not include the "
                            f"prompt token {label}; is prompt_logprobs set?")
+    if len(entries) > top_k + 1:
+        raise RuntimeError(f"vLLM returned {len(entries)} log-probs at position {t + 1}, "
+                           f"expected {top_k} or {top_k + 1}; is prompt_logprobs above --top-k?")
     target = float(entries[label].logprob)
     items = [(int(tid), float(lp.logprob), lp.rank) for tid, lp in entries.items()]
-    if len(items) == top_k + 1:
-        items = [item for item in items if item[0] != label]
-    if len(items) != top_k:
-        raise RuntimeError(f"vLLM returned {len(entries)} log-probs at position {t + 1}, "
-                           f"expected {top_k} or {top_k + 1}; was max_logprobs lowered?")
-    items.sort(key=lambda it: (it[2] if it[2] is not None else math.inf, -it[1]))
-    return [it[0] for it in items], [it[1] for it in items], target
+    if all(item[2] is not None for item in items):
+        top = [item for item in items if item[2] <= top_k]
+    else:
+        top = [item for item in items if item[0] != label] if len(items) == top_k + 1 else items
+    if len(top) != top_k:
+        raise RuntimeError(f"vLLM prompt log-probs at position {t + 1} have {len(top)} top "
+                           f"entries (rank <= {top_k}), expected {top_k}: max_logprobs and "
+                           "prompt_logprobs must be >= --top-k")
+    top.sort(key=lambda it: (it[2] if it[2] is not None else math.inf, -it[1]))
+    return [it[0] for it in top], [it[1] for it in top], target
+
+
+def _check_real_ids(topk_ids: np.ndarray, vocab_size: int) -> None:
+    """Refuse top-K ids (T-1, K) beyond the tokenizer: vLLM cannot leave padding rows out."""
+    beyond = topk_ids >= vocab_size  # (T-1, K)
+    if beyond.any():
+        t = int(beyond.any(-1).argmax())
+        token = int(topk_ids[t][beyond[t]][0])
+        raise RuntimeError(f"vLLM prompt log-probs at position {t + 1} have id {token} in the "
+                           f"top-K, beyond the tokenizer's {vocab_size} ids: the teacher puts "
+                           f"probability on its head's padding rows (ids >= {vocab_size}); use "
+                           "--backend hf, which excludes padding rows from the softmax exactly")
 
 
 def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k: int,
@@ -191,6 +227,7 @@ def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k
     entries per position, actual token first with its true rank, then the top-K with ranks
     1..K) or a list of `{token_id: Logprob}` dicts (entry 0 None). `sequence` is the prompt
     (T tokens); the result has T - 1 positions, aligned exactly as the hf backend aligns them.
+    `vocab_size` is the tokenizer's vocabulary: a top-K id at or beyond it is refused.
     """
     labels = np.asarray(sequence[1:], dtype=np.int64)  # (T-1,) the token each position predicts
     n = len(labels)
@@ -205,13 +242,15 @@ def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k
             bad = int(np.flatnonzero(ids[:, 0] != labels)[0])
             raise RuntimeError(f"vLLM prompt log-probs at position {bad + 1} are for token "
                                f"{ids[bad, 0]}, the prompt has {labels[bad]}")
-        return targets_from_topk(ids[:, 1:], lps[:, 1:], lps[:, 0], labels, vocab_size)
-    topk_ids = np.empty((n, top_k), dtype=np.int64)
-    topk_lps = np.empty((n, top_k), dtype=np.float32)
-    target = np.empty(n, dtype=np.float32)
-    for t in range(n):
-        ids_t, lps_t, target[t] = _position(prompt_logprobs[t + 1], int(labels[t]), top_k, t)
-        topk_ids[t], topk_lps[t] = ids_t, lps_t
+        topk_ids, topk_lps, target = ids[:, 1:], lps[:, 1:], lps[:, 0]
+    else:
+        topk_ids = np.empty((n, top_k), dtype=np.int64)
+        topk_lps = np.empty((n, top_k), dtype=np.float32)
+        target = np.empty(n, dtype=np.float32)
+        for t in range(n):
+            ids_t, lps_t, target[t] = _position(prompt_logprobs[t + 1], int(labels[t]), top_k, t)
+            topk_ids[t], topk_lps[t] = ids_t, lps_t
+    _check_real_ids(topk_ids, vocab_size)
     return targets_from_topk(topk_ids, topk_lps, target, labels, vocab_size)
 
 
@@ -226,7 +265,7 @@ class VllmTeacher:
     params: Any
     make_prompt: Any  # vllm.inputs.TokensPrompt
     top_k: int
-    vocab_size: int
+    vocab_size: int  # the tokenizer's ids, not the (padded) head width
 
     def targets(self, sequences: Sequence[Sequence[int]]) -> list[SequenceTargets]:
         """Teacher targets for many sequences in one `generate` call (vLLM batches them)."""

@@ -7,6 +7,7 @@ model underneath, and is compared with the hf backend on the same corpus.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -34,6 +35,7 @@ from kdpipe.schemas.errors import ConfigError
 from .conftest import run_cli, small_config
 from .vllm_mirror import (
     FakeLLM,
+    classes,
     dict_prompt_logprobs,
     engine_rows,
     fake_vllm,
@@ -120,6 +122,84 @@ def test_actual_token_inside_and_outside_the_top_k() -> None:
         assert got.topk_ids.tolist() == [[0, 1, 2]]
         assert got.target_logprob[0] == pytest.approx(math.log(0.05), abs=1e-6)
         assert got.confidence == pytest.approx(0.05, abs=1e-7)
+
+
+def _positions(*positions: tuple[list[list[int]], list[list[float]], list[int]]
+               ) -> tuple[list[list[int]], list[list[float]], list[int]]:
+    """Rows of several `_one_position`s, in order."""
+    ids, lps, ranks = zip(*positions, strict=True)
+    return sum(ids, []), sum(lps, []), sum(ranks, [])
+
+
+def _flat(*positions: tuple[list[int], list[float], list[int]]) -> object:
+    """A FlatLogprobs with the given (ids, log-probs, ranks) per position, as given."""
+    flat_cls, _ = classes()
+    flat = flat_cls()
+    flat.append(None)
+    for ids, lps, ranks in positions:
+        flat.append_fast(ids, lps, iter(ranks), itertools.repeat(None))
+    return flat
+
+
+P6 = np.log([0.5, 0.2, 0.1, 0.08, 0.07, 0.05]).tolist()  # V = 6, K = 3 below
+
+
+def test_only_entries_ranked_within_k_are_top_k() -> None:
+    # Position 2: vLLM returned K - 1 top entries; the prompt token (rank 6) must not fill in.
+    # The dict then holds K entries (the old count check accepted it), the flat form K.
+    rows = _positions(_one_position(1, [0, 1, 2], P6[:3], P6[1], rank=2),
+                      _one_position(5, [0, 1], P6[:2], P6[5], rank=6))
+    for form in (flat_prompt_logprobs(rows), dict_prompt_logprobs(rows)):
+        with pytest.raises(RuntimeError, match=r"position 2 have 2 top entries \(rank <= 3\), "
+                           r"expected 3: max_logprobs and prompt_logprobs must be >= --top-k"):
+            convert_prompt_logprobs(form, [9, 1, 5], 3, 6)
+
+
+def test_flat_top_entries_must_be_ranked_1_to_k() -> None:
+    good = ([1, 0, 1, 2], [P6[1], *P6[:3]], [2, 1, 2, 3])
+    # K + 1 wide, but no rank-3 entry: the prompt token and a rank-4 id may not stand in.
+    gap = ([5, 0, 1, 3], [P6[5], P6[0], P6[1], P6[3]], [6, 1, 2, 4])
+    with pytest.raises(RuntimeError, match=r"position 2 have 2 top entries"):
+        convert_prompt_logprobs(_flat(good, gap), [9, 1, 5], 3, 6)
+    # The top-K out of rank order: read by rank, not by place.
+    shuffled = ([5, 1, 0, 2], [P6[5], P6[1], P6[0], P6[2]], [6, 2, 1, 3])
+    got = convert_prompt_logprobs(_flat(good, shuffled), [9, 1, 5], 3, 6)
+    assert got.topk_ids.tolist() == [[0, 1, 2], [0, 1, 2]]
+    np.testing.assert_array_equal(got.topk_logprobs, np.float32([P6[:3], P6[:3]]))
+
+
+def test_regular_flat_output_takes_the_fast_path_unchanged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = _positions(_one_position(1, [0, 1, 2], P6[:3], P6[1], rank=2),
+                      _one_position(5, [0, 1, 2], P6[:3], P6[5], rank=6))
+    by_position = convert_prompt_logprobs(dict_prompt_logprobs(rows), [9, 1, 5], 3, 6)
+
+    def no_fallback(*args: object) -> None:
+        raise AssertionError("a regular, correctly ranked container was read position by position")
+
+    monkeypatch.setattr(teacher_vllm, "_position", no_fallback)
+    flat = flat_prompt_logprobs(rows)
+    unranked = flat_prompt_logprobs(rows)
+    unranked.ranks = [None] * len(unranked.ranks)  # very old vLLMs: the layout is trusted
+    for form in (flat, unranked):
+        got = convert_prompt_logprobs(form, [9, 1, 5], 3, 6)
+        assert got.topk_ids.tolist() == [[0, 1, 2], [0, 1, 2]]
+        np.testing.assert_array_equal(got.topk_logprobs, np.float32([P6[:3], P6[:3]]))
+        np.testing.assert_array_equal(got.target_logprob, np.float32([P6[1], P6[5]]))
+        for column in ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass"):
+            np.testing.assert_array_equal(getattr(got, column), getattr(by_position, column))
+
+
+def test_padding_ids_in_the_top_k_are_refused() -> None:
+    # The head has 8 rows, the tokenizer 6 ids: id 7 is a padding row, at position 2.
+    rows = _positions(_one_position(1, [0, 1, 2], P6[:3], P6[1], rank=2),
+                      _one_position(5, [0, 7, 1], P6[:3], P6[5], rank=7))
+    for form in (flat_prompt_logprobs(rows), dict_prompt_logprobs(rows)):
+        with pytest.raises(RuntimeError, match=r"position 2 have id 7 in the top-K, .* padding "
+                           r"rows \(ids >= 6\); use --backend hf"):
+            convert_prompt_logprobs(form, [9, 1, 5], 3, 6)
+    # The same ids within the real vocabulary are fine.
+    assert convert_prompt_logprobs(flat_prompt_logprobs(rows), [9, 1, 5], 3, 8).topk_ids[1, 1] == 7
 
 
 def test_misaligned_or_truncated_output_is_refused(teacher_and_prompts: tuple) -> None:
