@@ -195,8 +195,8 @@ def make_setup(args: argparse.Namespace, arms: list[str]) -> Setup:
     topk, sampled, eval_cache = prepare_caches(args, arms)
     manifest = topk.manifest
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(None, args.tokenizer, manifest)
-    check_tokenizer(tokenizer, manifest, topk.root)
+    tokenizer = load_tokenizer(None, args.tokenizer, topk)
+    check_tokenizer(tokenizer, topk)
     index = build_index(topk)
     if eval_cache is None:  # a hash split of the training cache, as --eval-fraction does
         held = holdout_mask(index.sample_ids, args.eval_fraction)

@@ -44,9 +44,9 @@ from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
 from kdpipe.pipeline.corpus import iter_documents, resolve_sources
 from kdpipe.pipeline.sequences import iter_sequences
 from kdpipe.pipeline.teacher_hf import load_teacher
-from kdpipe.pipeline.teacher_info import load_tokenizer
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.encoding import decode_topk
+from kdpipe.tokenizer_identity import load_tokenizer
 
 
 def corpus_subset(data: str, tokenizer_path: str, tokens: int, out: Path) -> Path:

@@ -227,8 +227,8 @@ def run_training(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     amp_dtype = autocast_dtype("auto", device)
     cache = open_cache(args.cache)
     manifest = cache.manifest
-    tokenizer = load_tokenizer(None, args.tokenizer, manifest)
-    check_tokenizer(tokenizer, manifest, args.cache)
+    tokenizer = load_tokenizer(None, args.tokenizer, cache)
+    check_tokenizer(tokenizer, cache)
     student_cfg = str(Path(args.out) / "student_config.json")
     model = load_student(None, student_cfg, manifest, tokenizer, args.seed).to(device)
     model.train()

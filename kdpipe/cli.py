@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -65,6 +66,10 @@ def cache_teacher_command(
     pack: Annotated[bool, typer.Option(
         help="Join documents with EOS and cut fixed blocks (pretraining); default: each "
         "document chunked on its own.")] = False,
+    add_special_tokens: Annotated[bool, typer.Option(
+        help="Encode documents as the tokenizer does by default: with the special tokens its "
+        "post-processor adds (a BOS for Llama, Gemma, Mistral). --no-add-special-tokens "
+        "encodes the text alone.")] = True,
     shard_size: Annotated[int, typer.Option(help="Sequences per Parquet shard.")] = 1024,
     text_field: Annotated[str, typer.Option(help="Text field of jsonl/parquet/datasets.")
                           ] = "text",
@@ -94,6 +99,10 @@ def cache_teacher_command(
         help="Replace an existing cache made with different settings.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(
         help="Allow the teacher/tokenizer to run code from its repository.")] = False,
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option(
+        help="Use --tokenizer even though it maps ids differently from the tokenizer stored "
+        "with the teacher (refused otherwise: the teacher would read scrambled text).")
+    ] = False,
     num_workers: Annotated[int, typer.Option(
         help="Workers caching this corpus together into --out (docs/distributed.md).")] = 1,
     worker_index: Annotated[int, typer.Option(
@@ -124,11 +133,13 @@ def cache_teacher_command(
     cfg = CacheTeacherConfig(
         teacher=teacher, data=tuple(data or ()), out=out, tokenizer=tokenizer, backend=backend,
         device=device, dtype=dtype, batch_size=batch_size, top_k=top_k, max_length=max_length,
-        pack=pack, shard_size=shard_size, text_field=text_field, split=split,
+        pack=pack, add_special_tokens=add_special_tokens, shard_size=shard_size,
+        text_field=text_field, split=split,
         tail_temperatures=_parse_floats(tail_temperatures, "--tail-temperatures"),
         logprob_dtype=logprob_dtype, encoding=encoding, cache_mode=cache_mode,
         samples=samples, sample_seed=sample_seed, strict=strict, overwrite=overwrite,
-        trust_remote_code=trust_remote_code, num_workers=num_workers, worker_index=worker_index,
+        trust_remote_code=trust_remote_code, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+        num_workers=num_workers, worker_index=worker_index,
         gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size, progress=progress)
     manifest = cache_teacher(cfg)
@@ -162,8 +173,9 @@ def inspect_command(
         raise ConfigError("kdpipe inspect takes one cache folder (or one or two curriculum "
                           "files)")
     summary = summarize(open_cache(paths[0], require_complete=False))
-    if as_json:
-        typer.echo(json.dumps(summary))
+    if as_json:  # strict JSON: a NaN statistic of a faulty cache prints as null
+        typer.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                               for k, v in summary.items()}, allow_nan=False))
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -173,11 +185,19 @@ def inspect_command(
 
 @app.command("verify")
 def verify_command(path: Annotated[Path, typer.Argument(help="A cache folder.")]) -> None:
-    """Re-check a cache's schema and every shard's checksum; exit 1 on any fault."""
+    """Re-check a cache's schema, every shard's checksum and values (no NaN or infinity) and
+    its saved tokenizer; exit 1 on any fault."""
     from kdpipe.schemas.cache import open_cache
 
     cache = open_cache(path, require_complete=False, check_shards=False)
     problems = cache.verify()
+    if cache.tokenizer_dir is not None:
+        from kdpipe.tokenizer_identity import cache_tokenizer
+
+        try:
+            cache_tokenizer(cache)
+        except KdpipeError as exc:
+            problems.append(str(exc))
     for problem in problems:
         typer.echo(f"FAULT {problem}", err=True)
     if problems:

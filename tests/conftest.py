@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny BPE tokenizer and tiny Llama/GPT-2 models, saved and loaded by path.
+"""Shared fixtures: a tiny BPE tokenizer and tiny Llama/GPT-2 models, saved and loaded by path,
+and the model families of `families.py` (Qwen2, Llama, Gemma 2, GPT-2 with their quirks).
 
 They take exactly the code path a hub model takes (`from_pretrained(path)`), in well under a
 second, from text no one here wrote: a few modules of the Python standard library.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from .families import Family, build_family
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SAMPLE_MODULES = ["textwrap.py", "shlex.py", "colorsys.py", "bisect.py", "fnmatch.py",
@@ -112,3 +115,17 @@ def jsonl_corpus(tmp_path: Path) -> Path:
         for text in stdlib_texts():
             f.write(json.dumps({"text": text[:3000]}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def model_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Family]:
+    """`model_family(name)`: the tokenizer, teacher and student of a family in
+    `families.FAMILIES`, built once per session on first use."""
+    built: dict[str, Family] = {}
+
+    def get(name: str) -> Family:
+        if name not in built:
+            built[name] = build_family(name, stdlib_texts(), tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get

@@ -40,7 +40,7 @@ class ModelSize:
 
 def write_spec(path: Path, size: ModelSize, max_length: int) -> Path:
     """Write a `--student-config` JSON file (unchanged files are not rewritten)."""
-    text = json.dumps(size.spec(max_length), indent=2) + "\n"
+    text = json.dumps(size.spec(max_length), indent=2, allow_nan=False) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)

@@ -97,7 +97,7 @@ def _student_file(value: Any, out: Path, label: str) -> Any:
     if not isinstance(value, dict):
         return value
     path = out / MODELS_DIR / f"{label}.json"
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
@@ -132,7 +132,8 @@ def plan_runs(exp: ExperimentConfig, inputs: Inputs, out: Path, device: str, pro
                 opts["curriculum"] = str(curriculum_path(
                     out, spec.name, seed if spec.from_arm is not None else None))
             cfg = TrainConfig(cache=inputs.cache, eval_cache=inputs.eval_cache,
-                              out=str(run_dir(out, arm.name, seed)), seed=seed, **opts)
+                              out=str(run_dir(out, arm.name, seed)), seed=seed,
+                              **opts).with_cache_defaults()
             planned.append(PlannedRun(arm.name, seed, cfg))
     return planned
 

@@ -43,7 +43,7 @@ from kdpipe.experiments.plan import (
 from kdpipe.experiments.summary import summarize, summary_markdown
 from kdpipe.experiments.timing import StageClock
 from kdpipe.schemas.errors import ConfigError, KdpipeError
-from kdpipe.schemas.io import atomic_write_json, atomic_write_text
+from kdpipe.schemas.io import atomic_write_json, atomic_write_text, nonfinite_as_null
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Results:
         if record["status"] == "skipped" and previous and previous.get("wall_s") is not None:
             record["wall_s"], record["cpu_s"] = previous["wall_s"], previous.get("cpu_s")
         self.records[name] = record
-        atomic_write_json(self.path, list(self.records.values()))
+        atomic_write_json(self.path, nonfinite_as_null(list(self.records.values())))
 
     def for_runs(self, runs: list[PlannedRun]) -> list[dict[str, Any]]:
         return [self.records[r.name] for r in runs if r.name in self.records]
@@ -259,7 +259,7 @@ def write_summary(exp: ExperimentConfig, records: list[dict[str, Any]], out: Pat
     arms = [a.name for a in exp.arms]
     summary = summarize(records, arms, exp.baseline, comparisons=exp.comparisons)
     summary["metric"] = exp.metric
-    atomic_write_json(out / SUMMARY_NAME, summary)
+    atomic_write_json(out / SUMMARY_NAME, nonfinite_as_null(summary))
     metrics = (exp.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")
                                     if m != exp.metric)
     lines = [f"# {exp.name}: summary", "", *summary_markdown(summary, arms, labels, metrics), ""]

@@ -1,13 +1,15 @@
 """The cache folder's life cycle: resume it, refuse to clobber it, record progress in it.
 
 `cache-teacher` writes into `--out` only what it owns (shards, manifest or a worker's manifest
-part, `cache_config.json`): a re-run with the same settings keeps every intact shard, other
-settings are refused unless `--overwrite`, and a folder holding anything else is never touched.
+part, `cache_config.json`, the tokenizer folder): a re-run with the same settings keeps every
+intact shard, other settings are refused unless `--overwrite`, and a folder holding anything
+else is never touched.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
 from kdpipe.schemas.manifest import (
     MANIFEST_NAME,
+    TOKENIZER_DIR,
     CacheManifest,
     ShardInfo,
     manifest_path,
@@ -92,7 +95,7 @@ def resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,
 
 def _foreign_files(out: Path) -> list[str]:
     """Names in `out` that no kdpipe cache-teacher run writes."""
-    ours = {MANIFEST_NAME, CONFIG_NAME, workers.MERGE_LOCK}
+    ours = {MANIFEST_NAME, CONFIG_NAME, TOKENIZER_DIR, workers.MERGE_LOCK}
     return [p.name for p in out.iterdir()
             if p.name not in ours and not workers.SHARD_RE.match(p.name)
             and not workers.PART_RE.match(p.name) and ".tmp-" not in p.name]
@@ -154,6 +157,7 @@ def _clear_cache_files(out: Path) -> None:
     for path in [*out.glob("shard-*.parquet"), *out.glob("manifest.part-*-of-*.json"),
                  out / MANIFEST_NAME, out / CONFIG_NAME, out / workers.MERGE_LOCK]:
         path.unlink(missing_ok=True)
+    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
 
 
 def config_json(cfg: CacheTeacherConfig) -> dict[str, Any]:

@@ -43,18 +43,14 @@ from kdpipe.pipeline.teacher_hf import (
     resolve_dtype,
     teacher_targets,
 )
-from kdpipe.pipeline.teacher_info import describe_teacher, load_tokenizer, teacher_vocab_size
+from kdpipe.pipeline.teacher_info import describe_teacher, teacher_head_width
 from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
-from kdpipe.schemas.errors import ConfigError, choice_problems
-from kdpipe.schemas.fingerprint import tokenizer_fingerprint
-from kdpipe.schemas.manifest import (
-    CacheManifest,
-    CorpusInfo,
-    ShardInfo,
-    TokenizerInfo,
-    write_manifest,
-)
+from kdpipe.schemas.errors import ConfigError, NonFiniteError, check_finite, choice_problems
+from kdpipe.schemas.manifest import CacheManifest, CorpusInfo, ShardInfo, write_manifest
 from kdpipe.schemas.shard import LOGPROB_DTYPES, id_dtype_for_vocab
+from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
+from kdpipe.tokenizer_identity import describe as describe_tokenizer
+from kdpipe.tokenizer_identity import load_tokenizer, save_tokenizer
 from kdpipe.torch_runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -80,6 +76,7 @@ class CacheTeacherConfig:
     top_k: int = 64
     max_length: int = 512
     pack: bool = False
+    add_special_tokens: bool = True  # encode as the tokenizer does: a BOS where it adds one
     shard_size: int = 1024
     text_field: str = "text"
     split: str | None = "train"
@@ -92,6 +89,7 @@ class CacheTeacherConfig:
     strict: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
+    allow_tokenizer_mismatch: bool = False  # --tokenizer may map ids unlike the teacher's own
     num_workers: int = 1
     worker_index: int = 0
     gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU for weights + KV cache
@@ -104,6 +102,7 @@ class CacheTeacherConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError listing every invalid option."""
+        check_finite(self, "cache-teacher")
         problems = []
         if not self.data:
             problems.append("--data is required (a file, folder, glob or dataset name)")
@@ -175,24 +174,25 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                                flag="--tokenizer" if cfg.tokenizer else "--teacher")
     teacher_info, model_config = describe_teacher(cfg.teacher, backend, cfg.dtype,
                                                   cfg.trust_remote_code)
-    vocab_size = teacher_vocab_size(model_config)
-    _check_against_model(cfg, tokenizer, vocab_size, model_config)
+    if cfg.tokenizer:
+        _check_teachers_own_tokenizer(cfg, tokenizer)
+    head_width = teacher_head_width(model_config)
+    vocab_size = real_vocab_size(tokenizer)  # the support of every cached distribution
+    _check_against_model(cfg, vocab_size, head_width, model_config)
     device = torch.device("cuda") if backend == "vllm" else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     teacher_info = replace(teacher_info, dtype=str(dtype).removeprefix("torch."))
     vllm = backend == "vllm"
     draft = CacheManifest(
         teacher=teacher_info,
-        tokenizer=TokenizerInfo(
-            name_or_path=cfg.tokenizer or cfg.teacher,
-            fingerprint=tokenizer_fingerprint(tokenizer), size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id),
+        tokenizer=describe_tokenizer(cfg.tokenizer or cfg.teacher, tokenizer, vocab_size),
         corpus=CorpusInfo(sources=tuple(sources), text_field=cfg.text_field, split=cfg.split,
                           fingerprint=corpus_fingerprint(sources, cfg.text_field, cfg.split),
                           documents_read=0, documents_skipped=0),
-        vocab_size=vocab_size, top_k=cfg.top_k, max_length=cfg.max_length, layout=cfg.layout,
-        shard_size=cfg.shard_size, id_dtype=id_dtype_for_vocab(max(vocab_size, len(tokenizer))),
+        vocab_size=vocab_size, teacher_head_width=head_width, top_k=cfg.top_k,
+        max_length=cfg.max_length, layout=cfg.layout,
+        add_special_tokens=cfg.add_special_tokens, shard_size=cfg.shard_size,
+        id_dtype=id_dtype_for_vocab(vocab_size),
         logprob_dtype=cfg.logprob_dtype, capture_temperature=1.0,
         tail_temperatures=tuple(cfg.tail_temperatures),
         tail_mode="uniform" if vllm else "exact",
@@ -212,7 +212,8 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     # errors (missing field, empty corpus) cost seconds and leave nothing behind.
     stats = CorpusStats()
     documents = iter_documents(sources, cfg.text_field, cfg.split, cfg.strict, stats)
-    sequences = iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout)
+    sequences = iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout,
+                               add_special_tokens=cfg.add_special_tokens)
     shard_stream = in_background(shard_groups(sequences, cfg.shard_size))
     first_shard = next(shard_stream, None)
     if first_shard is None:
@@ -222,6 +223,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     run_teacher = _teacher_runner(cfg, backend, device, dtype, pad_id, vocab_size,
                                   model_config)
     prepare_out(cfg, draft, fresh=kept is None)
+    save_tokenizer(tokenizer, cfg.out)
     kept = kept or {}
     manifest = replace(draft, shards=())
     record_progress(cfg, manifest)
@@ -244,7 +246,13 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                 record_progress(cfg, manifest)
                 progress.update(tokens)
                 continue
-            targets = run_teacher(sample_ids, seqs, progress)
+            try:
+                targets = run_teacher(sample_ids, seqs, progress)
+                _refuse_nonfinite(sample_ids, targets, dtype)
+            except BaseException:
+                if pending is not None:  # the shard before is finished: keep it for a resume
+                    record_progress(cfg, manifest.with_shard(pending.result()))
+                raise
             computed_tokens += tokens
             if pending is not None:
                 manifest = manifest.with_shard(pending.result())
@@ -317,16 +325,63 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
         return run_vllm
     model = load_teacher(cfg.teacher, device, dtype, cfg.trust_remote_code)
     return lambda sample_ids, seqs, progress: _run_teacher(model, seqs, cfg, pad_id, progress,
-                                                           sample_ids)
+                                                           sample_ids, vocab_size)
 
 
-def _check_against_model(cfg: CacheTeacherConfig, tokenizer: Any, vocab_size: int,
+def _refuse_nonfinite(sample_ids: list[int], targets: list[SequenceTargets],
+                      dtype: torch.dtype) -> None:
+    """Stop at the first NaN or infinity a cache must not hold (`schemas.shard.first_invalid`),
+    before its shard is written: a NaN teacher log-prob would silently zero the KD term."""
+    for sample_id, target in zip(sample_ids, targets, strict=True):
+        found = target.first_invalid()
+        if found is None:
+            continue
+        column, position, value = found
+        where = f"sample {sample_id}" + (f", target position {position}" if position is not None
+                                         else "")
+        remedy = {torch.float16: "float16 logits overflow: re-run with --dtype bfloat16 or "
+                                 "--dtype float32",
+                  torch.bfloat16: "re-run with --dtype float32; if it persists, the teacher's "
+                                  "weights hold NaN or infinity"}.get(
+            dtype, "the teacher itself computes it: check its weights and config")
+        raise NonFiniteError(f"the teacher's output is not finite ({column} = {value} at "
+                             f"{where}, computed in {str(dtype).removeprefix('torch.')}); "
+                             f"{remedy}. Finished shards are kept; the cache stays incomplete")
+
+
+def _check_teachers_own_tokenizer(cfg: CacheTeacherConfig, tokenizer: Any) -> None:
+    """--tokenizer must map ids as the tokenizer stored with the teacher does, if it has one:
+    otherwise the teacher reads scrambled text, and nothing else would notice."""
+    try:
+        own = load_tokenizer(cfg.teacher, cfg.trust_remote_code, "--teacher")
+    except ConfigError:
+        return  # no tokenizer with the teacher: --tokenizer is how it gets one
+    comparison = compare_vocab(own, tokenizer, real_vocab_size(own),
+                               ("the teacher's own tokenizer", f"--tokenizer {cfg.tokenizer}"))
+    if comparison.mismatch is None:
+        if comparison.cosmetic or comparison.roles:
+            log.warning("--tokenizer %s differs from the teacher's own tokenizer in %s (same "
+                        "id-to-token mapping)", cfg.tokenizer,
+                        ", ".join(comparison.cosmetic + comparison.roles))
+        return
+    if not cfg.allow_tokenizer_mismatch:
+        raise ConfigError(f"--tokenizer {cfg.tokenizer} does not map ids as the teacher's own "
+                          f"tokenizer ({cfg.teacher}) does ({comparison.mismatch}), so the "
+                          "teacher would read scrambled text; drop --tokenizer, or pass "
+                          "--allow-tokenizer-mismatch if the teacher was trained with it")
+    log.warning("--allow-tokenizer-mismatch: caching with --tokenizer %s although %s",
+                cfg.tokenizer, comparison.mismatch)
+
+
+def _check_against_model(cfg: CacheTeacherConfig, vocab_size: int, head_width: int,
                          model_config: Any) -> None:
+    if vocab_size > head_width:
+        raise ConfigError(f"the tokenizer has {vocab_size} ids but the teacher's output head "
+                          f"only {head_width} rows: pass the teacher's own tokenizer with "
+                          "--tokenizer")
     if cfg.top_k > vocab_size:
-        raise ConfigError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({vocab_size})")
-    if len(tokenizer) > vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the teacher's head only "
-                          f"{vocab_size}: pass the teacher's own tokenizer with --tokenizer")
+        raise ConfigError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary "
+                          f"({vocab_size} ids; the teacher's head has {head_width} rows)")
     limit = getattr(model_config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.max_length > limit:
         raise ConfigError(f"--max-length {cfg.max_length} exceeds the teacher's "
@@ -334,10 +389,12 @@ def _check_against_model(cfg: CacheTeacherConfig, tokenizer: Any, vocab_size: in
 
 
 def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad_id: int,
-                 progress: tqdm, sample_ids: list[int]) -> list[SequenceTargets]:
+                 progress: tqdm, sample_ids: list[int], vocab_size: int
+                 ) -> list[SequenceTargets]:
     """Teacher targets for one shard, batching sequences of similar length to cut padding.
 
-    `sample_ids` seed each sequence's draws in a sampled cache."""
+    `sample_ids` seed each sequence's draws in a sampled cache; `vocab_size` real ids form the
+    softmax (padding rows of the head are left out)."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
     results: list[SequenceTargets | None] = [None] * len(seqs)
     for start in range(0, len(order), cfg.batch_size):
@@ -346,7 +403,7 @@ def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad
                                   cfg.tail_temperatures, pad_id,
                                   samples=cfg.samples if cfg.cache_mode == "sampled" else 0,
                                   sample_ids=[sample_ids[i] for i in batch],
-                                  sample_seed=cfg.sample_seed)
+                                  sample_seed=cfg.sample_seed, vocab_size=vocab_size)
         for i, out in zip(batch, outputs, strict=True):
             results[i] = out
         progress.update(sum(len(seqs[i]) for i in batch))

@@ -37,7 +37,7 @@ from kdpipe.schemas.curriculum import (
     read_curriculum,
     write_curriculum,
 )
-from kdpipe.schemas.errors import ConfigError, KdpipeError
+from kdpipe.schemas.errors import CacheFormatError, ConfigError, KdpipeError
 from kdpipe.schemas.fingerprint import files_fingerprint
 from kdpipe.schemas.io import sha256_file
 
@@ -109,6 +109,10 @@ def teacher_scores(cache: Cache, metric: str) -> tuple[np.ndarray, np.ndarray]:
               "confidence": cols.TEACHER_CONFIDENCE}[metric]
     ids = cache.read_column(cols.SAMPLE_ID).to_numpy().astype(np.int64)
     values = cache.read_column(column).to_numpy().astype(np.float64)
+    if not np.isfinite(values).all():
+        bad = int(ids[np.flatnonzero(~np.isfinite(values))[0]])
+        raise CacheFormatError(f"{cache.root}: {column} of sample {bad} is not finite; the "
+                               "cache is faulty (`kdpipe verify` lists it): re-create it")
     return ids, (1.0 - values if metric == "confidence" else values)
 
 

@@ -126,7 +126,7 @@ def inspect_curricula(paths: Sequence[str | Path], as_json: bool = False) -> lis
     if as_json:
         record: dict[str, Any] = summaries[0] if comparison is None else \
             {"curricula": summaries, **comparison}
-        return [json.dumps(record)]
+        return [json.dumps(record, allow_nan=False)]
     lines: list[str] = []
     for summary in summaries:
         width = max(len(k) for k in summary)

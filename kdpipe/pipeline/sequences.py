@@ -8,6 +8,14 @@ Two layouts (recorded in the manifest as `layout`):
 * `packed` (`--pack`, pretraining style): all documents joined with EOS after each, cut into
   blocks of exactly `max_length` (the last block may be shorter). No padding is wasted.
 
+Special tokens (`add_special_tokens`, the default): a document is encoded as the tokenizer's
+own encoding does, with the ids its post-processor adds before the text (a BOS for Llama,
+Gemma, Mistral; nothing for GPT-2, Qwen) and after it. A teacher then scores text in the form
+it was trained on, and the first real token of a document has a teacher target (position 0,
+the BOS, predicts it). In the document layout every chunk of a long document starts with those
+prefix ids too, since each chunk is a sequence the teacher reads from its start; the packed
+layout keeps each document's own BOS where the document begins.
+
 Chunks shorter than 2 tokens are dropped: a sequence needs at least one next-token target.
 The consumer numbers sequences in yielded order (`sample_id = index`), so everything here is
 deterministic, and streaming: memory is one tokenizer batch plus one document's tokens.
@@ -15,7 +23,7 @@ deterministic, and streaming: memory is one tokenizer batch plus one document's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kdpipe.schemas.errors import ConfigError
@@ -43,18 +51,52 @@ def _fast_backend(tokenizer: Any) -> Any | None:
     return copy
 
 
-def iter_token_ids(documents: Iterable[str], tokenizer: Any,
-                   batch_size: int = 256) -> Iterator[list[int]]:
-    """Token ids of each document, without special tokens, tokenized `batch_size` at a time."""
+def _encoder(tokenizer: Any, add_special_tokens: bool) -> Callable[[list[str]], list[list[int]]]:
+    """A function encoding a batch of texts to ids (through the Rust backend when fast)."""
     backend = _fast_backend(tokenizer)
     # encode_batch_fast (tokenizers >= 0.20) skips computing character offsets we never use.
     encode_fast = getattr(backend, "encode_batch_fast", getattr(backend, "encode_batch", None))
 
     def encode(texts: list[str]) -> list[list[int]]:
         if encode_fast is not None:
-            return [e.ids for e in encode_fast(texts, add_special_tokens=False)]
-        out = tokenizer(texts, add_special_tokens=False, verbose=False)
+            return [e.ids for e in encode_fast(texts, add_special_tokens=add_special_tokens)]
+        out = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)
         return [list(ids) for ids in out["input_ids"]]
+
+    return encode
+
+
+_AFFIX_PROBES = ("a", "Hello world", "x = 1")
+
+
+def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the ids the tokenizer's own encoding adds before and after a text.
+
+    Read off the tokenizer by encoding probe texts with and without special tokens, so any
+    post-processor (template, BOS-only, BOS + EOS) is covered without knowing its type.
+    """
+    plain_encode, full_encode = _encoder(tokenizer, False), _encoder(tokenizer, True)
+    found = set()
+    for probe, plain, full in zip(_AFFIX_PROBES, plain_encode(list(_AFFIX_PROBES)),
+                                  full_encode(list(_AFFIX_PROBES)), strict=True):
+        start = next((i for i in range(len(full) - len(plain) + 1)
+                      if full[i:i + len(plain)] == plain), None)
+        if not plain or start is None:
+            raise ConfigError(f"the tokenizer's encoding of {probe!r} with special tokens does "
+                              "not contain its encoding without them; pass "
+                              "--no-add-special-tokens to encode documents without them")
+        found.add((tuple(full[:start]), tuple(full[start + len(plain):])))
+    if len(found) != 1:
+        raise ConfigError("the tokenizer adds different special tokens to different texts; pass "
+                          "--no-add-special-tokens to encode documents without them")
+    prefix, suffix = found.pop()
+    return list(prefix), list(suffix)
+
+
+def iter_token_ids(documents: Iterable[str], tokenizer: Any,
+                   batch_size: int = 256) -> Iterator[list[int]]:
+    """Token ids of each document, without special tokens, tokenized `batch_size` at a time."""
+    encode = _encoder(tokenizer, False)
 
     batch: list[str] = []
     for text in documents:
@@ -66,18 +108,23 @@ def iter_token_ids(documents: Iterable[str], tokenizer: Any,
         yield from encode(batch)
 
 
-def _chunks(ids: list[int], max_length: int) -> Iterator[list[int]]:
-    for start in range(0, len(ids), max_length):
-        chunk = ids[start:start + max_length]
-        if len(chunk) >= 2:
-            yield chunk
+def _chunks(ids: list[int], prefix: list[int], max_length: int) -> Iterator[list[int]]:
+    """`prefix` + consecutive pieces of `ids`, each sequence at most `max_length` tokens.
+
+    A continuation piece of one token is dropped, with or without a prefix: predicting it from
+    the prefix alone teaches nothing about the document.
+    """
+    room = max_length - len(prefix)
+    for start in range(0, len(ids), room):
+        piece = ids[start:start + room]
+        if len(prefix) + len(piece) >= 2 and (start == 0 or len(piece) >= 2):
+            yield prefix + piece
 
 
-def _packed(token_ids: Iterable[list[int]], eos: int, max_length: int) -> Iterator[list[int]]:
+def _packed(documents: Iterable[list[int]], max_length: int) -> Iterator[list[int]]:
     buffer: list[int] = []
-    for ids in token_ids:
+    for ids in documents:
         buffer.extend(ids)
-        buffer.append(eos)
         if len(buffer) < max_length:
             continue
         # Cut every full block before trimming once: a 1M-token document costs O(n), not O(n²).
@@ -90,10 +137,12 @@ def _packed(token_ids: Iterable[list[int]], eos: int, max_length: int) -> Iterat
 
 
 def iter_sequences(documents: Iterable[str], tokenizer: Any, max_length: int, layout: str,
-                   batch_size: int = 256) -> Iterator[list[int]]:
+                   batch_size: int = 256, add_special_tokens: bool = True
+                   ) -> Iterator[list[int]]:
     """Yield token-id sequences of 2..max_length tokens from `documents`, in a fixed order.
 
     `tokenizer` is a Hugging Face tokenizer (fast ones are batched through their Rust backend).
+    `add_special_tokens`: start (and end) documents as the tokenizer's own encoding does.
     """
     if max_length < 2:
         raise ConfigError(f"--max-length {max_length}: a sequence needs at least 2 tokens "
@@ -106,17 +155,22 @@ def iter_sequences(documents: Iterable[str], tokenizer: Any, max_length: int, la
     if layout == "packed" and eos is None:
         raise ConfigError("--pack: the tokenizer has no EOS token to separate packed documents; "
                           "drop --pack to keep one document per sequence, or set an EOS token")
-    return _generate(documents, tokenizer, max_length, layout, batch_size, eos)
+    prefix, suffix = special_affixes(tokenizer) if add_special_tokens else ([], [])
+    if len(prefix) + 2 > max_length:
+        raise ConfigError(f"--max-length {max_length}: the tokenizer starts every sequence "
+                          f"with {len(prefix)} special token(s), leaving room for fewer than 2 "
+                          "tokens of text; raise --max-length")
+    # Every document ends with EOS, so a student learns where documents end: the tokenizer's
+    # own suffix when it ends with EOS, else the suffix followed by EOS.
+    end = suffix if (suffix and suffix[-1] == eos) or eos is None else [*suffix, eos]
+    return _generate(documents, tokenizer, max_length, layout, batch_size, prefix, end)
 
 
 def _generate(documents: Iterable[str], tokenizer: Any, max_length: int, layout: str,
-              batch_size: int, eos: int | None) -> Iterator[list[int]]:
+              batch_size: int, prefix: list[int], end: list[int]) -> Iterator[list[int]]:
     token_ids = iter_token_ids(documents, tokenizer, batch_size)
     if layout == "packed":
-        assert eos is not None  # checked by iter_sequences
-        yield from _packed(token_ids, eos, max_length)
+        yield from _packed((prefix + ids + end for ids in token_ids), max_length)
         return
     for ids in token_ids:
-        if eos is not None:
-            ids.append(eos)
-        yield from _chunks(ids, max_length)
+        yield from _chunks(ids + end, prefix, max_length)

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from kdpipe.schemas.cache import Cache
+from kdpipe.schemas.errors import NonFiniteError
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.data import BatchLoader, Columns, build_index
 from kdpipe.trainer.model import (
@@ -47,8 +48,8 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
                   trust_remote_code: bool = False) -> StudentScores:
     """Mean NLL, confidence and entropy of `student` on every sample of `cache`."""
     manifest = cache.manifest
-    tok = load_tokenizer(student, tokenizer, manifest, trust_remote_code)
-    check_tokenizer(tok, manifest, cache.root)
+    tok = load_tokenizer(student, tokenizer, cache, trust_remote_code)
+    check_tokenizer(tok, cache, trust_remote_code)
     model = load_student(student, None, manifest, tok, seed=0,
                          trust_remote_code=trust_remote_code)
     check_vocab(model, manifest, student)
@@ -74,7 +75,7 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
                     hidden = parts.hidden_states(mb.input_ids, mb.attention_mask)  # (B, T, H)
                 hidden = hidden[mb.target_mask]  # (N, H)
                 per_token = _token_stats(parts, hidden, mb.labels, chunk_size,
-                                         torch_device, amp)  # (N, 3)
+                                         torch_device, amp, manifest.vocab_size)  # (N, 3)
                 rows = cpu_batch.sample_ids.numel()
                 by_row = torch.zeros(rows, 3, dtype=torch.float64, device=per_token.device)
                 by_row.index_add_(0, mb.target_row, per_token.double())
@@ -85,6 +86,10 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
                     tokens[position[sid]] = n
             bar.update(1)
     means = sums / np.maximum(tokens, 1)[:, None]
+    if not np.isfinite(means).all():
+        bad = int(index.sample_ids[np.flatnonzero(~np.isfinite(means).all(axis=1))[0]])
+        raise NonFiniteError(f"--student {student}: its scores are not finite (sample {bad}); "
+                             "score it in float32 (--dtype float32) or check its weights")
     if np.any(tokens == 0):
         log.warning("%d samples have no target token; their scores are 0",
                     int((tokens == 0).sum()))
@@ -92,12 +97,13 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
 
 
 def _token_stats(parts: StudentParts, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                 device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
-    """(N, H) hidden, (N,) labels → (N, 3) float32 [-log p(y), p(y), entropy], in chunks."""
+                 device: torch.device, amp: torch.dtype | None, vocab_size: int) -> torch.Tensor:
+    """(N, H) hidden, (N,) labels → (N, 3) float32 [-log p(y), p(y), entropy], in chunks,
+    over the tokenizer's `vocab_size` real ids (as in training: padding rows left out)."""
     out = torch.empty(labels.shape[0], 3, dtype=torch.float32, device=hidden.device)
     for start in range(0, labels.shape[0], chunk_size):
         with autocast(device, amp):
-            z = parts.logits(hidden[start:start + chunk_size])  # (n, V)
+            z = parts.logits(hidden[start:start + chunk_size])[:, :vocab_size]  # (n, V)
         logp = torch.log_softmax(z.float(), dim=-1)  # (n, V)
         y = labels[start:start + chunk_size]
         nll = -logp.gather(1, y[:, None])[:, 0]

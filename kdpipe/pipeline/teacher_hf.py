@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdpipe.schemas import shard as cols
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.torch_runtime import MODEL_INIT_LOCK
 
@@ -44,6 +45,27 @@ class SequenceTargets:
     sampled_ids: np.ndarray | None = None  # (entries,) int64
     sampled_counts: np.ndarray | None = None  # (entries,) int64, sum N per position
     sampled_lengths: np.ndarray | None = None  # (T-1,) int64
+
+    def first_invalid(self) -> tuple[str, int | None, float] | None:
+        """(column, target position or None for a per-sequence value, value) of the first
+        value a cache must not hold (`schemas.shard.first_invalid`), or None."""
+        per_position = {cols.TOPK_LOGPROBS: self.topk_logprobs,
+                        cols.TAIL_LOGMASS: self.tail_logmass,
+                        cols.TARGET_LOGPROB: self.target_logprob,
+                        cols.TAIL_LOGMASS_TEMPERED: self.tail_logmass_tempered}
+        for column, values in per_position.items():
+            if values is None or values.size == 0:
+                continue
+            index = cols.first_invalid(column, values.reshape(-1))
+            if index is not None:
+                return column, index // (values.size // values.shape[0]), float(
+                    values.reshape(-1)[index])
+        stats = {cols.TEACHER_NLL: self.nll, cols.TEACHER_ENTROPY: self.entropy,
+                 cols.TEACHER_CONFIDENCE: self.confidence, cols.TEACHER_TOP1: self.top1}
+        for column, value in stats.items():
+            if cols.first_invalid(column, np.array([value])) is not None:
+                return column, None, value
+        return None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -153,12 +175,14 @@ def draw_unique(logits: torch.Tensor, samples: int, generator: torch.Generator
 @torch.no_grad()
 def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
                     temperatures: Sequence[float], pad_id: int, samples: int = 0,
-                    sample_ids: Sequence[int] | None = None, sample_seed: int = 0
-                    ) -> list[SequenceTargets]:
+                    sample_ids: Sequence[int] | None = None, sample_seed: int = 0,
+                    vocab_size: int | None = None) -> list[SequenceTargets]:
     """Run the teacher on one batch of sequences (right-padded) and reduce each to targets.
 
     With `samples` > 0, also draw that many ids per position from the teacher's distribution
     (τ = 1), each sequence with `sample_generator(sample_seed, sample_ids[row])`.
+    `vocab_size`: the tokenizer's real ids; the head's rows beyond them are padding, left out
+    of the softmax (and so of every cached value), as if the head had exactly those rows.
     """
     if samples and (sample_ids is None or len(sample_ids) != len(sequences)):
         raise ValueError("drawing samples needs one sample id per sequence")
@@ -171,7 +195,8 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         attention[row, : len(seq)] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V_head)
+    logits = logits[..., :vocab_size]  # (B, T, V) a view: padding rows never enter a softmax
 
     # Row r, positions 0..len_r - 2 predict tokens 1..len_r - 1; contiguous views, no copies.
     parts: dict[str, list[torch.Tensor]] = {}

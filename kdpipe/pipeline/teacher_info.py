@@ -8,25 +8,10 @@ from typing import Any
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.fingerprint import files_fingerprint, json_fingerprint
 from kdpipe.schemas.manifest import TeacherInfo
+from kdpipe.tokenizer_identity import first_line
 
 # Files that determine a local checkpoint's outputs (weights, config, remote code).
 _MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.json", "*.py", "*.model")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool, flag: str) -> Any:
-    """AutoTokenizer by path or hub name; `flag` names the option in error messages."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{flag} {name_or_path}: cannot load a tokenizer ({_first_line(exc)})"
-                          ) from exc
 
 
 def describe_teacher(name_or_path: str, backend: str, dtype: str,
@@ -38,7 +23,7 @@ def describe_teacher(name_or_path: str, backend: str, dtype: str,
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--teacher {name_or_path}: not a model folder or loadable model name "
-                          f"({_first_line(exc)})") from exc
+                          f"({first_line(exc)})") from exc
     path = Path(name_or_path)
     revision = getattr(config, "_commit_hash", None)
     if path.is_dir():
@@ -51,8 +36,8 @@ def describe_teacher(name_or_path: str, backend: str, dtype: str,
     return info, config
 
 
-def teacher_vocab_size(config: Any) -> int:
-    """Width of the teacher's output head, from its config (text config for multimodal)."""
+def teacher_head_width(config: Any) -> int:
+    """Rows of the teacher's output head, from its config (text config for multimodal)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     size = getattr(text_config, "vocab_size", None)
     if not isinstance(size, int) or size < 1:

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,25 +19,32 @@ import pyarrow.parquet as pq
 
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import sha256_file
-from kdpipe.schemas.manifest import CacheManifest, ShardInfo, read_manifest
+from kdpipe.schemas.manifest import TOKENIZER_DIR, CacheManifest, ShardInfo, read_manifest
 from kdpipe.schemas.shard import (
+    FLOAT_COLUMNS,
     INPUT_IDS,
     NUM_TARGETS,
     SAMPLE_ID,
     TAIL_LOGMASS,
     TEACHER_NLL,
     check_shard_schema,
+    invalid_values,
 )
 
 
 def tokens_digest(sample_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> str:
     """sha256 of sample ids and token ids: identifies a shard's input independent of encoding."""
     digest = hashlib.sha256()
+    _update_tokens_digest(digest, sample_ids, sequences)
+    return digest.hexdigest()
+
+
+def _update_tokens_digest(digest: Any, sample_ids: Sequence[int],
+                          sequences: Sequence[Sequence[int]]) -> None:
     for sample_id, ids in zip(sample_ids, sequences, strict=True):
         digest.update(np.int64(sample_id).tobytes())
         digest.update(np.int64(len(ids)).tobytes())
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,12 @@ class Cache:
 
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.root / shard.file
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer the cache was made with, saved in the cache (schema 2), or None."""
+        path = self.root / TOKENIZER_DIR
+        return path if path.is_dir() else None
 
     def iter_row_groups(
         self, columns: Sequence[str] | None = None, shards: Sequence[ShardInfo] | None = None
@@ -66,7 +80,8 @@ class Cache:
         )
 
     def verify(self) -> list[str]:
-        """Every fault found: missing or altered shards, wrong schema, row counts, stray files."""
+        """Every fault found: missing or altered shards, wrong schema, row counts, values a
+        cache must not hold (NaN, infinities: `shard.first_invalid`), stray files."""
         problems: list[str] = []
         listed = {s.file for s in self.manifest.shards}
         for shard in self.manifest.shards:
@@ -95,14 +110,24 @@ class Cache:
         return problems
 
     def _check_rows(self, shard: ShardInfo) -> list[str]:
-        table = pq.read_table(self.shard_path(shard), columns=[SAMPLE_ID, INPUT_IDS])
-        sample_ids = table.column(SAMPLE_ID).to_pylist()
+        """Row count, token hash and value ranges, one row group at a time."""
+        parquet = pq.ParquetFile(self.shard_path(shard))
+        wanted = (SAMPLE_ID, INPUT_IDS, NUM_TARGETS, *FLOAT_COLUMNS)
+        names = [name for name in parquet.schema_arrow.names if name in wanted]
+        digest, rows, invalid = hashlib.sha256(), 0, list[str]()
+        for index in range(parquet.num_row_groups):
+            table = parquet.read_row_group(index, columns=names)
+            sample_ids = table.column(SAMPLE_ID).to_pylist()
+            _update_tokens_digest(digest, sample_ids, table.column(INPUT_IDS).to_pylist())
+            rows += len(sample_ids)
+            invalid = invalid or invalid_values(table)  # the first faulty row group is enough
         problems = []
-        if len(sample_ids) != shard.rows:
-            problems.append(f"{shard.file}: {len(sample_ids)} rows, manifest says {shard.rows}")
-        sequences = table.column(INPUT_IDS).to_pylist()
-        if tokens_digest(sample_ids, sequences) != shard.tokens_sha256:
+        if rows != shard.rows:
+            problems.append(f"{shard.file}: {rows} rows, manifest says {shard.rows}")
+        if digest.hexdigest() != shard.tokens_sha256:
             problems.append(f"{shard.file}: token ids differ from the manifest's tokens_sha256")
+        problems += [f"{shard.file}: {line}; the teacher's output was not finite: re-create "
+                     "the cache (see `kdpipe cache-teacher --dtype`)" for line in invalid]
         return problems
 
 
@@ -168,6 +193,8 @@ def summarize(cache: Cache) -> dict[str, object]:
         "tokenizer": m.tokenizer.name_or_path,
         "tokenizer_fingerprint": m.tokenizer.fingerprint[:16],
         "vocab_size": m.vocab_size,
+        "teacher_head_width": m.teacher_head_width,
+        "add_special_tokens": m.add_special_tokens,
         "top_k": m.top_k,
         "encoding": m.encoding,
         "cache_mode": m.cache_mode if m.cache_mode == "topk" else f"sampled (N={m.samples})",

@@ -164,7 +164,8 @@ def write_curriculum(path: str | Path, curriculum: Curriculum) -> None:
     """Write the index atomically (a crash never leaves a half-written curriculum)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {INFO_KEY: json.dumps(to_dict(curriculum.info), sort_keys=True).encode()}
+    info = json.dumps(to_dict(curriculum.info), sort_keys=True, allow_nan=False)
+    metadata = {INFO_KEY: info.encode()}
     table = curriculum.to_table().replace_schema_metadata(metadata)
     with atomic_path(final) as tmp:
         pq.write_table(table, tmp, compression="zstd")

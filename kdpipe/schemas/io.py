@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,13 +50,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a NaN or infinity raises instead of writing `NaN`, which JSON parsers
+    other than Python's reject."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def nonfinite_as_null(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (JSON null), for records where
+    a number can be missing for a reason (a one-seed interval has no width) and the file must
+    still be strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nonfinite_as_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nonfinite_as_null(v) for v in obj]
+    return obj
 
 
 def remove_stale_temp_files(folder: Path) -> int:
-    """Delete temporaries left by a crashed writer (`.<name>.tmp-<pid>`); returns how many."""
+    """Delete temporaries left by a crashed writer (`.<name>.tmp-<pid>`, files or folders);
+    returns how many."""
     removed = 0
     for stale in folder.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
         removed += 1
     return removed

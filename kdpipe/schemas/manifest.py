@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from kdpipe import __version__
 from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
@@ -18,7 +19,11 @@ from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.schemas.shard import ShardLayout
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+TOKENIZER_DIR = "tokenizer"  # the cache's tokenizer, saved with save_pretrained (schema 2)
+# 2: vocab_size is the tokenizer's real vocabulary (the support of every cached distribution),
+#    the teacher's head width is recorded apart, and documents may start with BOS. Version 1
+#    manifests are upgraded on read (`_upgrade_v1`).
+MANIFEST_SCHEMA_VERSION = 2
 LAYOUTS = ("packed", "document")
 TAIL_MODES = ("exact", "uniform")  # uniform: tempered tails approximated at train time
 # How teacher_entropy was computed: exactly over the full vocabulary (hf backend), or as a lower
@@ -51,7 +56,10 @@ class TeacherInfo:
 @dataclass(frozen=True)
 class TokenizerInfo:
     name_or_path: str
-    fingerprint: str  # schemas.fingerprint.tokenizer_fingerprint
+    fingerprint: str  # schemas.fingerprint.tokenizer_fingerprint: the whole tokenizer.json
+    # schemas.vocab.vocab_fingerprint: the id <-> token mapping, what compatibility means;
+    # "" in caches of schema version 1, which did not record it
+    vocab_fingerprint: str
     size: int  # len(tokenizer), including added tokens
     bos_token_id: int | None
     eos_token_id: int | None
@@ -73,10 +81,15 @@ class CacheManifest:
     teacher: TeacherInfo
     tokenizer: TokenizerInfo
     corpus: CorpusInfo
-    vocab_size: int  # width of the teacher's output head
+    # Ids of every cached distribution: the tokenizer's real vocabulary. Rows of the teacher's
+    # head beyond it are padding and excluded from its softmax (docs/cache-format.md).
+    vocab_size: int
+    teacher_head_width: int  # rows of the teacher's output head (config.vocab_size)
     top_k: int
     max_length: int
     layout: str  # "packed" or "document"
+    # Documents encoded with the tokenizer's own special tokens (a BOS where it adds one)
+    add_special_tokens: bool
     shard_size: int  # sequences per shard
     id_dtype: str
     logprob_dtype: str
@@ -149,6 +162,10 @@ class CacheManifest:
         }
         # Only non-default values, so caches made before a setting existed keep their
         # fingerprint (and resume).
+        if self.teacher_head_width != self.vocab_size:
+            settings["teacher_head_width"] = self.teacher_head_width
+        if self.add_special_tokens:
+            settings["add_special_tokens"] = True
         if self.encoding != "plain":
             settings["encoding"] = self.encoding
         if self.cache_mode != "topk":
@@ -167,6 +184,9 @@ class CacheManifest:
             problems.append(f"tail_mode {self.tail_mode!r} is not one of {TAIL_MODES}")
         if not 1 <= self.top_k <= self.vocab_size:
             problems.append(f"top_k {self.top_k} outside 1..vocab_size ({self.vocab_size})")
+        if self.teacher_head_width < self.vocab_size:
+            problems.append(f"teacher_head_width {self.teacher_head_width} is smaller than "
+                            f"vocab_size {self.vocab_size}")
         if self.entropy_mode not in ENTROPY_MODES:
             problems.append(f"entropy_mode {self.entropy_mode!r} is not one of {ENTROPY_MODES}")
         if self.encoding not in ENCODINGS:
@@ -187,6 +207,15 @@ class CacheManifest:
                 problems.append(f"shard file name {shard.file!r} must be a plain name")
         if problems:
             raise CacheFormatError(f"{where}: " + "; ".join(problems))
+
+
+def same_mapping(a: CacheManifest, b: CacheManifest) -> bool:
+    """Whether two caches' token ids mean the same tokens (`schemas.vocab`); caches of schema
+    version 1, which lack the mapping fingerprint, need the same tokenizer file."""
+    if a.tokenizer.vocab_fingerprint and b.tokenizer.vocab_fingerprint:
+        return (a.vocab_size, a.tokenizer.vocab_fingerprint) == (
+            b.vocab_size, b.tokenizer.vocab_fingerprint)
+    return a.tokenizer.fingerprint == b.tokenizer.fingerprint
 
 
 def manifest_path(cache_dir: str | Path) -> Path:
@@ -225,11 +254,29 @@ def read_manifest_file(path: Path) -> CacheManifest:
             f"{data.get('kdpipe_version', '?')}; this kdpipe ({__version__}) reads up to version "
             f"{MANIFEST_SCHEMA_VERSION}: upgrade kdpipe"
         )
-    if version < MANIFEST_SCHEMA_VERSION:
-        raise CacheFormatError(
-            f"{path}: cache schema version {version} is no longer supported; "
-            "re-create the cache with `kdpipe cache-teacher --overwrite`"
-        )
+    if version < 1:
+        raise CacheFormatError(f"{path}: cache schema version {version} does not exist; "
+                               "re-create the cache with `kdpipe cache-teacher --overwrite`")
+    if version == 1:
+        data = _upgrade_v1(data)
     manifest = from_dict(CacheManifest, data, str(path))
     manifest.validate(str(path))
     return manifest
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 manifest in version 2 form, describing the same bytes.
+
+    Version 1 caches computed their softmax over the teacher's whole head, so its width is
+    their support; they encoded documents without special tokens and did not record the
+    tokenizer's mapping. The settings fingerprint is unchanged (`settings` leaves out values
+    that equal version 1's).
+    """
+    upgraded = dict(data)
+    if isinstance(data.get("vocab_size"), int):
+        upgraded.setdefault("teacher_head_width", data["vocab_size"])
+    upgraded.setdefault("add_special_tokens", False)
+    if isinstance(data.get("tokenizer"), dict):
+        upgraded["tokenizer"] = {"vocab_fingerprint": "", **data["tokenizer"]}
+    upgraded["schema_version"] = MANIFEST_SCHEMA_VERSION
+    return upgraded

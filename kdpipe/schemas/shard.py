@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -44,6 +45,12 @@ TEACHER_TOP1 = "teacher_top1"
 
 SEQUENCE_STATS = (TEACHER_NLL, TEACHER_ENTROPY, TEACHER_CONFIDENCE, TEACHER_TOP1)
 
+# Values a cache never holds: NaN and +inf anywhere, -inf outside the columns where it is a
+# probability of exactly 0 (an id the teacher rules out, the empty tail of a k = V cache).
+FLOAT_COLUMNS = (TOPK_LOGPROBS, TAIL_LOGMASS, TAIL_LOGMASS_TEMPERED, TARGET_LOGPROB,
+                 *SEQUENCE_STATS)
+ZERO_MASS_COLUMNS = (TOPK_LOGPROBS, TAIL_LOGMASS, TAIL_LOGMASS_TEMPERED)
+
 # Parquet encodings, chosen by measurement (docs/benchmarks.md): ids and quantised levels
 # repeat across positions and gain from a dictionary; floats gain from byte-stream-split and
 # lose with a dictionary. pyarrow applies these per-column options to leaf paths only (a
@@ -51,6 +58,42 @@ SEQUENCE_STATS = (TEACHER_NLL, TEACHER_ENTROPY, TEACHER_CONFIDENCE, TEACHER_TOP1
 DICTIONARY_COLUMNS = (TOPK_IDS, TOPK_ID_DELTAS, TOPK_LOGPROB_Q, SAMPLED_ID_DELTAS,
                       SAMPLED_COUNTS, SAMPLED_LENGTHS)
 BYTE_STREAM_SPLIT_COLUMNS = (TOPK_LOGPROBS, TAIL_LOGMASS, TARGET_LOGPROB, TAIL_LOGMASS_TEMPERED)
+
+
+def first_invalid(column: str, values: np.ndarray) -> int | None:
+    """Index of the first value of `column` (flat floats) that a cache must not hold, or None."""
+    bad = np.isnan(values) | np.isposinf(values)
+    if column not in ZERO_MASS_COLUMNS:
+        bad |= np.isneginf(values)
+    found = np.flatnonzero(bad)
+    return int(found[0]) if found.size else None
+
+
+def invalid_values(table: pa.Table) -> list[str]:
+    """One line per float column of a shard table holding a value it must not (`first_invalid`),
+    naming the sample and the target position."""
+    problems = []
+    for name in (c for c in FLOAT_COLUMNS if c in table.column_names):
+        column = table.column(name).combine_chunks()
+        nested = pa.types.is_list(column.type)
+        flat = (column.flatten() if nested else column).to_numpy(zero_copy_only=False)
+        index = first_invalid(name, flat)
+        if index is None:
+            continue
+        row, detail = index, ""
+        if nested:
+            offsets = column.offsets.to_numpy()
+            row = int(np.searchsorted(offsets, index, side="right")) - 1
+            per_position = 1
+            if NUM_TARGETS in table.column_names:
+                targets = int(table.column(NUM_TARGETS)[row].as_py())
+                per_position = max((int(offsets[row + 1]) - int(offsets[row])) // max(targets, 1),
+                                   1)
+            detail = f", target position {(index - int(offsets[row])) // per_position}"
+        sample = (table.column(SAMPLE_ID)[row].as_py() if SAMPLE_ID in table.column_names
+                  else f"row {row}")
+        problems.append(f"{name} holds {flat[index]} at sample {sample}{detail}")
+    return problems
 
 
 def parquet_leaf(column: str) -> str:

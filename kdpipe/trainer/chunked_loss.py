@@ -20,6 +20,7 @@ head matmul per chunk in backward (the head's forward recomputed: +1/3 of its FL
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,8 +66,8 @@ def loss_problems(kind: str, temperature: float, beta: float, alpha: float, chun
                   mode: str = "kd") -> list[str]:
     """Every invalid loss option, named by its flag (LossConfig and the stage configs)."""
     found = choice_problems("--loss", kind, LOSS_KINDS)
-    if not temperature > 0:
-        found.append(f"--temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        found.append(f"--temperature must be a finite number > 0, got {temperature}")
     if not 0.0 < beta < 1.0:
         found.append(f"--beta (JSD mixture weight) must be in (0, 1), got {beta}")
     if not 0.0 <= alpha <= 1.0:
@@ -136,17 +137,18 @@ def _chunk_loss(
     *,
     head: torch.nn.Module | Tensor,
     cfg: LossConfig,
-    teacher_vocab_size: int,
+    vocab_size: int,
     logit_transform: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(total, per-token ce, kd, correct) of one chunk; the unit that checkpoint recomputes."""
-    logits = _head_logits(head, hidden)  # (n, V_s) in the head's dtype
+    # The real ids only: a padded head's extra rows never enter the softmax (a view, no copy).
+    logits = _head_logits(head, hidden)[:, :vocab_size]  # (n, V) in the head's dtype
     if logit_transform is not None:
         logits = logit_transform(logits)
-    logits = logits.float()  # (n, V_s)
+    logits = logits.float()  # (n, V)
     assert labels is not None
     # CE as logsumexp - gathered logit: same value as F.cross_entropy, but it keeps only the
-    # logits (alive anyway) for backward instead of a second (n, V_s) log-softmax.
+    # logits (alive anyway) for backward instead of a second (n, V) log-softmax.
     lse = torch.logsumexp(logits, dim=-1)  # (n,), shared with the KD term at τ = 1
     ce = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if topk_ids is not None:
@@ -166,7 +168,7 @@ def _chunk_loss(
         return total, ce.detach(), kd.detach().sum(), correct
     assert topk_ids is not None and topk_logprobs is not None and tail_logmass is not None
     log_p, log_p_tail = teacher_partition(topk_logprobs, tail_logmass, cfg.temperature,
-                                          teacher_vocab_size, tempered_tail)
+                                          vocab_size, tempered_tail)
     log_q, log_q_tail = student_partition(logits, topk_ids, cfg.temperature,
                                           lse if cfg.temperature == 1.0 else None)
     kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)  # (n,)
@@ -181,7 +183,7 @@ def chunked_distill_loss(
     kd_weight: Tensor | None,
     cfg: LossConfig,
     teacher: TeacherTargets | None,
-    teacher_vocab_size: int,
+    vocab_size: int,
     logit_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> LossSums:
     """Loss sums over N real target tokens, computed `cfg.chunk_size` tokens at a time.
@@ -190,8 +192,9 @@ def chunked_distill_loss(
     head: the student's output layer (a module such as nn.Linear, or a weight (V_s, H)).
     labels (N,): true next tokens. kd_weight (N,): λ per token (ignored, may be None, when
     cfg.mode == "ce"). teacher: the cached targets of the same N tokens (None allowed in ce
-    mode). teacher_vocab_size: manifest.vocab_size (the student head may be wider).
-    logit_transform: applied to each chunk's logits (e.g. final logit soft-capping).
+    mode). vocab_size: manifest.vocab_size, the tokenizer's real ids: both CE and KD use the
+    softmax over the head's first `vocab_size` rows (the rest of a padded head is left out;
+    docs/training.md). logit_transform: applied to each chunk's logits (e.g. soft-capping).
     """
     n = hidden.shape[0]
     if hidden.dim() != 2 or labels.shape != (n,):
@@ -213,11 +216,11 @@ def chunked_distill_loss(
             raise ConfigError("--loss sampled needs a sampled cache (`kdpipe cache-teacher "
                               "--cache-mode sampled`); this cache holds top-k log-probs: use "
                               "--loss forward")
-        width = _head_width(head)
-        if width is not None and width < teacher_vocab_size:
-            raise ConfigError(f"the student's output head has {width} rows but the teacher's "
-                              f"vocabulary has {teacher_vocab_size}; the student must use the "
-                              "teacher's tokenizer (a head at least as wide)")
+    width = _head_width(head)
+    if width is not None and width < vocab_size:
+        raise ConfigError(f"the student's output head has {width} rows, fewer than the "
+                          f"{vocab_size} real ids of the cache's tokenizer; the student must "
+                          "have a row for every id")
     # Per-token inputs of the chunk function; teacher columns only where they are used.
     ids = teacher.topk_ids.long() if teacher is not None else None  # (N, k)
     columns: tuple[Tensor | None, ...] = (labels, kd_weight if kd_mode else None, ids)
@@ -229,7 +232,7 @@ def chunked_distill_loss(
     else:
         columns += (None, None, None, None, None)
     chunk_fn = functools.partial(_chunk_loss, head=head, cfg=cfg,
-                                 teacher_vocab_size=teacher_vocab_size,
+                                 vocab_size=vocab_size,
                                  logit_transform=logit_transform)
 
     use_checkpoint = torch.is_grad_enabled()

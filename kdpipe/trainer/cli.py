@@ -16,7 +16,8 @@ from kdpipe.trainer.distributed import is_main_process
 
 _LOSS_HELP = ("KD divergence on the cached top-k + tail partition: forward (KL with the tail "
               "bucket, exact), zero (renormalised top-k, biased; for comparison), reverse, "
-              "jsd, skew, tvd; sampled (count-weighted CE, for a --cache-mode sampled cache).")
+              "jsd, skew, tvd; sampled (count-weighted CE, for a --cache-mode sampled cache). "
+              "Default: follows the cache: sampled for a sampled cache, else forward.")
 
 
 def train_student(
@@ -26,10 +27,10 @@ def train_student(
         help="Student to train: local folder or hub name of any causal LM.")] = None,
     student_config: Annotated[str | None, typer.Option(
         help="JSON model config with `model_type` (e.g. llama): train a student from scratch "
-        "(vocab_size defaults to the teacher's).")] = None,
+        "(vocab_size defaults to the teacher's head width).")] = None,
     tokenizer: Annotated[str | None, typer.Option(
-        help="Tokenizer path/name; default: the student's own, else the cache's. Must match "
-        "the cache's tokenizer fingerprint.")] = None,
+        help="Tokenizer path/name; default: the student's own, else the cache's. Must map "
+        "every cached id to the same token as the cache's tokenizer.")] = None,
     eval_cache: Annotated[str | None, typer.Option(
         help="Held-out cache (same tokenizer) for periodic and final evaluation.")] = None,
     eval_fraction: Annotated[float, typer.Option(
@@ -42,7 +43,7 @@ def train_student(
     mode: Annotated[str, typer.Option(
         help="kd: (1-λ)·CE + λ·τ²·KD; ce: cross-entropy on the cached tokens only (the "
         "baseline, or to train a teacher).")] = "kd",
-    loss: Annotated[str, typer.Option(help=_LOSS_HELP)] = "forward",
+    loss: Annotated[str | None, typer.Option(help=_LOSS_HELP)] = None,
     kd_weight: Annotated[float, typer.Option(help="λ: weight of the KD term, in [0, 1].")] = 0.5,
     temperature: Annotated[float, typer.Option(
         help="τ of the KD term (the term is scaled by τ²; exact tempered tail when the cache "
@@ -163,7 +164,7 @@ def train_student(
         kd_weight_schedule=kd_weight_schedule)
     final = train(cfg)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
-        typer.echo(json.dumps(final))
+        typer.echo(json.dumps(final, allow_nan=False))
 
 
 def evaluate(
@@ -176,7 +177,7 @@ def evaluate(
         "(0: the whole cache).")] = 0.0,
     max_samples: Annotated[int | None, typer.Option(help="At most this many sequences.")
                            ] = None,
-    loss: Annotated[str, typer.Option(help=_LOSS_HELP)] = "forward",
+    loss: Annotated[str | None, typer.Option(help=_LOSS_HELP)] = None,
     kd_weight: Annotated[float, typer.Option(help="λ of the reported mixed `loss`.")] = 0.5,
     temperature: Annotated[float, typer.Option(help="τ of the KD divergence.")] = 1.0,
     beta: Annotated[float, typer.Option(help="JSD mixture weight β.")] = 0.5,
@@ -204,4 +205,4 @@ def evaluate(
         trust_remote_code=trust_remote_code)
     result = run(cfg)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(result, allow_nan=False))

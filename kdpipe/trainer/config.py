@@ -8,11 +8,11 @@ how `--resume` and re-runs recognise the run.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kdpipe.schemas.errors import CacheFormatError, ConfigError, choice_problems
+from kdpipe.schemas.errors import CacheFormatError, ConfigError, check_finite, choice_problems
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
@@ -33,9 +33,12 @@ RESUMABLE_CHANGES = COSMETIC_FIELDS + ("max_steps", "epochs", "eval_every", "sav
                                        "snapshot_every", "log_every", "keep_checkpoints")
 
 
-def _common_problems(c: Any) -> list[str]:
-    """Checks shared by `TrainConfig` and `EvalConfig` (loss settings, device, batch)."""
-    problems = loss_problems(c.loss, c.temperature, c.beta, c.alpha, c.chunk_size)
+def _common_problems(c: Any, loss: str | None) -> list[str]:
+    """Checks shared by `TrainConfig` and `EvalConfig` (loss settings, device, batch).
+
+    `loss`: the one that will run (a default follows the cache); None when the cache cannot
+    be read, which is reported apart."""
+    problems = loss_problems(loss or "forward", c.temperature, c.beta, c.alpha, c.chunk_size)
     if not 0.0 <= c.kd_weight <= 1.0:
         problems.append(f"--kd-weight {c.kd_weight} must be within [0, 1]")
     if c.batch_size < 1:
@@ -48,18 +51,36 @@ def _common_problems(c: Any) -> list[str]:
     return problems
 
 
-def _loss_cache_problems(loss: str, cache: str, flag: str = "--cache") -> list[str]:
+def default_loss(cache: str) -> str | None:
+    """The loss a cache calls for: `sampled` for a sampled cache, `forward` for a top-k one;
+    None when the cache cannot be read (`open_cache` reports that with its own hint)."""
+    if not manifest_path(cache).is_file():
+        return None
+    try:
+        return "sampled" if read_manifest(cache).cache_mode == "sampled" else "forward"
+    except (CacheFormatError, OSError, ValueError):
+        return None
+
+
+def _loss_cache_problems(loss: str | None, cache: str, flag: str = "--cache") -> list[str]:
     """A sampled cache needs --loss sampled and a top-k cache any other loss (wherever the KD
-    term is computed: KD training, and every evaluation, which reports it).
+    term is computed: KD training, and every evaluation, which reports it); reverse KL needs a
+    tail, since with k = V it is infinite wherever the teacher gives an id zero probability.
 
     An unreadable cache is left to `open_cache`, which reports it with its own hint.
     """
-    if not manifest_path(cache).is_file():
+    if loss is None or not manifest_path(cache).is_file():
         return []
     try:
-        sampled = read_manifest(cache).cache_mode == "sampled"
+        manifest = read_manifest(cache)
     except (CacheFormatError, OSError, ValueError):
         return []
+    sampled = manifest.cache_mode == "sampled"
+    if loss == "reverse" and not sampled and manifest.top_k >= manifest.vocab_size:
+        return [f"--loss reverse with {flag} {cache}, which caches every id (k = V = "
+                f"{manifest.vocab_size}): reverse KL is infinite wherever the teacher gives an "
+                "id zero probability; use --loss forward, jsd or skew, or a cache with "
+                f"--top-k below {manifest.vocab_size}"]
     if sampled and loss != "sampled":
         return [f"--loss {loss} needs a top-k cache, but {flag} {cache} is sampled "
                 "(--cache-mode sampled): use --loss sampled"]
@@ -92,7 +113,7 @@ class TrainConfig:
     eval_cache: str | None = None
     eval_fraction: float = 0.0  # held out of --cache by a hash of sample_id
     mode: str = "kd"  # "kd" or "ce" (cached tokens only, no teacher terms)
-    loss: str = "forward"
+    loss: str | None = None  # None: follows the cache (with_cache_defaults)
     kd_weight: float = 0.5  # λ in (1-λ)·CE + λ·τ²·KD
     temperature: float = 1.0
     beta: float = 0.5
@@ -144,9 +165,15 @@ class TrainConfig:
     reliance_control: str = "none"
     kd_weight_schedule: str = "none"
 
+    def with_cache_defaults(self) -> TrainConfig:
+        """This config with the defaults that follow from --cache filled in (the loss)."""
+        return replace(self, loss=self.loss or default_loss(self.cache))
+
     def validate(self) -> None:
         """Raise one ConfigError listing every problem, or return None."""
-        problems = _common_problems(self)
+        check_finite(self, "train-student")
+        loss = self.loss or default_loss(self.cache)
+        problems = _common_problems(self, loss)
         problems += self.curriculum_config().problems(self.mode, self.snapshots)
         if (self.student is None) == (self.student_config is None):
             problems.append("give exactly one of --student PATH and --student-config JSON")
@@ -158,9 +185,9 @@ class TrainConfig:
             problems.append(f"--out {self.out} is a file; give a folder for the run")
         problems += choice_problems("--mode", self.mode, MODES)
         if self.mode == "kd" or self.eval_fraction > 0:  # evaluation reports the KD term too
-            problems += _loss_cache_problems(self.loss, self.cache)
+            problems += _loss_cache_problems(loss, self.cache)
         if self.eval_cache is not None:
-            problems += _loss_cache_problems(self.loss, self.eval_cache, "--eval-cache")
+            problems += _loss_cache_problems(loss, self.eval_cache, "--eval-cache")
         if self.eval_cache is not None and self.eval_fraction > 0:
             problems.append("give at most one of --eval-cache and --eval-fraction")
         problems += choice_problems("--scheduler", self.scheduler, SCHEDULERS)
@@ -202,8 +229,9 @@ class TrainConfig:
             raise ConfigError("invalid train-student options: " + "; ".join(problems))
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(kind=self.loss, temperature=self.temperature, beta=self.beta,
-                          alpha=self.alpha, chunk_size=self.chunk_size, mode=self.mode)
+        return LossConfig(kind=self.loss or "forward", temperature=self.temperature,
+                          beta=self.beta, alpha=self.alpha, chunk_size=self.chunk_size,
+                          mode=self.mode)
 
     def curriculum_config(self) -> CurriculumConfig:
         return CurriculumConfig(
@@ -242,7 +270,7 @@ class EvalConfig:
     cache: str
     tokenizer: str | None = None
     eval_fraction: float = 0.0  # > 0: evaluate only the held-out split train-student uses
-    loss: str = "forward"
+    loss: str | None = None  # None: follows the cache (with_cache_defaults)
     kd_weight: float = 0.5  # only for the reported mixed `loss`
     temperature: float = 1.0
     beta: float = 0.5
@@ -256,15 +284,22 @@ class EvalConfig:
     progress: bool = True
     trust_remote_code: bool = False
 
+    def with_cache_defaults(self) -> EvalConfig:
+        """This config with the defaults that follow from --cache filled in (the loss)."""
+        return replace(self, loss=self.loss or default_loss(self.cache))
+
     def validate(self) -> None:
-        problems = _common_problems(self)
+        check_finite(self, "evaluate")
+        loss = self.loss or default_loss(self.cache)
+        problems = _common_problems(self, loss)
         problems += _path_problems("--cache", self.cache, "dir")
-        problems += _loss_cache_problems(self.loss, self.cache)
+        problems += _loss_cache_problems(loss, self.cache)
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"--max-samples {self.max_samples} must be >= 1")
         if problems:
             raise ConfigError("invalid evaluate options: " + "; ".join(problems))
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(kind=self.loss, temperature=self.temperature, beta=self.beta,
-                          alpha=self.alpha, chunk_size=self.chunk_size, mode="kd")
+        return LossConfig(kind=self.loss or "forward", temperature=self.temperature,
+                          beta=self.beta, alpha=self.alpha, chunk_size=self.chunk_size,
+                          mode="kd")

@@ -200,6 +200,17 @@ def decode_row_group(table: pa.Table, columns: Columns) -> RowGroup:
         if group.target_logprob.size != int(offsets[-1]) - table.num_rows:
             raise CacheFormatError("target_logprob does not match input_ids lengths; run "
                                    "`kdpipe verify` on the cache")
+    # A NaN log-prob would silently zero its token's KD term: refuse it before training on it.
+    for name, values in ((cols.TOPK_LOGPROBS, group.topk_logprobs),
+                         (cols.TAIL_LOGMASS, group.tail_logmass),
+                         (cols.TAIL_LOGMASS_TEMPERED, group.tempered),
+                         (cols.TARGET_LOGPROB, group.target_logprob)):
+        bad = None if values is None else cols.first_invalid(name, values)
+        if bad is not None:
+            assert values is not None
+            raise CacheFormatError(f"{name} holds {values[bad]}, which a cache never does; "
+                                   "`kdpipe verify` lists every such value: re-create the "
+                                   "cache")
     return group
 
 
@@ -351,7 +362,11 @@ class _RowGroupReader:
             return self.groups[group]
         shard, rg = self.index.groups[group]
         table = self._file(shard).read_row_group(rg, columns=self.columns.names)
-        decoded = decode_row_group(table, self.columns)
+        try:
+            decoded = decode_row_group(table, self.columns)
+        except CacheFormatError as exc:  # name the place: the message alone cannot
+            path = self.index.cache.shard_path(shard)
+            raise CacheFormatError(f"{path} row group {rg}: {exc}") from exc
         self.groups[group] = decoded
         if len(self.groups) > self.capacity:
             self.groups.popitem(last=False)

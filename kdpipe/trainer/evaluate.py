@@ -9,6 +9,7 @@ The trainer's periodic eval calls `run_evaluation`, the same code.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdpipe.schemas.cache import open_cache
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.chunked_loss import LossConfig
 from kdpipe.trainer.config import EvalConfig
@@ -102,6 +103,10 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
     parts.model.train(was_training)
     total, ce, kd, correct, tokens_all = dist.sum(sums + [float(tokens)], device)
     n = int(tokens_all)
+    if not all(math.isfinite(v) for v in (total, ce, kd)):
+        raise NonFiniteError(f"evaluation on {index.cache.root}: the summed loss is {total:.6g} "
+                             f"(CE {ce:.6g}, KD {kd:.6g}); the student's output is not finite "
+                             "(or --loss is infinite for this cache)")
     result = summarise({"total": total, "ce": ce, "kd": kd, "correct_top1": correct}, n)
     result["loss"] = total / max(n, 1)
     result["samples"] = int(sample_ids.size)
@@ -123,13 +128,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     Under torchrun each process evaluates a contiguous share of the samples on its own device
     and the sums are reduced, so every process returns the metrics of the whole set.
     """
+    cfg = cfg.with_cache_defaults()
     cfg.validate()
     dist = Distributed.from_env(cfg.device)
     try:
         cache = open_cache(cfg.cache)
         manifest = cache.manifest
-        tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, manifest, cfg.trust_remote_code)
-        check_tokenizer(tokenizer, manifest, cfg.cache)
+        tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, cache, cfg.trust_remote_code)
+        check_tokenizer(tokenizer, cache, cfg.trust_remote_code)
         model = load_student(cfg.student, None, manifest, tokenizer, seed=0,
                              trust_remote_code=cfg.trust_remote_code)
         check_vocab(model, manifest, cfg.student)

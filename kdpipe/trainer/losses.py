@@ -68,7 +68,8 @@ def teacher_partition(
     cache stored it. Without it, τ ≠ 1 uses the documented *uniform approximation*: the τ = 1
     tail mass r is spread evenly over the V - k ids outside K, so
     log Σ_{i∉K} exp(l_i / τ) ≈ log(V - k) + (log r - log(V - k)) / τ.
-    `vocab_size` is the teacher's vocabulary (manifest.vocab_size).
+    `vocab_size` is the support of the cached distribution: the tokenizer's real ids
+    (manifest.vocab_size).
     """
     k = topk_logprobs.shape[-1]
     if k > vocab_size:
@@ -96,24 +97,25 @@ def teacher_partition(
 def student_partition(
     logits: Tensor, topk_ids: Tensor, temperature: float, lse: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Student log q^τ on the ids K (N, k) and on everything else (N,), from logits (N, V_s).
+    """Student log q^τ on the ids K (N, k) and on everything else (N,), from logits (N, V).
 
-    The student's whole head counts: ids beyond the teacher's vocabulary (padding rows of a
-    wider head) belong to the tail. log q_tail is a logsumexp over the non-K logits minus the
+    `logits` cover the tokenizer's real ids only (the caller drops a padded head's extra
+    rows), so the student's distribution has the teacher's support. log q_tail is a
+    logsumexp over the non-K logits minus the
     full logsumexp — never log(1 - Σ q_j), which cancels catastrophically when the student is
     confident. `topk_ids` holds distinct ids (N, k), int64. `lse` (N,): the logsumexp of
     `logits / temperature` when the caller already has it (the CE term at τ = 1).
     """
-    z = _upcast(logits)  # (N, V_s)
-    if temperature != 1.0:  # no (N, V_s) copy at τ = 1
+    z = _upcast(logits)  # (N, V)
+    if temperature != 1.0:  # no (N, V) copy at τ = 1
         z = z / temperature
     ids = topk_ids.long()
     if lse is None:
         lse = torch.logsumexp(z, dim=-1)  # (N,)
     log_q = z.gather(-1, ids) - lse.unsqueeze(-1)  # (N, k)
-    if ids.shape[-1] < z.shape[-1]:  # k distinct ids < V_s: every row keeps a tail
+    if ids.shape[-1] < z.shape[-1]:  # k distinct ids < V: every row keeps a tail
         return log_q, torch.logsumexp(z.scatter(-1, ids, _NEG_INF), dim=-1) - lse
-    in_k = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)  # (N, V_s)
+    in_k = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)  # (N, V)
     # A row whose every id is in K has an empty tail: log q_tail = -inf. A logsumexp over all
     # -inf back-propagates NaN (masked_fill would zero it again, but anomaly detection and any
     # later change would trip on it), so such rows are computed unmasked and then replaced.

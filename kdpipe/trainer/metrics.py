@@ -37,7 +37,7 @@ class JsonLines:
         self.file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdpipe import tokenizer_identity as identity
+from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.schemas.fingerprint import tokenizer_fingerprint
 from kdpipe.schemas.manifest import CacheManifest
 from kdpipe.torch_runtime import MODEL_INIT_LOCK
 
@@ -47,45 +48,41 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def load_tokenizer(student: str | None, tokenizer: str | None, manifest: CacheManifest,
+def load_tokenizer(student: str | None, tokenizer: str | None, cache: Cache,
                    trust_remote_code: bool = False) -> Any:
-    """--tokenizer if given, else the student's own, else the one the cache was made with."""
-    from transformers import AutoTokenizer
-
-    candidates = [("--tokenizer", tokenizer)] if tokenizer else []
+    """--tokenizer if given, else the student's own, else the one the cache was made with
+    (its saved copy, or for an older cache the one its manifest names)."""
+    candidates: list[tuple[str, str | Path]] = [("--tokenizer", tokenizer)] if tokenizer else []
     if not tokenizer and student:
         candidates.append(("--student", student))
-    if not tokenizer:
-        candidates.append(("the cache manifest's tokenizer", manifest.tokenizer.name_or_path))
+    if not tokenizer and cache.tokenizer_dir is not None:
+        candidates.append(("the cache's tokenizer", cache.tokenizer_dir))
+    elif not tokenizer:
+        candidates.append(("the cache manifest's tokenizer",
+                           cache.manifest.tokenizer.name_or_path))
     errors = []
     for source, name in candidates:
         try:
-            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            errors.append(f"{source} {name}: {first}")
+            return identity.load_tokenizer(name, trust_remote_code, source)
+        except ConfigError as exc:
+            errors.append(str(exc))
     raise ConfigError("cannot load a tokenizer (" + "; ".join(errors) + "); pass --tokenizer")
 
 
-def check_tokenizer(tokenizer: Any, manifest: CacheManifest, cache_dir: str | Path) -> None:
-    """Refuse a student whose tokenizer is not the one the cache's token ids come from."""
-    found = tokenizer_fingerprint(tokenizer)
-    if found != manifest.tokenizer.fingerprint:
-        raise ConfigError(
-            f"tokenizer mismatch: the student's tokenizer "
-            f"({getattr(tokenizer, 'name_or_path', '?')}, fingerprint {found[:12]}) is not "
-            f"the one cache {cache_dir} was made with "
-            f"({manifest.tokenizer.name_or_path}, {manifest.tokenizer.fingerprint[:12]}); a "
-            "student must share the teacher's tokenizer (pass --tokenizer or re-cache)"
-        )
+def check_tokenizer(tokenizer: Any, cache: Cache, trust_remote_code: bool = False) -> None:
+    """Refuse a student whose tokenizer maps the cache's ids to other tokens (one warning when
+    only its normaliser, pre-tokenizer or BOS/EOS roles differ: `tokenizer_identity`)."""
+    what = f"the student's tokenizer ({getattr(tokenizer, 'name_or_path', '?')})"
+    identity.check_compatible(tokenizer, cache, what, trust_remote_code)
 
 
 def load_student(student: str | None, student_config: str | None, manifest: CacheManifest,
                  tokenizer: Any, seed: int, trust_remote_code: bool = False) -> nn.Module:
     """A causal LM in float32: pretrained from --student, or initialised from --student-config.
 
-    A config file without `vocab_size` gets the teacher's head width; special token ids
-    default to the tokenizer's. Initialisation is seeded, so a run is reproducible.
+    A config file without `vocab_size` gets the teacher's head width (padding rows included,
+    as the teacher has them); special token ids default to the tokenizer's. Initialisation is
+    seeded, so a run is reproducible.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,7 +102,7 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
     if not isinstance(spec, dict) or "model_type" not in spec:
         raise ConfigError(f"--student-config {student_config}: needs a JSON object with "
                           "'model_type' (e.g. \"llama\") and the model's settings")
-    spec.setdefault("vocab_size", manifest.vocab_size)
+    spec.setdefault("vocab_size", manifest.teacher_head_width)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         spec.setdefault(key, getattr(tokenizer, key))
     model_type = spec.pop("model_type")
@@ -120,18 +117,28 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
 
 
 def check_vocab(model: nn.Module, manifest: CacheManifest, student: str) -> None:
-    """The head must cover every teacher id, the embeddings every token id of the cache."""
+    """The head must have a row for every real id of the cache's tokenizer, the embeddings too.
+
+    Rows beyond the real ids are padding (a head padded to a multiple of 64 or 128, as Qwen2.5
+    and others are): they are left out of the student's softmax, so the student's head may be
+    narrower or wider than the teacher's as long as it covers the real ids.
+    """
     head = model.get_output_embeddings()  # type: ignore[operator]
     width = head.weight.shape[0]
     if width < manifest.vocab_size:
         raise ConfigError(
-            f"{student}: the student's output head has {width} ids but the teacher's has "
-            f"{manifest.vocab_size}; the student cannot represent every teacher id (resize "
-            "its embeddings to at least the teacher's vocab size)")
+            f"{student}: the student's output head has {width} rows, fewer than the "
+            f"{manifest.vocab_size} real ids of the cache's tokenizer (the teacher's head has "
+            f"{manifest.teacher_head_width} rows); the student cannot represent every id: "
+            f"resize its embeddings to at least {manifest.vocab_size}")
     rows = model.get_input_embeddings().weight.shape[0]  # type: ignore[operator]
-    if rows < manifest.tokenizer.size:
+    if rows < manifest.vocab_size:
         raise ConfigError(f"{student}: {rows} input embeddings for a tokenizer of "
-                          f"{manifest.tokenizer.size} tokens")
+                          f"{manifest.vocab_size} real ids; resize its embeddings to at least "
+                          f"{manifest.vocab_size}")
+    if width != manifest.vocab_size:
+        log.info("student head: %d rows for %d real ids; rows %d.. are padding, left out of "
+                 "its softmax", width, manifest.vocab_size, manifest.vocab_size)
 
 
 def _known_transform(config: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:

@@ -21,11 +21,11 @@ from kdpipe.trainer.model import StudentParts
 class StudentObjective(nn.Module):
     """forward(batch, λ per target token, loss config) → the loss sums of one micro-batch."""
 
-    def __init__(self, parts: StudentParts, teacher_vocab_size: int) -> None:
+    def __init__(self, parts: StudentParts, vocab_size: int) -> None:
         super().__init__()
         self.model = parts.model  # registered, so DDP/FSDP see every parameter
         self.parts = parts  # a plain attribute: body and head are submodules of `model`
-        self.teacher_vocab_size = teacher_vocab_size
+        self.vocab_size = vocab_size
 
     def forward(self, batch: Batch, kd_weight: Tensor | None, cfg: LossConfig
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -34,7 +34,7 @@ class StudentObjective(nn.Module):
         hidden = self.parts.hidden_states(batch.input_ids, batch.attention_mask)  # (B, T, H)
         hidden = hidden[batch.target_mask]  # (N, H) real target positions only
         out = chunked_distill_loss(hidden, self.parts.head, batch.labels, kd_weight, cfg,
-                                   batch.teacher, self.teacher_vocab_size,
+                                   batch.teacher, self.vocab_size,
                                    self.parts.logit_transform)
         return out.total, out.ce, out.kd, out.correct_top1, out.ce_per_token
 

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.io import atomic_write_json
+from kdpipe.schemas.manifest import same_mapping
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.chunked_loss import LossConfig
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 
 
 def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.ndarray,
-                         loss_cfg: LossConfig, teacher_vocab_size: int, device: torch.device,
+                         loss_cfg: LossConfig, vocab_size: int, device: torch.device,
                          amp_dtype: torch.dtype | None, stats: SampleStats | None = None,
                          step: int = 0, token_kd_weight: list[torch.Tensor] | None = None, *,
                          objective: nn.Module | None = None, dist: Distributed | None = None,
@@ -85,7 +86,7 @@ def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.
     """
     dist = dist or Distributed()
     objective = objective if objective is not None else StudentObjective(parts,
-                                                                         teacher_vocab_size)
+                                                                         vocab_size)
     real = share is None or share.real
     local_tokens = batch.num_targets if real else 0
     tokens = max(int(dist.sum([local_tokens], device)[0]), 1)
@@ -125,13 +126,17 @@ def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.
 
 def train_step(parts: StudentParts, optimizer: torch.optim.Optimizer, scheduler: Any,
                batch: GlobalBatch, kd_weight: np.ndarray, loss_cfg: LossConfig,
-               teacher_vocab_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+               vocab_size: int, device: torch.device, amp_dtype: torch.dtype | None,
                max_grad_norm: float, stats: SampleStats | None, step: int,
                token_kd_weight: list[torch.Tensor] | None = None, *,
                objective: nn.Module | None = None, dist: Distributed | None = None,
                share: RankSlice | None = None) -> dict[str, float]:
-    """One optimizer step: accumulate gradients, clip, AdamW, advance the LR schedule."""
-    result = accumulate_gradients(parts, batch, kd_weight, loss_cfg, teacher_vocab_size,
+    """One optimizer step: accumulate gradients, clip, AdamW, advance the LR schedule.
+
+    Raises NonFiniteError, before the optimizer changes any weight, when the loss or the
+    gradient norm is NaN or infinite (on every rank alike: both are global values).
+    """
+    result = accumulate_gradients(parts, batch, kd_weight, loss_cfg, vocab_size,
                                   device, amp_dtype, stats, step, token_kd_weight,
                                   objective=objective, dist=dist, share=share)
     model = objective if objective is not None else parts.model
@@ -140,6 +145,11 @@ def train_step(parts: StudentParts, optimizer: torch.optim.Optimizer, scheduler:
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     result["lr"] = scheduler.get_last_lr()[0]
     result["grad_norm"] = local_value(norm)
+    if not all(math.isfinite(result[k]) for k in ("loss", "ce", "kd", "grad_norm")):
+        raise NonFiniteError(
+            f"step {step}: the loss is {result['loss']:.6g} (CE {result['ce']:.6g}, KD "
+            f"{result['kd']:.6g}) and the gradient norm {result['grad_norm']:.6g}; the step "
+            "was not applied and no model was saved from it")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -162,9 +172,10 @@ def split_data(cfg: TrainConfig, index: CacheIndex
     train_ids = ids[~held]
     if cfg.eval_cache is not None:
         eval_cache = open_cache(cfg.eval_cache)
-        if eval_cache.manifest.tokenizer.fingerprint != index.cache.manifest.tokenizer.fingerprint:
-            raise ConfigError(f"--eval-cache {cfg.eval_cache} was made with a different "
-                              f"tokenizer than --cache {cfg.cache}")
+        if not same_mapping(eval_cache.manifest, index.cache.manifest):
+            raise ConfigError(f"--eval-cache {cfg.eval_cache} was made with a tokenizer that "
+                              f"maps ids differently from --cache {cfg.cache}'s; cache both "
+                              "with the same tokenizer")
         eval_index: CacheIndex | None = build_index(eval_cache)
         assert eval_index is not None
         eval_ids = eval_index.sample_ids
@@ -212,11 +223,18 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
     Without them, `--curriculum*`/`--reliance*` options build them (curriculum_config.py).
     Under torchrun every process calls this; see distributed.py for how the work is split.
     """
+    cfg = cfg.with_cache_defaults()
     cfg.validate()
     check_curriculum_file(cfg.curriculum_config(), cfg.cache)  # before touching the run folder
     dist = Distributed.from_env(cfg.device)
     try:
         return _train(cfg, dist, sampler, kd_weight_fn)
+    except NonFiniteError as exc:
+        latest = ckpt.latest_checkpoint(Path(cfg.out))
+        kept = (f"the last good checkpoint, {latest}, is kept (resume from it with --resume "
+                "after lowering --lr or fixing the cause)" if latest is not None else
+                "no checkpoint was written before it (--save-every N keeps some)")
+        raise NonFiniteError(f"{exc}; {kept}") from exc
     finally:
         dist.close()
 
@@ -238,8 +256,8 @@ def _train(cfg: TrainConfig, dist: Distributed, sampler: Sampler | None,
     cache = open_cache(cfg.cache)
     manifest = cache.manifest
     name = cfg.student or cfg.student_config or "student"
-    tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, manifest, cfg.trust_remote_code)
-    check_tokenizer(tokenizer, manifest, cfg.cache)
+    tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, cache, cfg.trust_remote_code)
+    check_tokenizer(tokenizer, cache, cfg.trust_remote_code)
     source = str(start.checkpoint) if start.checkpoint is not None else cfg.student
     model = load_student(source, None if source else cfg.student_config, manifest, tokenizer,
                          cfg.seed, cfg.trust_remote_code)

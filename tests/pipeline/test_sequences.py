@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tokenizers import processors
 from transformers import AutoTokenizer
 
 from kdpipe.pipeline.corpus import iter_documents
-from kdpipe.pipeline.sequences import LAYOUTS, iter_sequences
+from kdpipe.pipeline.sequences import LAYOUTS, iter_sequences, special_affixes
 from kdpipe.schemas.errors import ConfigError
+
+from ..conftest import stdlib_texts
+from ..families import family_tokenizer
 
 DOCS = ["def f(x):\n    return x + 1\n", "import os", "a", "class A:\n    pass\n" * 5,
         "print('hello world')  # comment\n" * 3]
@@ -154,7 +158,7 @@ class SlowLike:
         self.eos_token_id = inner.eos_token_id
 
     def __call__(self, texts: list[str], **kwargs: Any) -> Any:
-        assert kwargs == {"add_special_tokens": False, "verbose": False}
+        assert set(kwargs) == {"add_special_tokens", "verbose"} and not kwargs["verbose"]
         return self.inner(texts, **kwargs)
 
 
@@ -178,3 +182,65 @@ def test_from_corpus_files(tokenizer: Any, jsonl_corpus: Path) -> None:
     docs = list(iter_documents([str(jsonl_corpus)]))
     got = build(iter_documents([str(jsonl_corpus)]), tokenizer, 128, "document")
     assert got == expected_document(tokenizer, docs, 128)
+
+
+# --- special tokens: encode as the tokenizer's own encoding does ------------------------------
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Llama-3-like: the post-processor puts <|begin_of_text|> before every text."""
+    out = tmp_path_factory.mktemp("llama-tokenizer")
+    family_tokenizer("llama", stdlib_texts(), out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def with_suffix_eos(tokenizer: Any, tmp_path: Path) -> Any:
+    """A T5-like variant whose post-processor also appends EOS after the text."""
+    eos = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, tok.eos_token_id)])
+    return tok
+
+
+def test_documents_start_with_the_tokenizers_bos(bos_tokenizer: Any) -> None:
+    bos, eos = bos_tokenizer.bos_token_id, bos_tokenizer.eos_token_id
+    full = [list(bos_tokenizer(d)["input_ids"]) for d in DOCS]  # the tokenizer's own encoding
+    assert all(ids[0] == bos for ids in full)
+    # document: the tokenizer's encoding + EOS, every chunk starting with the BOS
+    max_length = 7
+    expected = []
+    for ids in full:
+        body = ids[1:] + [eos]
+        for start in range(0, len(body), max_length - 1):
+            piece = body[start:start + max_length - 1]
+            if start == 0 or len(piece) >= 2:
+                expected.append([bos] + piece)
+    assert build(DOCS, bos_tokenizer, max_length, "document") == expected
+    # packed: each document keeps its BOS where it begins
+    stream = [t for ids in full for t in ids + [eos]]
+    got = build(DOCS, bos_tokenizer, max_length, "packed")
+    assert got == [b for b in (stream[i:i + max_length]
+                               for i in range(0, len(stream), max_length)) if len(b) >= 2]
+    assert sum(s.count(bos) for s in got) == len(DOCS)
+
+
+def test_no_add_special_tokens_encodes_the_text_alone(bos_tokenizer: Any) -> None:
+    got = build(DOCS, bos_tokenizer, 1000, "document", add_special_tokens=False)
+    assert got == expected_document(bos_tokenizer, DOCS, 1000)
+    assert bos_tokenizer.bos_token_id not in {s[0] for s in got}
+
+
+def test_suffix_eos_is_not_doubled(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    plain = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok = with_suffix_eos(plain, tmp_path)
+    assert special_affixes(tok) == ([], [tok.eos_token_id])
+    assert build(DOCS, tok, 16, "document") == expected_document(plain, DOCS, 16)
+
+
+def test_prefix_leaves_room_for_a_target(bos_tokenizer: Any) -> None:
+    with pytest.raises(ConfigError, match="--max-length 2: the tokenizer starts every sequence"):
+        iter_sequences(DOCS, bos_tokenizer, 2, "document")
+    assert all(len(s) == 3 for s in build(DOCS, bos_tokenizer, 3, "packed")[:-1])

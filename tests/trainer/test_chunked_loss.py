@@ -17,7 +17,7 @@ from kdpipe.trainer.chunked_loss import (
 )
 from kdpipe.trainer.losses import divergence, student_partition, teacher_partition
 
-N, H, V, V_STUDENT, K = 37, 16, 50, 56, 6  # the student head is wider than the teacher vocab
+N, H, V, V_STUDENT, K = 37, 16, 50, 56, 6  # a padded student head: rows V.. are no ids
 
 
 def make_inputs(n=N, hidden_size=H, vocab=V, student_vocab=V_STUDENT, k=K, seed=0, bias=True,
@@ -44,16 +44,18 @@ def make_inputs(n=N, hidden_size=H, vocab=V, student_vocab=V_STUDENT, k=K, seed=
     return hidden, head, labels, teacher
 
 
-def unchunked(hidden, head, labels, kd_weight, cfg, teacher, transform=None):
-    """The plain computation: full (N, V) logits, no chunking, no checkpointing."""
+def unchunked(hidden, head, labels, kd_weight, cfg, teacher, transform=None, vocab=V):
+    """The plain computation: full (N, V) logits, no chunking, no checkpointing. Only the
+    `vocab` real ids form the softmax: a padded head's extra rows are left out."""
     logits = head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)
+    logits = logits[:, :vocab]
     if transform is not None:
         logits = transform(logits)
     logits = logits.float()
     ce = F.cross_entropy(logits, labels, reduction="none")
     tempered = teacher.tempered_tail_logmass if cfg.temperature != 1.0 else None
     log_p, log_p_tail = teacher_partition(teacher.topk_logprobs, teacher.tail_logmass,
-                                          cfg.temperature, V, tempered)
+                                          cfg.temperature, vocab, tempered)
     log_q, log_q_tail = student_partition(logits, teacher.topk_ids, cfg.temperature)
     kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)
     lam = kd_weight.float()
@@ -139,7 +141,7 @@ def test_lambda_per_token_mixes_ce_and_tau_squared_kd(temperature):
     torch.testing.assert_close(mixed.total, 0.75 * pure_ce.total + 0.25 * pure_kd.total)
     # per-token λ: each token mixes its own CE and KD
     lam = lambdas()
-    logits = head(hidden).float()
+    logits = head(hidden)[:, :V].float()
     ce_n = F.cross_entropy(logits, labels, reduction="none")
     log_p, log_p_tail = teacher_partition(teacher.topk_logprobs, teacher.tail_logmass,
                                           temperature, V, teacher.tempered_tail_logmass)
@@ -153,7 +155,7 @@ def test_ce_mode_is_plain_cross_entropy():
     hidden, head, labels, teacher = make_inputs()
     cfg = LossConfig(mode="ce", chunk_size=6)
     got = chunked_distill_loss(hidden, head, labels, None, cfg, None, V)
-    ref = F.cross_entropy(head(hidden), labels, reduction="sum")
+    ref = F.cross_entropy(head(hidden)[:, :V], labels, reduction="sum")
     torch.testing.assert_close(got.total, ref)
     torch.testing.assert_close(got.ce, ref.detach())
     assert float(got.kd) == 0.0 and int(got.correct_top1) == 0
@@ -163,7 +165,7 @@ def test_ce_mode_is_plain_cross_entropy():
     # with the teacher given, ce mode still reports top-1 agreement and ignores λ
     with_teacher = chunked_distill_loss(hidden, head, labels, torch.ones(N), cfg, teacher, V)
     torch.testing.assert_close(with_teacher.total, ref)
-    expected = (head(hidden).argmax(-1) == teacher.topk_ids[:, 0]).sum()
+    expected = (head(hidden)[:, :V].argmax(-1) == teacher.topk_ids[:, 0]).sum()
     assert int(with_teacher.correct_top1) == int(expected)
 
 
@@ -172,7 +174,7 @@ def test_per_token_ce_is_reported_for_every_chunk(mode):
     hidden, head, labels, teacher = make_inputs()
     cfg = LossConfig(mode=mode, chunk_size=5)
     got = chunked_distill_loss(hidden, head, labels, torch.full((N,), 0.5), cfg, teacher, V)
-    ref = F.cross_entropy(head(hidden), labels, reduction="none")
+    ref = F.cross_entropy(head(hidden)[:, :V], labels, reduction="none")
     torch.testing.assert_close(got.ce_per_token, ref.detach())
     assert not got.ce_per_token.requires_grad
 
@@ -249,7 +251,7 @@ def test_no_saved_tensor_is_n_by_v():
     # the detector works: the unchunked computation does save an (N, V) tensor
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unchunked(hidden, head, labels, torch.ones(MEM_N), cfg, teacher)
+        unchunked(hidden, head, labels, torch.ones(MEM_N), cfg, teacher, vocab=MEM_V)
     assert max(saved) >= MEM_N * MEM_V
 
 
@@ -264,5 +266,5 @@ def test_peak_tensor_is_one_chunk_of_logits():
         sums.total.backward()
     assert probe.largest <= legit
     with LargestTensor() as probe:
-        unchunked(hidden, head, labels, lam, cfg, teacher)[0].backward()
+        unchunked(hidden, head, labels, lam, cfg, teacher, vocab=MEM_V)[0].backward()
     assert probe.largest >= MEM_N * MEM_V

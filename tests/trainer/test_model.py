@@ -20,23 +20,37 @@ from kdpipe.schemas.errors import ConfigError
 from kdpipe.trainer.model import check_tokenizer, check_vocab, load_tokenizer, split_student
 from kdpipe.trainer.train import train
 
+from ..families import permuted_tokenizer
 from .conftest import small_config
 
 
-def test_tokenizer_mismatch_is_refused(tmp_path: Path, tiny_cache: Path,
-                                       tiny_student_dir: Path) -> None:
-    other = tmp_path / "other-tokenizer"
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_student_dir)
-    tokenizer.add_tokens(["<|extra|>"])  # same vocab, one more token: a different tokenizer
-    tokenizer.save_pretrained(other)
+def test_tokenizer_mismatch_is_refused(tmp_path: Path, tiny_cache: Path, tiny_student_dir: Path,
+                                       tiny_tokenizer_dir: Path) -> None:
+    """Same size, two ids swapped: refused, naming the first id that differs and both strings."""
+    other = permuted_tokenizer(tiny_tokenizer_dir, tmp_path / "permuted", 100, 101)
     cfg = small_config(tiny_cache, tmp_path / "run", student=str(tiny_student_dir),
                        tokenizer=str(other))
     with pytest.raises(ConfigError, match="tokenizer mismatch") as caught:
         train(cfg)
-    assert "\n" not in str(caught.value)
+    message = str(caught.value)
+    assert "\n" not in message and "id 100 is " in message
+    cache = open_cache(tiny_cache)
+    expected = load_tokenizer(str(tiny_student_dir), None, cache).convert_ids_to_tokens([100, 101])
+    assert repr(expected[0]) in message and repr(expected[1]) in message
     # The matching tokenizer, found next to the student, passes.
-    manifest = open_cache(tiny_cache).manifest
-    check_tokenizer(load_tokenizer(str(tiny_student_dir), None, manifest), manifest, tiny_cache)
+    check_tokenizer(load_tokenizer(str(tiny_student_dir), None, cache), cache)
+
+
+def test_extra_tokens_after_the_real_ids_are_compatible(tmp_path: Path, tiny_cache: Path,
+                                                        tiny_student_dir: Path) -> None:
+    """The student trains on the cache's ids: ids past them cannot occur, so a tokenizer that
+    only adds tokens at the end maps every cached id the same way."""
+    other = tmp_path / "more-tokens"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_student_dir)
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(other)
+    cache = open_cache(tiny_cache)
+    check_tokenizer(load_tokenizer(None, str(other), cache), cache)
 
 
 def test_head_narrower_than_the_teacher_vocab_is_refused(tmp_path: Path, tiny_cache: Path,
@@ -45,7 +59,7 @@ def test_head_narrower_than_the_teacher_vocab_is_refused(tmp_path: Path, tiny_ca
     narrow = tmp_path / "narrow.json"
     narrow.write_text(json.dumps({**spec, "vocab_size": 100}))
     cfg = small_config(tiny_cache, tmp_path / "run", student_config=str(narrow))
-    with pytest.raises(ConfigError, match="cannot represent every teacher id"):
+    with pytest.raises(ConfigError, match="head has 100 rows, fewer than the 320 real ids"):
         train(cfg)
 
 

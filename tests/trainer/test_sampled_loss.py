@@ -3,6 +3,7 @@ through the chunked loss and the trainer, and refused on the wrong kind of cache
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -86,20 +87,27 @@ def sampled_cache(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Pa
 
 def test_sampled_cache_trains_and_evaluates(tmp_path: Path, sampled_cache: Path,
                                             tiny_cache: Path, tiny_student_dir: Path) -> None:
+    # No --loss: a sampled cache calls for the sampled loss, in training and evaluation.
     run = train(small_config(sampled_cache, tmp_path / "run", student=str(tiny_student_dir),
-                             loss="sampled", max_steps=4, eval_fraction=0.2))
+                             max_steps=4, eval_fraction=0.2))
     assert run["step"] == 4 and math.isfinite(run["eval_kd"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"] == "sampled"
     result = evaluate(EvalConfig(student=str(tiny_student_dir), cache=str(sampled_cache),
-                                 loss="sampled", batch_size=16, chunk_size=64, device="cpu",
-                                 progress=False))
+                                 batch_size=16, chunk_size=64, device="cpu", progress=False))
+    assert result["loss_kind"] == "sampled"
     assert math.isfinite(result["kd"]) and result["kd"] > 0 and 0 <= result["top1_agreement"] <= 1
+    # Without --loss the loss follows the cache; a loss that does not suit it is refused.
+    assert small_config(sampled_cache, tmp_path / "a").with_cache_defaults().loss == "sampled"
+    assert small_config(tiny_cache, tmp_path / "a").with_cache_defaults().loss == "forward"
     with pytest.raises(ConfigError, match="use --loss sampled"):
-        small_config(sampled_cache, tmp_path / "bad", student=str(tiny_student_dir)).validate()
+        small_config(sampled_cache, tmp_path / "bad", student=str(tiny_student_dir),
+                     loss="forward").validate()
     with pytest.raises(ConfigError, match="needs a sampled cache"):
         small_config(tiny_cache, tmp_path / "bad", student=str(tiny_student_dir),
                      loss="sampled").validate()
     with pytest.raises(ConfigError, match="use --loss sampled"):
-        EvalConfig(student=str(tiny_student_dir), cache=str(sampled_cache)).validate()
+        EvalConfig(student=str(tiny_student_dir), cache=str(sampled_cache),
+                   loss="forward").validate()
     # CE-only training ignores the teacher columns: any cache works.
     small_config(sampled_cache, tmp_path / "ce", student=str(tiny_student_dir),
                  mode="ce").validate()
@@ -110,4 +118,4 @@ def test_sampled_cache_trains_and_evaluates(tmp_path: Path, sampled_cache: Path,
                      eval_cache=str(sampled_cache)).validate()
     with pytest.raises(ConfigError, match="--cache .* is sampled"):
         small_config(sampled_cache, tmp_path / "bad", student=str(tiny_student_dir),
-                     mode="ce", eval_fraction=0.2).validate()
+                     mode="ce", eval_fraction=0.2, loss="forward").validate()
