@@ -32,6 +32,9 @@ def expect_error(args: list[str], capsys: pytest.CaptureFixture[str], *needles: 
     (["--batch-size", "0", "--shard-size", "0"], ["--batch-size", "--shard-size"]),
     (["--backend", "tgi"], ["--backend"]),
     (["--tail-temperatures", "2,x"], ["--tail-temperatures"]),
+    (["--tail-temperatures", "nan"], ["--tail-temperatures nan: must be a finite number"]),
+    (["--tail-temperatures", "2,inf"], ["--tail-temperatures 2.0,inf: must be a finite"]),
+    (["--gpu-memory-utilization", "nan"], ["--gpu-memory-utilization nan: must be a finite"]),
 ])
 def test_bad_flags(tiny_teacher_dir: Path, small_corpus: Path, tmp_path: Path,
                    capsys: pytest.CaptureFixture[str], extra: list[str],
