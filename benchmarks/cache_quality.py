@@ -50,10 +50,10 @@ from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.torch_runtime import resolve_device
-from kdpipe.trainer.chunked_loss import LossConfig
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
 from kdpipe.trainer.evaluate import run_evaluation
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.model import (
     autocast_dtype,
     check_tokenizer,
@@ -247,7 +247,7 @@ def train_arm(arm: str, seed: int, setup: Setup, args: argparse.Namespace,
     manifest = setup.topk.cache.manifest
     index = setup.sampled if arm == "sampled" else setup.topk
     assert index is not None
-    cfg = TrainConfig(cache=str(index.cache.root), out=args.out,
+    cfg = TrainConfig.from_options(cache=str(index.cache.root), out=args.out,
                       student_config=setup.student_config,
                       mode="ce" if arm == "ce" else "kd", loss=CACHED_LOSS.get(arm, "forward"),
                       kd_weight=args.kd_weight, lr=args.lr, batch_size=args.batch_size,
@@ -264,7 +264,7 @@ def train_arm(arm: str, seed: int, setup: Setup, args: argparse.Namespace,
 
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=args.steps)
-    loss_cfg = cfg.loss_config()
+    loss_cfg = cfg.loss
     per_step = args.batch_size * args.grad_accum
     order = sample_order(setup.topk, seed, args.shuffle_window, args.steps * per_step,
                          ids=setup.train_ids)
@@ -298,10 +298,9 @@ def train_arm(arm: str, seed: int, setup: Setup, args: argparse.Namespace,
                 log.info("seed %d %s step %d/%d: loss %.4f ce %.4f", seed, arm, step,
                          args.steps, result["loss"], result["ce"])
     train_seconds = time.perf_counter() - started
-    eval_kind = "sampled" if setup.eval_index.cache.manifest.cache_mode == "sampled" else "forward"
     metrics = run_evaluation(parts, setup.eval_index, setup.eval_ids,
-                             LossConfig(kind=eval_kind, chunk_size=args.chunk_size),
-                             args.kd_weight, setup.device, setup.amp_dtype,
+                             LossConfig(kd_weight=args.kd_weight, chunk_size=args.chunk_size),
+                             setup.device, setup.amp_dtype,
                              args.eval_batch_size, pad_id, args.prefetch)
     return {"arm": arm, "seed": seed, "steps": step,
             "train_seconds": train_seconds, "heldout_ce": metrics["ce"],

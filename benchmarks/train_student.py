@@ -245,12 +245,12 @@ def run_training(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    cfg = TrainConfig(cache=args.cache, out=args.out, student_config=student_cfg,
+    cfg = TrainConfig.from_options(cache=args.cache, out=args.out, student_config=student_cfg,
                       mode=arm if arm in TRAINER_ARMS else "kd", loss=args.loss,
                       kd_weight=args.kd_weight,
                       temperature=args.temperature, lr=args.lr, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, chunk_size=args.chunk_size, seed=args.seed)
-    loss_cfg = cfg.loss_config()
+    loss_cfg = cfg.loss
     optimizer = build_optimizer(model, cfg)
     from transformers import get_scheduler
 

@@ -27,7 +27,7 @@ def test_config_file_fills_options(tmp_path: Path, capsys: pytest.CaptureFixture
     config = tmp_path / "run.yaml"
     config.write_text("cache-teacher:\n  top-k: 0\n  max_length: 1\n")
     code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
-    assert code == 2 and "--top-k must be >= 1" in err and "--max-length must be >= 2" in err
+    assert code == 2 and "--top-k 0 must be >= 1" in err and "--max-length 1 must be >= 2" in err
 
 
 def test_flags_beat_environment_beat_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -36,7 +36,7 @@ def test_flags_beat_environment_beat_file(tmp_path: Path, capsys: pytest.Capture
     config.write_text("top_k: 0\n")
     monkeypatch.setenv("KDPIPE_CACHE_TEACHER_TOP_K", "-3")
     code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
-    assert code == 2 and "--top-k must be >= 1 (got -3)" in err
+    assert code == 2 and "--top-k -3 must be >= 1" in err
     code, err = run([*cache_args(tmp_path), "--config", str(config), "--top-k", "4"], capsys)
     assert code == 2 and "--top-k" not in err and "d.jsonl" in err  # next problem: the data
 

@@ -109,15 +109,15 @@ def test_family_distils_end_to_end(name: str, model_family: Callable[[str], Fami
     assert (firsts == {family.bos_id}) == (family.bos_id is not None)
 
     run = tmp_path / "run"
-    train(TrainConfig(cache=str(cache), out=str(run), student=str(family.student),
+    train(TrainConfig.from_options(cache=str(cache), out=str(run), student=str(family.student),
                       device="cpu", batch_size=4, max_steps=3, lr=3e-3, chunk_size=64,
                       progress=False, snapshots=False))
     if name == "qwen2":  # the same mapping under another tokenizer.json: warned, accepted
         warned = [r.getMessage() for r in caplog.records if "same" in r.getMessage()]
         assert any("normalizer" in m for m in warned), warned
 
-    metrics = evaluate(EvalConfig(student=str(run / "final"), cache=str(cache), device="cpu",
-                                  progress=False))
+    metrics = evaluate(EvalConfig.from_options(student=str(run / "final"), cache=str(cache),
+                                               device="cpu", progress=False))
     ce, kd = float64_reference(family.teacher, run / "final", cache)
     assert metrics["kd"] == pytest.approx(kd, rel=1e-4)
     assert metrics["ce"] == pytest.approx(ce, rel=1e-4)
@@ -132,8 +132,8 @@ def test_padded_heads_at_k_equal_to_the_real_vocabulary(
     cache = tmp_path / "cache"
     manifest = cache_family(family, corpus, cache, top_k=VOCAB)
     assert manifest.top_k == manifest.vocab_size == VOCAB
-    metrics = evaluate(EvalConfig(student=str(family.student), cache=str(cache), device="cpu",
-                                  progress=False))
+    metrics = evaluate(EvalConfig.from_options(student=str(family.student), cache=str(cache),
+                                               device="cpu", progress=False))
     ce, kd = float64_reference(family.teacher, family.student, cache)
     assert metrics["kd"] == pytest.approx(kd, rel=1e-4)
     assert metrics["ce"] == pytest.approx(ce, rel=1e-4)

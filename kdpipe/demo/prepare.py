@@ -4,7 +4,8 @@
 2. tokenizer: a byte-level BPE trained on the train split (`tokenizer.py`);
 3. token cache: `train-student` reads only caches, so a throw-away 1-layer model "caches" the
    train split at k = 1 — only its token ids are used (`--mode ce` reads no teacher column);
-4. teacher: a small Llama trained by `train(TrainConfig(mode="ce"))`, the student trainer itself;
+4. teacher: a small Llama trained by `train(TrainConfig.from_options(mode="ce"))`, the student
+   trainer itself;
 5. caches: `cache_teacher` with the trained teacher over train and held-out, at the preset's k.
 
 Every stage is the same Python function the CLI calls, and every one is idempotent, so an
@@ -106,7 +107,7 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
         teacher_init = init_model(tokenizer_dir, root / "models" / "teacher-init", preset.teacher,
                                   preset.max_length)
         steps = preset.teacher_steps
-        teacher_cfg = TrainConfig(
+        teacher_cfg = TrainConfig.from_options(
             cache=str(token_cache), out=str(teacher_run), student=str(teacher_init), mode="ce",
             lr=preset.teacher_lr, warmup_steps=max(1, steps // 10),
             batch_size=preset.teacher_batch_size, max_steps=steps, save_every=max(1, steps // 3),

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdpipe.options import flags
 from kdpipe.schemas.errors import ConfigError, choice_problems
 
 # Options the runner sets for every run; an arm cannot.
@@ -154,15 +155,16 @@ def _convert(value: Any, hint: Any, flag: str) -> Any:
 def convert_options(cls: type, raw: Any, where: str, reserved: tuple[str, ...],
                     extra: tuple[str, ...] = (), problems: list[str] | None = None
                     ) -> dict[str, Any]:
-    """Check option names against `cls`'s fields and convert values; problems are collected."""
+    """Check option names against `cls`'s options (flat flag names, as on the command line)
+    and convert values; problems are collected."""
     problems = problems if problems is not None else []
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping of option names to values")
         return {}
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = {flag.name: flag.hint for flag in flags(cls)}
+    known = set(hints)
     out: dict[str, Any] = {}
     for name, value in raw.items():
         key = _key(name)

@@ -131,9 +131,9 @@ def plan_runs(exp: ExperimentConfig, inputs: Inputs, out: Path, device: str, pro
             if spec is not None:
                 opts["curriculum"] = str(curriculum_path(
                     out, spec.name, seed if spec.from_arm is not None else None))
-            cfg = TrainConfig(cache=inputs.cache, eval_cache=inputs.eval_cache,
-                              out=str(run_dir(out, arm.name, seed)), seed=seed,
-                              **opts).with_cache_defaults()
+            cfg = TrainConfig.from_options(cache=inputs.cache, eval_cache=inputs.eval_cache,
+                                           out=str(run_dir(out, arm.name, seed)), seed=seed,
+                                           **opts).with_cache_defaults()
             planned.append(PlannedRun(arm.name, seed, cfg))
     return planned
 
@@ -159,8 +159,8 @@ def check_runs(runs: list[PlannedRun], placeholder: Path) -> None:
     problems = []
     for run in runs:
         cfg = run.config
-        if cfg.curriculum is not None and not Path(cfg.curriculum).is_file():
-            cfg = replace(cfg, curriculum=str(placeholder))
+        if cfg.curriculum.file is not None and not Path(cfg.curriculum.file).is_file():
+            cfg = replace(cfg, curriculum=replace(cfg.curriculum, file=str(placeholder)))
         try:
             cfg.validate()
         except ConfigError as exc:
@@ -204,5 +204,5 @@ def build_curricula(exp: ExperimentConfig, inputs: Inputs, out: Path, clock: Sta
             path.parent.mkdir(parents=True, exist_ok=True)
             label = f"curriculum {spec.name}" + ("" if seed is None else f"/seed-{seed}")
             with clock.stage(label, done=path.is_file()):
-                build_curriculum(BuildCurriculumConfig(cache=inputs.cache, out=str(path),
-                                                       **options))
+                build_curriculum(BuildCurriculumConfig.from_options(
+                    cache=inputs.cache, out=str(path), **options))

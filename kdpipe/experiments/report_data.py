@@ -173,7 +173,7 @@ def pool_traces(view: ExperimentView) -> dict[str, PoolTrace]:
         if not (folder / "config.json").is_file():
             continue
         cfg = read_config(folder)
-        cl = cfg.curriculum_config()
+        cl = cfg.curriculum
         if not cl.active:
             continue
         trace = _pool_trace(cfg, cl, folder)

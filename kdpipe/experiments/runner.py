@@ -42,6 +42,7 @@ from kdpipe.experiments.plan import (
 )
 from kdpipe.experiments.summary import summarize, summary_markdown
 from kdpipe.experiments.timing import StageClock
+from kdpipe.options import flat_values
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text, nonfinite_as_null
 
@@ -115,7 +116,7 @@ def _train_in_worker(config: dict[str, Any], threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     wall, cpu = time.perf_counter(), time.process_time()
-    metrics = train(TrainConfig(**config))
+    metrics = train(TrainConfig.from_options(**config))
     return {"metrics": metrics, "wall_s": time.perf_counter() - wall,
             "cpu_s": time.process_time() - cpu}
 
@@ -194,7 +195,7 @@ def execute_runs(runs: list[PlannedRun], results: Results, parallel: int, thread
     with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn"),
                              initializer=_worker_init) as pool:
         pending: dict[Future[dict[str, Any]], PlannedRun] = {
-            pool.submit(_train_in_worker, asdict(r.config), threads): r for r in todo}
+            pool.submit(_train_in_worker, flat_values(r.config), threads): r for r in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:

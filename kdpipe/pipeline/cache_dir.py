@@ -12,9 +12,10 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kdpipe.pipeline import workers
+from kdpipe.pipeline.cache_config import CacheTeacherConfig
 from kdpipe.schemas.cache import tokens_digest
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
@@ -27,9 +28,6 @@ from kdpipe.schemas.manifest import (
     read_manifest,
     write_manifest,
 )
-
-if TYPE_CHECKING:
-    from kdpipe.pipeline.cache_stage import CacheTeacherConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import chain
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from kdpipe.pipeline import teacher_vllm, workers
+from kdpipe.pipeline.cache_config import CacheTeacherConfig
 from kdpipe.pipeline.cache_dir import (
     prepare_out,
     previous_manifest,
@@ -44,10 +44,9 @@ from kdpipe.pipeline.teacher_hf import (
     teacher_targets,
 )
 from kdpipe.pipeline.teacher_info import describe_teacher, teacher_head_width
-from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
-from kdpipe.schemas.errors import ConfigError, NonFiniteError, check_finite, choice_problems
+from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.manifest import CacheManifest, CorpusInfo, ShardInfo, write_manifest
-from kdpipe.schemas.shard import LOGPROB_DTYPES, id_dtype_for_vocab
+from kdpipe.schemas.shard import id_dtype_for_vocab
 from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
 from kdpipe.tokenizer_identity import describe as describe_tokenizer
 from kdpipe.tokenizer_identity import load_tokenizer, save_tokenizer
@@ -55,124 +54,25 @@ from kdpipe.torch_runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "hf", "vllm")
 # One shard's (sample ids, sequences) -> their targets; updates the progress bar by the tokens
 # it computed.
 TeacherRunner = Callable[[list[int], list[list[int]], tqdm], list[SequenceTargets]]
 
 
-@dataclass(frozen=True)
-class CacheTeacherConfig:
-    """Every option of `kdpipe cache-teacher`, with its default."""
-
-    teacher: str
-    data: tuple[str, ...]
-    out: Path
-    tokenizer: str | None = None
-    backend: str = "hf"  # "auto" picks vllm on a GPU machine with vLLM installed
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 8
-    top_k: int = 64
-    max_length: int = 512
-    pack: bool = False
-    add_special_tokens: bool = True  # encode as the tokenizer does: a BOS where it adds one
-    shard_size: int = 1024
-    text_field: str = "text"
-    split: str | None = "train"
-    tail_temperatures: tuple[float, ...] = field(default_factory=tuple)
-    logprob_dtype: str = "float16"
-    encoding: str = "plain"  # "compact": quantised log-probs, delta-coded ids (encoding.py)
-    cache_mode: str = "topk"  # "sampled": `samples` teacher draws per position (hf only)
-    samples: int = 50
-    sample_seed: int = 0
-    strict: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    allow_tokenizer_mismatch: bool = False  # --tokenizer may map ids unlike the teacher's own
-    num_workers: int = 1
-    worker_index: int = 0
-    gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU for weights + KV cache
-    tensor_parallel_size: int = 1  # vLLM: GPUs one teacher is split over
-    progress: bool = True
-
-    @property
-    def layout(self) -> str:
-        return "packed" if self.pack else "document"
-
-    def validate(self) -> None:
-        """Raise one ConfigError listing every invalid option."""
-        check_finite(self, "cache-teacher")
-        problems = []
-        if not self.data:
-            problems.append("--data is required (a file, folder, glob or dataset name)")
-        problems += choice_problems("--backend", self.backend, BACKENDS)
-        if self.backend == "vllm" and self.tail_temperatures:
-            problems.append("--tail-temperatures needs --backend hf: vLLM returns only top-k "
-                            "log-probs, so exact tempered tails cannot be computed (without "
-                            "them the trainer uses the uniform-tail approximation)")
-        if self.backend == "vllm" and self.device not in ("auto", "cuda"):
-            problems.append(f"--device {self.device} with --backend vllm: vLLM uses the GPUs "
-                            "CUDA_VISIBLE_DEVICES shows; leave --device at auto")
-        if self.num_workers < 1:
-            problems.append(f"--num-workers must be >= 1 (got {self.num_workers})")
-        elif not 0 <= self.worker_index < self.num_workers:
-            problems.append(f"--worker-index must be in 0..{self.num_workers - 1} for "
-                            f"--num-workers {self.num_workers} (got {self.worker_index})")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            problems.append("--gpu-memory-utilization must be in (0, 1] "
-                            f"(got {self.gpu_memory_utilization})")
-        if self.tensor_parallel_size < 1:
-            problems.append(f"--tensor-parallel-size must be >= 1 (got "
-                            f"{self.tensor_parallel_size})")
-        if self.top_k < 1:
-            problems.append(f"--top-k must be >= 1 (got {self.top_k})")
-        if self.max_length < 2:
-            problems.append(f"--max-length must be >= 2 so a sequence has a target "
-                            f"(got {self.max_length})")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1 (got {self.batch_size})")
-        if self.shard_size < 1:
-            problems.append(f"--shard-size must be >= 1 (got {self.shard_size})")
-        if any(t <= 0 for t in self.tail_temperatures):
-            problems.append(f"--tail-temperatures must be > 0 (got {self.tail_temperatures})")
-        if self.logprob_dtype not in LOGPROB_DTYPES:
-            problems.append(f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}")
-        if self.encoding not in ENCODINGS:
-            problems.append(f"--encoding must be one of {', '.join(ENCODINGS)} "
-                            f"(got {self.encoding!r})")
-        if self.cache_mode not in CACHE_MODES:
-            problems.append(f"--cache-mode must be one of {', '.join(CACHE_MODES)} "
-                            f"(got {self.cache_mode!r})")
-        if self.cache_mode == "sampled":
-            if not 1 <= self.samples <= MAX_SAMPLES:
-                problems.append(f"--samples must be in 1..{MAX_SAMPLES} (got {self.samples})")
-            if self.backend == "vllm":
-                problems.append("--cache-mode sampled needs --backend hf: drawing from the "
-                                "teacher's distribution needs its full logits")
-            if self.tail_temperatures:
-                problems.append("--tail-temperatures applies to top-k caches; drop it with "
-                                "--cache-mode sampled")
-            if self.encoding != "plain":
-                problems.append("--encoding compact applies to top-k caches; drop it with "
-                                "--cache-mode sampled")
-        if self.out.exists() and not self.out.is_dir():
-            problems.append(f"--out {self.out} is a file; give a folder for the cache")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-
 def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
-    """Run the whole stage; returns the finished manifest (a worker: its part, or the merge)."""
+    """Run the whole stage; returns the finished manifest (a worker: its part, or the merge;
+    with `merge`, the merge of the finished workers' parts alone)."""
     cfg.validate()
+    if cfg.merge:
+        return workers.merge_parts(cfg.out, cfg.num_workers if cfg.num_workers > 1 else None)
     backend = resolve_backend(cfg)
     if backend == "hf" and cfg.tensor_parallel_size > 1:
         raise ConfigError("--tensor-parallel-size splits a teacher over GPUs with vLLM only; "
                           "pass --backend vllm on a GPU machine with vLLM installed")
     sources = resolve_sources(cfg.data)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code,
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher_model, cfg.trust_remote_code,
                                flag="--tokenizer" if cfg.tokenizer else "--teacher")
-    teacher_info, model_config = describe_teacher(cfg.teacher, backend, cfg.dtype,
+    teacher_info, model_config = describe_teacher(cfg.teacher_model, backend, cfg.dtype,
                                                   cfg.trust_remote_code)
     if cfg.tokenizer:
         _check_teachers_own_tokenizer(cfg, tokenizer)
@@ -185,7 +85,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     vllm = backend == "vllm"
     draft = CacheManifest(
         teacher=teacher_info,
-        tokenizer=describe_tokenizer(cfg.tokenizer or cfg.teacher, tokenizer, vocab_size),
+        tokenizer=describe_tokenizer(cfg.tokenizer or cfg.teacher_model, tokenizer, vocab_size),
         corpus=CorpusInfo(sources=tuple(sources), text_field=cfg.text_field, split=cfg.split,
                           fingerprint=corpus_fingerprint(sources, cfg.text_field, cfg.split),
                           documents_read=0, documents_skipped=0),
@@ -309,7 +209,7 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
                        if hasattr(model_config, "get_text_config") else model_config)
         limit = getattr(text_config, "max_position_embeddings", None)
         teacher = teacher_vllm.load_vllm_teacher(
-            cfg.teacher, top_k=cfg.top_k, vocab_size=vocab_size, max_length=cfg.max_length,
+            cfg.teacher_model, top_k=cfg.top_k, vocab_size=vocab_size, max_length=cfg.max_length,
             position_limit=limit if isinstance(limit, int) else None,
             dtype=str(dtype).removeprefix("torch."),
             tensor_parallel_size=cfg.tensor_parallel_size,
@@ -323,7 +223,7 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
             return targets
 
         return run_vllm
-    model = load_teacher(cfg.teacher, device, dtype, cfg.trust_remote_code)
+    model = load_teacher(cfg.teacher_model, device, dtype, cfg.trust_remote_code)
     return lambda sample_ids, seqs, progress: _run_teacher(model, seqs, cfg, pad_id, progress,
                                                            sample_ids, vocab_size)
 
@@ -353,7 +253,7 @@ def _check_teachers_own_tokenizer(cfg: CacheTeacherConfig, tokenizer: Any) -> No
     """--tokenizer must map ids as the tokenizer stored with the teacher does, if it has one:
     otherwise the teacher reads scrambled text, and nothing else would notice."""
     try:
-        own = load_tokenizer(cfg.teacher, cfg.trust_remote_code, "--teacher")
+        own = load_tokenizer(cfg.teacher_model, cfg.trust_remote_code, "--teacher")
     except ConfigError:
         return  # no tokenizer with the teacher: --tokenizer is how it gets one
     comparison = compare_vocab(own, tokenizer, real_vocab_size(own),

@@ -10,58 +10,28 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import typer
 
+from kdpipe import options
+from kdpipe.pipeline.curriculum import BuildCurriculumConfig
 from kdpipe.schemas.curriculum import Curriculum, read_curriculum
 from kdpipe.schemas.errors import ConfigError
 
 
-def build_curriculum(
-    cache: Annotated[str, typer.Option(help="Teacher cache folder to rank.")],
-    out: Annotated[str, typer.Option(help="Curriculum file to write, e.g. curriculum.parquet.")],
-    source: Annotated[str, typer.Option(
-        help="teacher (cached stats, no model), student (--student scoring pass), snapshot "
-        "(--run's per-sample training losses), length (baseline).")] = "teacher",
-    metric: Annotated[str | None, typer.Option(
-        help="teacher: nll|entropy|confidence; student: nll|confidence|entropy; snapshot: "
-        "nll|confidence|variability. Default nll. Higher score = harder.")] = None,
-    student: Annotated[str | None, typer.Option(
-        help="--source student: the checkpoint to score with (e.g. RUN/final).")] = None,
-    run: Annotated[str | None, typer.Option(
-        help="--source snapshot: a train-student run folder.")] = None,
-    epoch: Annotated[list[int] | None, typer.Option(
-        help="--source snapshot: epoch(s) to use (repeat for a data map; default: the last "
-        "finished epoch).")] = None,
-    buckets: Annotated[int, typer.Option(help="Equal-size difficulty buckets.")] = 10,
-    tokenizer: Annotated[str | None, typer.Option(
-        help="--source student: tokenizer if not stored with the student.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per scoring batch.")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        help="Autocast dtype of the scoring pass: auto, float32, bfloat16, float16.")] = "auto",
-    chunk_size: Annotated[int, typer.Option(help="Target tokens per head chunk.")] = 1024,
-    overwrite: Annotated[bool, typer.Option(
-        help="Replace an existing curriculum built with other settings.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    trust_remote_code: Annotated[bool, typer.Option(
-        help="Allow the student/tokenizer to run code from its repository.")] = False,
-) -> None:
-    """Rank a cache's samples easy → hard by a difficulty score; write a curriculum index."""
-    from kdpipe.pipeline.curriculum import BuildCurriculumConfig
+def _build_curriculum(cfg: BuildCurriculumConfig) -> None:
     from kdpipe.pipeline.curriculum import build_curriculum as run_build
 
-    cfg = BuildCurriculumConfig(
-        cache=cache, out=out, source=source, metric=metric, student=student, run=run,
-        epochs=tuple(epoch or ()), buckets=buckets, tokenizer=tokenizer, batch_size=batch_size,
-        device=device, dtype=dtype, chunk_size=chunk_size, overwrite=overwrite,
-        progress=progress, trust_remote_code=trust_remote_code)
-    curriculum = run_build(cfg)
-    info = curriculum.info
-    typer.echo(f"curriculum ready: {out} ({info.num_samples} samples by {info.source}/"
+    info = run_build(cfg).info
+    typer.echo(f"curriculum ready: {cfg.out} ({info.num_samples} samples by {info.source}/"
                f"{info.metric}, {info.num_buckets} buckets)")
+
+
+build_curriculum = options.command(
+    BuildCurriculumConfig, _build_curriculum,
+    "Rank a cache's samples easy → hard by a difficulty score; write a curriculum index.")
 
 
 def curriculum_summary(path: str | Path, curriculum: Curriculum | None = None

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 
 class KdpipeError(Exception):
     """Base class for errors caused by input the user can fix."""
@@ -28,20 +25,3 @@ def choice_problems(flag: str, value: object, choices: tuple[str, ...]) -> list[
     if value in choices:
         return []
     return [f"{flag} {value!r} is not one of {', '.join(choices)}"]
-
-
-def check_finite(config: object, what: str) -> None:
-    """Raise one ConfigError naming every float option of a config dataclass (or float in a
-    tuple option) that is NaN or infinite: `--lr inf` would pass `lr > 0`, and
-    `--max-grad-norm nan` every comparison. Run before the range checks, which a non-finite
-    value makes meaningless; `what` names the command in the message."""
-    problems = []
-    for field in dataclasses.fields(config):  # type: ignore[arg-type]
-        value = getattr(config, field.name)
-        values = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            shown = ",".join(map(str, values)) if isinstance(value, tuple) else value
-            problems.append(f"--{field.name.replace('_', '-')} {shown}: must be a finite "
-                            "number")
-    if problems:
-        raise ConfigError(f"invalid {what} options: " + "; ".join(problems))

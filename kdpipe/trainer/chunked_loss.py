@@ -20,7 +20,6 @@ head matmul per chunk in backward (the head's forward recomputed: +1/3 of its FL
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,56 +28,15 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kdpipe.schemas.errors import ConfigError, choice_problems
+from kdpipe.schemas.errors import ConfigError
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.losses import (
-    LOSS_KINDS,
+    SAMPLED,
     divergence,
     sampled_cross_entropy,
     student_partition,
     teacher_partition,
 )
-
-MODES = ("kd", "ce")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """How the student loss is formed; validated on construction (all problems at once)."""
-
-    kind: str = "forward"  # one of losses.LOSS_KINDS
-    temperature: float = 1.0  # τ of the KD term; CE is always at τ = 1
-    beta: float = 0.5  # jsd: m = β p + (1 - β) q
-    alpha: float = 0.1  # skew: KL(p || α p + (1 - α) q)
-    chunk_size: int = 1024  # tokens per chunk of the head
-    mode: str = "kd"  # "kd": (1 - λ) CE + λ τ² KD; "ce": CE only, no teacher terms
-
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError("invalid loss settings: " + "; ".join(problems))
-
-    def problems(self) -> list[str]:
-        return loss_problems(self.kind, self.temperature, self.beta, self.alpha,
-                             self.chunk_size, self.mode)
-
-
-def loss_problems(kind: str, temperature: float, beta: float, alpha: float, chunk_size: int,
-                  mode: str = "kd") -> list[str]:
-    """Every invalid loss option, named by its flag (LossConfig and the stage configs)."""
-    found = choice_problems("--loss", kind, LOSS_KINDS)
-    if not 0 < temperature < math.inf:
-        found.append(f"--temperature must be a finite number > 0, got {temperature}")
-    if not 0.0 < beta < 1.0:
-        found.append(f"--beta (JSD mixture weight) must be in (0, 1), got {beta}")
-    if not 0.0 <= alpha <= 1.0:
-        found.append(f"--alpha (skew KL weight) must be in [0, 1], got {alpha}")
-    if chunk_size < 1:
-        found.append(f"--chunk-size must be >= 1, got {chunk_size}")
-    found += choice_problems("--mode", mode, MODES)
-    if kind == "sampled" and temperature != 1.0:
-        found.append("--loss sampled estimates the cross-entropy to the teacher at τ = 1 "
-                     f"(its samples were drawn at τ = 1); drop --temperature {temperature}")
-    return found
 
 
 @dataclass
@@ -137,10 +95,13 @@ def _chunk_loss(
     *,
     head: torch.nn.Module | Tensor,
     cfg: LossConfig,
+    kind: str,
     vocab_size: int,
     logit_transform: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(total, per-token ce, kd, correct) of one chunk; the unit that checkpoint recomputes."""
+    """(total, per-token ce, kd, correct) of one chunk; the unit that checkpoint recomputes.
+
+    `kind`: the divergence, `cfg.kind` resolved for the cache."""
     # The real ids only: a padded head's extra rows never enter the softmax (a view, no copy).
     logits = _head_logits(head, hidden)[:, :vocab_size]  # (n, V) in the head's dtype
     if logit_transform is not None:
@@ -160,7 +121,7 @@ def _chunk_loss(
         return ce.sum(), ce.detach(), zero, correct
     assert kd_weight is not None
     lam = kd_weight.float()  # (n,)
-    if cfg.kind == "sampled":
+    if kind == SAMPLED:
         assert sampled_ids is not None and sampled_weights is not None
         log_q_ids = logits.gather(-1, sampled_ids) - lse.unsqueeze(-1)  # (n, S)
         kd = sampled_cross_entropy(log_q_ids, sampled_weights)  # (n,)
@@ -171,7 +132,7 @@ def _chunk_loss(
                                           vocab_size, tempered_tail)
     log_q, log_q_tail = student_partition(logits, topk_ids, cfg.temperature,
                                           lse if cfg.temperature == 1.0 else None)
-    kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)  # (n,)
+    kd = divergence(kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)  # (n,)
     total = ((1.0 - lam) * ce + lam * (cfg.temperature**2) * kd).sum()
     return total, ce.detach(), kd.detach().sum(), correct
 
@@ -205,14 +166,16 @@ def chunked_distill_loss(
         raise ValueError("mode 'kd' needs the teacher's cached targets; pass teacher=...")
     if kd_mode and (kd_weight is None or kd_weight.shape != (n,)):
         raise ValueError(f"kd_weight must be a (N,) = ({n},) tensor of λ per token in mode 'kd'")
+    if teacher is not None and (teacher.topk_ids.shape[0] != n
+                                or teacher.topk_logprobs.shape != teacher.topk_ids.shape):
+        raise ValueError(f"teacher targets {tuple(teacher.topk_ids.shape)} / "
+                         f"{tuple(teacher.topk_logprobs.shape)} do not match N = {n} tokens")
+    kind = cfg.resolved(teacher is not None and teacher.is_sampled)
     if teacher is not None:
-        if teacher.topk_ids.shape[0] != n or teacher.topk_logprobs.shape != teacher.topk_ids.shape:
-            raise ValueError(f"teacher targets {tuple(teacher.topk_ids.shape)} / "
-                             f"{tuple(teacher.topk_logprobs.shape)} do not match N = {n} tokens")
-        if kd_mode and teacher.is_sampled and cfg.kind != "sampled":
-            raise ConfigError(f"--loss {cfg.kind} needs a top-k cache, but this cache is "
+        if kd_mode and teacher.is_sampled and kind != SAMPLED:
+            raise ConfigError(f"--loss {kind} needs a top-k cache, but this cache is "
                               "sampled (--cache-mode sampled): use --loss sampled")
-        if kd_mode and not teacher.is_sampled and cfg.kind == "sampled":
+        if kd_mode and not teacher.is_sampled and kind == SAMPLED:
             raise ConfigError("--loss sampled needs a sampled cache (`kdpipe cache-teacher "
                               "--cache-mode sampled`); this cache holds top-k log-probs: use "
                               "--loss forward")
@@ -231,9 +194,8 @@ def chunked_distill_loss(
         columns += (teacher.topk_logprobs, teacher.tail_logmass, tempered, None, None)
     else:
         columns += (None, None, None, None, None)
-    chunk_fn = functools.partial(_chunk_loss, head=head, cfg=cfg,
-                                 vocab_size=vocab_size,
-                                 logit_transform=logit_transform)
+    chunk_fn = functools.partial(_chunk_loss, head=head, cfg=cfg, kind=kind,
+                                 vocab_size=vocab_size, logit_transform=logit_transform)
 
     use_checkpoint = torch.is_grad_enabled()
     totals: list[Tensor] = []

@@ -1,8 +1,9 @@
 """`CurriculumConfig`: the curriculum and selective-reliance options of `train-student`, and the
 one function that turns them into the trainer's plug-ins (sampler, λ per sample or token).
 
-Nested in `TrainConfig` (its `curriculum` field), so a run folder's `config.json` records them
-and `--resume` refuses to change them. docs/curriculum.md describes every option.
+Nested in `TrainConfig` (its `curriculum` field): the options appear as train-student's flat
+flags, a run folder's `config.json` records them and `--resume` refuses to change them.
+docs/curriculum.md describes every option.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from kdpipe.options import option
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.curriculum import check_matches_cache, read_curriculum
-from kdpipe.schemas.errors import choice_problems
 from kdpipe.schemas.shard import ROW_GROUP_SIZE, SAMPLE_ID
 from kdpipe.trainer.curriculum_sampler import ORDERS, SNAPSHOT_METRICS, CurriculumSampler, Ranking
-from kdpipe.trainer.pacing import Pacing
+from kdpipe.trainer.pacing import PACINGS, Pacing
 from kdpipe.trainer.reliance import (
     KD_WEIGHT_SCHEDULES,
     RELIANCE_CONTROLS,
@@ -39,24 +40,45 @@ DEFAULT_BUCKETS = 10  # baby-steps buckets when neither --pacing-buckets nor a f
 
 @dataclass(frozen=True)
 class CurriculumConfig:
-    """Every curriculum / selective-reliance flag of train-student, with its default."""
+    """Every curriculum / selective-reliance option of train-student, with its default."""
 
-    file: str | None = None  # --curriculum: a `kdpipe build-curriculum` index
-    source: str = "file"  # --curriculum-source: file, or snapshot (re-rank every epoch)
-    metric: str = "nll"  # --curriculum-metric: what snapshot re-ranking sorts by
-    pacing: str = "linear"
-    pacing_start: float = 0.2
-    pacing_full: float = 0.8
-    pacing_increase: float = 2.0
-    pacing_step_length: int | None = None
-    pacing_buckets: int | None = None  # default: the file's bucket count, else 10
-    order: str = "curriculum"  # curriculum (easy → hard), anti, random
-    reliance: str = "constant"
-    kd_weight_low: float = 0.1
-    kd_weight_high: float = 0.9
-    reliance_quantile: float = 0.5
-    reliance_control: str = "none"
-    kd_weight_schedule: str = "none"
+    file: str | None = option(
+        None, "Curriculum index from `kdpipe build-curriculum` (same cache): present samples "
+        "easy → hard. See docs/curriculum.md.", flag="curriculum")
+    source: str = option(
+        "file", "file: the --curriculum ranking throughout; snapshot: re-rank after every "
+        "epoch from that epoch's per-sample training losses (epoch 0: --curriculum, else "
+        "shuffled).", flag="curriculum_source", choices=CURRICULUM_SOURCES)
+    metric: str = option("nll", "What snapshot re-ranking sorts by: nll (loss) or confidence.",
+                         flag="curriculum_metric", choices=SNAPSHOT_METRICS)
+    pacing: str = option(
+        "linear", "Share of the easiest data available at step t: linear, root, exp, step, "
+        "baby-steps, or none (every sample once per epoch, in ranked order).",
+        choices=PACINGS)
+    pacing_start: float = option(0.2, "b: starting share of the data.", gt=0, le=1)
+    pacing_full: float = option(0.8, "a: share of training after which all data is "
+                                "available.", gt=0, le=1)
+    pacing_increase: float = option(2.0, "inc: growth factor per step of --pacing exp.", gt=1)
+    pacing_step_length: int | None = option(
+        None, "Steps per stage of exp, step and baby-steps (default: all data at a·T).", ge=1)
+    pacing_buckets: int | None = option(
+        None, "Difficulty buckets of baby-steps (default: the curriculum's, else 10).", ge=1)
+    order: str = option("curriculum", "curriculum (easy → hard); controls: anti (hard → easy), "
+                        "random (shuffled).", choices=ORDERS)
+    reliance: str = option(
+        "constant", "λ per sample: constant (--kd-weight), threshold, linear (from the "
+        "difficulty percentile), token (from the teacher's per-token uncertainty 1 - p_T(y)).",
+        choices=RELIANCE_MODES)
+    kd_weight_low: float = option(0.1, "λ_lo of selective reliance.", ge=0, le=1)
+    kd_weight_high: float = option(0.9, "λ_hi of selective reliance.", ge=0, le=1)
+    reliance_quantile: float = option(
+        0.5, "q of --reliance threshold: λ_hi above this percentile, λ_lo below.", ge=0, le=1)
+    reliance_control: str = option(
+        "none", "none, or shuffled: the same λ values given to random samples.",
+        choices=RELIANCE_CONTROLS)
+    kd_weight_schedule: str = option(
+        "none", "Control: none; linear (λ_lo → λ_hi over steps, all samples alike); matched "
+        "(each step's mean selective λ for all its samples).", choices=KD_WEIGHT_SCHEDULES)
 
     @property
     def active(self) -> bool:
@@ -69,14 +91,11 @@ class CurriculumConfig:
                       buckets if self.pacing_buckets is None else self.pacing_buckets)
 
     def problems(self, mode: str, snapshots: bool) -> list[str]:
-        """Every invalid or contradictory option (TrainConfig.validate reports them)."""
-        found = self.pacing_for(DEFAULT_BUCKETS).problems()
-        found += choice_problems("--curriculum-source", self.source, CURRICULUM_SOURCES)
-        found += choice_problems("--curriculum-metric", self.metric, SNAPSHOT_METRICS)
+        """Checks across options (TrainConfig.validate reports them with the rest)."""
+        found = []
         if self.file is not None and not Path(self.file).is_file():
             found.append(f"--curriculum {self.file}: no such file (make one with `kdpipe "
                          "build-curriculum`)")
-        found += choice_problems("--order", self.order, ORDERS)
         default = CurriculumConfig()
         if not self.active:
             changed = [flag for flag, mine, theirs in (
@@ -89,19 +108,10 @@ class CurriculumConfig:
         if self.source == "snapshot" and not snapshots:
             found.append("--curriculum-source snapshot re-ranks from the per-sample snapshots; "
                          "do not pass --no-snapshots")
-        found += self._reliance_problems(mode)
-        return found
+        return found + self._reliance_problems(mode)
 
     def _reliance_problems(self, mode: str) -> list[str]:
-        found = choice_problems("--reliance", self.reliance, RELIANCE_MODES)
-        found += choice_problems("--reliance-control", self.reliance_control, RELIANCE_CONTROLS)
-        found += choice_problems("--kd-weight-schedule", self.kd_weight_schedule,
-                                 KD_WEIGHT_SCHEDULES)
-        for flag, value in (("--kd-weight-low", self.kd_weight_low),
-                            ("--kd-weight-high", self.kd_weight_high),
-                            ("--reliance-quantile", self.reliance_quantile)):
-            if not 0.0 <= value <= 1.0:
-                found.append(f"{flag} {value} must be within [0, 1]")
+        found = []
         selective = self.reliance in ("threshold", "linear", "token")
         if self.reliance in ("threshold", "linear") and not self.active:
             found.append(f"--reliance {self.reliance} maps the difficulty percentile to λ; give "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,10 @@ from tqdm import tqdm
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.torch_runtime import resolve_device
-from kdpipe.trainer.chunked_loss import LossConfig
 from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.data import Batch, BatchLoader, CacheIndex, build_index, columns_for
 from kdpipe.trainer.distributed import Distributed, rank_slice
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import summarise
 from kdpipe.trainer.model import (
     StudentParts,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarray,
-                   loss_cfg: LossConfig, kd_weight: float, device: torch.device,
+                   loss_cfg: LossConfig, device: torch.device,
                    amp_dtype: torch.dtype | None, batch_size: int, pad_id: int,
                    prefetch: int = 4, progress: bool = False, *,
                    objective: nn.Module | None = None, dist: Distributed | None = None
@@ -61,11 +62,9 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
     dist = dist or Distributed()
     vocab = index.cache.manifest.vocab_size
     objective = objective if objective is not None else StudentObjective(parts, vocab)
-    kd_cfg = LossConfig(kind=loss_cfg.kind, temperature=loss_cfg.temperature,
-                        beta=loss_cfg.beta, alpha=loss_cfg.alpha,
-                        chunk_size=loss_cfg.chunk_size, mode="kd")
+    kd_cfg = replace(loss_cfg, mode="kd")  # KD is measured whatever the objective
     columns = columns_for(index.cache, teacher=True, temperature=kd_cfg.temperature)
-    objective_weight = kd_weight if loss_cfg.mode == "kd" else 0.0
+    objective_weight = loss_cfg.kd_weight if loss_cfg.mode == "kd" else 0.0
     share = rank_slice(sample_ids, dist.world_size, dist.rank, batch_size)
     was_training = parts.model.training
     parts.model.eval()
@@ -145,11 +144,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         index = build_index(cache)
         ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
         pad_id = manifest.tokenizer.pad_token_id or 0
-        result = run_evaluation(parts, index, ids, cfg.loss_config(), cfg.kd_weight, device,
+        result = run_evaluation(parts, index, ids, cfg.loss, device,
                                 autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
                                 cfg.prefetch, cfg.progress and dist.is_main, dist=dist)
     finally:
         dist.close()
-    result.update({"student": cfg.student, "cache": str(cfg.cache), "loss_kind": cfg.loss,
-                   "temperature": cfg.temperature, "world_size": dist.world_size})
+    result.update({"student": cfg.student, "cache": str(cfg.cache), "loss_kind": cfg.loss.kind,
+                   "temperature": cfg.loss.temperature, "world_size": dist.world_size})
     return result

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from kdpipe.trainer.chunked_loss import LossConfig, LossSums, chunked_distill_loss
+from kdpipe.trainer.chunked_loss import LossSums, chunked_distill_loss
 from kdpipe.trainer.data import Batch
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.model import StudentParts
 
 

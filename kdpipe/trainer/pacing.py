@@ -20,14 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kdpipe.schemas.errors import choice_problems
-
 PACINGS = ("linear", "root", "exp", "step", "baby-steps", "none")
 
 
 @dataclass(frozen=True)
 class Pacing:
-    """A pacing function and its parameters (the `--pacing*` flags of train-student)."""
+    """A pacing function and its parameters (the `--pacing*` flags of train-student, which
+    `CurriculumConfig` declares and checks)."""
 
     name: str = "linear"
     start: float = 0.2  # b: share of the easiest data available at t = 0
@@ -35,21 +34,6 @@ class Pacing:
     increase: float = 2.0  # inc: growth factor per step of `exp`
     step_length: int | None = None  # L in steps (exp, step, baby-steps); None: derived
     buckets: int = 10  # B: difficulty buckets of `baby-steps`
-
-    def problems(self) -> list[str]:
-        """Every invalid parameter, as flag-named messages."""
-        found = choice_problems("--pacing", self.name, PACINGS)
-        if not 0.0 < self.start <= 1.0:
-            found.append(f"--pacing-start {self.start} must be within (0, 1]")
-        if not 0.0 < self.full <= 1.0:
-            found.append(f"--pacing-full {self.full} must be within (0, 1]")
-        if not self.increase > 1.0:
-            found.append(f"--pacing-increase {self.increase} must be > 1")
-        if self.step_length is not None and self.step_length < 1:
-            found.append(f"--pacing-step-length {self.step_length} must be >= 1")
-        if self.buckets < 1:
-            found.append(f"--pacing-buckets {self.buckets} must be >= 1")
-        return found
 
     def step_len(self, total_steps: int) -> int:
         """L: the given step length, or the one that makes all data available at t ≈ aT.

@@ -29,7 +29,6 @@ from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import same_mapping
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
-from kdpipe.trainer.chunked_loss import LossConfig
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.curriculum_config import check_curriculum_file, setup_curriculum
 from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
@@ -44,6 +43,7 @@ from kdpipe.trainer.distributed import (
     wrap,
 )
 from kdpipe.trainer.evaluate import run_evaluation
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import RunLogger, SampleStats
 from kdpipe.trainer.model import (
     StudentParts,
@@ -225,7 +225,7 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
     """
     cfg = cfg.with_cache_defaults()
     cfg.validate()
-    check_curriculum_file(cfg.curriculum_config(), cfg.cache)  # before touching the run folder
+    check_curriculum_file(cfg.curriculum, cfg.cache)  # before touching the run folder
     dist = Distributed.from_env(cfg.device)
     try:
         return _train(cfg, dist, sampler, kd_weight_fn)
@@ -271,20 +271,20 @@ def _train(cfg: TrainConfig, dist: Distributed, sampler: Sampler | None,
     index = build_index(cache)
     train_ids, eval_index, eval_ids = split_data(cfg, index)
     per_step = cfg.batch_size * cfg.grad_accum * dist.world_size  # the global batch
-    plugins = setup_curriculum(cfg.curriculum_config(), cache, index.sample_ids, train_ids,
+    plugins = setup_curriculum(cfg.curriculum, cache, index.sample_ids, train_ids,
                                seed=cfg.seed, per_step=per_step, max_steps=cfg.max_steps,
-                               epochs=cfg.epochs, kd_weight=cfg.kd_weight, run_dir=run_dir,
+                               epochs=cfg.epochs, kd_weight=cfg.loss.kd_weight, run_dir=run_dir,
                                loader_groups=cfg.shuffle_window,
                                sum_across=lambda v: dist.sum(v, device))
     sampler = sampler or plugins.sampler or ShuffleSampler(index, train_ids, cfg.seed,
                                                            cfg.shuffle_window)
-    kd_weight_fn = kd_weight_fn or plugins.kd_weight_fn or ConstantKdWeight(cfg.kd_weight)
+    kd_weight_fn = kd_weight_fn or plugins.kd_weight_fn or ConstantKdWeight(cfg.loss.kd_weight)
     token_fn = plugins.token_fn  # token-level reliance: λ per target token
     log_kd_weights = not isinstance(kd_weight_fn, ConstantKdWeight) or token_fn is not None
     total_steps = cfg.max_steps or sum(-(-sampler.epoch_size(e) // per_step)
                                        for e in range(cfg.epochs or 1))
-    loss_cfg = cfg.loss_config()
-    columns = columns_for(cache, teacher=cfg.mode == "kd", temperature=cfg.temperature,
+    loss_cfg = cfg.loss
+    columns = columns_for(cache, teacher=loss_cfg.mode == "kd", temperature=loss_cfg.temperature,
                           target_logprob=token_fn is not None)
     pad_id = manifest.tokenizer.pad_token_id or 0
 
@@ -333,7 +333,7 @@ def _train(cfg: TrainConfig, dist: Distributed, sampler: Sampler | None,
     def evaluate_now() -> dict[str, Any] | None:
         if eval_index is None:
             return None
-        return run_evaluation(parts, eval_index, eval_ids, loss_cfg, cfg.kd_weight, device,
+        return run_evaluation(parts, eval_index, eval_ids, loss_cfg, device,
                               amp_dtype, cfg.batch_size, pad_id, cfg.prefetch, progress=False,
                               objective=objective, dist=dist)
 

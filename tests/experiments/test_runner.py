@@ -60,8 +60,9 @@ def test_grid_runs_every_arm_and_seed(tiny_experiment: tuple[Path, Path]) -> Non
         assert (out / "curricula" / "ce-snapshot" / f"seed-{seed}.parquet").is_file()
         config = json.loads((out / "runs" / "kd-cl-sr" / f"seed-{seed}" / "config.json")
                             .read_text())
-        assert config["curriculum"].endswith(f"ce-snapshot/seed-{seed}.parquet")
-        assert config["seed"] == seed and config["reliance"] == "threshold"
+        curriculum = config["curriculum"]
+        assert curriculum["file"].endswith(f"ce-snapshot/seed-{seed}.parquet")
+        assert config["seed"] == seed and curriculum["reliance"] == "threshold"
 
 
 def test_summary_intervals_match_an_independent_computation(

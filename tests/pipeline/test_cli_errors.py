@@ -26,9 +26,9 @@ def expect_error(args: list[str], capsys: pytest.CaptureFixture[str], *needles: 
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (["--top-k", "0"], ["--top-k must be >= 1"]),
+    (["--top-k", "0"], ["--top-k 0 must be >= 1"]),
     (["--top-k", "100000"], ["--top-k 100000 exceeds", "vocabulary"]),
-    (["--max-length", "1"], ["--max-length must be >= 2"]),
+    (["--max-length", "1"], ["--max-length 1 must be >= 2"]),
     (["--batch-size", "0", "--shard-size", "0"], ["--batch-size", "--shard-size"]),
     (["--backend", "tgi"], ["--backend"]),
     (["--tail-temperatures", "2,x"], ["--tail-temperatures"]),

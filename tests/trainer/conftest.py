@@ -84,4 +84,4 @@ def small_config(cache: Path, out: Path, **overrides: object) -> TrainConfig:
                                      lr=3e-3, max_steps=6, log_every=1, progress=False,
                                      chunk_size=64, warmup_steps=1)
     values.update(overrides)
-    return TrainConfig(**values)  # type: ignore[arg-type]
+    return TrainConfig.from_options(**values)

@@ -9,12 +9,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.chunked_loss import (
-    LossConfig,
-    LossSums,
-    TeacherTargets,
-    chunked_distill_loss,
-)
+from kdpipe.trainer.chunked_loss import LossSums, TeacherTargets, chunked_distill_loss
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.losses import divergence, student_partition, teacher_partition
 
 N, H, V, V_STUDENT, K = 37, 16, 50, 56, 6  # a padded student head: rows V.. are no ids
@@ -57,7 +53,7 @@ def unchunked(hidden, head, labels, kd_weight, cfg, teacher, transform=None, voc
     log_p, log_p_tail = teacher_partition(teacher.topk_logprobs, teacher.tail_logmass,
                                           cfg.temperature, vocab, tempered)
     log_q, log_q_tail = student_partition(logits, teacher.topk_ids, cfg.temperature)
-    kd = divergence(cfg.kind, log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)
+    kd = divergence(cfg.resolved(False), log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)
     lam = kd_weight.float()
     total = ((1 - lam) * ce + lam * cfg.temperature**2 * kd).sum()
     correct = (logits.argmax(-1) == teacher.topk_ids[:, 0]).sum()
@@ -204,7 +200,7 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="kd_weight"):
         chunked_distill_loss(hidden, head, labels, None, LossConfig(), teacher, V)
     with pytest.raises(ConfigError) as info:
-        LossConfig(kind="kl", temperature=0.0, chunk_size=0)
+        LossConfig(kind="kl", temperature=0.0, chunk_size=0).validate()
     message = str(info.value)
     assert "--loss" in message and "--temperature" in message and "--chunk-size" in message
 

@@ -73,9 +73,9 @@ def test_compact_cache_trains_and_evaluates_like_plain(tmp_path: Path, compact_c
                                                        tiny_student_dir: Path) -> None:
     results = {}
     for name, root in (("plain", tiny_cache), ("compact", compact_cache)):
-        results[name] = evaluate(EvalConfig(student=str(tiny_student_dir), cache=str(root),
-                                            batch_size=16, chunk_size=64, device="cpu",
-                                            progress=False))
+        results[name] = evaluate(EvalConfig.from_options(
+            student=str(tiny_student_dir), cache=str(root), batch_size=16, chunk_size=64,
+            device="cpu", progress=False))
     assert results["compact"]["ce"] == results["plain"]["ce"]
     assert results["compact"]["kd"] == pytest.approx(results["plain"]["kd"], abs=2e-3)
     run = train(small_config(compact_cache, tmp_path / "run", student=str(tiny_student_dir),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.curriculum import make_curriculum, read_curriculum, write_curriculum
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.trainer.checkpoint import CHECKPOINTS_DIR, FINAL_DIR
-from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.run_dir import FINAL_METRICS_NAME
 from kdpipe.trainer.sampler import holdout_mask
 from kdpipe.trainer.train import train
@@ -217,7 +217,7 @@ def test_resume_with_snapshot_curriculum_is_exact(tmp_path: Path, tiny_cache: Pa
         shutil.rmtree(later)  # keep the first only: mid epoch 1, after the re-ranking
     shutil.rmtree(crashed / FINAL_DIR)
     (crashed / FINAL_METRICS_NAME).unlink()
-    resumed = train(TrainConfig(**{**cfg.to_json_dict(), "out": str(crashed), "resume": True}))
+    resumed = train(replace(cfg, out=str(crashed), resume=True))
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert _jsonl(crashed / "order.jsonl") == _jsonl(full / "order.jsonl")
 

@@ -166,7 +166,7 @@ def test_evaluate_splits_the_samples_over_processes(tiny_cache: Path, tiny_stude
     lines = torchrun(args, command="evaluate").stdout.strip().splitlines()
     assert len(lines) == 1  # only rank 0 prints
     many = json.loads(lines[0])
-    one = evaluate(EvalConfig(student=str(tiny_student_dir), cache=str(tiny_cache),
+    one = evaluate(EvalConfig.from_options(student=str(tiny_student_dir), cache=str(tiny_cache),
                               device="cpu", batch_size=4, max_samples=23, chunk_size=64))
     assert many["world_size"] == 2 and one["world_size"] == 1
     for key in ("ce", "ppl", "kd", "top1_agreement", "loss"):

@@ -72,7 +72,8 @@ def test_reverse_kl_needs_a_tail(tmp_path: Path, tiny_teacher_dir: Path, trainer
         train(cfg)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="reverse KL is infinite"):
-        EvalConfig(student=str(tiny_student_dir), cache=str(cache), loss="reverse").validate()
+        EvalConfig.from_options(student=str(tiny_student_dir), cache=str(cache),
+                                loss="reverse").validate()
     small_config(cache, tmp_path / "run", student=str(tiny_student_dir), loss="jsd").validate()
 
 
@@ -129,5 +130,5 @@ def test_nan_in_a_cache_is_reported_and_never_trained_on(tmp_path: Path, tiny_ca
                            max_steps=40))
     assert not (tmp_path / "run" / ckpt.FINAL_DIR).exists()
     with pytest.raises(CacheFormatError, match="topk_logprobs holds nan"):
-        evaluate(EvalConfig(student=str(tiny_student_dir), cache=str(faulty), device="cpu",
-                            progress=False))
+        evaluate(EvalConfig.from_options(student=str(tiny_student_dir), cache=str(faulty),
+                                         device="cpu", progress=False))

@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from kdpipe.options import field_problems
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.trainer.curriculum_config import CurriculumConfig
 from kdpipe.trainer.curriculum_sampler import CurriculumSampler, Ranking
 from kdpipe.trainer.pacing import PACINGS, Pacing
 
@@ -67,8 +69,9 @@ def test_pool_size_clamps_and_problems() -> None:
     assert pacing.pool_size(0, T, 1000, min_size=32) == 32  # never less than one batch
     assert pacing.pool_size(0, T, 1000) == 10
     assert pacing.pool_size(99, T, 1000) == 1000
-    bad = Pacing("cubic", start=0.0, full=1.5, increase=1.0, step_length=0, buckets=0)
-    message = "; ".join(bad.problems())
+    bad = CurriculumConfig(pacing="cubic", pacing_start=0.0, pacing_full=1.5,
+                           pacing_increase=1.0, pacing_step_length=0, pacing_buckets=0)
+    message = "; ".join(field_problems(bad))
     for flag in ("--pacing ", "--pacing-start", "--pacing-full", "--pacing-increase",
                  "--pacing-step-length", "--pacing-buckets"):
         assert flag in message, flag

@@ -12,9 +12,10 @@ import torch
 
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.chunked_loss import LossConfig, TeacherTargets, chunked_distill_loss
+from kdpipe.trainer.chunked_loss import TeacherTargets, chunked_distill_loss
 from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.evaluate import evaluate
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.losses import sampled_cross_entropy
 from kdpipe.trainer.train import train
 
@@ -71,7 +72,7 @@ def test_chunked_loss_uses_the_sampled_ids() -> None:
     with pytest.raises(ConfigError, match="needs a sampled cache"):
         chunked_distill_loss(hidden, head, labels, lam, LossConfig(kind="sampled"), topk, V)
     with pytest.raises(ConfigError, match="τ = 1"):
-        LossConfig(kind="sampled", temperature=2.0)
+        LossConfig(kind="sampled", temperature=2.0).validate()
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +92,16 @@ def test_sampled_cache_trains_and_evaluates(tmp_path: Path, sampled_cache: Path,
     run = train(small_config(sampled_cache, tmp_path / "run", student=str(tiny_student_dir),
                              max_steps=4, eval_fraction=0.2))
     assert run["step"] == 4 and math.isfinite(run["eval_kd"])
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"] == "sampled"
-    result = evaluate(EvalConfig(student=str(tiny_student_dir), cache=str(sampled_cache),
-                                 batch_size=16, chunk_size=64, device="cpu", progress=False))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"]["kind"] == \
+        "sampled"
+    result = evaluate(EvalConfig.from_options(
+        student=str(tiny_student_dir), cache=str(sampled_cache), batch_size=16, chunk_size=64,
+        device="cpu", progress=False))
     assert result["loss_kind"] == "sampled"
     assert math.isfinite(result["kd"]) and result["kd"] > 0 and 0 <= result["top1_agreement"] <= 1
     # Without --loss the loss follows the cache; a loss that does not suit it is refused.
-    assert small_config(sampled_cache, tmp_path / "a").with_cache_defaults().loss == "sampled"
-    assert small_config(tiny_cache, tmp_path / "a").with_cache_defaults().loss == "forward"
+    assert small_config(sampled_cache, tmp_path / "a").with_cache_defaults().loss.kind == "sampled"
+    assert small_config(tiny_cache, tmp_path / "a").with_cache_defaults().loss.kind == "forward"
     with pytest.raises(ConfigError, match="use --loss sampled"):
         small_config(sampled_cache, tmp_path / "bad", student=str(tiny_student_dir),
                      loss="forward").validate()
@@ -106,7 +109,7 @@ def test_sampled_cache_trains_and_evaluates(tmp_path: Path, sampled_cache: Path,
         small_config(tiny_cache, tmp_path / "bad", student=str(tiny_student_dir),
                      loss="sampled").validate()
     with pytest.raises(ConfigError, match="use --loss sampled"):
-        EvalConfig(student=str(tiny_student_dir), cache=str(sampled_cache),
+        EvalConfig.from_options(student=str(tiny_student_dir), cache=str(sampled_cache),
                    loss="forward").validate()
     # CE-only training ignores the teacher columns: any cache works.
     small_config(sampled_cache, tmp_path / "ce", student=str(tiny_student_dir),

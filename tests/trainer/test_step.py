@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdpipe.schemas.cache import open_cache
-from kdpipe.trainer.chunked_loss import LossConfig
 from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.model import StudentParts, split_student
 from kdpipe.trainer.train import accumulate_gradients
 

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.trainer.checkpoint import CHECKPOINTS_DIR, FINAL_DIR
-from kdpipe.trainer.config import EvalConfig, TrainConfig
+from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.data import build_index
 from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.run_dir import FINAL_METRICS_NAME
@@ -51,7 +52,7 @@ def test_kd_run_from_scratch_learns_logs_its_order_and_snapshots(
     assert (run / FINAL_DIR / "model.safetensors").is_file()
     assert json.loads((run / FINAL_METRICS_NAME).read_text()) == result
     # `kdpipe evaluate` on the held-out split is the trainer's final eval, to the last bit.
-    again = evaluate(EvalConfig(student=str(run / FINAL_DIR), cache=str(tiny_cache),
+    again = evaluate(EvalConfig.from_options(student=str(run / FINAL_DIR), cache=str(tiny_cache),
                                 eval_fraction=0.25, temperature=2.0, batch_size=8, chunk_size=64,
                                 device="cpu", progress=False))
     for key in ("ce", "kd", "top1_agreement", "tokens", "loss"):
@@ -106,7 +107,7 @@ def test_resume_continues_exactly(tmp_path: Path, tiny_cache: Path, tiny_gpt2_di
         shutil.rmtree(crashed / CHECKPOINTS_DIR / name)
     shutil.rmtree(crashed / FINAL_DIR)
     (crashed / FINAL_METRICS_NAME).unlink()
-    resumed = train(TrainConfig(**{**cfg.to_json_dict(), "out": str(crashed), "resume": True}))
+    resumed = train(replace(cfg, out=str(crashed), resume=True))
 
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert resumed["eval_ce"] == uninterrupted["eval_ce"]
@@ -131,12 +132,12 @@ def test_run_folder_rules(tmp_path: Path, tiny_cache: Path, tiny_student_dir: Pa
     first = train(cfg)
     assert train(cfg) == first  # finished and identical: recognised, not retrained
     with pytest.raises(ConfigError, match="different config .*lr"):
-        train(TrainConfig(**{**cfg.to_json_dict(), "lr": 1e-4}))
+        train(replace(cfg, lr=1e-4))
     with pytest.raises(ConfigError, match="different lr"):
-        train(TrainConfig(**{**cfg.to_json_dict(), "lr": 1e-4, "resume": True}))
-    longer = train(TrainConfig(**{**cfg.to_json_dict(), "max_steps": 3, "resume": True}))
+        train(replace(cfg, lr=1e-4, resume=True))
+    longer = train(replace(cfg, max_steps=3, resume=True))
     assert longer["step"] == 3
-    replaced = train(TrainConfig(**{**cfg.to_json_dict(), "seed": 5, "overwrite": True}))
+    replaced = train(replace(cfg, seed=5, overwrite=True))
     assert replaced["step"] == 2
     stranger = tmp_path / "not-a-run"
     stranger.mkdir()

@@ -1,0 +1,283 @@
+"""Options declared once: a config dataclass field is its flag, YAML key and environment variable.
+
+A stage's config is a frozen dataclass whose fields are declared with `option(...)`: default,
+help text, and the checks every value must pass. From that one declaration
+
+* `command(Config, run)` makes the typer command: one flag per field, nested configs
+  flattened (`TrainConfig.loss.temperature` is `--temperature`), with typer's help, its
+  `--x/--no-x` booleans, the `KDPIPE_<COMMAND>_<OPTION>` variables and the `--config` file
+  (click's default map; see `kdpipe/cli.py`);
+* `build(Config, {...})` makes a config from flat option names, as the command, the
+  experiment runner and tests do;
+* `field_problems(config)` runs every declared check: finite numbers, bounds, choices.
+  Checks that involve several options live in each config's `problems()`.
+
+Why typer and a generated signature rather than tyro, HfArgumentParser or pydantic-settings:
+typer already parses our commands, reads environment variables and config files and renders
+help; it builds a command from a function's signature, so giving it a signature derived from
+the dataclass is all that is missing. tyro would replace typer for half the commands and has
+no environment variables; HfArgumentParser is argparse without environment variables or
+nested dataclasses; pydantic-settings names nested options `--loss.temperature`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from kdpipe.schemas.errors import ConfigError
+
+C = TypeVar("C")
+
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N."
+PROGRESS_HELP = "Show a progress bar."
+REMOTE_CODE_HELP = "Allow the model/tokenizer to run code from its repository."
+
+
+def option(default: Any = MISSING, help: str = "", *, flag: str | None = None,
+           choices: Sequence[str] | None = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, lt: float | None = None,
+           comma_separated: bool = False) -> Any:
+    """A config field that is a command-line option.
+
+    `flag`: its name on the command line, in YAML and in the environment (default: the field's
+    name; nested configs need their own, e.g. `LossConfig.kind` is `--loss`). `choices`,
+    `ge`/`gt`/`le`/`lt`: checks of the value (None always passes). A tuple field is a
+    repeatable flag, or one comma-separated value with `comma_separated`.
+    """
+    metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None,
+                "bounds": (ge, gt, le, lt), "comma_separated": comma_separated}
+    if default is MISSING:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One leaf option of a (possibly nested) config class."""
+
+    name: str  # python identifier: --name-with-dashes, YAML key, env var suffix
+    path: tuple[str, ...]  # attribute path in the config, e.g. ("loss", "temperature")
+    hint: Any  # the field's resolved type
+    field: dataclasses.Field
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def default(self) -> Any:
+        if self.field.default is not MISSING:
+            return self.field.default
+        if self.field.default_factory is not MISSING:
+            return self.field.default_factory()
+        return MISSING
+
+
+def _is_config(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def flags(cls: type, prefix: tuple[str, ...] = ()) -> list[Flag]:
+    """Every leaf option of `cls`, nested configs flattened, in declaration order."""
+    found = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if _is_config(hint):
+            found += flags(hint, prefix + (f.name,))
+        else:
+            found.append(Flag(f.metadata.get("flag") or f.name, prefix + (f.name,), hint, f))
+    names = [flag.name for flag in found]
+    assert len(names) == len(set(names)), f"{cls.__name__}: two options share a flag name"
+    return found
+
+
+def _tuple_item(hint: Any) -> Any | None:
+    """T of a `tuple[T, ...]` hint, else None."""
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0]
+    return None
+
+
+def _parse_comma_separated(text: str, item: type, flag: str) -> tuple[Any, ...]:
+    try:
+        return tuple(item(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated values, e.g. 2,4") from exc
+
+
+def build(cls: type[C], values: dict[str, Any]) -> C:
+    """A `cls` from flat option values (missing ones keep their defaults).
+
+    Raises ConfigError naming unknown options and required ones that are missing.
+    """
+    known = {flag.name for flag in flags(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}")
+    return _build(cls, values)
+
+
+def _build(cls: type[C], values: dict[str, Any]) -> C:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    missing = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[f.name]
+        name = f.metadata.get("flag") or f.name
+        if _is_config(hint):
+            kwargs[f.name] = _build(hint, values)
+        elif name in values:
+            kwargs[f.name] = values[name]
+        elif f.default is MISSING and f.default_factory is MISSING:
+            missing.append("--" + name.replace("_", "-"))
+    if missing:
+        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def nested(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat {option name: value} as the nested dict of `cls`'s fields (the JSON form of a
+    config); names that are no option of `cls` stay at the top, for the reader to report."""
+    known = {flag.name for flag in flags(cls)}
+    return {**_nest(cls, flat), **{k: v for k, v in flat.items() if k not in known}}
+
+
+def _nest(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = f.metadata.get("flag") or f.name
+        if _is_config(hints[f.name]):
+            out[f.name] = _nest(hints[f.name], flat)
+        elif name in flat:
+            out[f.name] = flat[name]
+    return out
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """{flag name: value} of every leaf option of a config instance."""
+    values = {}
+    for flag in flags(type(config)):
+        value = config
+        for attr in flag.path:
+            value = getattr(value, attr)
+        values[flag.name] = value
+    return values
+
+
+# ---- checks ------------------------------------------------------------------------------
+
+def _bound_problem(flag: str, value: float, bounds: tuple[float | None, ...]) -> str | None:
+    ge, gt, le, lt = bounds
+    low_ok = (ge is None or value >= ge) and (gt is None or value > gt)
+    high_ok = (le is None or value <= le) and (lt is None or value < lt)
+    if low_ok and high_ok:
+        return None
+    low, high = ge if ge is not None else gt, le if le is not None else lt
+    if low is not None and high is not None:
+        interval = (f"{'[' if ge is not None else '('}{low:g}, {high:g}"
+                    f"{']' if le is not None else ')'}")
+        return f"{flag} {value} must be within {interval}"
+    if low is not None:
+        return f"{flag} {value} must be {'>=' if ge is not None else '>'} {low:g}"
+    return f"{flag} {value} must be {'<=' if le is not None else '<'} {high:g}"
+
+
+def field_problems(config: Any) -> list[str]:
+    """Every declared check of every option of `config` that fails, one line each.
+
+    A float must be finite first (`--lr inf` would pass `> 0`, `--max-grad-norm nan` any
+    comparison); its bounds are checked only then, so each value gets one message.
+    """
+    problems = []
+    values = flat_values(config)
+    for flag in flags(type(config)):
+        value = values[flag.name]
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            shown = ",".join(map(str, items)) if isinstance(value, tuple) else value
+            problems.append(f"{flag.cli} {shown}: must be a finite number")
+            continue
+        choices = flag.field.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            problems.append(f"{flag.cli} {value!r} is not one of {', '.join(choices)}")
+        bounds = flag.field.metadata.get("bounds", (None,) * 4)
+        for item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                problem = _bound_problem(flag.cli, item, bounds)
+                if problem is not None:
+                    problems.append(problem)
+                    break
+    return problems
+
+
+def raise_problems(command: str, problems: list[str]) -> None:
+    """One ConfigError listing every problem of a command's options, or nothing."""
+    if problems:
+        raise ConfigError(f"invalid {command} options: " + "; ".join(problems))
+
+
+# ---- the command -------------------------------------------------------------------------
+
+def _cli_annotation(flag: Flag) -> tuple[Any, Any]:
+    """(annotation, default) of the typer parameter for `flag`."""
+    metadata = flag.field.metadata
+    info = typer.Option(help=metadata.get("help", ""))
+    default = flag.default
+    item = _tuple_item(flag.hint)
+    if item is not None and metadata.get("comma_separated"):
+        shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default or ())
+        return Annotated[str, info], shown
+    if item is not None:
+        return Annotated[list[item] | None, info], None  # type: ignore[valid-type]
+    return Annotated[flag.hint, info], default
+
+
+def _from_cli(flag: Flag, value: Any) -> Any:
+    item = _tuple_item(flag.hint)
+    if item is None:
+        return value
+    if flag.field.metadata.get("comma_separated"):
+        return _parse_comma_separated(value, item, flag.cli)
+    return tuple(value or ())
+
+
+def command(cls: type[C], run: Callable[[C], None], doc: str) -> Callable[..., None]:
+    """A typer command whose options are `cls`'s; it builds the config and calls `run`."""
+    all_flags = flags(cls)
+    parameters = []
+    for flag in all_flags:
+        annotation, default = _cli_annotation(flag)
+        parameters.append(inspect.Parameter(
+            flag.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+            default=inspect.Parameter.empty if default is MISSING else default))
+
+    def callback(**values: Any) -> None:
+        run(build(cls, {f.name: _from_cli(f, values[f.name]) for f in all_flags}))
+
+    callback.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    callback.__doc__ = doc
+    callback.__name__ = cls.__name__
+    return callback
+
+
+def path_problems(flag: str, value: str | Path | None, kind: str) -> list[str]:
+    """[] when `value` is None or an existing file (`kind` "file") or folder ("dir")."""
+    if value is None:
+        return []
+    path = Path(value)
+    if kind == "dir" and not path.is_dir():
+        return [f"{flag} {value}: no such folder"]
+    if kind == "file" and not path.is_file():
+        return [f"{flag} {value}: no such file"]
+    return []

@@ -1,0 +1,56 @@
+"""`LossConfig`: how a student's loss is formed, shared by `train-student` and `evaluate`.
+
+    L = (1 - λ) · CE + λ · τ² · KD        (mode kd; mode ce: L = CE)
+
+with KD one of `losses.LOSS_KINDS` on the cached partition (docs/training.md, "Losses").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdpipe.options import field_problems, option, raise_problems
+from kdpipe.trainer.losses import LOSS_KINDS, SAMPLED
+
+MODES = ("kd", "ce")
+LOSS_HELP = ("KD divergence on the cached top-k + tail partition: forward (KL with the tail "
+             "bucket, exact), zero (renormalised top-k, biased; for comparison), reverse, jsd, "
+             "skew, tvd; sampled (count-weighted CE, for a --cache-mode sampled cache). "
+             "Default: follows the cache: sampled for a sampled cache, else forward.")
+
+
+def default_kind(sampled_cache: bool) -> str:
+    """The loss a cache calls for when --loss is not given."""
+    return SAMPLED if sampled_cache else "forward"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss options; `kind` None means `default_kind` of the cache in use."""
+
+    mode: str = option("kd", "kd: (1-λ)·CE + λ·τ²·KD; ce: cross-entropy on the cached tokens "
+                       "only (the baseline, or to train a teacher).", choices=MODES)
+    kind: str | None = option(None, LOSS_HELP, flag="loss", choices=LOSS_KINDS)
+    kd_weight: float = option(0.5, "λ: weight of the KD term, in [0, 1].", ge=0, le=1)
+    temperature: float = option(
+        1.0, "τ of the KD term (the term is scaled by τ²; exact tempered tail when the cache "
+        "stores it, else the uniform-tail approximation).", gt=0)
+    beta: float = option(0.5, "JSD mixture weight β.", gt=0, lt=1)
+    alpha: float = option(0.1, "Skew KL weight α in KL(p || αp + (1-α)q).", ge=0, le=1)
+    chunk_size: int = option(1024, "Target tokens per chunk of the output head and loss "
+                             "(bounds the logits' memory).", ge=1)
+
+    def problems(self) -> list[str]:
+        """Checks across options (each option's own checks are declared with it)."""
+        if self.kind == SAMPLED and self.temperature != 1.0:
+            return ["--loss sampled estimates the cross-entropy to the teacher at τ = 1 (its "
+                    f"samples were drawn at τ = 1); drop --temperature {self.temperature}"]
+        return []
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every problem (for a LossConfig used on its own)."""
+        raise_problems("loss", field_problems(self) + self.problems())
+
+    def resolved(self, sampled_cache: bool) -> str:
+        """The divergence to compute: `kind`, or the cache's default."""
+        return self.kind or default_kind(sampled_cache)
