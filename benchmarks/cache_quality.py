@@ -54,16 +54,10 @@ from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.model import (
-    autocast_dtype,
-    check_tokenizer,
-    check_vocab,
-    load_student,
-    load_tokenizer,
-    split_student,
-)
+from kdpipe.trainer.reliance import StepLambdas
 from kdpipe.trainer.sampler import holdout_mask
-from kdpipe.trainer.train import build_optimizer, seed_everything, train_step
+from kdpipe.trainer.train import setup as setup_run
+from kdpipe.trainer.train import train_step
 
 log = logging.getLogger("cache_quality")
 
@@ -159,10 +153,7 @@ class Setup:
     eval_ids: np.ndarray  # (E,) held-out sample ids, storage order
     train_ids: np.ndarray  # (n,) sample ids training draws from
     teacher: torch.nn.Module | None
-    tokenizer: Any
     student_config: str
-    device: torch.device
-    amp_dtype: torch.dtype | None
     eval_teacher_matches: bool  # the eval cache's teacher is --teacher: held-out KD is to it
 
 
@@ -195,8 +186,6 @@ def make_setup(args: argparse.Namespace, arms: list[str]) -> Setup:
     topk, sampled, eval_cache = prepare_caches(args, arms)
     manifest = topk.manifest
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(None, args.tokenizer, topk)
-    check_tokenizer(tokenizer, topk)
     index = build_index(topk)
     if eval_cache is None:  # a hash split of the training cache, as --eval-fraction does
         held = holdout_mask(index.sample_ids, args.eval_fraction)
@@ -214,8 +203,7 @@ def make_setup(args: argparse.Namespace, arms: list[str]) -> Setup:
         eval_index=eval_index, eval_ids=eval_ids, train_ids=train_ids,
         teacher=load_teacher(args.teacher, manifest.vocab_size, device)
         if "online" in arms else None,
-        tokenizer=tokenizer, student_config=write_student_config(args, manifest.max_length),
-        device=device, amp_dtype=autocast_dtype("auto", device),
+        student_config=write_student_config(args, manifest.max_length),
         eval_teacher_matches=eval_manifest.teacher.fingerprint == manifest.teacher.fingerprint)
 
 
@@ -243,37 +231,25 @@ def teacher_heldout_ce(index: CacheIndex, ids: np.ndarray) -> float:
 def train_arm(arm: str, seed: int, setup: Setup, args: argparse.Namespace,
               digests: list[str]) -> dict[str, Any]:
     """Train one student and evaluate it; `digests` holds the seed's batch hashes so far."""
-    seed_everything(seed)
-    manifest = setup.topk.cache.manifest
     index = setup.sampled if arm == "sampled" else setup.topk
     assert index is not None
-    cfg = TrainConfig.from_options(cache=str(index.cache.root), out=args.out,
-                      student_config=setup.student_config,
-                      mode="ce" if arm == "ce" else "kd", loss=CACHED_LOSS.get(arm, "forward"),
-                      kd_weight=args.kd_weight, lr=args.lr, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, chunk_size=args.chunk_size, seed=seed,
-                      warmup_steps=args.warmup_steps, max_steps=args.steps,
-                      shuffle_window=args.shuffle_window)
-    model = load_student(None, setup.student_config, manifest, setup.tokenizer, seed)
-    check_vocab(model, manifest, "student")
-    model.to(setup.device)
-    model.train()
-    parts = split_student(model, "student")
-    optimizer = build_optimizer(model, cfg)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=args.steps)
-    loss_cfg = cfg.loss
-    per_step = args.batch_size * args.grad_accum
-    order = sample_order(setup.topk, seed, args.shuffle_window, args.steps * per_step,
+    cfg = TrainConfig.from_options(
+        cache=str(index.cache.root), out=args.out, student_config=setup.student_config,
+        tokenizer=args.tokenizer, mode="ce" if arm == "ce" else "kd",
+        loss=CACHED_LOSS.get(arm, "forward"), kd_weight=args.kd_weight, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, chunk_size=args.chunk_size,
+        seed=seed, warmup_steps=args.warmup_steps, max_steps=args.steps,
+        shuffle_window=args.shuffle_window, device=args.device, snapshots=False,
+        progress=False)
+    cfg.validate()
+    run = setup_run(cfg)  # seeded by `seed`: every arm's student starts from the same weights
+    order = sample_order(setup.topk, seed, args.shuffle_window, args.steps * run.per_step,
                          ids=setup.train_ids)
     columns = columns_for(index.cache, teacher=arm in CACHED_LOSS, temperature=1.0)
-    pad_id = manifest.tokenizer.pad_token_id or 0
     curve: list[dict[str, float]] = []
     step = 0
     started = time.perf_counter()
-    with BatchLoader(index, order, columns, args.batch_size, args.grad_accum, pad_id,
+    with BatchLoader(index, order, columns, args.batch_size, args.grad_accum, run.pad_id,
                      args.prefetch, cached_groups=args.shuffle_window) as loader:
         for step, batch in enumerate(loader, start=1):
             digest = batch_digest(batch)
@@ -284,25 +260,24 @@ def train_arm(arm: str, seed: int, setup: Setup, args: argparse.Namespace,
                                      "than the arms before it; the caches are not aligned")
             if arm == BASELINE:
                 assert setup.teacher is not None
-                result = dense_step(model, setup.teacher, optimizer, scheduler, batch,
-                                    args.kd_weight, 1.0, setup.device, setup.amp_dtype,
-                                    cfg.max_grad_norm)
+                result = dense_step(run.student.model, setup.teacher, run.optimizer,
+                                    run.scheduler, batch, args.kd_weight, 1.0, run.device,
+                                    run.amp_dtype, cfg.max_grad_norm)
             else:
-                lam = np.full(batch.sample_ids.size, args.kd_weight, dtype=np.float32)  # (S,)
-                result = train_step(parts, optimizer, scheduler, batch, lam, loss_cfg,
-                                    manifest.vocab_size, setup.device, setup.amp_dtype,
-                                    cfg.max_grad_norm, None, step)
+                lam = StepLambdas.constant(args.kd_weight, batch.sample_ids.size)
+                result = train_step(run, batch, lam, None, step)
             if step % args.log_every == 0 or step == args.steps:
                 curve.append({"step": step, "loss": result["loss"], "ce": result["ce"],
                               "kd": result["kd"]})
                 log.info("seed %d %s step %d/%d: loss %.4f ce %.4f", seed, arm, step,
                          args.steps, result["loss"], result["ce"])
     train_seconds = time.perf_counter() - started
-    metrics = run_evaluation(parts, setup.eval_index, setup.eval_ids,
+    metrics = run_evaluation(run.student.parts, setup.eval_index, setup.eval_ids,
                              LossConfig(kd_weight=args.kd_weight, chunk_size=args.chunk_size),
-                             setup.device, setup.amp_dtype,
-                             args.eval_batch_size, pad_id, args.prefetch)
+                             run.device, run.amp_dtype, args.eval_batch_size, run.pad_id,
+                             args.prefetch)
     return {"arm": arm, "seed": seed, "steps": step,
+            "student_parameters": sum(p.numel() for p in run.student.model.parameters()),
             "train_seconds": train_seconds, "heldout_ce": metrics["ce"],
             "heldout_ppl": metrics["ppl"], "heldout_kd": metrics["kd"],
             "heldout_top1_agreement": metrics["top1_agreement"],
@@ -462,9 +437,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             argv if argv is not None else sys.argv[1:]),
         "environment": env, "args": vars(args), "goal": args.goal, "steps": args.steps,
         "tokens_per_step": args.batch_size * args.grad_accum,
-        "student_parameters": sum(p.numel() for p in load_student(
-            None, setup.student_config, setup.topk.cache.manifest, setup.tokenizer, 0
-        ).parameters()),
         "caches": {name: {"path": str(ix.cache.root),
                           "bytes_per_token": ix.cache.manifest.num_bytes
                           / max(ix.cache.manifest.num_targets, 1)}
@@ -483,6 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         digests: list[str] = []
         for arm in arms:
             runs.append(train_arm(arm, seed, setup, args, digests))
+            info["student_parameters"] = runs[-1].pop("student_parameters")
             log.info("seed %d %s: held-out ppl %.3f (%.0f s)", seed, arm,
                      runs[-1]["heldout_ppl"], runs[-1]["train_seconds"])
             info["environment"]["load_average_after"] = os.getloadavg()

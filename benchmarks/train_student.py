@@ -51,17 +51,10 @@ from kdpipe.schemas.cache import open_cache
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.data import BatchLoader, GlobalBatch, build_index, columns_for
-from kdpipe.trainer.metrics import SampleStats
-from kdpipe.trainer.model import (
-    autocast,
-    autocast_dtype,
-    check_tokenizer,
-    load_student,
-    load_tokenizer,
-    split_student,
-)
+from kdpipe.trainer.model import autocast
+from kdpipe.trainer.reliance import StepLambdas
 from kdpipe.trainer.sampler import ShuffleSampler
-from kdpipe.trainer.train import build_optimizer, train_step
+from kdpipe.trainer.train import setup, train_step
 
 ARMS = ("ce", "kd", "online", "dense-ce", "loader")
 TRAINER_ARMS = ("ce", "kd")  # the trainer's own train_step
@@ -223,16 +216,18 @@ def run_loader(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_training(args: argparse.Namespace, arm: str) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    amp_dtype = autocast_dtype("auto", device)
-    cache = open_cache(args.cache)
-    manifest = cache.manifest
-    tokenizer = load_tokenizer(None, args.tokenizer, cache)
-    check_tokenizer(tokenizer, cache)
-    student_cfg = str(Path(args.out) / "student_config.json")
-    model = load_student(None, student_cfg, manifest, tokenizer, args.seed).to(device)
-    model.train()
-    parts = split_student(model, "student")
+    memory_steps = args.memory_steps if resolve_device(args.device).type == "cpu" else 0
+    total_steps = args.warmup + args.steps + memory_steps + args.profile_steps
+    cfg = TrainConfig.from_options(
+        cache=args.cache, out=args.out, student_config=str(Path(args.out) / "student_config.json"),
+        tokenizer=args.tokenizer, mode=arm if arm in TRAINER_ARMS else "kd", loss=args.loss,
+        kd_weight=args.kd_weight, temperature=args.temperature, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, chunk_size=args.chunk_size,
+        seed=args.seed, max_steps=total_steps, snapshots=args.snapshots, device=args.device,
+        progress=False).with_cache_defaults()
+    cfg.validate()
+    run = setup(cfg)  # the trainer's own parts, as `kdpipe train-student` builds them
+    model, device, manifest = run.student.model, run.device, run.cache.manifest
     teacher: torch.nn.Module | None = None
     if arm == "online":
         from transformers import AutoModelForCausalLM
@@ -245,34 +240,16 @@ def run_training(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    cfg = TrainConfig.from_options(cache=args.cache, out=args.out, student_config=student_cfg,
-                      mode=arm if arm in TRAINER_ARMS else "kd", loss=args.loss,
-                      kd_weight=args.kd_weight,
-                      temperature=args.temperature, lr=args.lr, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, chunk_size=args.chunk_size, seed=args.seed)
-    loss_cfg = cfg.loss
-    optimizer = build_optimizer(model, cfg)
-    from transformers import get_scheduler
-
-    memory_steps = args.memory_steps if device.type == "cpu" else 0
-    total_steps = args.warmup + args.steps + memory_steps + args.profile_steps
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=0,
-                              num_training_steps=total_steps)
-    index = build_index(cache)
-    per_step = args.batch_size * args.grad_accum
-    order = sample_order(index, args.seed, args.shuffle_window, total_steps * per_step)
-    columns = columns_for(cache, teacher=arm == "kd", temperature=args.temperature)
-    pad_id = manifest.tokenizer.pad_token_id or 0
+    order = sample_order(run.index, args.seed, args.shuffle_window, total_steps * run.per_step)
+    columns = columns_for(run.cache, teacher=arm == "kd", temperature=args.temperature)
 
     def step(batch: GlobalBatch, number: int) -> dict[str, float]:
         if arm not in TRAINER_ARMS:
-            return dense_step(model, teacher, optimizer, scheduler, batch, args.kd_weight,
-                              args.temperature, device, amp_dtype, cfg.max_grad_norm)
-        lam = np.full(batch.sample_ids.size, args.kd_weight, dtype=np.float32)  # (S,)
-        stats = SampleStats() if args.snapshots else None
-        return train_step(parts, optimizer, scheduler, batch, lam, loss_cfg,
-                          manifest.vocab_size, device, amp_dtype, cfg.max_grad_norm, stats,
-                          number)
+            return dense_step(model, teacher, run.optimizer, run.scheduler, batch,
+                              args.kd_weight, args.temperature, device, run.amp_dtype,
+                              cfg.max_grad_norm)
+        lam = StepLambdas.constant(args.kd_weight, batch.sample_ids.size)
+        return train_step(run, batch, lam, None, number)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -284,7 +261,7 @@ def run_training(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     rss: dict[str, float] = {}
     tracker = TensorMemoryTracker()
     profile_rows = ""
-    with BatchLoader(index, order, columns, args.batch_size, args.grad_accum, pad_id,
+    with BatchLoader(run.index, order, columns, args.batch_size, args.grad_accum, run.pad_id,
                      prefetch=args.prefetch, cached_groups=args.shuffle_window) as loader:
         batches = iter(loader)
         for number in range(1, args.warmup + 1):
@@ -317,7 +294,7 @@ def run_training(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         if memory_steps:  # after the timed steps: the tracker slows every op down
             for tensor in [*model.parameters(), *model.buffers(),
                            *(teacher.parameters() if teacher is not None else ()),
-                           *(t for s in optimizer.state.values() for t in s.values()
+                           *(t for s in run.optimizer.state.values() for t in s.values()
                              if isinstance(t, torch.Tensor))]:
                 tracker.track(tensor)
             baseline = tracker.live

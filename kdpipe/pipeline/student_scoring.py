@@ -19,16 +19,7 @@ from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import NonFiniteError
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.data import BatchLoader, Columns, build_index
-from kdpipe.trainer.model import (
-    StudentParts,
-    autocast,
-    autocast_dtype,
-    check_tokenizer,
-    check_vocab,
-    load_student,
-    load_tokenizer,
-    split_student,
-)
+from kdpipe.trainer.model import StudentParts, autocast, autocast_dtype, open_student
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +39,10 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
                   trust_remote_code: bool = False) -> StudentScores:
     """Mean NLL, confidence and entropy of `student` on every sample of `cache`."""
     manifest = cache.manifest
-    tok = load_tokenizer(student, tokenizer, cache, trust_remote_code)
-    check_tokenizer(tok, cache, trust_remote_code)
-    model = load_student(student, None, manifest, tok, seed=0,
-                         trust_remote_code=trust_remote_code)
-    check_vocab(model, manifest, student)
     torch_device = resolve_device(device)
-    model.to(torch_device)
-    model.eval()
-    parts = split_student(model, student)
+    parts = open_student(cache, torch_device, student=student, tokenizer=tokenizer,
+                         trust_remote_code=trust_remote_code).parts
+    parts.model.eval()
     amp = autocast_dtype(dtype, torch_device)
     index = build_index(cache)
     columns = Columns(teacher=False, top_k=manifest.top_k)

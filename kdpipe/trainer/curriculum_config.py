@@ -25,12 +25,12 @@ from kdpipe.trainer.reliance import (
     KD_WEIGHT_SCHEDULES,
     RELIANCE_CONTROLS,
     RELIANCE_MODES,
+    KdWeightFn,
     RelianceMapping,
     SampleReliance,
     ScheduledKdWeight,
     TokenReliance,
 )
-from kdpipe.trainer.sampler import KdWeightFn
 
 log = logging.getLogger(__name__)
 
@@ -148,26 +148,22 @@ class CurriculumPlugins:
     """What `setup_curriculum` hands the trainer; None leaves the trainer's default."""
 
     sampler: CurriculumSampler | None
-    kd_weight_fn: KdWeightFn | None
-    token_fn: TokenReliance | None
-    total_steps: int
+    per_sample: KdWeightFn | None  # λ by sample: a schedule, or selective reliance
+    per_token: TokenReliance | None  # λ by token: token-level reliance
 
 
 def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
-                     train_ids: np.ndarray, *, seed: int, per_step: int,
-                     max_steps: int | None, epochs: int | None, kd_weight: float,
-                     run_dir: str | Path, loader_groups: int | None = None,
+                     train_ids: np.ndarray, *, seed: int, per_step: int, total_steps: int,
+                     kd_weight: float, run_dir: str | Path, loader_groups: int | None = None,
                      sum_across: Callable[[list[float]], list[float]] | None = None
                      ) -> CurriculumPlugins:
     """Load and check the curriculum, build the sampler and the λ functions.
 
-    cache_ids: (n,) every sample id of the cache; train_ids: the training split. total_steps
-    is computed as the trainer does (--max-steps, else epochs × batches per epoch), since the
-    pacing functions need it before training starts. loader_groups: the loader's row-group
-    cache (--shuffle-window), to warn when a curriculum's random access will thrash it.
+    cache_ids: (n,) every sample id of the cache; train_ids: the training split; total_steps:
+    the run's (the pacing functions need it before training starts). loader_groups: the
+    loader's row-group cache (--shuffle-window), to warn when a curriculum's random access
+    will thrash it.
     """
-    n_train = int(np.asarray(train_ids).size)
-    total_steps = max_steps or (epochs or 1) * -(-n_train // per_step)
     initial, buckets = None, DEFAULT_BUCKETS
     fingerprint = cache.manifest.settings_fingerprint
     if cl.file is not None:
@@ -188,18 +184,18 @@ def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
             snapshot_metric=cl.metric, cache_fingerprint=fingerprint)
     mapping = RelianceMapping(cl.reliance, cl.kd_weight_low, cl.kd_weight_high,
                               cl.reliance_quantile, kd_weight)
-    kd_weight_fn: KdWeightFn | None = None
-    token_fn = None
+    per_sample: KdWeightFn | None = None
+    per_token = None
     if cl.kd_weight_schedule == "linear":
-        kd_weight_fn = ScheduledKdWeight(cl.kd_weight_low, cl.kd_weight_high, total_steps)
+        per_sample = ScheduledKdWeight(cl.kd_weight_low, cl.kd_weight_high, total_steps)
     elif cl.reliance in ("threshold", "linear"):
         assert sampler is not None  # validated: these modes need a curriculum
-        kd_weight_fn = SampleReliance(mapping, sampler, train_ids, seed, cl.reliance_control,
-                                      cl.kd_weight_schedule)
+        per_sample = SampleReliance(mapping, sampler, train_ids, seed, cl.reliance_control,
+                                    cl.kd_weight_schedule)
     elif cl.reliance == "token":
-        token_fn = TokenReliance(mapping, seed, cl.reliance_control, cl.kd_weight_schedule,
-                                 sum_across)
-    return CurriculumPlugins(sampler, kd_weight_fn, token_fn, total_steps)
+        per_token = TokenReliance(mapping, seed, cl.reliance_control, cl.kd_weight_schedule,
+                                  sum_across)
+    return CurriculumPlugins(sampler, per_sample, per_token)
 
 
 def _warn_about_random_access(cache: Cache, loader_groups: int | None) -> None:

@@ -27,16 +27,7 @@ from kdpipe.trainer.data import Batch, BatchLoader, CacheIndex, build_index, col
 from kdpipe.trainer.distributed import Distributed, rank_slice
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import summarise
-from kdpipe.trainer.model import (
-    StudentParts,
-    autocast,
-    autocast_dtype,
-    check_tokenizer,
-    check_vocab,
-    load_student,
-    load_tokenizer,
-    split_student,
-)
+from kdpipe.trainer.model import StudentParts, autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call
 from kdpipe.trainer.sampler import holdout_mask
 
@@ -132,19 +123,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     dist = Distributed.from_env(cfg.device)
     try:
         cache = open_cache(cfg.cache)
-        manifest = cache.manifest
-        tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, cache, cfg.trust_remote_code)
-        check_tokenizer(tokenizer, cache, cfg.trust_remote_code)
-        model = load_student(cfg.student, None, manifest, tokenizer, seed=0,
-                             trust_remote_code=cfg.trust_remote_code)
-        check_vocab(model, manifest, cfg.student)
         device = dist.device(resolve_device(cfg.device))
-        model.to(device)
-        parts = split_student(model, cfg.student)
+        student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
+                               trust_remote_code=cfg.trust_remote_code)
         index = build_index(cache)
         ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
-        pad_id = manifest.tokenizer.pad_token_id or 0
-        result = run_evaluation(parts, index, ids, cfg.loss, device,
+        pad_id = cache.manifest.tokenizer.pad_token_id or 0
+        result = run_evaluation(student.parts, index, ids, cfg.loss, device,
                                 autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
                                 cfg.prefetch, cfg.progress and dist.is_main, dist=dist)
     finally:

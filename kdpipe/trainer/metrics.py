@@ -8,9 +8,12 @@ same scalars when `torch.utils.tensorboard` is importable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -96,6 +99,32 @@ class RunLogger:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class Throughput:
+    """Tokens per second over a window of steps, not counting paused time (evaluation,
+    snapshots, checkpoints), so the logged rate is the training rate."""
+
+    def __init__(self) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        """The window's tokens per second; starts the next window."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0, now
+        return rate
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
 
 class SampleStats:

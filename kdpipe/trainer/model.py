@@ -204,3 +204,36 @@ def split_student(model: nn.Module, name: str) -> StudentParts:
     log.info("student %s: body %s, head %s, logit transform %s", name,
              type(body).__name__, type(head).__name__, described)
     return parts
+
+
+@dataclass
+class Student:
+    """A student opened for a cache: its parts (model, body, head) and its tokenizer."""
+
+    parts: StudentParts
+    tokenizer: Any
+
+    @property
+    def model(self) -> nn.Module:
+        return self.parts.model
+
+
+def open_student(cache: Cache, device: torch.device, *, student: str | None,
+                 student_config: str | None = None, tokenizer: str | None = None,
+                 weights: str | Path | None = None, seed: int = 0,
+                 trust_remote_code: bool = False) -> Student:
+    """The student of `--student` (or `--student-config`), checked against `cache`.
+
+    Tokenizer (must map the cache's ids: `check_tokenizer`) → model in float32 (from
+    `weights`, a checkpoint folder, when given) → head width (`check_vocab`) → on `device` →
+    body/head split (`split_student`). Raises ConfigError naming the option at fault.
+    """
+    name = student or student_config or "student"
+    tok = load_tokenizer(student, tokenizer, cache, trust_remote_code)
+    check_tokenizer(tok, cache, trust_remote_code)
+    source = str(weights) if weights is not None else student
+    model = load_student(source, None if source else student_config, cache.manifest, tok,
+                         seed, trust_remote_code)
+    check_vocab(model, cache.manifest, name)
+    model.to(device)
+    return Student(split_student(model, name), tok)

@@ -37,10 +37,29 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kdpipe.trainer.data import GlobalBatch
+from kdpipe.trainer.distributed import RankSlice
+
 RELIANCE_MODES = ("constant", "threshold", "linear", "token")
 RELIANCE_CONTROLS = ("none", "shuffled")
 KD_WEIGHT_SCHEDULES = ("none", "linear", "matched")
 _SALT = 0x72656C79  # separates the controls' RNG streams from the sampler's
+
+
+class KdWeightFn(Protocol):
+    def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
+        """(S,) float32 λ for each sample of a global batch at optimizer step `step`."""
+        ...
+
+
+class ConstantKdWeight:
+    """The same λ for every sample and step (plain KD)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
+        return np.full(len(sample_ids), self.value, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -83,7 +102,7 @@ def partner_map(train_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 class SampleReliance:
-    """KdWeightFn (`trainer.sampler.KdWeightFn`) for threshold/linear, with the controls."""
+    """KdWeightFn for threshold/linear, with the controls."""
 
     def __init__(self, mapping: RelianceMapping, source: PercentileSource,
                  train_ids: np.ndarray, seed: int, control: str = "none",
@@ -161,3 +180,58 @@ def sample_means(token_values: torch.Tensor, target_row: torch.Tensor, rows: int
                                                              token_values.double())
     counts = torch.bincount(target_row, minlength=rows).clamp(min=1)
     return (sums / counts).float().numpy()
+
+
+@dataclass
+class StepLambdas:
+    """λ of one optimizer step, for the samples (and tokens) this process trains on."""
+
+    per_sample: np.ndarray  # (S_local,) float32, this process's share of the global batch
+    per_token: list[torch.Tensor] | None = None  # token reliance: (N_m,) per micro-batch
+    logged: np.ndarray | None = None  # (S,) the global batch's λ; None when it is constant
+
+    @classmethod
+    def constant(cls, value: float, samples: int) -> StepLambdas:
+        return cls(np.full(samples, value, dtype=np.float32))
+
+    def tokens(self, micro: int, first_row: int, target_row: torch.Tensor) -> torch.Tensor:
+        """(N,) λ of each target token of micro-batch `micro`, whose rows start at sample
+        `first_row` of this process's share; `target_row` (N,) is each token's row."""
+        if self.per_token is not None:
+            return self.per_token[micro].to(target_row.device)
+        lam = torch.from_numpy(np.asarray(self.per_sample, dtype=np.float32))  # (S_local,)
+        return lam.to(target_row.device)[first_row + target_row]
+
+
+class Reliance:
+    """The one source of λ: each step's per-sample (and per-token) weights, whatever the mode.
+
+    `per_sample` gives the global batch's λ by sample (constant, scheduled or selective);
+    `per_token`, when set, replaces it by token-level reliance (the per-sample λ logged are
+    then each sample's mean). `gather` concatenates every process's (S_local,) values in rank
+    order (identity on one process).
+    """
+
+    def __init__(self, per_sample: KdWeightFn, per_token: TokenReliance | None = None,
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.per_sample, self.per_token = per_sample, per_token
+        self.gather = gather or (lambda values: values)
+        self.varies = per_token is not None or not isinstance(per_sample, ConstantKdWeight)
+
+    def for_step(self, global_ids: np.ndarray, step: int, batch: GlobalBatch,
+                 share: RankSlice | None = None) -> StepLambdas:
+        """λ for optimizer step `step` over the global batch `global_ids` (S,), of which this
+        process trains `batch`, its `share` (None: the whole batch, one process). A share
+        that is not real (a padding rank) gets λ 0 but still takes part in the collectives."""
+        start, count = (0, global_ids.size) if share is None else (share.start,
+                                                                     share.sample_ids.size)
+        real = share is None or share.real
+        if self.per_token is None:
+            lam = self.per_sample(global_ids, step)  # (S,) the same on every process
+            mine = lam[start:start + count] if real else np.zeros(count, np.float32)
+            return StepLambdas(mine, None, lam if self.varies else None)
+        micro = [(mb.target_logprob, mb.target_row, mb.sample_ids.numel())
+                 for mb in batch.micro] if real else []
+        weights, means = self.per_token(micro, step)  # collective under `matched`
+        mine = means if real else np.zeros(count, np.float32)
+        return StepLambdas(mine, weights, self.gather(means))

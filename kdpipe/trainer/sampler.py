@@ -1,10 +1,10 @@
-"""The order in which a run sees its samples, the held-out split, and the per-sample λ.
+"""The order in which a run sees its samples, and the held-out split.
 
 The loop asks a `Sampler` for each epoch's order of sample ids and cuts it into consecutive
 global batches, so any order works: the default seeded shuffle here, or a curriculum that
-presents samples easy → hard. A `KdWeightFn` gives each sample its λ (constant by default;
-selective reliance gives each its own). Both are deterministic functions of (seed, epoch,
-step), which is what makes `--resume` exact and the logged order reproducible.
+presents samples easy → hard (`curriculum_sampler.py`). Orders are deterministic functions of
+(seed, epoch), which is what makes `--resume` exact and the logged order reproducible; each
+sample's λ comes from `reliance.py`, just as deterministic.
 """
 
 from __future__ import annotations
@@ -28,22 +28,6 @@ class Sampler(Protocol):
     def epoch_order(self, epoch: int) -> np.ndarray:
         """(n,) int64 sample ids in the order they are consumed; called at each epoch start."""
         ...
-
-
-class KdWeightFn(Protocol):
-    def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
-        """(B,) float32 λ for each sample of a global batch at optimizer step `step`."""
-        ...
-
-
-class ConstantKdWeight:
-    """The same λ for every sample and step (plain KD)."""
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-
-    def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
-        return np.full(len(sample_ids), self.value, dtype=np.float32)
 
 
 def holdout_mask(sample_ids: np.ndarray, fraction: float) -> np.ndarray:

@@ -1,9 +1,10 @@
 """`kdpipe train-student`: train a student from a teacher cache alone (no teacher is loaded).
 
-Reads top to bottom: setup (run folder, student, data, optimizer, resume) → loop of
-`train_step` over global batches with logging, eval, snapshots and checkpoints → final save.
-Each optimizer step's loss is normalised by the real target tokens of its whole global batch
-(all gradient-accumulation micro-batches), so splitting a batch never changes the gradient.
+`setup` builds a `Run` — the student, the data, the λ source, optimizer and schedule, resumed
+from a checkpoint when asked — and `_loop` reads in one screen: order → λ → step → log → hooks
+→ stop. Each optimizer step's loss is normalised by the real target tokens of its whole global
+batch (all gradient-accumulation micro-batches and processes), so splitting a batch never
+changes the gradient.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import contextlib
 import logging
 import math
 import random
-import time
-from dataclasses import replace
+from collections.abc import Generator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdpipe.schemas import snapshot as snap
-from kdpipe.schemas.cache import open_cache
+from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import same_mapping
@@ -31,7 +32,14 @@ from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.curriculum_config import check_curriculum_file, setup_curriculum
-from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
+from kdpipe.trainer.data import (
+    BatchLoader,
+    CacheIndex,
+    Columns,
+    GlobalBatch,
+    build_index,
+    columns_for,
+)
 from kdpipe.trainer.distributed import (
     Distributed,
     RankSlice,
@@ -44,53 +52,72 @@ from kdpipe.trainer.distributed import (
 )
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.metrics import RunLogger, SampleStats
-from kdpipe.trainer.model import (
-    StudentParts,
-    autocast,
-    autocast_dtype,
-    check_tokenizer,
-    check_vocab,
-    load_student,
-    load_tokenizer,
-    split_student,
-)
+from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
+from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
-from kdpipe.trainer.run_dir import FINAL_METRICS_NAME, prepare_run_dir, rewind_logs
-from kdpipe.trainer.sampler import (
-    ConstantKdWeight,
-    KdWeightFn,
-    Sampler,
-    ShuffleSampler,
-    holdout_mask,
-)
+from kdpipe.trainer.reliance import ConstantKdWeight, KdWeightFn, Reliance, StepLambdas
+from kdpipe.trainer.run_dir import FINAL_METRICS_NAME, RunStart, prepare_run_dir, rewind_logs
+from kdpipe.trainer.sampler import Sampler, ShuffleSampler, holdout_mask
 
 log = logging.getLogger(__name__)
 
 
-def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.ndarray,
-                         loss_cfg: LossConfig, vocab_size: int, device: torch.device,
-                         amp_dtype: torch.dtype | None, stats: SampleStats | None = None,
-                         step: int = 0, token_kd_weight: list[torch.Tensor] | None = None, *,
-                         objective: nn.Module | None = None, dist: Distributed | None = None,
-                         share: RankSlice | None = None) -> dict[str, float]:
+@dataclass
+class Run:
+    """Everything a training run holds; `setup` builds it, the loop advances `state`."""
+
+    cfg: TrainConfig
+    dist: Distributed
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    cache: Cache
+    index: CacheIndex
+    student: Student
+    objective: nn.Module  # StudentObjective, wrapped by DDP/FSDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: Sampler
+    reliance: Reliance
+    columns: Columns
+    per_step: int  # samples per optimizer step, over all processes
+    total_steps: int
+    eval_index: CacheIndex | None
+    eval_ids: np.ndarray
+    state: ckpt.TrainerState
+    stats: SampleStats | None  # this epoch's per-sample statistics (for snapshots)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def pad_id(self) -> int:
+        return self.cache.manifest.tokenizer.pad_token_id or 0
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.fsdp and self.dist.enabled
+
+
+# --- one step ---------------------------------------------------------------------------------
+
+def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLambdas,
+                         loss_cfg: LossConfig, device: torch.device,
+                         amp_dtype: torch.dtype | None, *, dist: Distributed | None = None,
+                         share: RankSlice | None = None, stats: SampleStats | None = None,
+                         step: int = 0) -> dict[str, float]:
     """Forward + backward over the micro-batches of one global batch; returns per-token means.
 
-    kd_weight: (S,) λ of each sample of `batch`, in order; token_kd_weight, when given,
-    replaces it by (N_m,) λ per target token of each micro-batch. Each micro-batch's loss sum
-    is divided by the global batch's real target tokens (summed over ranks) before backward,
-    so the summed gradients equal those of one big batch's token mean, however the batch is
-    split over micro-batches and processes. Distributed: `objective` is the DDP/FSDP-wrapped
-    StudentObjective, `share` this rank's slice (its micro-batch count and whether it is real:
-    placeholders and padding micro-batches run with weight 0, see distributed.py).
+    `objective` is a StudentObjective (DDP/FSDP-wrapped when distributed); `lam` the step's λ
+    for this process's samples. Each micro-batch's loss sum is divided by the global batch's
+    real target tokens (summed over processes) before backward, so the summed gradients equal
+    those of one big batch's token mean however the batch is split. Distributed: `share` is
+    this rank's slice (its micro-batch count, and whether it is real: placeholders and
+    padding micro-batches run with weight 0 so every rank makes the same passes).
     """
     dist = dist or Distributed()
-    objective = objective if objective is not None else StudentObjective(parts,
-                                                                         vocab_size)
     real = share is None or share.real
-    local_tokens = batch.num_targets if real else 0
-    tokens = max(int(dist.sum([local_tokens], device)[0]), 1)
-    lam_by_sample = torch.from_numpy(np.asarray(kd_weight, dtype=np.float32))  # (S,)
+    tokens = max(int(dist.sum([batch.num_targets if real else 0], device)[0]), 1)
     # (micro-batch, weight 1 or 0); padded to the micro-batch count every rank runs.
     runs = [(mb, 1.0 if real else 0.0) for mb in batch.micro]
     planned = share.micro_batches if share is not None else len(runs)
@@ -99,17 +126,12 @@ def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.
     first = 0
     for m, (cpu_batch, weight) in enumerate(runs):
         mb = cpu_batch.to(device)
-        rows = cpu_batch.sample_ids.numel()
-        if not weight:
-            lam = torch.zeros(mb.num_targets, device=device)
-        elif token_kd_weight is not None:
-            lam = token_kd_weight[m].to(device)  # (N,) λ per token
-        else:
-            lam = lam_by_sample[first:first + rows].to(device)[mb.target_row]  # (N,)
-        first += rows
+        lam_tokens = (lam.tokens(m, first, mb.target_row) if weight else
+                      torch.zeros(mb.num_targets, device=device))  # (N,)
+        first += cpu_batch.sample_ids.numel()
         with no_grad_sync(objective, skip=m < len(runs) - 1):
             with autocast(device, amp_dtype):
-                out = call(objective, mb, lam, loss_cfg)
+                out = call(objective, mb, lam_tokens, loss_cfg)
             # DDP/FSDP average gradients over ranks; × world size makes that a sum.
             loss = out.total / (tokens / dist.world_size)
             (loss if weight else loss * 0.0).backward()
@@ -124,37 +146,33 @@ def accumulate_gradients(parts: StudentParts, batch: GlobalBatch, kd_weight: np.
             "tokens": tokens}
 
 
-def train_step(parts: StudentParts, optimizer: torch.optim.Optimizer, scheduler: Any,
-               batch: GlobalBatch, kd_weight: np.ndarray, loss_cfg: LossConfig,
-               vocab_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-               max_grad_norm: float, stats: SampleStats | None, step: int,
-               token_kd_weight: list[torch.Tensor] | None = None, *,
-               objective: nn.Module | None = None, dist: Distributed | None = None,
-               share: RankSlice | None = None) -> dict[str, float]:
+def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice | None,
+               step: int) -> dict[str, float]:
     """One optimizer step: accumulate gradients, clip, AdamW, advance the LR schedule.
 
     Raises NonFiniteError, before the optimizer changes any weight, when the loss or the
     gradient norm is NaN or infinite (on every rank alike: both are global values).
     """
-    result = accumulate_gradients(parts, batch, kd_weight, loss_cfg, vocab_size,
-                                  device, amp_dtype, stats, step, token_kd_weight,
-                                  objective=objective, dist=dist, share=share)
-    model = objective if objective is not None else parts.model
-    params = [p for p in model.parameters() if p.grad is not None]
-    clip = max_grad_norm if max_grad_norm > 0 else math.inf
+    result = accumulate_gradients(run.objective, batch, lam, run.cfg.loss, run.device,
+                                  run.amp_dtype, dist=run.dist, share=share, stats=run.stats,
+                                  step=step)
+    params = [p for p in run.objective.parameters() if p.grad is not None]
+    clip = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    result["lr"] = scheduler.get_last_lr()[0]
+    result["lr"] = run.scheduler.get_last_lr()[0]
     result["grad_norm"] = local_value(norm)
     if not all(math.isfinite(result[k]) for k in ("loss", "ce", "kd", "grad_norm")):
         raise NonFiniteError(
             f"step {step}: the loss is {result['loss']:.6g} (CE {result['ce']:.6g}, KD "
             f"{result['kd']:.6g}) and the gradient norm {result['grad_norm']:.6g}; the step "
             "was not applied and no model was saved from it")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return result
 
+
+# --- setup ------------------------------------------------------------------------------------
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, norms or other 1-D parameters)."""
@@ -192,27 +210,153 @@ def split_data(cfg: TrainConfig, index: CacheIndex
     return train_ids, eval_index, eval_ids[:cfg.eval_max_samples]
 
 
-def all_sample_stats(stats: SampleStats, dist: Distributed) -> SampleStats:
-    """Every rank's per-sample statistics merged (collective); on one process, `stats`."""
-    return SampleStats.merged(dist.gather(stats.rows)) if dist.enabled else stats
-
-
-def write_snapshot(run_dir: Path, stats: SampleStats, epoch: int, step: int, complete: bool,
-                   fingerprint: str, dist: Distributed) -> None:
-    """Every rank's per-sample statistics, merged, written by rank 0 (collective)."""
-    merged = all_sample_stats(stats, dist)
-    if dist.is_main and len(merged):
-        name = snap.snapshot_name(epoch, None if complete else step)
-        snap.write_snapshot(run_dir / snap.SNAPSHOTS_DIR / name, merged.table(epoch), epoch,
-                            step, complete, fingerprint)
-    dist.barrier()  # a snapshot curriculum reads it on every rank at the next epoch
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+
+def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | None = None,
+          sampler: Sampler | None = None, kd_weight_fn: KdWeightFn | None = None) -> Run:
+    """Build a run: student, data and order, λ source, optimizer and schedule, resumed from
+    `start.checkpoint` when given. `cfg` is validated; the run folder exists (`start`)."""
+    dist = dist or Distributed()
+    seed_everything(cfg.seed + dist.rank)  # rank 0 as on one process; dropout differs by rank
+    device = dist.device(resolve_device(cfg.device))
+    cache = open_cache(cfg.cache)
+    checkpoint = start.checkpoint if start is not None else None
+    student = open_student(cache, device, student=cfg.student,
+                           student_config=cfg.student_config, tokenizer=cfg.tokenizer,
+                           weights=checkpoint, seed=cfg.seed,
+                           trust_remote_code=cfg.trust_remote_code)
+    student.model.train()
+    objective = wrap(StudentObjective(student.parts, cache.manifest.vocab_size), dist,
+                     cfg.fsdp and dist.enabled, device)
+
+    index = build_index(cache)
+    train_ids, eval_index, eval_ids = split_data(cfg, index)
+    per_step = cfg.batch_size * cfg.grad_accum * dist.world_size  # the global batch
+    epoch_size = sampler.epoch_size if sampler is not None else lambda epoch: train_ids.size
+    total_steps = cfg.max_steps or sum(-(-epoch_size(e) // per_step)
+                                       for e in range(cfg.epochs or 1))
+    plugins = setup_curriculum(cfg.curriculum, cache, index.sample_ids, train_ids,
+                               seed=cfg.seed, per_step=per_step, total_steps=total_steps,
+                               kd_weight=cfg.loss.kd_weight, run_dir=cfg.out,
+                               loader_groups=cfg.shuffle_window,
+                               sum_across=lambda v: dist.sum(v, device))
+    sampler = sampler or plugins.sampler or ShuffleSampler(index, train_ids, cfg.seed,
+                                                           cfg.shuffle_window)
+    reliance = Reliance(kd_weight_fn or plugins.per_sample
+                        or ConstantKdWeight(cfg.loss.kd_weight), plugins.per_token,
+                        gather=lambda values: (np.concatenate(dist.gather(values))
+                                               if dist.enabled else values))
+    columns = columns_for(cache, teacher=cfg.loss.mode == "kd",
+                          temperature=cfg.loss.temperature,
+                          target_logprob=plugins.per_token is not None)
+
+    optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP's parameters are shards
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    state = ckpt.TrainerState(step=0, epoch=0, batches_in_epoch=0, tokens_seen=0,
+                              samples_seen=0, config=cfg.to_json_dict(),
+                              world_size=dist.world_size)
+    run = Run(cfg, dist, device, autocast_dtype(cfg.dtype, device), cache, index, student,
+              objective, optimizer, scheduler, sampler, reliance, columns, per_step,
+              total_steps, eval_index, eval_ids, state, SampleStats() if cfg.snapshots else None)
+    if checkpoint is not None:
+        _resume(run, checkpoint)
+    return run
+
+
+def _resume(run: Run, checkpoint: Path) -> None:
+    """Optimizer, schedule, RNG, data position and per-sample statistics of a checkpoint."""
+    run.state = replace(ckpt.read_trainer_state(checkpoint), config=run.cfg.to_json_dict())
+    saved = ckpt.load_training_state(checkpoint)
+    load_optimizer_state(run.objective, run.optimizer, saved[ckpt.OPTIMIZER_KEY], run.fsdp)
+    run.scheduler.load_state_dict(saved[ckpt.SCHEDULER_KEY])
+    rngs = saved.get(ckpt.RANK_RNG_KEY) or [saved[ckpt.RNG_KEY]]
+    ckpt.set_rng_state(rngs[run.dist.rank] if len(rngs) == run.dist.world_size else rngs[0])
+    if run.stats is not None and ckpt.SAMPLE_STATS_KEY in saved and run.dist.is_main:
+        run.stats.load_state_dict(saved[ckpt.SAMPLE_STATS_KEY])  # merged: rank 0 holds it
+    log.info("resuming %s from %s (step %d, epoch %d)", run.run_dir, checkpoint.name,
+             run.state.step, run.state.epoch)
+
+
+# --- what happens between steps ---------------------------------------------------------------
+
+def all_sample_stats(stats: SampleStats, dist: Distributed) -> SampleStats:
+    """Every rank's per-sample statistics merged (collective); on one process, `stats`."""
+    return SampleStats.merged(dist.gather(stats.rows)) if dist.enabled else stats
+
+
+def write_snapshot(run: Run, complete: bool) -> None:
+    """Every rank's per-sample statistics, merged, written by rank 0 (collective)."""
+    assert run.stats is not None
+    merged = all_sample_stats(run.stats, run.dist)
+    if run.dist.is_main and len(merged):
+        epoch, step = run.state.epoch, run.state.step
+        name = snap.snapshot_name(epoch, None if complete else step)
+        snap.write_snapshot(run.run_dir / snap.SNAPSHOTS_DIR / name, merged.table(epoch), epoch,
+                            step, complete, run.cache.manifest.settings_fingerprint)
+    run.dist.barrier()  # a snapshot curriculum reads it on every rank at the next epoch
+
+
+def save(run: Run, folder: Path, with_training_state: bool) -> None:
+    """Every rank takes part (FSDP gathers the shards); rank 0 writes."""
+    weights = gather_model_state(run.objective, run.fsdp)
+    training_state = None
+    if with_training_state:
+        training_state = {
+            ckpt.OPTIMIZER_KEY: gather_optimizer_state(run.objective, run.optimizer, run.fsdp),
+            ckpt.SCHEDULER_KEY: run.scheduler.state_dict(), ckpt.RNG_KEY: ckpt.rng_state()}
+        if run.dist.enabled:
+            training_state[ckpt.RANK_RNG_KEY] = run.dist.gather(ckpt.rng_state())
+        if run.stats is not None:
+            training_state[ckpt.SAMPLE_STATS_KEY] = all_sample_stats(run.stats,
+                                                                     run.dist).state_dict()
+    if run.dist.is_main:
+        ckpt.save_checkpoint(folder, run.student.model, run.student.tokenizer, run.state,
+                             training_state, weights)
+        if with_training_state:
+            ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
+    run.dist.barrier()
+
+
+def checkpoint_folder(run: Run) -> Path:
+    return run.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(run.state.step)
+
+
+def evaluate_now(run: Run) -> dict[str, Any] | None:
+    """Metrics on the held-out split (every rank takes part), or None without one."""
+    if run.eval_index is None:
+        return None
+    return run_evaluation(run.student.parts, run.eval_index, run.eval_ids, run.cfg.loss,
+                          run.device, run.amp_dtype, run.cfg.batch_size, run.pad_id,
+                          run.cfg.prefetch, progress=False, objective=run.objective,
+                          dist=run.dist)
+
+
+def after_step(run: Run, epoch_done: bool, logger: RunLogger | None) -> None:
+    """The hooks of a finished step: snapshots, the next epoch, evaluation, checkpoints."""
+    cfg, step, epoch = run.cfg, run.state.step, run.state.epoch
+    if epoch_done:  # the epoch's snapshot, then the next epoch
+        if run.stats is not None:
+            write_snapshot(run, complete=True)
+            run.stats = SampleStats()
+        run.state = replace(run.state, epoch=run.state.epoch + 1, batches_in_epoch=0)
+    elif cfg.snapshot_every and step % cfg.snapshot_every == 0 and run.stats is not None:
+        write_snapshot(run, complete=False)
+    if step < run.total_steps and cfg.eval_every and step % cfg.eval_every == 0:
+        metrics = evaluate_now(run)
+        if metrics is not None and logger is not None:
+            logger.log({"split": "eval", "step": step, "epoch": epoch, **metrics})
+    if step < run.total_steps and cfg.save_every and step % cfg.save_every == 0:
+        save(run, checkpoint_folder(run), with_training_state=True)
+
+
+# --- the loop ---------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, sampler: Sampler | None = None,
           kd_weight_fn: KdWeightFn | None = None) -> dict[str, Any]:
@@ -227,8 +371,15 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
     cfg.validate()
     check_curriculum_file(cfg.curriculum, cfg.cache)  # before touching the run folder
     dist = Distributed.from_env(cfg.device)
+    if cfg.fsdp and not dist.enabled:
+        log.warning("--fsdp shards the student over the processes torchrun starts; on one "
+                    "process it has no effect")
     try:
-        return _train(cfg, dist, sampler, kd_weight_fn)
+        start = dist.on_main(lambda: prepare_run_dir(cfg, dist.world_size))
+        if start.finished is not None:
+            return start.finished
+        run = setup(cfg, dist, start, sampler, kd_weight_fn)
+        return _loop(run)
     except NonFiniteError as exc:
         latest = ckpt.latest_checkpoint(Path(cfg.out))
         kept = (f"the last good checkpoint, {latest}, is kept (resume from it with --resume "
@@ -239,200 +390,97 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: Distributed, sampler: Sampler | None,
-           kd_weight_fn: KdWeightFn | None) -> dict[str, Any]:
-    # --- setup ---------------------------------------------------------------------------
-    main = dist.is_main
-    if cfg.fsdp and not dist.enabled:
-        log.warning("--fsdp shards the student over the processes torchrun starts; on one "
-                    "process it has no effect")
-    start = dist.on_main(lambda: prepare_run_dir(cfg, dist.world_size))
-    if start.finished is not None:
-        return start.finished
-    run_dir = Path(cfg.out)
-    seed_everything(cfg.seed + dist.rank)  # rank 0 as on one process; dropout differs by rank
-    device = dist.device(resolve_device(cfg.device))
-    amp_dtype = autocast_dtype(cfg.dtype, device)
-    cache = open_cache(cfg.cache)
-    manifest = cache.manifest
-    name = cfg.student or cfg.student_config or "student"
-    tokenizer = load_tokenizer(cfg.student, cfg.tokenizer, cache, cfg.trust_remote_code)
-    check_tokenizer(tokenizer, cache, cfg.trust_remote_code)
-    source = str(start.checkpoint) if start.checkpoint is not None else cfg.student
-    model = load_student(source, None if source else cfg.student_config, manifest, tokenizer,
-                         cfg.seed, cfg.trust_remote_code)
-    check_vocab(model, manifest, name)
-    model.to(device)
-    model.train()
-    parts = split_student(model, name)
-    fsdp = cfg.fsdp and dist.enabled
-    objective = wrap(StudentObjective(parts, manifest.vocab_size), dist, fsdp, device)
+def _steps(run: Run) -> Generator[tuple[GlobalBatch, RankSlice, np.ndarray, int], None, None]:
+    """(batch, this rank's share, the global batch's sample ids, batches in its epoch) for
+    every step from where the run stands: each epoch's order, cut into global batches."""
+    cfg, dist, per_step = run.cfg, run.dist, run.per_step
+    while run.state.step < run.total_steps:
+        order = run.sampler.epoch_order(run.state.epoch)
+        batches = -(-order.size // per_step)
+        if batches == 0:
+            raise ConfigError(f"the sampler gave no samples for epoch {run.state.epoch}")
+        remaining = order[run.state.batches_in_epoch * per_step:]
+        local, shares = rank_order(remaining, per_step, dist.world_size, dist.rank,
+                                   cfg.batch_size)
+        with BatchLoader(run.index, local, run.columns, cfg.batch_size, cfg.grad_accum,
+                         run.pad_id, cfg.prefetch, cached_groups=cfg.shuffle_window) as loader:
+            for b, batch in enumerate(loader):
+                yield batch, shares[b], remaining[b * per_step:(b + 1) * per_step], batches
 
-    index = build_index(cache)
-    train_ids, eval_index, eval_ids = split_data(cfg, index)
-    per_step = cfg.batch_size * cfg.grad_accum * dist.world_size  # the global batch
-    plugins = setup_curriculum(cfg.curriculum, cache, index.sample_ids, train_ids,
-                               seed=cfg.seed, per_step=per_step, max_steps=cfg.max_steps,
-                               epochs=cfg.epochs, kd_weight=cfg.loss.kd_weight, run_dir=run_dir,
-                               loader_groups=cfg.shuffle_window,
-                               sum_across=lambda v: dist.sum(v, device))
-    sampler = sampler or plugins.sampler or ShuffleSampler(index, train_ids, cfg.seed,
-                                                           cfg.shuffle_window)
-    kd_weight_fn = kd_weight_fn or plugins.kd_weight_fn or ConstantKdWeight(cfg.loss.kd_weight)
-    token_fn = plugins.token_fn  # token-level reliance: λ per target token
-    log_kd_weights = not isinstance(kd_weight_fn, ConstantKdWeight) or token_fn is not None
-    total_steps = cfg.max_steps or sum(-(-sampler.epoch_size(e) // per_step)
-                                       for e in range(cfg.epochs or 1))
-    loss_cfg = cfg.loss
-    columns = columns_for(cache, teacher=loss_cfg.mode == "kd", temperature=loss_cfg.temperature,
-                          target_logprob=token_fn is not None)
-    pad_id = manifest.tokenizer.pad_token_id or 0
 
-    optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP's parameters are shards
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
-    state = ckpt.TrainerState(step=0, epoch=0, batches_in_epoch=0, tokens_seen=0,
-                              samples_seen=0, config=cfg.to_json_dict(),
-                              world_size=dist.world_size)
-    stats = SampleStats() if cfg.snapshots else None
-    if start.checkpoint is not None:
-        state = replace(ckpt.read_trainer_state(start.checkpoint), config=cfg.to_json_dict())
-        saved = ckpt.load_training_state(start.checkpoint)
-        load_optimizer_state(objective, optimizer, saved[ckpt.OPTIMIZER_KEY], fsdp)
-        scheduler.load_state_dict(saved[ckpt.SCHEDULER_KEY])
-        rngs = saved.get(ckpt.RANK_RNG_KEY) or [saved[ckpt.RNG_KEY]]
-        ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
-        if stats is not None and ckpt.SAMPLE_STATS_KEY in saved and main:
-            stats.load_state_dict(saved[ckpt.SAMPLE_STATS_KEY])  # merged: rank 0 holds it
-        log.info("resuming %s from %s (step %d, epoch %d)", run_dir, start.checkpoint.name,
-                 state.step, state.epoch)
-    if main:
-        rewind_logs(run_dir, state.step, state.epoch)
-    dist.barrier()
-
-    def save(folder: Path, with_training_state: bool) -> None:
-        """Every rank takes part (FSDP gathers the shards); rank 0 writes."""
-        weights, training_state = gather_model_state(objective, fsdp), None
-        if with_training_state:
-            training_state = {ckpt.OPTIMIZER_KEY: gather_optimizer_state(objective, optimizer,
-                                                                         fsdp),
-                              ckpt.SCHEDULER_KEY: scheduler.state_dict(),
-                              ckpt.RNG_KEY: ckpt.rng_state()}
-            if dist.enabled:
-                training_state[ckpt.RANK_RNG_KEY] = dist.gather(ckpt.rng_state())
-            if stats is not None:
-                training_state[ckpt.SAMPLE_STATS_KEY] = all_sample_stats(stats, dist).state_dict()
-        if main:
-            ckpt.save_checkpoint(folder, model, tokenizer, state, training_state, weights)
-            if with_training_state:
-                ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
-        dist.barrier()
-
-    def evaluate_now() -> dict[str, Any] | None:
-        if eval_index is None:
-            return None
-        return run_evaluation(parts, eval_index, eval_ids, loss_cfg, device,
-                              amp_dtype, cfg.batch_size, pad_id, cfg.prefetch, progress=False,
-                              objective=objective, dist=dist)
-
-    # --- train ---------------------------------------------------------------------------
-    last: dict[str, Any] = {}
-    window_tokens, window_start = 0, time.perf_counter()
-    logger = RunLogger(run_dir) if main else None
-    with contextlib.ExitStack() as closing, tqdm(
-            total=total_steps, initial=state.step, desc="train-student", unit="step",
-            disable=not (cfg.progress and main), dynamic_ncols=True) as bar:
+def _loop(run: Run) -> dict[str, Any]:
+    if run.dist.is_main:
+        rewind_logs(run.run_dir, run.state.step, run.state.epoch)
+    run.dist.barrier()
+    logger = RunLogger(run.run_dir) if run.dist.is_main else None
+    throughput, last = Throughput(), {}
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(
+            total=run.total_steps, initial=run.state.step, desc="train-student", unit="step",
+            disable=not (run.cfg.progress and run.dist.is_main), dynamic_ncols=True))
         if logger is not None:
-            closing.enter_context(logger)
-        while state.step < total_steps:
-            order = sampler.epoch_order(state.epoch)
-            batches = -(-order.size // per_step)
-            if batches == 0:
-                raise ConfigError(f"the sampler gave no samples for epoch {state.epoch}")
-            remaining = order[state.batches_in_epoch * per_step:]
-            local_order, shares = rank_order(remaining, per_step, dist.world_size, dist.rank,
-                                             cfg.batch_size)
-            with BatchLoader(index, local_order, columns, cfg.batch_size, cfg.grad_accum,
-                             pad_id, cfg.prefetch, cached_groups=cfg.shuffle_window) as loader:
-                for b, batch in enumerate(loader):
-                    step = state.step + 1
-                    share = shares[b]
-                    global_ids = remaining[b * per_step:(b + 1) * per_step]
-                    global_lam = kd_weight_fn(global_ids, step)  # (S,) the same on every rank
-                    lam = (global_lam[share.start:share.start + share.sample_ids.size]
-                           if share.real else np.zeros(share.sample_ids.size, np.float32))
-                    token_lam = None
-                    if token_fn is not None:  # λ per token; log each sample's mean λ
-                        micro = batch.micro if share.real else []
-                        token_lam, lam = token_fn(
-                            [(mb.target_logprob, mb.target_row, mb.sample_ids.numel())
-                             for mb in micro], step)
-                        global_lam = (np.concatenate(dist.gather(lam)) if dist.enabled
-                                      else lam)
-                    result = train_step(parts, optimizer, scheduler, batch, lam, loss_cfg,
-                                        manifest.vocab_size, device, amp_dtype,
-                                        cfg.max_grad_norm, stats, step, token_lam,
-                                        objective=objective, dist=dist, share=share)
-                    epoch = state.epoch
-                    state = replace(state, step=step, batches_in_epoch=state.batches_in_epoch + 1,
-                                    tokens_seen=state.tokens_seen + int(result["tokens"]),
-                                    samples_seen=state.samples_seen + global_ids.size)
-                    if logger is not None:
-                        logger.log_order(step, epoch, global_ids,
-                                         global_lam if log_kd_weights else None)
-                    window_tokens += int(result["tokens"])
-                    last = {"split": "train", "step": step, "epoch": epoch, **result}
-                    if step % cfg.log_every == 0 or step == total_steps:
-                        now = time.perf_counter()
-                        last["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-                        window_tokens, window_start = 0, now
-                        if logger is not None:
-                            logger.log(last)
-                        bar.set_postfix(loss=f"{result['loss']:.4f}",
-                                        tok_s=f"{last['tokens_per_s']:.0f}")
-                    bar.update(1)
-                    paused = time.perf_counter()  # snapshots, eval, saving: not in tokens/s
-                    if state.batches_in_epoch == batches:  # epoch done: snapshot, next epoch
-                        if stats is not None:
-                            write_snapshot(run_dir, stats, epoch, step, True,
-                                           manifest.settings_fingerprint, dist)
-                            stats = SampleStats()
-                        state = replace(state, epoch=epoch + 1, batches_in_epoch=0)
-                    elif (cfg.snapshot_every and step % cfg.snapshot_every == 0
-                          and stats is not None):
-                        write_snapshot(run_dir, stats, epoch, step, False,
-                                       manifest.settings_fingerprint, dist)
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                        metrics = evaluate_now()
-                        if metrics is not None and logger is not None:
-                            logger.log({"split": "eval", "step": step, "epoch": epoch, **metrics})
-                    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                        save(run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(step), True)
-                    window_start += time.perf_counter() - paused
-                    if step >= total_steps:
-                        break
+            stack.enter_context(logger)
+        steps = stack.enter_context(contextlib.closing(_steps(run)))
+        for batch, share, global_ids, batches in steps:
+            step = run.state.step + 1
+            # λ of every sample (or token) this rank trains on, the same on every rank.
+            lam = run.reliance.for_step(global_ids, step, batch, share)
+            # Step.
+            result = train_step(run, batch, lam, share, step)
+            run.state = replace(
+                run.state, step=step, batches_in_epoch=run.state.batches_in_epoch + 1,
+                tokens_seen=run.state.tokens_seen + int(result["tokens"]),
+                samples_seen=run.state.samples_seen + global_ids.size)
+            # Log: the order (and λ) of every step, metrics every --log-every steps.
+            last = log_step(run, logger, bar, throughput, global_ids, lam, result)
+            # Hooks: snapshots, the next epoch, evaluation, checkpoints (not timed).
+            with throughput.paused():
+                after_step(run, run.state.batches_in_epoch == batches, logger)
+            # Stop.
+            if step >= run.total_steps:
+                break
+        return finish(run, last, logger)
 
-        # --- final save ----------------------------------------------------------------------
-        if stats is not None and state.batches_in_epoch:  # stopped mid-epoch: what it saw
-            write_snapshot(run_dir, stats, state.epoch, state.step, False,
-                           manifest.settings_fingerprint, dist)
-        final_eval = evaluate_now()
-        if final_eval is not None and logger is not None:
-            logger.log({"split": "eval", "step": state.step, "epoch": state.epoch, **final_eval})
-    save(run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(state.step), True)
-    save(run_dir / ckpt.FINAL_DIR, False)
-    final: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch,
-                             "tokens_seen": state.tokens_seen,
-                             "samples_seen": state.samples_seen,
-                             "world_size": dist.world_size}
+
+def log_step(run: Run, logger: RunLogger | None, bar: tqdm, throughput: Throughput,
+             global_ids: np.ndarray, lam: StepLambdas, result: dict[str, float]
+             ) -> dict[str, Any]:
+    """Log a finished step (order and λ always, metrics every --log-every steps); returns its
+    train record."""
+    step, epoch = run.state.step, run.state.epoch
+    if logger is not None:
+        logger.log_order(step, epoch, global_ids, lam.logged)
+    throughput.add(int(result["tokens"]))
+    record = {"split": "train", "step": step, "epoch": epoch, **result}
+    if step % run.cfg.log_every == 0 or step == run.total_steps:
+        record["tokens_per_s"] = throughput.rate()
+        if logger is not None:
+            logger.log(record)
+        bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    bar.update(1)
+    return record
+
+
+def finish(run: Run, last: dict[str, Any], logger: RunLogger | None) -> dict[str, Any]:
+    """The last snapshot and evaluation, a checkpoint, `final/` and final_metrics.json."""
+    if run.stats is not None and run.state.batches_in_epoch:  # stopped mid-epoch
+        write_snapshot(run, complete=False)
+    final_eval = evaluate_now(run)
+    if final_eval is not None and logger is not None:
+        logger.log({"split": "eval", "step": run.state.step, "epoch": run.state.epoch,
+                    **final_eval})
+    save(run, checkpoint_folder(run), with_training_state=True)
+    save(run, run.run_dir / ckpt.FINAL_DIR, with_training_state=False)
+    final: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.state.step,
+                             "epoch": run.state.epoch, "tokens_seen": run.state.tokens_seen,
+                             "samples_seen": run.state.samples_seen,
+                             "world_size": run.dist.world_size}
     final.update({f"train_{k}": v for k, v in last.items() if k not in ("split", "step", "epoch")})
     if final_eval is not None:
         final.update({f"eval_{k}": v for k, v in final_eval.items()})
-    if main:
-        atomic_write_json(run_dir / FINAL_METRICS_NAME, final)
-        log.info("finished %s: step %d, train loss %s", run_dir, state.step,
+    if run.dist.is_main:
+        atomic_write_json(run.run_dir / FINAL_METRICS_NAME, final)
+        log.info("finished %s: step %d, train loss %s", run.run_dir, run.state.step,
                  final.get("train_loss"))
-    dist.barrier()
+    run.dist.barrier()
     return final

@@ -13,6 +13,8 @@ from kdpipe.schemas.cache import open_cache
 from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.model import StudentParts, split_student
+from kdpipe.trainer.objective import StudentObjective
+from kdpipe.trainer.reliance import StepLambdas
 from kdpipe.trainer.train import accumulate_gradients
 
 CPU = torch.device("cpu")
@@ -35,7 +37,8 @@ def _batches(index: CacheIndex, ids: np.ndarray, batch_size: int, grad_accum: in
 def _grads(parts: StudentParts, batch: GlobalBatch, lam: np.ndarray, cfg: LossConfig
            ) -> tuple[dict[str, float], list[torch.Tensor]]:
     parts.model.zero_grad(set_to_none=True)
-    result = accumulate_gradients(parts, batch, lam, cfg, 320, CPU, None)
+    result = accumulate_gradients(StudentObjective(parts, 320), batch, StepLambdas(lam), cfg,
+                                  CPU, None)
     return result, [p.grad.clone() for p in parts.model.parameters() if p.grad is not None]
 
 
