@@ -15,8 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from kdpipe.demo.prepare import prepare
-from kdpipe.demo.presets import PRESETS, get_preset
+from kdpipe.embedded.prepare import prepare
+from kdpipe.embedded.presets import PRESETS, get_preset
 from kdpipe.experiments.runner import auto_threads, torch_threads
 
 

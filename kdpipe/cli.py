@@ -35,16 +35,17 @@ USER_ERRORS = (KdpipeError, FileNotFoundError, FileExistsError, NotADirectoryErr
 
 def _register_commands() -> None:
     """Each stage's commands live in its package; this file only registers them."""
+    from kdpipe import reports
     from kdpipe.pipeline import cli as pipeline_cli
     from kdpipe.trainer import cli as trainer_cli
 
     app.command("cache-teacher")(pipeline_cli.cache_teacher)
-    app.command("inspect")(pipeline_cli.inspect)
-    app.command("verify")(pipeline_cli.verify)
+    app.command("inspect")(reports.inspect)
+    app.command("verify")(reports.verify)
 
     app.command("train-student")(trainer_cli.train_student)
     app.command("evaluate")(trainer_cli.evaluate)
-    from kdpipe.pipeline import curriculum_cli
+    from kdpipe.curriculum import cli as curriculum_cli
 
     app.command("build-curriculum")(curriculum_cli.build_curriculum)
     from kdpipe.demo import cli as demo_cli

@@ -52,6 +52,19 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB) -> PreTrai
     return fast
 
 
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `kdpipe ARGS` in this process; returns (exit code, stdout, stderr)."""
+    from kdpipe.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP

@@ -11,8 +11,8 @@ import typer
 
 from kdpipe import options
 from kdpipe.cli import main
+from kdpipe.curriculum.config import BuildCurriculumConfig
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
-from kdpipe.pipeline.curriculum import BuildCurriculumConfig
 from kdpipe.schemas.errors import CacheFormatError, ConfigError
 from kdpipe.trainer.config import CONFIG_NAME, EvalConfig, TrainConfig, read_config
 

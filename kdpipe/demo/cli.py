@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kdpipe.demo.presets import DEFAULT_PRESET, PRESETS
+from kdpipe.embedded.presets import DEFAULT_PRESET, PRESETS
 
 
 def demo(

@@ -21,11 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kdpipe.demo.prepare import PRESET_NAME, Prepared, check_preset, prepare
-from kdpipe.demo.presets import Preset, get_preset
+from kdpipe.embedded.prepare import PRESET_NAME, Prepared, check_preset, prepare
+from kdpipe.embedded.presets import Preset, get_preset
+from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ArmSpec, CurriculumSpec, ExperimentConfig, Setup
 from kdpipe.experiments.runner import Inputs, auto_threads, run_experiment, torch_threads
-from kdpipe.experiments.timing import StageClock
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text
 

@@ -193,7 +193,7 @@ def _check_name(kind: str, name: Any, problems: list[str]) -> str:
 
 def parse_experiment(data: Any, source: str, out: str | None = None) -> ExperimentConfig:
     """Build an ExperimentConfig from parsed YAML; one ConfigError lists every problem."""
-    from kdpipe.pipeline.curriculum import BuildCurriculumConfig
+    from kdpipe.curriculum.config import BuildCurriculumConfig
     from kdpipe.trainer.config import TrainConfig
 
     if not isinstance(data, dict):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ExperimentConfig
-from kdpipe.experiments.timing import StageClock
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_text
 
@@ -61,8 +61,8 @@ def resolve_inputs(exp: ExperimentConfig, out: Path, clock: StageClock, device: 
                    progress: bool) -> Inputs:
     """Step 1: run the embedded setup, or check the given caches."""
     if exp.setup.embedded is not None:
-        from kdpipe.demo.prepare import prepare
-        from kdpipe.demo.presets import get_preset
+        from kdpipe.embedded.prepare import prepare
+        from kdpipe.embedded.presets import get_preset
 
         prepared = prepare(get_preset(exp.setup.embedded), out / "setup", clock, device,
                            progress)
@@ -186,7 +186,8 @@ def check_runs(runs: list[PlannedRun], placeholder: Path) -> None:
 def build_curricula(exp: ExperimentConfig, inputs: Inputs, out: Path, clock: StageClock,
                     seeds: tuple[int, ...] | None, device: str, progress: bool) -> None:
     """Step 2 (seeds None: curricula without from_arm) or step 3 (per-seed curricula)."""
-    from kdpipe.pipeline.curriculum import BuildCurriculumConfig, build_curriculum
+    from kdpipe.curriculum.build import build_curriculum
+    from kdpipe.curriculum.config import BuildCurriculumConfig
 
     for spec in exp.curricula:
         if (spec.from_arm is None) != (seeds is None):

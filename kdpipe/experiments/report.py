@@ -63,7 +63,7 @@ def _curve_table(curves: dict[str, Any], view: data.ExperimentView) -> list[str]
 
 
 def _curricula_section(found: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    from kdpipe.pipeline.curriculum_cli import rank_correlation
+    from kdpipe.curriculum.cli import rank_correlation
 
     lines = ["| curriculum | source / metric | samples | min | q25 | median | q75 | max |",
              "|---|---|---|---|---|---|---|---|"]

@@ -30,6 +30,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ExperimentConfig
 from kdpipe.experiments.plan import (
     Inputs,
@@ -41,7 +42,6 @@ from kdpipe.experiments.plan import (
     run_state,
 )
 from kdpipe.experiments.summary import summarize, summary_markdown
-from kdpipe.experiments.timing import StageClock
 from kdpipe.options import flat_values
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text, nonfinite_as_null

@@ -1,1 +1,1 @@
-"""The teacher side: read a corpus, run the teacher once, write the cache; build curricula."""
+"""Stage 1, the teacher side: read a corpus, run the teacher once, write the cache."""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdpipe.demo.corpus import is_heldout, write_corpus
 from kdpipe.demo.run import ARM_LABELS, run_demo
+from kdpipe.embedded.corpus import is_heldout, write_corpus
 from kdpipe.schemas.errors import ConfigError
 
 

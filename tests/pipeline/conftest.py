@@ -1,4 +1,4 @@
-"""Helpers for the teacher-stage tests: run the CLI in-process and capture its exit."""
+"""Helpers for the teacher-stage tests: a small corpus and a quick cache-teacher config."""
 
 from __future__ import annotations
 
@@ -8,21 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from kdpipe.cli import main
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig
 
+from ..conftest import run_cli
+
+__all__ = ["run_cli", "small_config"]
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `kdpipe ARGS` in this process; returns (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def small_config(teacher: Path, data: Path, out: Path, **overrides: object) -> CacheTeacherConfig:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from kdpipe.curriculum.build import build_curriculum
+from kdpipe.curriculum.config import BuildCurriculumConfig
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
-from kdpipe.pipeline.curriculum import BuildCurriculumConfig, build_curriculum
 from kdpipe.trainer.config import TrainConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -19,11 +19,11 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kdpipe.demo.corpus import write_corpus
-from kdpipe.demo.models import ModelSize, init_model, write_spec
-from kdpipe.demo.presets import Preset
-from kdpipe.demo.tokenizer import train_tokenizer
-from kdpipe.experiments.timing import TIMINGS_NAME, StageClock
+from kdpipe.embedded.corpus import write_corpus
+from kdpipe.embedded.models import ModelSize, init_model, write_spec
+from kdpipe.embedded.presets import Preset
+from kdpipe.embedded.timing import TIMINGS_NAME, StageClock
+from kdpipe.embedded.tokenizer import train_tokenizer
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import MANIFEST_NAME

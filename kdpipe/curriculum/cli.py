@@ -16,13 +16,13 @@ import numpy as np
 import typer
 
 from kdpipe import options
-from kdpipe.pipeline.curriculum import BuildCurriculumConfig
+from kdpipe.curriculum.config import BuildCurriculumConfig
 from kdpipe.schemas.curriculum import Curriculum, read_curriculum
 from kdpipe.schemas.errors import ConfigError
 
 
 def _build_curriculum(cfg: BuildCurriculumConfig) -> None:
-    from kdpipe.pipeline.curriculum import build_curriculum as run_build
+    from kdpipe.curriculum.build import build_curriculum as run_build
 
     info = run_build(cfg).info
     typer.echo(f"curriculum ready: {cfg.out} ({info.num_samples} samples by {info.source}/"

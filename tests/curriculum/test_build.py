@@ -13,17 +13,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdpipe.curriculum.build import build_curriculum
+from kdpipe.curriculum.cli import average_ranks, rank_correlation
+from kdpipe.curriculum.config import BuildCurriculumConfig
+from kdpipe.curriculum.student_scoring import score_student
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
-from kdpipe.pipeline.curriculum import BuildCurriculumConfig, build_curriculum
-from kdpipe.pipeline.curriculum_cli import average_ranks, rank_correlation
-from kdpipe.pipeline.student_scoring import score_student
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.curriculum import read_curriculum, sample_ids_digest
 from kdpipe.schemas.errors import ConfigError
 
-from .conftest import STDLIB, run_cli
+from ..conftest import STDLIB, run_cli
 
 
 @pytest.fixture(scope="module")

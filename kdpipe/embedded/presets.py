@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdpipe.demo.models import ModelSize
+from kdpipe.embedded.models import ModelSize
 from kdpipe.schemas.errors import ConfigError
 
 
