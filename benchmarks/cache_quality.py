@@ -49,9 +49,10 @@ from kdpipe.pipeline.teacher_info import describe_teacher
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.shard_reader import CacheIndex, build_index, columns_for
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.config import TrainConfig
-from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
+from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.reliance import StepLambdas

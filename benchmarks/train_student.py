@@ -48,9 +48,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from kdpipe.schemas.cache import open_cache
+from kdpipe.schemas.shard_reader import build_index, columns_for
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.config import TrainConfig
-from kdpipe.trainer.data import BatchLoader, GlobalBatch, build_index, columns_for
+from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.model import autocast
 from kdpipe.trainer.reliance import StepLambdas
 from kdpipe.trainer.sampler import ShuffleSampler

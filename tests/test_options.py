@@ -14,7 +14,8 @@ from kdpipe.cli import main
 from kdpipe.curriculum.config import BuildCurriculumConfig
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
 from kdpipe.schemas.errors import CacheFormatError, ConfigError
-from kdpipe.trainer.config import CONFIG_NAME, EvalConfig, TrainConfig, read_config
+from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.trainer.config import EvalConfig, TrainConfig, read_config
 
 STAGE_CONFIGS = (CacheTeacherConfig, BuildCurriculumConfig, TrainConfig, EvalConfig)
 
@@ -67,9 +68,9 @@ def test_run_folders_with_flat_configs_still_read(tmp_path: Path) -> None:
     """Run folders written before the loss and curriculum options nested hold them flat."""
     cfg = TrainConfig.from_options(cache="c", out=str(tmp_path), student="s", loss="jsd",
                                    kd_weight=0.3, pacing="root", curriculum="x.parquet")
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(options.flat_values(cfg)))
+    RunLayout(tmp_path).config.write_text(json.dumps(options.flat_values(cfg)))
     assert read_config(tmp_path) == cfg
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({**options.flat_values(cfg), "bogus": 1}))
+    RunLayout(tmp_path).config.write_text(json.dumps({**options.flat_values(cfg), "bogus": 1}))
     with pytest.raises(CacheFormatError, match="unknown field.*bogus"):
         read_config(tmp_path)
 

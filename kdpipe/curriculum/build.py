@@ -39,6 +39,7 @@ from kdpipe.schemas.curriculum import (
 from kdpipe.schemas.errors import CacheFormatError, ConfigError, KdpipeError
 from kdpipe.schemas.fingerprint import files_fingerprint
 from kdpipe.schemas.io import sha256_file
+from kdpipe.schemas.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def snapshot_scores(cache: Cache, run: str | Path, epochs: tuple[int, ...], metr
     finished = {e: p for e, step, p in snap.list_snapshots(run) if step is None}
     if not finished:
         raise FileNotFoundError(f"--run {run}: no end-of-epoch snapshots in "
-                                f"{Path(run) / snap.SNAPSHOTS_DIR}; train with snapshots on "
+                                f"{RunLayout(Path(run)).snapshots}; train with snapshots on "
                                 "for at least one epoch")
     chosen = epochs or (max(finished),)
     missing = [e for e in chosen if e not in finished]

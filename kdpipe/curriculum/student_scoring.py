@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import NonFiniteError
+from kdpipe.schemas.shard_reader import Columns, build_index
 from kdpipe.torch_runtime import resolve_device
-from kdpipe.trainer.data import BatchLoader, Columns, build_index
+from kdpipe.trainer.data import BatchLoader
 from kdpipe.trainer.model import StudentParts, autocast, autocast_dtype, open_student
 
 log = logging.getLogger(__name__)

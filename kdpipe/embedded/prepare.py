@@ -27,6 +27,7 @@ from kdpipe.embedded.tokenizer import train_tokenizer
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import MANIFEST_NAME
+from kdpipe.schemas.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
                             preset.max_length)
         cache(reader, train_jsonl, token_cache, top_k=1)
     teacher_run = root / TEACHER_RUN
-    finished = (teacher_run / "final_metrics.json").is_file()
+    finished = RunLayout(teacher_run).final_metrics.is_file()
     with clock.stage("teacher training", done=finished):
         teacher_init = init_model(tokenizer_dir, root / "models" / "teacher-init", preset.teacher,
                                   preset.max_length)
@@ -112,10 +113,10 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
             lr=preset.teacher_lr, warmup_steps=max(1, steps // 10),
             batch_size=preset.teacher_batch_size, max_steps=steps, save_every=max(1, steps // 3),
             keep_checkpoints=1, snapshots=False, device=device, progress=progress,
-            resume=(teacher_run / "config.json").is_file() and not finished)
+            resume=RunLayout(teacher_run).config.is_file() and not finished)
         if not finished:  # (the demo folder records its preset: a finished run is this one)
             train(teacher_cfg)
-    teacher = teacher_run / "final"
+    teacher = RunLayout(teacher_run).final
     cache_dir, heldout_dir = root / "cache", root / "heldout-cache"
     with clock.stage("teacher cache (train)", done=cache_complete(cache_dir)):
         cache(teacher, train_jsonl, cache_dir, preset.top_k)

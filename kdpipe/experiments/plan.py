@@ -19,6 +19,7 @@ from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ExperimentConfig
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_text
+from kdpipe.schemas.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,9 @@ def resolve_inputs(exp: ExperimentConfig, out: Path, clock: StageClock, device: 
 def default_shuffle_window(cache: str) -> int | None:
     """Every row group of a small cache stays decoded: curricula read in difficulty order."""
     from kdpipe.schemas.cache import open_cache
-    from kdpipe.schemas.shard import ROW_GROUP_SIZE
 
     m = open_cache(cache).manifest
-    id_bytes = 2 if m.id_dtype == "uint16" else 4
-    lp_bytes = 2 if m.logprob_dtype == "float16" else 4
-    decoded = m.num_targets * (m.top_k * (id_bytes + lp_bytes) + 4) + m.num_tokens * id_bytes
-    if decoded > MAX_DECODED_BYTES:
-        return None
-    return max(1, sum(-(-s.rows // ROW_GROUP_SIZE) for s in m.shards))
+    return None if m.decoded_bytes > MAX_DECODED_BYTES else max(1, m.num_row_groups)
 
 
 def _student_file(value: Any, out: Path, label: str) -> Any:
@@ -140,14 +135,14 @@ def plan_runs(exp: ExperimentConfig, inputs: Inputs, out: Path, device: str, pro
 
 def run_state(cfg: Any) -> tuple[str, list[str]]:
     """("new" | "finished" | "unfinished" | "conflict", fields that differ)."""
-    from kdpipe.trainer.config import CONFIG_NAME, COSMETIC_FIELDS, RESUMABLE_CHANGES, read_config
-    from kdpipe.trainer.run_dir import FINAL_METRICS_NAME
+    from kdpipe.trainer.config import COSMETIC_FIELDS, RESUMABLE_CHANGES, read_config
 
-    folder = Path(cfg.out)
-    if not (folder / CONFIG_NAME).is_file():
+    layout = RunLayout(Path(cfg.out))
+    if not layout.config.is_file():
         return "new", []
-    changed = [f for f in read_config(folder).changed_fields(cfg) if f not in COSMETIC_FIELDS]
-    if (folder / FINAL_METRICS_NAME).is_file() and not changed:
+    changed = [f for f in read_config(layout.root).changed_fields(cfg)
+               if f not in COSMETIC_FIELDS]
+    if layout.final_metrics.is_file() and not changed:
         return "finished", []
     fixed = [f for f in changed if f not in RESUMABLE_CHANGES]
     return ("conflict", fixed) if fixed else ("unfinished", changed)
@@ -198,7 +193,7 @@ def build_curricula(exp: ExperimentConfig, inputs: Inputs, out: Path, clock: Sta
                 assert seed is not None
                 source_run = run_dir(out, spec.from_arm, seed)
                 if options.get("source") == "student":
-                    options["student"] = str(source_run / "final")
+                    options["student"] = str(RunLayout(source_run).final)
                 else:
                     options["run"] = str(source_run)
             path = curriculum_path(out, spec.name, seed)

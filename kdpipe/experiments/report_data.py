@@ -25,6 +25,7 @@ import numpy as np
 from kdpipe.experiments.plan import CURRICULA_DIR, PlannedRun
 from kdpipe.experiments.runner import EXPERIMENT_NAME, RESULTS_NAME, run_record
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.run_layout import RunLayout
 
 
 @dataclass
@@ -72,11 +73,11 @@ def load_view(root: Path) -> ExperimentView:
                               description=exp.get("description", ""),
                               command=exp.get("command", ""), inputs=exp.get("inputs") or {},
                               comparisons=[(a, b) for a, b in exp.get("comparisons") or []])
-    if (root / "config.json").is_file():  # one train-student run
+    if RunLayout(root).config.is_file():  # one train-student run
         from kdpipe.trainer.config import read_config
 
         cfg = read_config(root)
-        final_path = root / "final_metrics.json"
+        final_path = RunLayout(root).final_metrics
         final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() \
             else None
         record = run_record(PlannedRun(root.name, cfg.seed, cfg),
@@ -95,7 +96,7 @@ def eval_curves(view: ExperimentView, key: str = "ce"
     curves: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for arm in view.arms:
         for seed, folder in view.run_dirs(arm):
-            points = {int(r["step"]): float(r[key]) for r in _jsonl(folder / "metrics.jsonl")
+            points = {int(r["step"]): float(r[key]) for r in _jsonl(RunLayout(folder).metrics)
                       if r.get("split") == "eval" and key in r}
             if points:
                 steps = np.array(sorted(points))
@@ -135,7 +136,7 @@ def kd_weights(view: ExperimentView) -> dict[str, dict[str, np.ndarray]]:
         values, per_step = [], []
         for _seed, folder in view.run_dirs(arm):
             steps: dict[int, float] = {}
-            for record in _jsonl(folder / "order.jsonl"):
+            for record in _jsonl(RunLayout(folder).order):
                 if "kd_weight" in record:
                     values.extend(record["kd_weight"])
                     steps[int(record["step"])] = float(np.mean(record["kd_weight"]))
@@ -170,7 +171,7 @@ def pool_traces(view: ExperimentView) -> dict[str, PoolTrace]:
         if not runs:
             continue
         folder = runs[0][1]
-        if not (folder / "config.json").is_file():
+        if not RunLayout(folder).config.is_file():
             continue
         cfg = read_config(folder)
         cl = cfg.curriculum
@@ -195,7 +196,7 @@ def _pool_trace(cfg: Any, cl: Any, folder: Path) -> PoolTrace | None:
     ids = open_cache(cfg.cache).read_column(SAMPLE_ID).to_numpy().astype(np.int64)
     train_ids = np.sort(ids[~holdout_mask(ids, cfg.eval_fraction)])
     n = int(train_ids.size)
-    order = _jsonl(folder / "order.jsonl")
+    order = _jsonl(RunLayout(folder).order)
     if not order or n == 0:
         return None
     total = int(order[-1]["step"])

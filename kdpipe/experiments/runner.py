@@ -45,6 +45,7 @@ from kdpipe.experiments.summary import summarize, summary_markdown
 from kdpipe.options import flat_values
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text, nonfinite_as_null
+from kdpipe.schemas.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def mean_train_throughput(folder: Path) -> float:
     """Mean of the logged train tokens/s windows (eval, snapshot and save time excluded)."""
-    from kdpipe.trainer.metrics import METRICS_NAME
-
     rates = []
-    path = folder / METRICS_NAME
+    path = RunLayout(folder).metrics
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line) if line.strip() else {}
@@ -155,7 +154,7 @@ def execute_runs(runs: list[PlannedRun], results: Results, parallel: int, thread
     for run in runs:
         state, _ = run_state(run.config)
         if state == "finished":
-            final = json.loads((Path(run.config.out) / "final_metrics.json").read_text(
+            final = json.loads(RunLayout(Path(run.config.out)).final_metrics.read_text(
                 encoding="utf-8"))
             results.put(run.name, run_record(run, "skipped", final, None, None))
             log.info("%s: finished earlier, skipped", run.name)

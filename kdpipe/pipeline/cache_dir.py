@@ -31,7 +31,7 @@ from kdpipe.schemas.manifest import (
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "cache_config.json"
+CACHE_CONFIG_NAME = "cache_config.json"
 
 
 def previous_manifest(cfg: CacheTeacherConfig, draft: CacheManifest) -> CacheManifest | None:
@@ -93,7 +93,7 @@ def resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,
 
 def _foreign_files(out: Path) -> list[str]:
     """Names in `out` that no kdpipe cache-teacher run writes."""
-    ours = {MANIFEST_NAME, CONFIG_NAME, TOKENIZER_DIR, workers.MERGE_LOCK}
+    ours = {MANIFEST_NAME, CACHE_CONFIG_NAME, TOKENIZER_DIR, workers.MERGE_LOCK}
     return [p.name for p in out.iterdir()
             if p.name not in ours and not workers.SHARD_RE.match(p.name)
             and not workers.PART_RE.match(p.name) and ".tmp-" not in p.name]
@@ -117,7 +117,7 @@ def prepare_out(cfg: CacheTeacherConfig, draft: CacheManifest, fresh: bool) -> N
                 draft.settings_fingerprint:
             stale.unlink(missing_ok=True)
     if cfg.num_workers == 1 or cfg.worker_index == 0:
-        atomic_write_json(out / CONFIG_NAME, config_json(cfg))
+        atomic_write_json(out / CACHE_CONFIG_NAME, config_json(cfg))
 
 
 def record_progress(cfg: CacheTeacherConfig, manifest: CacheManifest) -> None:
@@ -153,7 +153,7 @@ def _clear_cache_files(out: Path) -> None:
     if not out.is_dir():
         return
     for path in [*out.glob("shard-*.parquet"), *out.glob("manifest.part-*-of-*.json"),
-                 out / MANIFEST_NAME, out / CONFIG_NAME, out / workers.MERGE_LOCK]:
+                 out / MANIFEST_NAME, out / CACHE_CONFIG_NAME, out / workers.MERGE_LOCK]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
 

@@ -36,9 +36,7 @@ from kdpipe.pipeline.cache_dir import (
 from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 from kdpipe.pipeline.sequences import iter_sequences
 from kdpipe.pipeline.shard_stream import in_background, shard_groups
-from kdpipe.pipeline.shard_writer import shard_name, write_shard
 from kdpipe.pipeline.teacher_hf import (
-    SequenceTargets,
     load_teacher,
     resolve_dtype,
     teacher_targets,
@@ -47,6 +45,7 @@ from kdpipe.pipeline.teacher_info import describe_teacher, teacher_head_width
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.manifest import CacheManifest, CorpusInfo, ShardInfo, write_manifest
 from kdpipe.schemas.shard import id_dtype_for_vocab
+from kdpipe.schemas.shard_writer import SequenceTargets, shard_name, write_shard
 from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
 from kdpipe.tokenizer_identity import describe as describe_tokenizer
 from kdpipe.tokenizer_identity import load_tokenizer, save_tokenizer

@@ -11,61 +11,19 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdpipe.schemas import shard as cols
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.shard_writer import SequenceTargets
 from kdpipe.torch_runtime import MODEL_INIT_LOCK
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POSITION_CHUNK = 2048  # positions reduced at once: bounds the float32 (n, V) working set
-
-
-@dataclass
-class SequenceTargets:
-    """Teacher outputs for one sequence of T tokens (T - 1 target positions)."""
-
-    topk_ids: np.ndarray  # (T-1, k) int64
-    topk_logprobs: np.ndarray  # (T-1, k) float32
-    tail_logmass: np.ndarray  # (T-1,) float32, -inf when k = V
-    target_logprob: np.ndarray  # (T-1,) float32
-    tail_logmass_tempered: np.ndarray | None  # (T-1, n_temperatures) float32
-    nll: float
-    entropy: float
-    confidence: float
-    top1: float
-    # Sampled caches only: per position the unique ids among N draws (ascending), their
-    # counts, and how many unique ids each position has.
-    sampled_ids: np.ndarray | None = None  # (entries,) int64
-    sampled_counts: np.ndarray | None = None  # (entries,) int64, sum N per position
-    sampled_lengths: np.ndarray | None = None  # (T-1,) int64
-
-    def first_invalid(self) -> tuple[str, int | None, float] | None:
-        """(column, target position or None for a per-sequence value, value) of the first
-        value a cache must not hold (`schemas.shard.first_invalid`), or None."""
-        per_position = {cols.TOPK_LOGPROBS: self.topk_logprobs,
-                        cols.TAIL_LOGMASS: self.tail_logmass,
-                        cols.TARGET_LOGPROB: self.target_logprob,
-                        cols.TAIL_LOGMASS_TEMPERED: self.tail_logmass_tempered}
-        for column, values in per_position.items():
-            if values is None or values.size == 0:
-                continue
-            index = cols.first_invalid(column, values.reshape(-1))
-            if index is not None:
-                return column, index // (values.size // values.shape[0]), float(
-                    values.reshape(-1)[index])
-        stats = {cols.TEACHER_NLL: self.nll, cols.TEACHER_ENTROPY: self.entropy,
-                 cols.TEACHER_CONFIDENCE: self.confidence, cols.TEACHER_TOP1: self.top1}
-        for column, value in stats.items():
-            if cols.first_invalid(column, np.array([value])) is not None:
-                return column, None, value
-        return None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.pipeline.teacher_hf import SequenceTargets
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.shard_writer import SequenceTargets
 
 log = logging.getLogger(__name__)
 

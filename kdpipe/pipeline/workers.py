@@ -24,7 +24,6 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
-from kdpipe.pipeline.shard_writer import shard_name
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import (
@@ -36,6 +35,7 @@ from kdpipe.schemas.manifest import (
     write_manifest,
 )
 from kdpipe.schemas.records import to_dict
+from kdpipe.schemas.shard_writer import shard_name
 
 log = logging.getLogger(__name__)
 

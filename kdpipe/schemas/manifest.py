@@ -16,7 +16,7 @@ from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.fingerprint import json_fingerprint
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.records import from_dict, read_json, to_dict
-from kdpipe.schemas.shard import ShardLayout
+from kdpipe.schemas.shard import ROW_GROUP_SIZE, ShardLayout
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"  # the cache's tokenizer, saved with save_pretrained (schema 2)
@@ -129,6 +129,19 @@ class CacheManifest:
     @property
     def num_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
+
+    @property
+    def num_row_groups(self) -> int:
+        return sum(-(-s.rows // ROW_GROUP_SIZE) for s in self.shards)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Memory of the whole cache decoded for training (ids, top-k log-probs and tail in
+        their stored dtypes): what a reader keeping every row group decoded holds."""
+        id_bytes = 2 if self.id_dtype == "uint16" else 4
+        logprob_bytes = 2 if self.logprob_dtype == "float16" else 4
+        return (self.num_targets * (self.top_k * (id_bytes + logprob_bytes) + 4)
+                + self.num_tokens * id_bytes)
 
     def with_fingerprint(self) -> CacheManifest:
         """This manifest with `settings_fingerprint` computed from its settings."""

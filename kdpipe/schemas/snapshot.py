@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import atomic_path
+from kdpipe.schemas.run_layout import RunLayout
 
 SNAPSHOT_SCHEMA_VERSION = 1
-SNAPSHOTS_DIR = "snapshots"
 
 # Column names.
 SAMPLE_ID = "sample_id"
@@ -112,7 +112,7 @@ def read_snapshot(path: str | Path) -> tuple[pa.Table, SnapshotInfo]:
 
 def list_snapshots(run_dir: str | Path) -> list[tuple[int, int | None, Path]]:
     """(epoch, step or None for an epoch's end, path) of a run's snapshots, in order."""
-    folder = Path(run_dir) / SNAPSHOTS_DIR
+    folder = RunLayout(Path(run_dir)).snapshots
     found = []
     for path in folder.glob("epoch-*.parquet") if folder.is_dir() else []:
         match = _NAME.match(path.name)

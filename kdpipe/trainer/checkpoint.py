@@ -25,11 +25,10 @@ from kdpipe import __version__
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.records import from_dict, read_json, to_dict
+from kdpipe.schemas.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_STATE_NAME = "training_state.pt"
 TRAINER_STATE_SCHEMA_VERSION = 1
@@ -59,10 +58,6 @@ class TrainerState:
     world_size: int = 1  # processes that trained it; --resume needs the same number
     schema_version: int = TRAINER_STATE_SCHEMA_VERSION
     kdpipe_version: str = __version__
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,7 +123,7 @@ def load_training_state(folder: Path) -> dict[str, Any]:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporaries and partial ones skipped)."""
-    root = run_dir / CHECKPOINTS_DIR
+    root = RunLayout(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if (p / TRAINER_STATE_NAME).is_file()

@@ -19,11 +19,11 @@ from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer.curriculum_config import CurriculumConfig
 from kdpipe.trainer.loss_config import LossConfig, default_kind
 from kdpipe.trainer.losses import SAMPLED
 
-CONFIG_NAME = "config.json"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -191,13 +191,13 @@ class TrainConfig:
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    atomic_write_json(run_dir / CONFIG_NAME, cfg.to_json_dict())
+    atomic_write_json(RunLayout(run_dir).config, cfg.to_json_dict())
 
 
 def read_config(run_dir: Path) -> TrainConfig:
     """The config a run folder was created with (validated field by field). Run folders made
     before the loss and curriculum options nested hold them flat, and still read."""
-    path = run_dir / CONFIG_NAME
+    path = RunLayout(run_dir).config
     data = read_json(path)
     if isinstance(data, dict) and not isinstance(data.get("loss"), dict):
         data = options.nested(TrainConfig, data)

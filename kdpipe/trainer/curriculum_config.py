@@ -18,7 +18,7 @@ import numpy as np
 from kdpipe.options import option
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.curriculum import check_matches_cache, read_curriculum
-from kdpipe.schemas.shard import ROW_GROUP_SIZE, SAMPLE_ID
+from kdpipe.schemas.shard import SAMPLE_ID
 from kdpipe.trainer.curriculum_sampler import ORDERS, SNAPSHOT_METRICS, CurriculumSampler, Ranking
 from kdpipe.trainer.pacing import PACINGS, Pacing
 from kdpipe.trainer.reliance import (
@@ -203,13 +203,10 @@ def _warn_about_random_access(cache: Cache, loader_groups: int | None) -> None:
     loader can keep every row group decoded (measured ~60x slower loading; docs/curriculum.md).
     """
     manifest = cache.manifest
-    groups = sum(-(-s.rows // ROW_GROUP_SIZE) for s in manifest.shards)
+    groups = manifest.num_row_groups
     if loader_groups is None or loader_groups >= groups:
         return
-    id_bytes = 2 if manifest.id_dtype == "uint16" else 4
-    lp_bytes = 2 if manifest.logprob_dtype == "float16" else 4
-    decoded = (manifest.num_targets * (manifest.top_k * (id_bytes + lp_bytes) + 4)
-               + manifest.num_tokens * id_bytes)
+    decoded = manifest.decoded_bytes
     log.warning("a curriculum reads the cache's %d row groups in difficulty order, not storage "
                 "order, and the loader keeps only %d decoded (--shuffle-window): expect about "
                 "one row-group decode per sample. If %.2f GiB fit in memory, pass "

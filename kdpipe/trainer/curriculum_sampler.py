@@ -31,6 +31,7 @@ import numpy as np
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.curriculum import rank_scores
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer.pacing import Pacing
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class CurriculumSampler:
 
     def _read_snapshot(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         assert self.snapshot_run is not None
-        path = self.snapshot_run / snap.SNAPSHOTS_DIR / snap.snapshot_name(epoch)
+        path = RunLayout(self.snapshot_run).snapshots / snap.snapshot_name(epoch)
         if not path.is_file():
             raise ConfigError(f"--curriculum-source snapshot: {path} is missing; the trainer "
                               "writes it at the end of each epoch (do not pass --no-snapshots)")

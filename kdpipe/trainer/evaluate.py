@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
+from kdpipe.schemas.shard_reader import CacheIndex, build_index, columns_for
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.config import EvalConfig
-from kdpipe.trainer.data import Batch, BatchLoader, CacheIndex, build_index, columns_for
+from kdpipe.trainer.data import Batch, BatchLoader
 from kdpipe.trainer.distributed import Distributed, rank_slice
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import summarise

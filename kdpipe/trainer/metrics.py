@@ -24,12 +24,10 @@ import torch
 
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.io import atomic_write_text
+from kdpipe.schemas.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.jsonl"
-ORDER_NAME = "order.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 
 
 class JsonLines:
@@ -60,16 +58,17 @@ class RunLogger:
     """metrics.jsonl + order.jsonl (+ TensorBoard) of one run folder."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
-        self.metrics = JsonLines(run_dir / METRICS_NAME)
-        self.order = JsonLines(run_dir / ORDER_NAME)
+        layout = RunLayout(run_dir)
+        self.metrics = JsonLines(layout.metrics)
+        self.order = JsonLines(layout.order)
         self.tb: Any = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                log.debug("tensorboard not installed; metrics go to %s only", METRICS_NAME)
+                log.debug("tensorboard not installed; metrics go to %s only", layout.metrics)
             else:
-                self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+                self.tb = SummaryWriter(str(layout.tensorboard))
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)

@@ -18,20 +18,18 @@ from typing import Any
 
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.run_layout import RUN_CONFIG_NAME, RunLayout
 from kdpipe.trainer.checkpoint import latest_checkpoint, read_trainer_state
 from kdpipe.trainer.config import (
-    CONFIG_NAME,
     COSMETIC_FIELDS,
     RESUMABLE_CHANGES,
     TrainConfig,
     read_config,
     write_config,
 )
-from kdpipe.trainer.metrics import METRICS_NAME, ORDER_NAME, truncate_after_step
+from kdpipe.trainer.metrics import truncate_after_step
 
 log = logging.getLogger(__name__)
-
-FINAL_METRICS_NAME = "final_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -47,19 +45,20 @@ def prepare_run_dir(cfg: TrainConfig, world_size: int = 1) -> RunStart:
     number (the data would be split differently) before anything in the folder changes.
     """
     run_dir = Path(cfg.out)
+    layout = RunLayout(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not (run_dir / CONFIG_NAME).is_file():
+        if not layout.config.is_file():
             raise ConfigError(f"--out {run_dir} exists and is not a kdpipe run folder (no "
-                              f"{CONFIG_NAME}); choose an empty or new folder")
+                              f"{RUN_CONFIG_NAME}); choose an empty or new folder")
         previous = read_config(run_dir)
         changed = [f for f in previous.changed_fields(cfg) if f not in COSMETIC_FIELDS]
-        finished = (run_dir / FINAL_METRICS_NAME).is_file()
+        finished = layout.final_metrics.is_file()
         if cfg.overwrite:
             log.info("--overwrite: deleting the previous run in %s", run_dir)
             shutil.rmtree(run_dir)
         elif finished and not changed:
             log.info("%s already holds this finished run; nothing to do", run_dir)
-            results = json.loads((run_dir / FINAL_METRICS_NAME).read_text(encoding="utf-8"))
+            results = json.loads(layout.final_metrics.read_text(encoding="utf-8"))
             return RunStart(checkpoint=None, finished=results)
         elif cfg.resume:
             fixed = [f for f in changed if f not in RESUMABLE_CHANGES]
@@ -74,7 +73,7 @@ def prepare_run_dir(cfg: TrainConfig, world_size: int = 1) -> RunStart:
                 log.warning("resuming %s with changed %s (the LR schedule follows the new "
                             "length)", run_dir, ", ".join(changed))
             write_config(run_dir, cfg)
-            (run_dir / FINAL_METRICS_NAME).unlink(missing_ok=True)
+            layout.final_metrics.unlink(missing_ok=True)
             return RunStart(checkpoint=checkpoint, finished=None)
         elif changed:
             raise ConfigError(
@@ -102,8 +101,9 @@ def _check_world_size(run_dir: Path, checkpoint: Path | None, world_size: int) -
 
 def rewind_logs(run_dir: Path, step: int, epoch: int) -> None:
     """Forget what the interrupted run logged after the checkpoint at `step` (in `epoch`)."""
-    for name in (METRICS_NAME, ORDER_NAME):
-        truncate_after_step(run_dir / name, step)
+    layout = RunLayout(run_dir)
+    for path in (layout.metrics, layout.order):
+        truncate_after_step(path, step)
     for snap_epoch, snap_step, path in snap.list_snapshots(run_dir):
         stale = snap_epoch >= epoch if snap_step is None else snap_step > step
         if stale:

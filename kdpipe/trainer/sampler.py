@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kdpipe.trainer.data import CacheIndex
+from kdpipe.schemas.shard_reader import CacheIndex
 
 HOLDOUT_SALT = 0x6B6470697065  # changing it changes every run's held-out split
 

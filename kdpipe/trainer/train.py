@@ -28,18 +28,13 @@ from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import same_mapping
+from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.schemas.shard_reader import CacheIndex, Columns, build_index, columns_for
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.curriculum_config import check_curriculum_file, setup_curriculum
-from kdpipe.trainer.data import (
-    BatchLoader,
-    CacheIndex,
-    Columns,
-    GlobalBatch,
-    build_index,
-    columns_for,
-)
+from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.distributed import (
     Distributed,
     RankSlice,
@@ -56,7 +51,7 @@ from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
 from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
 from kdpipe.trainer.reliance import ConstantKdWeight, KdWeightFn, Reliance, StepLambdas
-from kdpipe.trainer.run_dir import FINAL_METRICS_NAME, RunStart, prepare_run_dir, rewind_logs
+from kdpipe.trainer.run_dir import RunStart, prepare_run_dir, rewind_logs
 from kdpipe.trainer.sampler import Sampler, ShuffleSampler, holdout_mask
 
 log = logging.getLogger(__name__)
@@ -89,6 +84,10 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.out)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
     @property
     def pad_id(self) -> int:
@@ -298,8 +297,8 @@ def write_snapshot(run: Run, complete: bool) -> None:
     if run.dist.is_main and len(merged):
         epoch, step = run.state.epoch, run.state.step
         name = snap.snapshot_name(epoch, None if complete else step)
-        snap.write_snapshot(run.run_dir / snap.SNAPSHOTS_DIR / name, merged.table(epoch), epoch,
-                            step, complete, run.cache.manifest.settings_fingerprint)
+        snap.write_snapshot(run.layout.snapshots / name, merged.table(epoch), epoch, step,
+                            complete, run.cache.manifest.settings_fingerprint)
     run.dist.barrier()  # a snapshot curriculum reads it on every rank at the next epoch
 
 
@@ -322,10 +321,6 @@ def save(run: Run, folder: Path, with_training_state: bool) -> None:
         if with_training_state:
             ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
     run.dist.barrier()
-
-
-def checkpoint_folder(run: Run) -> Path:
-    return run.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(run.state.step)
 
 
 def evaluate_now(run: Run) -> dict[str, Any] | None:
@@ -353,7 +348,7 @@ def after_step(run: Run, epoch_done: bool, logger: RunLogger | None) -> None:
         if metrics is not None and logger is not None:
             logger.log({"split": "eval", "step": step, "epoch": epoch, **metrics})
     if step < run.total_steps and cfg.save_every and step % cfg.save_every == 0:
-        save(run, checkpoint_folder(run), with_training_state=True)
+        save(run, run.layout.checkpoint(run.state.step), with_training_state=True)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -469,8 +464,8 @@ def finish(run: Run, last: dict[str, Any], logger: RunLogger | None) -> dict[str
     if final_eval is not None and logger is not None:
         logger.log({"split": "eval", "step": run.state.step, "epoch": run.state.epoch,
                     **final_eval})
-    save(run, checkpoint_folder(run), with_training_state=True)
-    save(run, run.run_dir / ckpt.FINAL_DIR, with_training_state=False)
+    save(run, run.layout.checkpoint(run.state.step), with_training_state=True)
+    save(run, run.layout.final, with_training_state=False)
     final: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.state.step,
                              "epoch": run.state.epoch, "tokens_seen": run.state.tokens_seen,
                              "samples_seen": run.state.samples_seen,
@@ -479,7 +474,7 @@ def finish(run: Run, last: dict[str, Any], logger: RunLogger | None) -> dict[str
     if final_eval is not None:
         final.update({f"eval_{k}": v for k, v in final_eval.items()})
     if run.dist.is_main:
-        atomic_write_json(run.run_dir / FINAL_METRICS_NAME, final)
+        atomic_write_json(run.layout.final_metrics, final)
         log.info("finished %s: step %d, train loss %s", run.run_dir, run.state.step,
                  final.get("train_loss"))
     run.dist.barrier()

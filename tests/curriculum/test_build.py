@@ -23,6 +23,7 @@ from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.curriculum import read_curriculum, sample_ids_digest
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.run_layout import RunLayout
 
 from ..conftest import STDLIB, run_cli
 
@@ -132,7 +133,7 @@ def _fake_run(run: Path, ids: np.ndarray, fingerprint: str, epochs: int) -> list
             pa.array(np.full(n, 3, np.int64)), pa.array(-np.log(conf)),
             pa.array(conf), pa.array(np.full(n, 9, np.int32)), pa.array(np.ones(n, np.int32))],
             schema=snap.SNAPSHOT_SCHEMA)
-        snap.write_snapshot(run / snap.SNAPSHOTS_DIR / snap.snapshot_name(epoch), table, epoch,
+        snap.write_snapshot(RunLayout(run).snapshots / snap.snapshot_name(epoch), table, epoch,
                             3, True, fingerprint)
         confidences.append(conf.astype(np.float64))
     return confidences

@@ -18,7 +18,8 @@ from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import open_cache, summarize
 from kdpipe.schemas.encoding import decode_sampled, delta_encode_segments
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.data import BatchLoader, build_index, columns_for
+from kdpipe.schemas.shard_reader import build_index, columns_for
+from kdpipe.trainer.data import BatchLoader
 
 from .conftest import small_config
 

@@ -12,8 +12,9 @@ from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
 from kdpipe.schemas.cache import open_cache, summarize
 from kdpipe.schemas.encoding import LOGPROB_STEP
 from kdpipe.schemas.manifest import read_manifest
+from kdpipe.schemas.shard_reader import build_index, columns_for
 from kdpipe.trainer.config import EvalConfig
-from kdpipe.trainer.data import BatchLoader, build_index, columns_for
+from kdpipe.trainer.data import BatchLoader
 from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.train import train
 

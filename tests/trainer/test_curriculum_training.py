@@ -20,8 +20,7 @@ from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.curriculum import make_curriculum, read_curriculum, write_curriculum
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.checkpoint import CHECKPOINTS_DIR, FINAL_DIR
-from kdpipe.trainer.run_dir import FINAL_METRICS_NAME
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer.sampler import holdout_mask
 from kdpipe.trainer.train import train
 
@@ -107,7 +106,7 @@ def test_snapshot_source_re_ranks_from_the_recorded_losses(
     assert sorted(epoch0) == train_ids and epoch0 != train_ids  # epoch 0: a plain shuffle
     assert all(w == pytest.approx(0.45) for o in order if o["epoch"] == 0
                for w in o["kd_weight"])  # no difficulty known yet: the constant λ
-    table, _ = snap.read_snapshot(run / snap.SNAPSHOTS_DIR / snap.snapshot_name(0))
+    table, _ = snap.read_snapshot(RunLayout(run).snapshots / snap.snapshot_name(0))
     loss = dict(zip(table.column(snap.SAMPLE_ID).to_pylist(),
                     table.column(snap.LOSS).to_pylist(), strict=True))
     expected = sorted(train_ids, key=lambda i: (loss[i], i))
@@ -124,7 +123,7 @@ def test_snapshot_source_re_ranks_from_the_recorded_losses(
         main(["build-curriculum", "--cache", str(tiny_cache), "--out", str(out), "--source",
               "snapshot", "--run", str(run), "--epoch", "0", "--epoch", "1"])
     assert done.value.code == 0
-    table1, _ = snap.read_snapshot(run / snap.SNAPSHOTS_DIR / snap.snapshot_name(1))
+    table1, _ = snap.read_snapshot(RunLayout(run).snapshots / snap.snapshot_name(1))
     loss1 = dict(zip(table1.column(snap.SAMPLE_ID).to_pylist(),
                      table1.column(snap.LOSS).to_pylist(), strict=True))
     mean = {i: (loss[i] + loss1[i]) / 2 for i in train_ids}
@@ -213,10 +212,10 @@ def test_resume_with_snapshot_curriculum_is_exact(tmp_path: Path, tiny_cache: Pa
     assert uninterrupted["step"] == 2 * per_epoch
     crashed = tmp_path / "crashed"
     shutil.copytree(full, crashed)
-    for later in sorted((crashed / CHECKPOINTS_DIR).iterdir())[1:]:
+    for later in sorted(RunLayout(crashed).checkpoints.iterdir())[1:]:
         shutil.rmtree(later)  # keep the first only: mid epoch 1, after the re-ranking
-    shutil.rmtree(crashed / FINAL_DIR)
-    (crashed / FINAL_METRICS_NAME).unlink()
+    shutil.rmtree(RunLayout(crashed).final)
+    RunLayout(crashed).final_metrics.unlink()
     resumed = train(replace(cfg, out=str(crashed), resume=True))
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert _jsonl(crashed / "order.jsonl") == _jsonl(full / "order.jsonl")

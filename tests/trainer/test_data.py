@@ -12,7 +12,8 @@ import torch
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.data import BatchLoader, build_index, columns_for
+from kdpipe.schemas.shard_reader import build_index, columns_for
+from kdpipe.trainer.data import BatchLoader
 from kdpipe.trainer.sampler import ShuffleSampler, holdout_mask
 
 

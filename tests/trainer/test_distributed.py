@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.checkpoint import CHECKPOINTS_DIR, FINAL_DIR
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.distributed import rank_order, rank_slice
 from kdpipe.trainer.evaluate import evaluate
-from kdpipe.trainer.run_dir import FINAL_METRICS_NAME
 from kdpipe.trainer.train import train
 
 from .conftest import small_config
@@ -97,8 +96,8 @@ def assert_same_training(one: Path, many: Path, rel: float) -> None:
             expected = pytest.approx(y[key], rel=rel, abs=1e-9) if isinstance(value, float) \
                 else y[key]
             assert value == expected, (x["step"], key)
-    w1 = load_file(one / FINAL_DIR / "model.safetensors")
-    w2 = load_file(many / FINAL_DIR / "model.safetensors")
+    w1 = load_file(RunLayout(one).final / "model.safetensors")
+    w2 = load_file(RunLayout(many).final / "model.safetensors")
     assert w1.keys() == w2.keys()
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
 
@@ -118,15 +117,16 @@ def test_two_processes_train_like_one_and_resume(tmp_path: Path, tiny_cache: Pat
                                    save_every=5, fsdp=fsdp)
     torchrun(_flags(tiny_cache, many, tiny_student_dir, **options))
     assert_same_training(one, many, rel=1e-5)
-    final = json.loads((many / FINAL_METRICS_NAME).read_text())
+    final = json.loads(RunLayout(many).final_metrics.read_text())
     assert final["world_size"] == 2 and final["samples_seen"] == 65
 
     # Crash after step 5: keep what existed then; resume on 2 processes repeats the rest.
     crashed = tmp_path / "crashed"
     shutil.copytree(many, crashed)
-    for name in ("step-000010", "step-000011", FINAL_DIR):
-        shutil.rmtree(crashed / (name if name == FINAL_DIR else f"{CHECKPOINTS_DIR}/{name}"))
-    (crashed / FINAL_METRICS_NAME).unlink()
+    layout = RunLayout(crashed)
+    for folder in (layout.checkpoint(10), layout.checkpoint(11), layout.final):
+        shutil.rmtree(folder)
+    layout.final_metrics.unlink()
     torchrun(_flags(tiny_cache, crashed, tiny_student_dir, **options, resume=True))
     assert_same_training(many, crashed, rel=1e-6)
 
@@ -194,7 +194,7 @@ def test_curricula_and_reliance_are_the_same_on_two_processes(
     assert [p.name for *_, p in epochs_one] == [p.name for *_, p in snap.list_snapshots(many)]
     for *_, path in epochs_one:
         a, _ = snap.read_snapshot(path)
-        b, _ = snap.read_snapshot(many / snap.SNAPSHOTS_DIR / path.name)
+        b, _ = snap.read_snapshot(RunLayout(many).snapshots / path.name)
         assert a.column(snap.SAMPLE_ID).to_pylist() == b.column(snap.SAMPLE_ID).to_pylist()
         assert a.column(snap.SEEN).to_pylist() == b.column(snap.SEEN).to_pylist()
         assert np.allclose(a.column(snap.LOSS).to_numpy(), b.column(snap.LOSS).to_numpy(),

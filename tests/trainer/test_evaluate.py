@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from kdpipe.schemas.cache import open_cache
-from kdpipe.trainer.data import build_index
+from kdpipe.schemas.shard_reader import build_index
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.model import split_student

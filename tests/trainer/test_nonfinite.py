@@ -19,6 +19,7 @@ from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
 from kdpipe.schemas.io import sha256_file
 from kdpipe.schemas.manifest import read_manifest, write_manifest
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.evaluate import evaluate
@@ -91,7 +92,7 @@ def test_a_nonfinite_step_is_never_applied_or_saved(tmp_path: Path, tiny_cache: 
     assert latest is not None and str(latest) in message and "--resume" in message
     failed_step = int(message.split("step ")[1].split(":")[0])
     assert ckpt.read_trainer_state(latest).step == failed_step - 1
-    assert not (run / ckpt.FINAL_DIR).exists()
+    assert not RunLayout(run).final.exists()
     logged = (run / "metrics.jsonl").read_text().splitlines()
     assert all(math.isfinite(json.loads(line)["loss"]) for line in logged)
 
@@ -128,7 +129,7 @@ def test_nan_in_a_cache_is_reported_and_never_trained_on(tmp_path: Path, tiny_ca
                                                r"topk_logprobs holds nan"):
         train(small_config(faulty, tmp_path / "run", student=str(tiny_student_dir),
                            max_steps=40))
-    assert not (tmp_path / "run" / ckpt.FINAL_DIR).exists()
+    assert not RunLayout(tmp_path / "run").final.exists()
     with pytest.raises(CacheFormatError, match="topk_logprobs holds nan"):
         evaluate(EvalConfig.from_options(student=str(tiny_student_dir), cache=str(faulty),
                                          device="cpu", progress=False))

@@ -12,6 +12,7 @@ import pytest
 from kdpipe.options import field_problems
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer.curriculum_config import CurriculumConfig
 from kdpipe.trainer.curriculum_sampler import CurriculumSampler, Ranking
 from kdpipe.trainer.pacing import PACINGS, Pacing
@@ -150,7 +151,7 @@ def _write_epoch(run: Path, epoch: int, ids: np.ndarray, losses: np.ndarray) -> 
         pa.array(np.ones(n, np.int64)), pa.array(losses.astype(np.float32)),
         pa.array(np.exp(-losses).astype(np.float32)), pa.array(np.full(n, 5, np.int32)),
         pa.array(np.ones(n, np.int32))], schema=snap.SNAPSHOT_SCHEMA)
-    snap.write_snapshot(run / snap.SNAPSHOTS_DIR / snap.snapshot_name(epoch), table, epoch, 1,
+    snap.write_snapshot(RunLayout(run).snapshots / snap.snapshot_name(epoch), table, epoch, 1,
                         True, "fp")
 
 

@@ -11,6 +11,7 @@ import torch
 
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import CacheFormatError
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer.metrics import SampleStats
 
 
@@ -24,7 +25,7 @@ def _stats() -> SampleStats:
 
 def test_sample_stats_round_trip(tmp_path: Path) -> None:
     stats = _stats()
-    path = tmp_path / snap.SNAPSHOTS_DIR / snap.snapshot_name(2, 9)
+    path = RunLayout(tmp_path).snapshots / snap.snapshot_name(2, 9)
     snap.write_snapshot(path, stats.table(epoch=2), epoch=2, step=9, epoch_complete=False,
                         cache_fingerprint="abc")
     table, info = snap.read_snapshot(path)
@@ -60,7 +61,7 @@ def test_reader_refuses_other_files(tmp_path: Path) -> None:
 
 
 def test_snapshot_names_sort_step_files_before_the_epoch_end(tmp_path: Path) -> None:
-    folder = tmp_path / snap.SNAPSHOTS_DIR
+    folder = RunLayout(tmp_path).snapshots
     folder.mkdir()
     for name in ("epoch-0001.parquet", "epoch-0001-step-000012.parquet", "epoch-0000.parquet",
                  "notes.txt"):

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdpipe.schemas.cache import open_cache
-from kdpipe.trainer.data import BatchLoader, CacheIndex, GlobalBatch, build_index, columns_for
+from kdpipe.schemas.shard_reader import CacheIndex, build_index, columns_for
+from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.model import StudentParts, split_student
 from kdpipe.trainer.objective import StudentObjective

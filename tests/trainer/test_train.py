@@ -18,11 +18,10 @@ from kdpipe.cli import main
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.checkpoint import CHECKPOINTS_DIR, FINAL_DIR
+from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.schemas.shard_reader import build_index
 from kdpipe.trainer.config import EvalConfig
-from kdpipe.trainer.data import build_index
 from kdpipe.trainer.evaluate import evaluate
-from kdpipe.trainer.run_dir import FINAL_METRICS_NAME
 from kdpipe.trainer.sampler import holdout_mask
 from kdpipe.trainer.train import train
 
@@ -49,12 +48,12 @@ def test_kd_run_from_scratch_learns_logs_its_order_and_snapshots(
     assert len(evals) >= 2 and evals[-1]["ce"] < evals[0]["ce"]
     assert result["step"] == len(train_losses) and result["epoch"] == 2
     assert math.isfinite(result["eval_kd"]) and 0 <= result["eval_top1_agreement"] <= 1
-    assert (run / FINAL_DIR / "model.safetensors").is_file()
-    assert json.loads((run / FINAL_METRICS_NAME).read_text()) == result
+    assert (RunLayout(run).final / "model.safetensors").is_file()
+    assert json.loads(RunLayout(run).final_metrics.read_text()) == result
     # `kdpipe evaluate` on the held-out split is the trainer's final eval, to the last bit.
-    again = evaluate(EvalConfig.from_options(student=str(run / FINAL_DIR), cache=str(tiny_cache),
-                                eval_fraction=0.25, temperature=2.0, batch_size=8, chunk_size=64,
-                                device="cpu", progress=False))
+    again = evaluate(EvalConfig.from_options(
+        student=str(RunLayout(run).final), cache=str(tiny_cache), eval_fraction=0.25,
+        temperature=2.0, batch_size=8, chunk_size=64, device="cpu", progress=False))
     for key in ("ce", "kd", "top1_agreement", "tokens", "loss"):
         assert again[key] == result[f"eval_{key}"], key
 
@@ -73,7 +72,7 @@ def test_kd_run_from_scratch_learns_logs_its_order_and_snapshots(
     found = snap.list_snapshots(run)
     assert [(e, s) for e, s, _ in found if s is None] == [(0, None), (1, None)]
     assert any(s is not None for _, s, _ in found)
-    table, info = snap.read_snapshot(run / snap.SNAPSHOTS_DIR / snap.snapshot_name(1))
+    table, info = snap.read_snapshot(RunLayout(run).snapshots / snap.snapshot_name(1))
     assert info.epoch == 1 and info.epoch_complete
     assert info.cache_fingerprint == open_cache(tiny_cache).manifest.settings_fingerprint
     assert sorted(table.column(snap.SAMPLE_ID).to_pylist()) == sorted(train_ids)
@@ -104,9 +103,9 @@ def test_resume_continues_exactly(tmp_path: Path, tiny_cache: Path, tiny_gpt2_di
     crashed = tmp_path / "crashed"
     shutil.copytree(full, crashed)
     for name in ("step-000006", "step-000009"):
-        shutil.rmtree(crashed / CHECKPOINTS_DIR / name)
-    shutil.rmtree(crashed / FINAL_DIR)
-    (crashed / FINAL_METRICS_NAME).unlink()
+        shutil.rmtree(RunLayout(crashed).checkpoints / name)
+    shutil.rmtree(RunLayout(crashed).final)
+    RunLayout(crashed).final_metrics.unlink()
     resumed = train(replace(cfg, out=str(crashed), resume=True))
 
     assert resumed["train_loss"] == uninterrupted["train_loss"]
@@ -120,8 +119,8 @@ def test_resume_continues_exactly(tmp_path: Path, tiny_cache: Path, tiny_gpt2_di
     names = [p.name for _, _, p in snap.list_snapshots(full)]
     assert names == [p.name for _, _, p in snap.list_snapshots(crashed)]
     for name in names:
-        a, _ = snap.read_snapshot(full / snap.SNAPSHOTS_DIR / name)
-        b, _ = snap.read_snapshot(crashed / snap.SNAPSHOTS_DIR / name)
+        a, _ = snap.read_snapshot(RunLayout(full).snapshots / name)
+        b, _ = snap.read_snapshot(RunLayout(crashed).snapshots / name)
         assert a.equals(b), name
 
 

@@ -1,19 +1,21 @@
-"""Turn teacher outputs into one Parquet shard, written under a temporary name and renamed.
+"""Write a cache shard: teacher outputs (`SequenceTargets`, what every teacher backend hands
+over) into one Parquet file, written under a temporary name and renamed.
 
-Columns are built straight from numpy buffers with the schema from `kdpipe.schemas.shard`
-(never inferred), so a shard is bit-for-bit determined by its inputs and layout.
+Columns are built straight from numpy buffers with the schema from `shard.py` (never
+inferred), so a shard is bit-for-bit determined by its inputs and layout. `shard_reader.py`
+reads it back; `encoding.py` holds the compact encodings both use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdpipe.pipeline.teacher_hf import SequenceTargets
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import tokens_digest
 from kdpipe.schemas.encoding import delta_encode_segments, encode_topk
@@ -23,6 +25,47 @@ from kdpipe.schemas.shard import ShardLayout
 
 _NUMPY = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "float16": np.float16,
           "float32": np.float32}
+
+
+@dataclass
+class SequenceTargets:
+    """Teacher outputs for one sequence of T tokens (T - 1 target positions)."""
+
+    topk_ids: np.ndarray  # (T-1, k) int64
+    topk_logprobs: np.ndarray  # (T-1, k) float32
+    tail_logmass: np.ndarray  # (T-1,) float32, -inf when k = V
+    target_logprob: np.ndarray  # (T-1,) float32
+    tail_logmass_tempered: np.ndarray | None  # (T-1, n_temperatures) float32
+    nll: float
+    entropy: float
+    confidence: float
+    top1: float
+    # Sampled caches only: per position the unique ids among N draws (ascending), their
+    # counts, and how many unique ids each position has.
+    sampled_ids: np.ndarray | None = None  # (entries,) int64
+    sampled_counts: np.ndarray | None = None  # (entries,) int64, sum N per position
+    sampled_lengths: np.ndarray | None = None  # (T-1,) int64
+
+    def first_invalid(self) -> tuple[str, int | None, float] | None:
+        """(column, target position or None for a per-sequence value, value) of the first
+        value a cache must not hold (`schemas.shard.first_invalid`), or None."""
+        per_position = {cols.TOPK_LOGPROBS: self.topk_logprobs,
+                        cols.TAIL_LOGMASS: self.tail_logmass,
+                        cols.TARGET_LOGPROB: self.target_logprob,
+                        cols.TAIL_LOGMASS_TEMPERED: self.tail_logmass_tempered}
+        for column, values in per_position.items():
+            if values is None or values.size == 0:
+                continue
+            index = cols.first_invalid(column, values.reshape(-1))
+            if index is not None:
+                return column, index // (values.size // values.shape[0]), float(
+                    values.reshape(-1)[index])
+        stats = {cols.TEACHER_NLL: self.nll, cols.TEACHER_ENTROPY: self.entropy,
+                 cols.TEACHER_CONFIDENCE: self.confidence, cols.TEACHER_TOP1: self.top1}
+        for column, value in stats.items():
+            if cols.first_invalid(column, np.array([value])) is not None:
+                return column, None, value
+        return None
 
 
 def shard_name(index: int) -> str:
