@@ -153,7 +153,7 @@ def render_report(root: Path, plots: bool = True, out: Path | None = None) -> Pa
         if plots:
             figures.difficulty_histograms(scores, out / "difficulty.png")
             lines += ["![difficulty histograms](difficulty.png)", ""]
-    weights = data.kd_weights(view)
+    weights = data.logged_lambdas(view)
     if weights:
         lines += ["## Selective reliance: λ per sample", "", *_kd_weight_table(weights, view),
                   ""]

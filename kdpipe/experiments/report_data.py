@@ -129,7 +129,7 @@ def curricula(view: ExperimentView) -> dict[str, Any]:
     return found
 
 
-def kd_weights(view: ExperimentView) -> dict[str, dict[str, np.ndarray]]:
+def logged_lambdas(view: ExperimentView) -> dict[str, dict[str, np.ndarray]]:
     """{arm: {"values": all logged λ, "step_mean": mean λ per step (steps 1..T)}}."""
     found: dict[str, dict[str, np.ndarray]] = {}
     for arm in view.arms:

@@ -85,7 +85,7 @@ def _head_width(head: torch.nn.Module | Tensor) -> int | None:
 def _chunk_loss(
     hidden: Tensor,
     labels: Tensor | None,
-    kd_weight: Tensor | None,
+    lam_per_token: Tensor | None,
     topk_ids: Tensor | None,
     topk_logprobs: Tensor | None,
     tail_logmass: Tensor | None,
@@ -119,8 +119,8 @@ def _chunk_loss(
     if cfg.mode == "ce":
         zero = torch.zeros((), device=logits.device)
         return ce.sum(), ce.detach(), zero, correct
-    assert kd_weight is not None
-    lam = kd_weight.float()  # (n,)
+    assert lam_per_token is not None
+    lam = lam_per_token.float()  # (n,)
     if kind == SAMPLED:
         assert sampled_ids is not None and sampled_weights is not None
         log_q_ids = logits.gather(-1, sampled_ids) - lse.unsqueeze(-1)  # (n, S)
@@ -141,7 +141,7 @@ def chunked_distill_loss(
     hidden: Tensor,
     head: torch.nn.Module | Tensor,
     labels: Tensor,
-    kd_weight: Tensor | None,
+    lam_per_token: Tensor | None,
     cfg: LossConfig,
     teacher: TeacherTargets | None,
     vocab_size: int,
@@ -151,7 +151,7 @@ def chunked_distill_loss(
 
     hidden (N, H): final hidden states at the real target positions, already flattened.
     head: the student's output layer (a module such as nn.Linear, or a weight (V_s, H)).
-    labels (N,): true next tokens. kd_weight (N,): λ per token (ignored, may be None, when
+    labels (N,): true next tokens. lam_per_token (N,): λ of each token (ignored, may be None, when
     cfg.mode == "ce"). teacher: the cached targets of the same N tokens (None allowed in ce
     mode). vocab_size: manifest.vocab_size, the tokenizer's real ids: both CE and KD use the
     softmax over the head's first `vocab_size` rows (the rest of a padded head is left out;
@@ -164,8 +164,9 @@ def chunked_distill_loss(
     kd_mode = cfg.mode == "kd"
     if kd_mode and teacher is None:
         raise ValueError("mode 'kd' needs the teacher's cached targets; pass teacher=...")
-    if kd_mode and (kd_weight is None or kd_weight.shape != (n,)):
-        raise ValueError(f"kd_weight must be a (N,) = ({n},) tensor of λ per token in mode 'kd'")
+    if kd_mode and (lam_per_token is None or lam_per_token.shape != (n,)):
+        raise ValueError(f"lam_per_token must be a (N,) = ({n},) tensor of λ per token in mode "
+                         "'kd'")
     if teacher is not None and (teacher.topk_ids.shape[0] != n
                                 or teacher.topk_logprobs.shape != teacher.topk_ids.shape):
         raise ValueError(f"teacher targets {tuple(teacher.topk_ids.shape)} / "
@@ -186,7 +187,7 @@ def chunked_distill_loss(
                           "have a row for every id")
     # Per-token inputs of the chunk function; teacher columns only where they are used.
     ids = teacher.topk_ids.long() if teacher is not None else None  # (N, k)
-    columns: tuple[Tensor | None, ...] = (labels, kd_weight if kd_mode else None, ids)
+    columns: tuple[Tensor | None, ...] = (labels, lam_per_token if kd_mode else None, ids)
     if kd_mode and teacher is not None and teacher.is_sampled:
         columns += (None, None, None, teacher.sampled_ids, teacher.sampled_weights)
     elif kd_mode and teacher is not None:

@@ -25,10 +25,10 @@ from kdpipe.trainer.reliance import (
     KD_WEIGHT_SCHEDULES,
     RELIANCE_CONTROLS,
     RELIANCE_MODES,
-    KdWeightFn,
+    LambdaFn,
     RelianceMapping,
     SampleReliance,
-    ScheduledKdWeight,
+    ScheduledLambda,
     TokenReliance,
 )
 
@@ -148,7 +148,7 @@ class CurriculumPlugins:
     """What `setup_curriculum` hands the trainer; None leaves the trainer's default."""
 
     sampler: CurriculumSampler | None
-    per_sample: KdWeightFn | None  # λ by sample: a schedule, or selective reliance
+    per_sample: LambdaFn | None  # λ by sample: a schedule, or selective reliance
     per_token: TokenReliance | None  # λ by token: token-level reliance
 
 
@@ -184,10 +184,10 @@ def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
             snapshot_metric=cl.metric, cache_fingerprint=fingerprint)
     mapping = RelianceMapping(cl.reliance, cl.kd_weight_low, cl.kd_weight_high,
                               cl.reliance_quantile, kd_weight)
-    per_sample: KdWeightFn | None = None
+    per_sample: LambdaFn | None = None
     per_token = None
     if cl.kd_weight_schedule == "linear":
-        per_sample = ScheduledKdWeight(cl.kd_weight_low, cl.kd_weight_high, total_steps)
+        per_sample = ScheduledLambda(cl.kd_weight_low, cl.kd_weight_high, total_steps)
     elif cl.reliance in ("threshold", "linear"):
         assert sampler is not None  # validated: these modes need a curriculum
         per_sample = SampleReliance(mapping, sampler, train_ids, seed, cl.reliance_control,

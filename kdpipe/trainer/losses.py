@@ -6,7 +6,8 @@ partition K ∪ {tail}: the teacher's and the student's distributions are both c
 k + 1 outcomes, and the divergence is taken between those two (k + 1)-point distributions.
 
 * forward KL(p || q) on the partition is the *exact* forward KL of the bucketed
-  distributions; with k = V it equals dense KL (mission.md §3). It is the default.
+  distributions; with k = V it equals dense KL (tested to float precision; docs/training.md).
+  It is the default.
 * `zero` drops the tail and renormalises both sides over K (what other trainers do by
   default). It is biased — it rewards the student for putting no mass on tail tokens — and
   kept only for comparison.

@@ -79,11 +79,12 @@ class RunLogger:
                     self.tb.add_scalar(f"{split}/{key}", value, step)
 
     def log_order(self, step: int, epoch: int, sample_ids: np.ndarray,
-                  kd_weights: np.ndarray | None) -> None:
+                  lam_per_sample: np.ndarray | None) -> None:
+        """The step's (S,) sample ids and, when λ varies, their (S,) λ (key `kd_weight`)."""
         record: dict[str, Any] = {"step": step, "epoch": epoch,
                                   "sample_ids": [int(s) for s in sample_ids]}
-        if kd_weights is not None:
-            record["kd_weight"] = [round(float(w), 6) for w in kd_weights]
+        if lam_per_sample is not None:
+            record["kd_weight"] = [round(float(w), 6) for w in lam_per_sample]
         self.order.write(record)
 
     def close(self) -> None:

@@ -28,13 +28,13 @@ class StudentObjective(nn.Module):
         self.parts = parts  # a plain attribute: body and head are submodules of `model`
         self.vocab_size = vocab_size
 
-    def forward(self, batch: Batch, kd_weight: Tensor | None, cfg: LossConfig
+    def forward(self, batch: Batch, lam_per_token: Tensor | None, cfg: LossConfig
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(total, Σ CE, Σ KD, correct top-1, (N,) CE per token): tensors only, so DDP and
         FSDP can find them; `sums` turns them back into LossSums."""
         hidden = self.parts.hidden_states(batch.input_ids, batch.attention_mask)  # (B, T, H)
         hidden = hidden[batch.target_mask]  # (N, H) real target positions only
-        out = chunked_distill_loss(hidden, self.parts.head, batch.labels, kd_weight, cfg,
+        out = chunked_distill_loss(hidden, self.parts.head, batch.labels, lam_per_token, cfg,
                                    batch.teacher, self.vocab_size,
                                    self.parts.logit_transform)
         return out.total, out.ce, out.kd, out.correct_top1, out.ce_per_token
@@ -46,10 +46,10 @@ def sums(outputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]) -> LossSums:
                     tokens=int(ce_per_token.numel()), ce_per_token=ce_per_token)
 
 
-def call(objective: nn.Module, batch: Batch, kd_weight: Tensor | None, cfg: LossConfig
+def call(objective: nn.Module, batch: Batch, lam_per_token: Tensor | None, cfg: LossConfig
          ) -> LossSums:
     """Run a (possibly DDP/FSDP-wrapped) StudentObjective on one micro-batch."""
-    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] = objective(batch, kd_weight, cfg)
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] = objective(batch, lam_per_token, cfg)
     return sums(out)
 
 

@@ -1,8 +1,9 @@
 """Pacing functions: what share of the easiest data a curriculum makes available at each step.
 
-Exactly the formulas of mission.md §3 (docs/curriculum.md explains each). `t` is the number of
-optimizer steps already taken (0 for the first batch), `T` the run's total steps, `b` the
-starting share, `a` the share of training after which all data is available:
+The formulas of docs/curriculum.md ("Pacing functions"), after Platanios et al. 2019
+(competence-based curricula) and Hacohen & Weinshall 2019 (exponential and step pacing). `t` is
+the number of optimizer steps already taken (0 for the first batch), `T` the run's total steps,
+`b` the starting share, `a` the share of training after which all data is available:
 
 * linear: g(t) = b + (1 - b) · min(1, t / (aT))
 * root:   g(t) = min(1, sqrt(t (1 - b²) / (aT) + b²))   (competence-based, Platanios et al.)

@@ -46,13 +46,13 @@ KD_WEIGHT_SCHEDULES = ("none", "linear", "matched")
 _SALT = 0x72656C79  # separates the controls' RNG streams from the sampler's
 
 
-class KdWeightFn(Protocol):
+class LambdaFn(Protocol):
     def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
         """(S,) float32 λ for each sample of a global batch at optimizer step `step`."""
         ...
 
 
-class ConstantKdWeight:
+class ConstantLambda:
     """The same λ for every sample and step (plain KD)."""
 
     def __init__(self, value: float) -> None:
@@ -102,7 +102,7 @@ def partner_map(train_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 class SampleReliance:
-    """KdWeightFn for threshold/linear, with the controls."""
+    """LambdaFn for threshold/linear, with the controls."""
 
     def __init__(self, mapping: RelianceMapping, source: PercentileSource,
                  train_ids: np.ndarray, seed: int, control: str = "none",
@@ -122,8 +122,8 @@ class SampleReliance:
         return lam.astype(np.float32)
 
 
-class ScheduledKdWeight:
-    """KdWeightFn of `--kd-weight-schedule linear`: λ(t) for all samples of step t."""
+class ScheduledLambda:
+    """LambdaFn of `--kd-weight-schedule linear`: λ(t) for all samples of step t."""
 
     def __init__(self, low: float, high: float, total_steps: int) -> None:
         self.low, self.high, self.total_steps = low, high, total_steps
@@ -212,11 +212,11 @@ class Reliance:
     order (identity on one process).
     """
 
-    def __init__(self, per_sample: KdWeightFn, per_token: TokenReliance | None = None,
+    def __init__(self, per_sample: LambdaFn, per_token: TokenReliance | None = None,
                  gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.per_sample, self.per_token = per_sample, per_token
         self.gather = gather or (lambda values: values)
-        self.varies = per_token is not None or not isinstance(per_sample, ConstantKdWeight)
+        self.varies = per_token is not None or not isinstance(per_sample, ConstantLambda)
 
     def for_step(self, global_ids: np.ndarray, step: int, batch: GlobalBatch,
                  share: RankSlice | None = None) -> StepLambdas:

@@ -50,7 +50,7 @@ from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
 from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
-from kdpipe.trainer.reliance import ConstantKdWeight, KdWeightFn, Reliance, StepLambdas
+from kdpipe.trainer.reliance import ConstantLambda, LambdaFn, Reliance, StepLambdas
 from kdpipe.trainer.run_dir import RunStart, prepare_run_dir, rewind_logs
 from kdpipe.trainer.sampler import Sampler, ShuffleSampler, holdout_mask
 
@@ -216,7 +216,7 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | None = None,
-          sampler: Sampler | None = None, kd_weight_fn: KdWeightFn | None = None) -> Run:
+          sampler: Sampler | None = None, lambda_fn: LambdaFn | None = None) -> Run:
     """Build a run: student, data and order, λ source, optimizer and schedule, resumed from
     `start.checkpoint` when given. `cfg` is validated; the run folder exists (`start`)."""
     dist = dist or Distributed()
@@ -245,8 +245,8 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
                                sum_across=lambda v: dist.sum(v, device))
     sampler = sampler or plugins.sampler or ShuffleSampler(index, train_ids, cfg.seed,
                                                            cfg.shuffle_window)
-    reliance = Reliance(kd_weight_fn or plugins.per_sample
-                        or ConstantKdWeight(cfg.loss.kd_weight), plugins.per_token,
+    reliance = Reliance(lambda_fn or plugins.per_sample
+                        or ConstantLambda(cfg.loss.kd_weight), plugins.per_token,
                         gather=lambda values: (np.concatenate(dist.gather(values))
                                                if dist.enabled else values))
     columns = columns_for(cache, teacher=cfg.loss.mode == "kd",
@@ -354,10 +354,10 @@ def after_step(run: Run, epoch_done: bool, logger: RunLogger | None) -> None:
 # --- the loop ---------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, sampler: Sampler | None = None,
-          kd_weight_fn: KdWeightFn | None = None) -> dict[str, Any]:
+          lambda_fn: LambdaFn | None = None) -> dict[str, Any]:
     """Run `kdpipe train-student`; returns the final metrics (also in RUN/final_metrics.json).
 
-    `sampler` and `kd_weight_fn` replace the seeded shuffle and the constant λ (curricula and
+    `sampler` and `lambda_fn` replace the seeded shuffle and the constant λ (curricula and
     selective reliance plug in here); both must be deterministic for --resume to be exact.
     Without them, `--curriculum*`/`--reliance*` options build them (curriculum_config.py).
     Under torchrun every process calls this; see distributed.py for how the work is split.
@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
         start = dist.on_main(lambda: prepare_run_dir(cfg, dist.world_size))
         if start.finished is not None:
             return start.finished
-        run = setup(cfg, dist, start, sampler, kd_weight_fn)
+        run = setup(cfg, dist, start, sampler, lambda_fn)
         return _loop(run)
     except NonFiniteError as exc:
         latest = ckpt.latest_checkpoint(Path(cfg.out))

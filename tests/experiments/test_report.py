@@ -39,7 +39,7 @@ def test_the_curriculum_run_stayed_inside_its_pool(tiny_experiment: tuple[Path, 
     trace = traces["kd-cl"]
     assert trace.drawn_max is not None and trace.violations == 0
     assert trace.share[0] < 1.0 and trace.share[-1] == 1.0
-    weights = report_data.kd_weights(report_data.load_view(out))
+    weights = report_data.logged_lambdas(report_data.load_view(out))
     assert set(weights) == {"kd-cl-sr"}
     assert set(weights["kd-cl-sr"]["values"].round(6).tolist()) <= {0.1, 0.5, 0.9}
 

@@ -40,7 +40,7 @@ def make_inputs(n=N, hidden_size=H, vocab=V, student_vocab=V_STUDENT, k=K, seed=
     return hidden, head, labels, teacher
 
 
-def unchunked(hidden, head, labels, kd_weight, cfg, teacher, transform=None, vocab=V):
+def unchunked(hidden, head, labels, lam_per_token, cfg, teacher, transform=None, vocab=V):
     """The plain computation: full (N, V) logits, no chunking, no checkpointing. Only the
     `vocab` real ids form the softmax: a padded head's extra rows are left out."""
     logits = head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)
@@ -54,7 +54,7 @@ def unchunked(hidden, head, labels, kd_weight, cfg, teacher, transform=None, voc
                                           cfg.temperature, vocab, tempered)
     log_q, log_q_tail = student_partition(logits, teacher.topk_ids, cfg.temperature)
     kd = divergence(cfg.resolved(False), log_p, log_p_tail, log_q, log_q_tail, cfg.beta, cfg.alpha)
-    lam = kd_weight.float()
+    lam = lam_per_token.float()
     total = ((1 - lam) * ce + lam * cfg.temperature**2 * kd).sum()
     correct = (logits.argmax(-1) == teacher.topk_ids[:, 0]).sum()
     return total, ce.sum(), kd.sum(), correct
@@ -197,7 +197,7 @@ def test_bad_inputs_are_rejected():
         chunked_distill_loss(hidden, head, labels, lambdas(), LossConfig(), None, V)
     with pytest.raises(ConfigError, match="tokenizer"):
         chunked_distill_loss(hidden, head, labels, lambdas(), LossConfig(), teacher, 64)
-    with pytest.raises(ValueError, match="kd_weight"):
+    with pytest.raises(ValueError, match="lam_per_token"):
         chunked_distill_loss(hidden, head, labels, None, LossConfig(), teacher, V)
     with pytest.raises(ConfigError) as info:
         LossConfig(kind="kl", temperature=0.0, chunk_size=0).validate()

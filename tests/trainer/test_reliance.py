@@ -11,7 +11,7 @@ from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.reliance import (
     RelianceMapping,
     SampleReliance,
-    ScheduledKdWeight,
+    ScheduledLambda,
     TokenReliance,
     partner_map,
 )
@@ -66,7 +66,7 @@ def test_sample_reliance_and_its_controls(mode: str) -> None:
 
 
 def test_linear_schedule() -> None:
-    schedule = ScheduledKdWeight(0.1, 0.9, total_steps=11)
+    schedule = ScheduledLambda(0.1, 0.9, total_steps=11)
     assert [round(schedule.value(s), 6) for s in (1, 6, 11, 20)] == [0.1, 0.5, 0.9, 0.9]
     assert schedule(IDS[:3], 6).tolist() == pytest.approx([0.5] * 3)
 
