@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdpipe"
-SHARED = {"schemas", "options", "tokenizer_identity", "torch_runtime"}
+SHARED = {"schemas", "options", "tokenizer_identity", "torch_runtime", "extras"}
 # Package (or top-level module) -> the kdpipe packages it may import, besides itself and the
 # root `kdpipe` (its version).
 ALLOWED: dict[str, set[str]] = {
@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "options": {"schemas"},
     "tokenizer_identity": {"schemas"},
     "torch_runtime": {"schemas"},
+    "extras": {"schemas"},
     "pipeline": SHARED,
     "trainer": SHARED,
     "curriculum": SHARED | {"trainer"},  # a student's scoring pass over the cache

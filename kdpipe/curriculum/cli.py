@@ -17,6 +17,7 @@ import typer
 
 from kdpipe import options
 from kdpipe.curriculum.config import BuildCurriculumConfig
+from kdpipe.extras import require
 from kdpipe.schemas.curriculum import Curriculum, read_curriculum
 from kdpipe.schemas.errors import ConfigError
 
@@ -57,31 +58,19 @@ def curriculum_summary(path: str | Path, curriculum: Curriculum | None = None
     return summary
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (as Spearman's ρ needs)."""
-    order = np.argsort(values, kind="stable")
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    ordered = values[order]
-    new_value = np.r_[True, ordered[1:] != ordered[:-1]]
-    dense = np.cumsum(new_value)[inverse]  # (n,) 1-based group of each value
-    bounds = np.r_[np.nonzero(new_value)[0], new_value.size]
-    return 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
-
-
 def rank_correlation(a: Curriculum, b: Curriculum) -> dict[str, Any]:
-    """Spearman's ρ between two curricula's scores over the samples both rank."""
+    """Spearman's ρ between two curricula's scores over the samples both rank (ties get their
+    average rank; scipy.stats.spearmanr). NaN with fewer than two common samples or a
+    constant score."""
     common, ia, ib = np.intersect1d(a.sample_ids, b.sample_ids, return_indices=True)
     result: dict[str, Any] = {"common_samples": int(common.size),
                               "same_cache": a.info.cache_fingerprint == b.info.cache_fingerprint}
-    if common.size < 2:
+    constant = common.size < 2 or np.ptp(a.score[ia]) == 0 or np.ptp(b.score[ib]) == 0
+    if constant:
         result["spearman"] = float("nan")
         return result
-    ra, rb = average_ranks(a.score[ia]), average_ranks(b.score[ib])
-    sa, sb = ra.std(), rb.std()
-    rho = float(((ra - ra.mean()) * (rb - rb.mean())).mean() / (sa * sb)) if sa and sb \
-        else float("nan")
-    result["spearman"] = rho
+    stats = require("scipy.stats", "experiments", "rank correlations")
+    result["spearman"] = float(stats.spearmanr(a.score[ia], b.score[ib]).statistic)
     return result
 
 

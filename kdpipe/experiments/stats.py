@@ -1,4 +1,4 @@
-"""Means, Student-t confidence intervals and differences between arms, with no SciPy.
+"""Means, Student-t confidence intervals and differences between arms.
 
 * `mean_interval`: mean ± t_{1-α/2, n-1} · s / sqrt(n) over an arm's seeds.
 * `difference_interval`: an arm minus the baseline arm. When both ran the same seeds the
@@ -7,9 +7,7 @@
   noise. Otherwise **Welch's** interval for unpaired samples: (x̄ − ȳ) ± t_{1-α/2, ν} ·
   sqrt(s_x²/n_x + s_y²/n_y), with Welch–Satterthwaite degrees of freedom ν.
 
-Student's t quantiles come from the regularised incomplete beta function (Lentz's continued
-fraction, as in Numerical Recipes §6.4) inverted by bisection; accurate to ~1e-10, tested
-against tabulated values.
+Student's t quantiles come from `scipy.stats` (the `experiments` extra).
 """
 
 from __future__ import annotations
@@ -18,67 +16,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kdpipe.extras import require
+
 LEVEL = 0.95
 
 
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of I_x(a, b) (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        for numerator in (m * (b - m) * x / ((qam + m2) * (a + m2)),
-                          -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b), x in [0, 1]."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
-                 + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` (> 0, not necessarily integer) degrees of freedom."""
-    tail = 0.5 * incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
 def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t (e.g. t_quantile(0.975, 2) = 4.3027)."""
+    """The p-quantile of Student's t with `df` (> 0, not necessarily integer) degrees of
+    freedom, e.g. t_quantile(0.975, 2) = 4.3027 (scipy.stats.t)."""
     if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    stats = require("scipy.stats", "experiments", "confidence intervals")
+    return float(stats.t.ppf(p, df))
 
 
 @dataclass(frozen=True)

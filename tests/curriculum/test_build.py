@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdpipe.curriculum.build import build_curriculum
-from kdpipe.curriculum.cli import average_ranks, rank_correlation
+from kdpipe.curriculum.cli import rank_correlation
 from kdpipe.curriculum.config import BuildCurriculumConfig
 from kdpipe.curriculum.student_scoring import score_student
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
@@ -199,8 +199,20 @@ def test_options_are_validated_together(tmp_path: Path, small_cache: Path) -> No
         build_curriculum(_cfg(small_cache, tmp_path / "o.parquet", source="oracle"))
 
 
-def test_rank_correlation() -> None:
-    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+def test_rank_correlation_by_hand(tmp_path: Path, small_cache: Path) -> None:
+    """Spearman's ρ is Pearson's r of the ranks, ties given their average rank."""
+    nll, conf = tmp_path / "nll.parquet", tmp_path / "conf.parquet"
+    build_curriculum(_cfg(small_cache, nll, source="teacher", metric="nll"))
+    build_curriculum(_cfg(small_cache, conf, source="teacher", metric="confidence"))
+    a, b = read_curriculum(nll), read_curriculum(conf)
+
+    def ranks(values: np.ndarray) -> np.ndarray:
+        return np.array([np.sum(values < v) + (np.sum(values == v) + 1) / 2 for v in values])
+
+    expected = np.corrcoef(ranks(a.score), ranks(b.score[np.searchsorted(b.sample_ids,
+                                                                           a.sample_ids)]))
+    assert rank_correlation(a, b)["spearman"] == pytest.approx(expected[0, 1])
+    assert rank_correlation(a, a)["spearman"] == pytest.approx(1.0)
 
 
 def test_cli_build_and_inspect(tmp_path: Path, small_cache: Path,

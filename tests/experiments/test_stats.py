@@ -8,9 +8,7 @@ import pytest
 
 from kdpipe.experiments.stats import (
     difference_interval,
-    incomplete_beta,
     mean_interval,
-    t_cdf,
     t_quantile,
     welch_interval,
 )
@@ -25,16 +23,16 @@ def test_t_quantile_matches_the_table(df: int, expected: float) -> None:
     assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
 
 
-def test_t_distribution_identities() -> None:
-    # df = 1 is the Cauchy distribution: F(t) = 1/2 + atan(t)/π.
-    for t in (-3.0, -0.5, 0.0, 0.7, 5.0):
-        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
-    # df = 2 has a closed form: F(t) = 1/2 + t / (2 sqrt(2 + t²)).
-    for t in (-2.0, 0.3, 4.0):
-        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+def test_t_quantile_closed_forms() -> None:
+    # df = 1 is the Cauchy distribution: Q(p) = tan(π (p - 1/2)); df = 2: Q(p) = (2p - 1) /
+    # sqrt(2p (1 - p)).
+    for p in (0.1, 0.6, 0.975):
+        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+                                                 rel=1e-9)
     assert t_quantile(0.025, 4) == pytest.approx(-2.7764, abs=1e-4)
-    assert t_quantile(0.995, 2) == pytest.approx(9.9248, abs=1e-4)
-    assert incomplete_beta(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-12)  # by hand
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        t_quantile(1.0, 3)
 
 
 def test_mean_interval_by_hand() -> None:

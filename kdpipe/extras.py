@@ -1,0 +1,25 @@
+"""Optional dependencies: imported only where used, with the install line when missing.
+
+Heavy or specialised libraries live in extras of the package (pyproject.toml), so a machine
+that caches teachers need not install what reports need, and the other way round.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from kdpipe.schemas.errors import ConfigError
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """`import module`, or a one-line ConfigError naming the extra that provides it.
+
+    `purpose` completes "... needs `module` for PURPOSE", e.g. "confidence intervals".
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        raise ConfigError(f"kdpipe needs {top} for {purpose}, and it is not installed: "
+                          f"pip install 'kdpipe[{extra}]' (or {top})") from exc
