@@ -201,29 +201,8 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
     problems: list[str] = [f"unknown key {k!r} (known: {', '.join(TOP_LEVEL_KEYS)})"
                            for k in data if k not in TOP_LEVEL_KEYS]
     name = _check_name("experiment", data.get("name", Path(source).stem), problems)
-    raw_setup = data.get("setup") or {}
-    setup = Setup()
-    if not isinstance(raw_setup, dict) or any(k not in SETUP_KEYS for k in raw_setup):
-        problems.append("setup must be {embedded: PRESET} or {cache: PATH, "
-                        "eval_cache: PATH}")
-    else:
-        setup = Setup(**{k: None if v is None else str(v) for k, v in raw_setup.items()})
-        if (setup.embedded is None) == (setup.cache is None):
-            problems.append("setup needs exactly one of embedded (a demo preset) "
-                            "and cache (a cache folder)")
-        if setup.embedded is not None and setup.eval_cache is not None:
-            problems.append("setup.eval_cache comes with setup.cache; the embedded "
-                            "setup makes its own held-out cache")
-    seeds_raw = data.get("seeds", [0])
-    seeds: tuple[int, ...] = ()
-    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool):
-        seeds_raw = list(range(seeds_raw))
-    if not isinstance(seeds_raw, list) or not seeds_raw or \
-            not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds_raw) or \
-            len(set(seeds_raw)) != len(seeds_raw):
-        problems.append("seeds must be a list of distinct integers (or a count)")
-    else:
-        seeds = tuple(seeds_raw)
+    setup = _setup(data.get("setup") or {}, problems)
+    seeds = _seeds(data.get("seeds", [0]), problems)
     train = convert_options(TrainConfig, data.get("train"), "train", RUNNER_TRAIN_OPTIONS,
                             problems=problems)
     raw_curricula = data.get("curricula") or {}
@@ -273,6 +252,32 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
     if problems:
         raise ConfigError(f"invalid experiment {source}: " + "; ".join(problems))
     return exp
+
+
+def _setup(raw: Any, problems: list[str]) -> Setup:
+    """`setup: {embedded: PRESET}` or `{cache: PATH, eval_cache: PATH}`."""
+    if not isinstance(raw, dict) or any(k not in SETUP_KEYS for k in raw):
+        problems.append("setup must be {embedded: PRESET} or {cache: PATH, eval_cache: PATH}")
+        return Setup()
+    setup = Setup(**{k: None if v is None else str(v) for k, v in raw.items()})
+    if (setup.embedded is None) == (setup.cache is None):
+        problems.append("setup needs exactly one of embedded (a demo preset) and cache (a "
+                        "cache folder)")
+    if setup.embedded is not None and setup.eval_cache is not None:
+        problems.append("setup.eval_cache comes with setup.cache; the embedded setup makes its "
+                        "own held-out cache")
+    return setup
+
+
+def _seeds(raw: Any, problems: list[str]) -> tuple[int, ...]:
+    """`seeds: [0, 1, 2]`, or a count."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = list(range(raw))
+    if not isinstance(raw, list) or not raw or len(set(raw)) != len(raw) or \
+            not all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
+        problems.append("seeds must be a list of distinct integers (or a count)")
+        return ()
+    return tuple(raw)
 
 
 def _comparisons(raw: Any, problems: list[str]) -> tuple[tuple[str, str], ...]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any
 
@@ -43,7 +43,13 @@ from kdpipe.pipeline.teacher_hf import (
 )
 from kdpipe.pipeline.teacher_info import describe_teacher, teacher_head_width
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
-from kdpipe.schemas.manifest import CacheManifest, CorpusInfo, ShardInfo, write_manifest
+from kdpipe.schemas.manifest import (
+    CacheManifest,
+    CorpusInfo,
+    ShardInfo,
+    TeacherInfo,
+    write_manifest,
+)
 from kdpipe.schemas.shard import id_dtype_for_vocab
 from kdpipe.schemas.shard_writer import SequenceTargets, shard_name, write_shard
 from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
@@ -75,32 +81,12 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                                                   cfg.trust_remote_code)
     if cfg.tokenizer:
         _check_teachers_own_tokenizer(cfg, tokenizer)
-    head_width = teacher_head_width(model_config)
     vocab_size = real_vocab_size(tokenizer)  # the support of every cached distribution
-    _check_against_model(cfg, vocab_size, head_width, model_config)
+    _check_against_model(cfg, vocab_size, teacher_head_width(model_config), model_config)
     device = torch.device("cuda") if backend == "vllm" else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    teacher_info = replace(teacher_info, dtype=str(dtype).removeprefix("torch."))
-    vllm = backend == "vllm"
-    draft = CacheManifest(
-        teacher=teacher_info,
-        tokenizer=describe_tokenizer(cfg.tokenizer or cfg.teacher_model, tokenizer, vocab_size),
-        corpus=CorpusInfo(sources=tuple(sources), text_field=cfg.text_field, split=cfg.split,
-                          fingerprint=corpus_fingerprint(sources, cfg.text_field, cfg.split),
-                          documents_read=0, documents_skipped=0),
-        vocab_size=vocab_size, teacher_head_width=head_width, top_k=cfg.top_k,
-        max_length=cfg.max_length, layout=cfg.layout,
-        add_special_tokens=cfg.add_special_tokens, shard_size=cfg.shard_size,
-        id_dtype=id_dtype_for_vocab(vocab_size),
-        logprob_dtype=cfg.logprob_dtype, capture_temperature=1.0,
-        tail_temperatures=tuple(cfg.tail_temperatures),
-        tail_mode="uniform" if vllm else "exact",
-        entropy_mode=teacher_vllm.ENTROPY_MODE if vllm else "exact",
-        encoding=cfg.encoding, cache_mode=cfg.cache_mode,
-        samples=cfg.samples if cfg.cache_mode == "sampled" else 0,
-        sample_seed=cfg.sample_seed if cfg.cache_mode == "sampled" else 0,
-        settings_fingerprint="", complete=False,
-    ).with_fingerprint()
+    draft = _draft_manifest(cfg, replace(teacher_info, dtype=str(dtype).removeprefix("torch.")),
+                            sources, tokenizer, vocab_size, teacher_head_width(model_config))
     previous = previous_manifest(cfg, draft)
     if previous is not None and previous.complete and shards_intact(cfg.out, previous):
         log.info("%s is already a complete cache with these settings; nothing to do", cfg.out)
@@ -123,27 +109,77 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                                   model_config)
     prepare_out(cfg, draft, fresh=kept is None)
     save_tokenizer(tokenizer, cfg.out)
-    kept = kept or {}
-    manifest = replace(draft, shards=())
-    record_progress(cfg, manifest)
+    record_progress(cfg, draft)
+    written = _write_shards(cfg, draft, kept or {}, chain([first_shard], shard_stream),
+                            run_teacher, dtype)
+    corpus = replace(written.manifest.corpus, documents_read=stats.documents_read,
+                     documents_skipped=stats.documents_skipped)
+    manifest = replace(written.manifest, corpus=corpus, complete=True)
+    if cfg.num_workers == 1:
+        write_manifest(cfg.out, manifest)
+        return manifest
+    part = workers.finished_part(manifest, cfg.worker_index, cfg.num_workers,
+                                 written.stream_shards, written.stream_sequences)
+    record_progress(cfg, part)
+    merged = workers.try_merge(cfg.out, cfg.num_workers)
+    if merged is None:
+        log.info("worker %d of %d finished; the last worker to finish merges the manifest",
+                 cfg.worker_index, cfg.num_workers)
+    return merged if merged is not None else part
 
+
+def _draft_manifest(cfg: CacheTeacherConfig, teacher: TeacherInfo, sources: list[str],
+                    tokenizer: Any, vocab_size: int, head_width: int) -> CacheManifest:
+    """The manifest this run's settings call for, with no shard yet (compared on resume)."""
+    vllm = teacher.backend == "vllm"
+    sampled = cfg.cache_mode == "sampled"
+    return CacheManifest(
+        teacher=teacher,
+        tokenizer=describe_tokenizer(cfg.tokenizer or cfg.teacher_model, tokenizer, vocab_size),
+        corpus=CorpusInfo(sources=tuple(sources), text_field=cfg.text_field, split=cfg.split,
+                          fingerprint=corpus_fingerprint(sources, cfg.text_field, cfg.split),
+                          documents_read=0, documents_skipped=0),
+        vocab_size=vocab_size, teacher_head_width=head_width, top_k=cfg.top_k,
+        max_length=cfg.max_length, layout=cfg.layout,
+        add_special_tokens=cfg.add_special_tokens, shard_size=cfg.shard_size,
+        id_dtype=id_dtype_for_vocab(vocab_size), logprob_dtype=cfg.logprob_dtype,
+        capture_temperature=1.0, tail_temperatures=tuple(cfg.tail_temperatures),
+        tail_mode="uniform" if vllm else "exact",
+        entropy_mode=teacher_vllm.ENTROPY_MODE if vllm else "exact",
+        encoding=cfg.encoding, cache_mode=cfg.cache_mode,
+        samples=cfg.samples if sampled else 0, sample_seed=cfg.sample_seed if sampled else 0,
+        settings_fingerprint="", complete=False,
+    ).with_fingerprint()
+
+
+@dataclass
+class _Written:
+    manifest: CacheManifest  # with every shard of this run (or worker), not yet complete
+    stream_shards: int  # shards of the whole corpus stream (all workers')
+    stream_sequences: int
+
+
+def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str, ShardInfo],
+                  stream: Iterator[tuple[list[int], list[list[int]]]], run_teacher: TeacherRunner,
+                  dtype: torch.dtype) -> _Written:
+    """Run the teacher over this run's shards of `stream` (intact kept shards are reused) and
+    write them, one shard written in the background while the teacher runs the next."""
+    manifest = draft
     progress = tqdm(desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True,
                     disable=not cfg.progress)
     started = time.perf_counter()
-    computed_tokens = stream_shards = stream_sequences = 0
+    computed = shards = sequences = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         pending: Future[ShardInfo] | None = None
-        for index, (sample_ids, seqs) in enumerate(chain([first_shard], shard_stream)):
-            stream_shards, stream_sequences = index + 1, stream_sequences + len(seqs)
+        for index, (sample_ids, seqs) in enumerate(stream):
+            shards, sequences = index + 1, sequences + len(seqs)
             if not workers.owns_shard(index, cfg.num_workers, cfg.worker_index):
                 continue  # another worker's shard: its sequences only advance the sample ids
-            name = shard_name(index)
-            reused = reusable_shard(cfg.out, kept.get(name), sample_ids, seqs)
-            tokens = sum(len(s) for s in seqs)
+            reused = reusable_shard(cfg.out, kept.get(shard_name(index)), sample_ids, seqs)
             if reused is not None:
                 manifest = manifest.with_shard(reused)
                 record_progress(cfg, manifest)
-                progress.update(tokens)
+                progress.update(sum(len(s) for s in seqs))
                 continue
             try:
                 targets = run_teacher(sample_ids, seqs, progress)
@@ -152,33 +188,20 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                 if pending is not None:  # the shard before is finished: keep it for a resume
                     record_progress(cfg, manifest.with_shard(pending.result()))
                 raise
-            computed_tokens += tokens
+            computed += sum(len(s) for s in seqs)
             if pending is not None:
                 manifest = manifest.with_shard(pending.result())
                 record_progress(cfg, manifest)
-            pending = writer.submit(write_shard, cfg.out / name, draft.shard_layout, sample_ids,
-                                    seqs, targets)
+            pending = writer.submit(write_shard, cfg.out / shard_name(index), draft.shard_layout,
+                                    sample_ids, seqs, targets)
         if pending is not None:
             manifest = manifest.with_shard(pending.result())
     progress.close()
-    corpus = replace(manifest.corpus, documents_read=stats.documents_read,
-                     documents_skipped=stats.documents_skipped)
-    manifest = replace(manifest, corpus=corpus, complete=True)
     elapsed = time.perf_counter() - started
     log.info("cached %d sequences, %d tokens in %d shards (%d tokens computed, %.0f tok/s) "
              "-> %s", manifest.num_sequences, manifest.num_tokens, len(manifest.shards),
-             computed_tokens, computed_tokens / max(elapsed, 1e-9), cfg.out)
-    if cfg.num_workers == 1:
-        write_manifest(cfg.out, manifest)
-        return manifest
-    part = workers.finished_part(manifest, cfg.worker_index, cfg.num_workers, stream_shards,
-                                 stream_sequences)
-    record_progress(cfg, part)
-    merged = workers.try_merge(cfg.out, cfg.num_workers)
-    if merged is None:
-        log.info("worker %d of %d finished; the last worker to finish merges the manifest",
-                 cfg.worker_index, cfg.num_workers)
-    return merged if merged is not None else part
+             computed, computed / max(elapsed, 1e-9), cfg.out)
+    return _Written(manifest, shards, sequences)
 
 
 def resolve_backend(cfg: CacheTeacherConfig) -> str:

@@ -137,6 +137,42 @@ def _chunk_loss(
     return total, ce.detach(), kd.detach().sum(), correct
 
 
+def _checked_kind(hidden: Tensor, head: torch.nn.Module | Tensor, labels: Tensor,
+                  lam_per_token: Tensor | None, cfg: LossConfig, teacher: TeacherTargets | None,
+                  vocab_size: int) -> str:
+    """The divergence to compute, once the inputs of `chunked_distill_loss` are consistent:
+    shapes, λ and teacher targets for mode kd, a loss that suits the cache, a head with a row
+    for every real id. Raises ValueError (a caller's bug) or ConfigError (the user's input)."""
+    n = hidden.shape[0]
+    if hidden.dim() != 2 or labels.shape != (n,):
+        raise ValueError(f"expected hidden (N, H) and labels (N,), got {tuple(hidden.shape)} "
+                         f"and {tuple(labels.shape)}")
+    kd_mode = cfg.mode == "kd"
+    if kd_mode and teacher is None:
+        raise ValueError("mode 'kd' needs the teacher's cached targets; pass teacher=...")
+    if kd_mode and (lam_per_token is None or lam_per_token.shape != (n,)):
+        raise ValueError(f"lam_per_token must be a (N,) = ({n},) tensor of λ per token in mode "
+                         "'kd'")
+    if teacher is not None and (teacher.topk_ids.shape[0] != n
+                                or teacher.topk_logprobs.shape != teacher.topk_ids.shape):
+        raise ValueError(f"teacher targets {tuple(teacher.topk_ids.shape)} / "
+                         f"{tuple(teacher.topk_logprobs.shape)} do not match N = {n} tokens")
+    sampled = teacher is not None and teacher.is_sampled
+    kind = cfg.resolved(sampled)
+    if kd_mode and teacher is not None and sampled != (kind == SAMPLED):
+        raise ConfigError(f"--loss {kind} needs a top-k cache, but this cache is sampled "
+                          "(--cache-mode sampled): use --loss sampled" if sampled else
+                          "--loss sampled needs a sampled cache (`kdpipe cache-teacher "
+                          "--cache-mode sampled`); this cache holds top-k log-probs: use "
+                          "--loss forward")
+    width = _head_width(head)
+    if width is not None and width < vocab_size:
+        raise ConfigError(f"the student's output head has {width} rows, fewer than the "
+                          f"{vocab_size} real ids of the cache's tokenizer; the student must "
+                          "have a row for every id")
+    return kind
+
+
 def chunked_distill_loss(
     hidden: Tensor,
     head: torch.nn.Module | Tensor,
@@ -158,33 +194,8 @@ def chunked_distill_loss(
     docs/training.md). logit_transform: applied to each chunk's logits (e.g. soft-capping).
     """
     n = hidden.shape[0]
-    if hidden.dim() != 2 or labels.shape != (n,):
-        raise ValueError(f"expected hidden (N, H) and labels (N,), got {tuple(hidden.shape)} "
-                         f"and {tuple(labels.shape)}")
+    kind = _checked_kind(hidden, head, labels, lam_per_token, cfg, teacher, vocab_size)
     kd_mode = cfg.mode == "kd"
-    if kd_mode and teacher is None:
-        raise ValueError("mode 'kd' needs the teacher's cached targets; pass teacher=...")
-    if kd_mode and (lam_per_token is None or lam_per_token.shape != (n,)):
-        raise ValueError(f"lam_per_token must be a (N,) = ({n},) tensor of λ per token in mode "
-                         "'kd'")
-    if teacher is not None and (teacher.topk_ids.shape[0] != n
-                                or teacher.topk_logprobs.shape != teacher.topk_ids.shape):
-        raise ValueError(f"teacher targets {tuple(teacher.topk_ids.shape)} / "
-                         f"{tuple(teacher.topk_logprobs.shape)} do not match N = {n} tokens")
-    kind = cfg.resolved(teacher is not None and teacher.is_sampled)
-    if teacher is not None:
-        if kd_mode and teacher.is_sampled and kind != SAMPLED:
-            raise ConfigError(f"--loss {kind} needs a top-k cache, but this cache is "
-                              "sampled (--cache-mode sampled): use --loss sampled")
-        if kd_mode and not teacher.is_sampled and kind == SAMPLED:
-            raise ConfigError("--loss sampled needs a sampled cache (`kdpipe cache-teacher "
-                              "--cache-mode sampled`); this cache holds top-k log-probs: use "
-                              "--loss forward")
-    width = _head_width(head)
-    if width is not None and width < vocab_size:
-        raise ConfigError(f"the student's output head has {width} rows, fewer than the "
-                          f"{vocab_size} real ids of the cache's tokenizer; the student must "
-                          "have a row for every id")
     # Per-token inputs of the chunk function; teacher columns only where they are used.
     ids = teacher.topk_ids.long() if teacher is not None else None  # (N, k)
     columns: tuple[Tensor | None, ...] = (labels, lam_per_token if kd_mode else None, ids)
