@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kdpipe import __version__
+from kdpipe import __version__, options
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 
 app = typer.Typer(
@@ -94,6 +94,17 @@ def _config_file_defaults(argv: list[str]) -> tuple[list[str], dict[str, Any] | 
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) for {command}: "
                           f"{', '.join(unknown)}")
+    config_class = getattr(getattr(target, "callback", None), "config_class", None)
+    if config_class is not None:  # a stage: its values as strictly as the experiment YAML's
+        flags = {flag.name: flag for flag in options.flags(config_class)}
+        problems = []
+        for key, value in values.items():
+            try:
+                values[key] = options.convert_value(flags[key], value, key)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError(f"--config {path}: " + "; ".join(problems))
     return args, {command: values}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass
@@ -175,6 +176,49 @@ def flat_values(config: Any) -> dict[str, Any]:
     return values
 
 
+def convert_value(flag: Flag, value: Any, where: str | None = None) -> Any:
+    """A YAML or JSON value as `flag`'s type, strictly: an integer never from a fraction or a
+    boolean, a boolean only from a boolean; numbers also from numeric strings (YAML 1.1 reads
+    `2e-3` as one). Raises ConfigError naming `where` (default: the flag)."""
+    return _convert(value, flag.hint, where or flag.cli)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        errors = []
+        for choice in options:
+            try:
+                return _convert(value, choice, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_convert(v, typing.get_args(hint)[0], where) for v in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, found {value!r}")
+    if hint in (int, float):
+        wrong = f"{where}: expected {'an integer' if hint is int else 'a number'}, found {value!r}"
+        accepted = (int, str) if hint is int else (int, float, str)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(wrong)
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(wrong) from None
+    if hint in (str, Path):
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: expected a string, found {value!r}")
+        return hint(value)
+    return value
+
+
 # ---- checks ------------------------------------------------------------------------------
 
 def _bound_problem(flag: str, value: float, bounds: tuple[float | None, ...]) -> str | None:
@@ -268,6 +312,7 @@ def command(cls: type[C], run: Callable[[C], None], doc: str) -> Callable[..., N
     callback.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     callback.__doc__ = doc
     callback.__name__ = cls.__name__
+    callback.config_class = cls  # type: ignore[attr-defined]  # for the --config file
     return callback
 
 

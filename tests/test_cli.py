@@ -51,3 +51,17 @@ def test_bad_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     config.write_text("[unclosed")
     code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
     assert code == 2 and "not valid YAML" in err
+
+
+def test_config_file_values_are_converted_strictly(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A fraction for an integer, or 1 for a boolean, is refused, never truncated or guessed;
+    YAML 1.1's string for `2e-3` is a number."""
+    config = tmp_path / "run.yaml"
+    config.write_text("top_k: 3.5\nstrict: 1\n")
+    code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
+    assert code == 2 and "top_k: expected an integer, found 3.5" in err
+    assert "strict: expected true or false, found 1" in err
+    config.write_text("gpu_memory_utilization: 5e-1\ntop_k: '4'\n")
+    code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
+    assert code == 2 and "expected" not in err and "d.jsonl" in err  # next problem: the data

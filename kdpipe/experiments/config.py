@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.options import flags
+from kdpipe.options import convert_value, flags
 from kdpipe.schemas.errors import ConfigError, choice_problems
 
 # Options the runner sets for every run; an arm cannot.
@@ -112,46 +110,6 @@ def _key(name: Any) -> str:
     return str(name).replace("-", "_")
 
 
-def _convert(value: Any, hint: Any, flag: str) -> Any:
-    """YAML value → the option's type (YAML 1.1 reads `2e-3` as a string: accept it)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, flag)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{flag}: unexpected {value!r}")
-    if origin is tuple:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        (item, *_rest) = typing.get_args(hint)
-        return tuple(_convert(v, item, flag) for v in items)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{flag}: expected true or false, found {value!r}")
-    if hint in (int, float):
-        accepted = (int, str) if hint is int else (int, float, str)
-        wrong = f"{flag}: expected {'an integer' if hint is int else 'a number'}, found {value!r}"
-        if isinstance(value, bool) or not isinstance(value, accepted):
-            raise ValueError(wrong)
-        try:
-            return hint(value)
-        except ValueError:
-            raise ValueError(wrong) from None
-    if hint is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ValueError(f"{flag}: expected a string, found {value!r}")
-        return str(value)
-    return value
-
-
 def convert_options(cls: type, raw: Any, where: str, reserved: tuple[str, ...],
                     extra: tuple[str, ...] = (), problems: list[str] | None = None
                     ) -> dict[str, Any]:
@@ -163,8 +121,7 @@ def convert_options(cls: type, raw: Any, where: str, reserved: tuple[str, ...],
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping of option names to values")
         return {}
-    hints = {flag.name: flag.hint for flag in flags(cls)}
-    known = set(hints)
+    known = {flag.name: flag for flag in flags(cls)}
     out: dict[str, Any] = {}
     for name, value in raw.items():
         key = _key(name)
@@ -178,8 +135,8 @@ def convert_options(cls: type, raw: Any, where: str, reserved: tuple[str, ...],
             out[key] = dict(value)  # an inline model config: written to a file by the runner
         else:
             try:
-                out[key] = _convert(value, hints[key], f"{where}.{name}")
-            except ValueError as exc:
+                out[key] = convert_value(known[key], value, f"{where}.{name}")
+            except ConfigError as exc:
                 problems.append(str(exc))
     return out
 
