@@ -51,7 +51,7 @@ from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
 from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
 from kdpipe.trainer.reliance import ConstantLambda, LambdaFn, Reliance, StepLambdas
-from kdpipe.trainer.run_dir import RunStart, prepare_run_dir, rewind_logs
+from kdpipe.trainer.run_dir import RunStart, claim_run_dir, plan_run_dir, rewind_logs
 from kdpipe.trainer.sampler import Sampler, ShuffleSampler, holdout_mask
 
 log = logging.getLogger(__name__)
@@ -370,10 +370,11 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
         log.warning("--fsdp shards the student over the processes torchrun starts; on one "
                     "process it has no effect")
     try:
-        start = dist.on_main(lambda: prepare_run_dir(cfg, dist.world_size))
+        start = dist.on_main(lambda: plan_run_dir(cfg, dist.world_size))
         if start.finished is not None:
             return start.finished
-        run = setup(cfg, dist, start, sampler, lambda_fn)
+        run = setup(cfg, dist, start, sampler, lambda_fn)  # every check before any write
+        dist.on_main(lambda: claim_run_dir(cfg, start))
         return _loop(run)
     except NonFiniteError as exc:
         latest = ckpt.latest_checkpoint(Path(cfg.out))

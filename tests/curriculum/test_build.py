@@ -26,6 +26,7 @@ from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.run_layout import RunLayout
 
 from ..conftest import STDLIB, run_cli
+from ..families import permuted_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +186,21 @@ def test_reruns_are_recognised_and_other_settings_refused(tmp_path: Path, small_
     stranger.write_text("mine")
     with pytest.raises(ConfigError, match="not a curriculum"):
         build_curriculum(_cfg(small_cache, stranger))
+
+
+def test_a_refused_build_writes_nothing(tmp_path: Path, small_cache: Path,
+                                        tiny_tokenizer_dir: Path, tiny_gpt2_dir: Path) -> None:
+    """A student whose tokenizer maps ids otherwise is refused after the options passed, and
+    nothing of --out (nor its folder) exists."""
+    student = tmp_path / "student"
+    student.mkdir()
+    for path in tiny_gpt2_dir.iterdir():
+        (student / path.name).write_bytes(path.read_bytes())
+    permuted_tokenizer(tiny_tokenizer_dir, student, 40, 41)  # overwrites its tokenizer files
+    out = tmp_path / "curricula" / "student.parquet"
+    with pytest.raises(ConfigError, match="tokenizer mismatch"):
+        build_curriculum(_cfg(small_cache, out, source="student", student=str(student)))
+    assert not out.parent.exists()
 
 
 def test_options_are_validated_together(tmp_path: Path, small_cache: Path) -> None:
