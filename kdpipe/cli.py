@@ -109,7 +109,8 @@ def _config_file_defaults(argv: list[str]) -> tuple[list[str], dict[str, Any] | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors and exit code 2 for input the user can fix."""
+    """Console entry point: one-line errors and exit code 2 for input the user can fix (a run
+    stopped by SIGINT/SIGTERM after saving: 128 + the signal's number, as shells report it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
     try:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                      default_map=default_map)
     except USER_ERRORS as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))  # a run stopped by a signal: 128 + its number
 
 
 @app.callback(invoke_without_command=True)

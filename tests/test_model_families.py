@@ -116,6 +116,14 @@ def test_family_distils_end_to_end(name: str, model_family: Callable[[str], Fami
         warned = [r.getMessage() for r in caplog.records if "same" in r.getMessage()]
         assert any("normalizer" in m for m in warned), warned
 
+    if name == "qwen2":  # padding rows (made large here) are never generated
+        final = AutoModelForCausalLM.from_pretrained(run / "final")
+        width = final.get_output_embeddings().weight.shape[0]
+        assert width > VOCAB and final.generation_config.suppress_tokens == list(range(VOCAB,
+                                                                                       width))
+        out = final.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
+        assert int(out.max()) < VOCAB
+
     metrics = evaluate(EvalConfig.from_options(student=str(run / "final"), cache=str(cache),
                                                device="cpu", progress=False))
     ce, kd = float64_reference(family.teacher, run / "final", cache)
@@ -137,3 +145,22 @@ def test_padded_heads_at_k_equal_to_the_real_vocabulary(
     ce, kd = float64_reference(family.teacher, family.student, cache)
     assert metrics["kd"] == pytest.approx(kd, rel=1e-4)
     assert metrics["ce"] == pytest.approx(ce, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_student_from_a_config_has_no_padding_rows(
+        model_family: Callable[[str], Family], corpus: Path, tmp_path: Path) -> None:
+    """The teacher's head is padded to 448 rows; a student built from a config without
+    vocab_size gets the 400 real ids only, since padding rows would never be trained."""
+    family = model_family("qwen2")
+    cache = tmp_path / "cache"
+    cache_family(family, corpus, cache, top_k=8)
+    spec = tmp_path / "student.json"
+    spec.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32,
+                                "intermediate_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 4, "num_key_value_heads": 2}))
+    run = tmp_path / "run"
+    train(TrainConfig.from_options(cache=str(cache), out=str(run), student_config=str(spec),
+                                   device="cpu", max_steps=1, progress=False, snapshots=False))
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert final.get_output_embeddings().weight.shape[0] == VOCAB

@@ -55,13 +55,13 @@ def test_declared_checks_report_each_value_once() -> None:
     assert "--eval-fraction 1.0 must be within [0, 1)" in problems
     assert "--scheduler 'cubic' is not one of cosine, linear, constant, constant_with_warmup" \
         in problems
-    assert "--temperature -1.0 must be > 0" in problems
+    assert "--temperature -1.0 must be within [0.05, 100]" in problems
     assert len(problems) == 6  # a NaN is reported once, not also as out of range
     cache = CacheTeacherConfig(out=Path("x"), tail_temperatures=(2.0, 0.0, float("inf")))
     assert options.field_problems(cache) == ["--tail-temperatures 2.0,0.0,inf: must be a "
                                              "finite number"]
     cache = replace(cache, tail_temperatures=(2.0, 0.0))
-    assert options.field_problems(cache) == ["--tail-temperatures 0.0 must be > 0"]
+    assert options.field_problems(cache) == ["--tail-temperatures 0.0 must be within [0.05, 100]"]
 
 
 def test_run_folders_with_flat_configs_still_read(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
             cache=str(token_cache), out=str(teacher_run), student=str(teacher_init), mode="ce",
             lr=preset.teacher_lr, warmup_steps=max(1, steps // 10),
             batch_size=preset.teacher_batch_size, max_steps=steps, save_every=max(1, steps // 3),
-            keep_checkpoints=1, snapshots=False, device=device, progress=progress,
+            keep_last=1, snapshots=False, device=device, progress=progress,
             resume=RunLayout(teacher_run).config.is_file() and not finished)
         if not finished:  # (the demo folder records its preset: a finished run is this one)
             train(teacher_cfg)

@@ -52,7 +52,8 @@ class CacheTeacherConfig:
     text_field: str = option("text", "Text field of jsonl/parquet/datasets.")
     split: str = option("train", "Split of a Hugging Face dataset.")
     tail_temperatures: tuple[float, ...] = option(
-        (), "Also store the exact tail log-mass at these temperatures, e.g. 2,4.", gt=0,
+        (), "Also store the exact tail log-mass at these temperatures, e.g. 2,4 (0.05 to "
+        "100, as --temperature).", ge=0.05, le=100,
         comma_separated=True)
     logprob_dtype: str = option(
         "float16", "Storage type of top-k log-probs: float16 (default; error measured in "

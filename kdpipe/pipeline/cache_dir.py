@@ -58,13 +58,20 @@ def previous_manifest(cfg: CacheTeacherConfig, draft: CacheManifest) -> CacheMan
         log.warning("--overwrite: replacing the cache in %s", out)
         return None
     raise ConfigError(f"--out {out} holds a cache made with different settings "
-                      f"({_changed_settings(previous, draft)}); pass --overwrite to replace it "
-                      "or choose another --out")
+                      f"({_changed_settings(previous, draft)}); re-run with the cache's values "
+                      "to finish it, pass --overwrite to replace it, or choose another --out")
 
 
 def _changed_settings(old: CacheManifest, new: CacheManifest) -> str:
+    """'name: cached value -> this run's value' for each setting that differs."""
     before, after = old.settings(), new.settings()
-    return ", ".join(sorted(k for k in after if before.get(k) != after[k]))
+
+    def show(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return ", ".join(f"{k}: {show(before.get(k))} -> {show(after[k])}"
+                     for k in sorted(after) if before.get(k) != after[k])
 
 
 def resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,

@@ -34,7 +34,7 @@ from kdpipe.pipeline.cache_dir import (
     shards_intact,
 )
 from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
-from kdpipe.pipeline.sequences import iter_sequences
+from kdpipe.pipeline.sequences import iter_sequences, special_affixes
 from kdpipe.pipeline.shard_stream import in_background, shard_groups
 from kdpipe.pipeline.teacher_hf import (
     load_teacher,
@@ -240,7 +240,7 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
 
         def run_vllm(sample_ids: list[int], seqs: list[list[int]], progress: tqdm
                      ) -> list[SequenceTargets]:
-            targets = teacher.targets(seqs)  # the whole shard in one generate call
+            targets = teacher.targets(seqs, sample_ids)  # the whole shard, one generate call
             progress.update(sum(len(s) for s in seqs))
             return targets
 
@@ -261,14 +261,15 @@ def _refuse_nonfinite(sample_ids: list[int], targets: list[SequenceTargets],
         column, position, value = found
         where = f"sample {sample_id}" + (f", target position {position}" if position is not None
                                          else "")
-        remedy = {torch.float16: "float16 logits overflow: re-run with --dtype bfloat16 or "
-                                 "--dtype float32",
-                  torch.bfloat16: "re-run with --dtype float32; if it persists, the teacher's "
-                                  "weights hold NaN or infinity"}.get(
+        # Shards of another dtype cannot join this cache: a new dtype needs --overwrite.
+        remedy = {torch.float16: "float16 logits overflow: re-run with --dtype bfloat16 "
+                                 "--overwrite (or --dtype float32 --overwrite)",
+                  torch.bfloat16: "re-run with --dtype float32 --overwrite; if it persists, "
+                                  "the teacher's weights hold NaN or infinity"}.get(
             dtype, "the teacher itself computes it: check its weights and config")
         raise NonFiniteError(f"the teacher's output is not finite ({column} = {value} at "
                              f"{where}, computed in {str(dtype).removeprefix('torch.')}); "
-                             f"{remedy}. Finished shards are kept; the cache stays incomplete")
+                             f"{remedy}. No shard holds it; the cache is marked incomplete")
 
 
 def _check_teachers_own_tokenizer(cfg: CacheTeacherConfig, tokenizer: Any) -> None:
@@ -280,19 +281,39 @@ def _check_teachers_own_tokenizer(cfg: CacheTeacherConfig, tokenizer: Any) -> No
         return  # no tokenizer with the teacher: --tokenizer is how it gets one
     comparison = compare_vocab(own, tokenizer, real_vocab_size(own),
                                ("the teacher's own tokenizer", f"--tokenizer {cfg.tokenizer}"))
-    if comparison.mismatch is None:
+    mismatch = comparison.mismatch
+    if mismatch is None and real_vocab_size(tokenizer) != real_vocab_size(own):
+        # Extra ids would be padding rows of the teacher's head: untrained, yet in the softmax.
+        mismatch = (f"it has {real_vocab_size(tokenizer)} ids, the teacher's own "
+                    f"{real_vocab_size(own)}")
+    if mismatch is None:
         if comparison.cosmetic or comparison.roles:
             log.warning("--tokenizer %s differs from the teacher's own tokenizer in %s (same "
-                        "id-to-token mapping)", cfg.tokenizer,
-                        ", ".join(comparison.cosmetic + comparison.roles))
+                        "id-to-token mapping)%s", cfg.tokenizer,
+                        ", ".join(comparison.cosmetic + comparison.roles),
+                        _affix_difference(own, tokenizer) if cfg.add_special_tokens else "")
         return
     if not cfg.allow_tokenizer_mismatch:
         raise ConfigError(f"--tokenizer {cfg.tokenizer} does not map ids as the teacher's own "
-                          f"tokenizer ({cfg.teacher}) does ({comparison.mismatch}), so the "
+                          f"tokenizer ({cfg.teacher}) does ({mismatch}), so the "
                           "teacher would read scrambled text; drop --tokenizer, or pass "
                           "--allow-tokenizer-mismatch if the teacher was trained with it")
     log.warning("--allow-tokenizer-mismatch: caching with --tokenizer %s although %s",
-                cfg.tokenizer, comparison.mismatch)
+                cfg.tokenizer, mismatch)
+
+
+def _affix_difference(own: Any, tokenizer: Any) -> str:
+    """'; it adds [1] before each text where the teacher's own adds [] ...' when the two
+    tokenizers' own encodings add different special tokens (a BOS the teacher expects)."""
+    try:
+        ours, theirs = special_affixes(own), special_affixes(tokenizer)
+    except ConfigError:
+        return ""
+    if ours == theirs:
+        return ""
+    return (f"; it adds {theirs[0]} before and {theirs[1]} after each text where the "
+            f"teacher's own adds {ours[0]} and {ours[1]}: the teacher reads text in a form "
+            "it was not trained on")
 
 
 def _check_against_model(cfg: CacheTeacherConfig, vocab_size: int, head_width: int,

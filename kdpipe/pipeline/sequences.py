@@ -111,12 +111,17 @@ def iter_token_ids(documents: Iterable[str], tokenizer: Any,
 def _chunks(ids: list[int], prefix: list[int], max_length: int) -> Iterator[list[int]]:
     """`prefix` + consecutive pieces of `ids`, each sequence at most `max_length` tokens.
 
-    A continuation piece of one token is dropped, with or without a prefix: predicting it from
-    the prefix alone teaches nothing about the document.
+    With a prefix (BOS), a last piece of one token (often the EOS) would be predicted from the
+    prefix alone, which teaches a wrong end ([BOS, EOS]); it takes one token of the piece
+    before instead, so the document keeps its EOS target. Without a prefix that would only
+    trade one target for another. Any other continuation piece of one token is dropped.
     """
     room = max_length - len(prefix)
-    for start in range(0, len(ids), room):
-        piece = ids[start:start + room]
+    starts = list(range(0, len(ids), room))
+    if prefix and len(starts) > 1 and len(ids) - starts[-1] == 1 and room >= 3:
+        starts[-1] -= 1
+    for start, stop in zip(starts, [*starts[1:], len(ids)], strict=True):
+        piece = ids[start:stop]
         if len(prefix) + len(piece) >= 2 and (start == 0 or len(piece) >= 2):
             yield prefix + piece
 

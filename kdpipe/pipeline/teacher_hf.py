@@ -121,6 +121,9 @@ def draw_unique(logits: torch.Tensor, samples: int, generator: torch.Generator
     Returns (ids (entries,), counts (entries,), lengths (n,)), ids ascending within a row.
     """
     probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
+    # A row with NaN/inf (float16 overflow) draws uniform placeholders: its log-probs are not
+    # finite either, so its shard is refused with a one-line error before it is written.
+    probs[~torch.isfinite(probs).all(dim=-1)] = 1.0
     drawn = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (n, N)
     drawn = drawn.sort(dim=-1).values
     new = torch.ones_like(drawn, dtype=torch.bool)  # (n, N): first of its run of equal ids

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import ConfigError, TeacherOutputError
 from kdpipe.schemas.shard_writer import SequenceTargets
 
 log = logging.getLogger(__name__)
@@ -188,11 +188,12 @@ def _position(entries: Any, label: int, top_k: int, t: int
     top-K are the K ids left after dropping an extra actual token.
     """
     if not entries or label not in entries:
-        raise RuntimeError(f"vLLM prompt log-probs at position {t + 1} do not include the "
-                           f"prompt token {label}; is prompt_logprobs set?")
+        raise TeacherOutputError(f"vLLM prompt log-probs at target position {t} do not include "
+                                 f"the prompt token {label}; is prompt_logprobs set?")
     if len(entries) > top_k + 1:
-        raise RuntimeError(f"vLLM returned {len(entries)} log-probs at position {t + 1}, "
-                           f"expected {top_k} or {top_k + 1}; is prompt_logprobs above --top-k?")
+        raise TeacherOutputError(f"vLLM returned {len(entries)} log-probs at target position "
+                                 f"{t}, expected {top_k} or {top_k + 1}; is prompt_logprobs "
+                                 "above --top-k?")
     target = float(entries[label].logprob)
     items = [(int(tid), float(lp.logprob), lp.rank) for tid, lp in entries.items()]
     if all(item[2] is not None for item in items):
@@ -200,9 +201,9 @@ def _position(entries: Any, label: int, top_k: int, t: int
     else:
         top = [item for item in items if item[0] != label] if len(items) == top_k + 1 else items
     if len(top) != top_k:
-        raise RuntimeError(f"vLLM prompt log-probs at position {t + 1} have {len(top)} top "
-                           f"entries (rank <= {top_k}), expected {top_k}: max_logprobs and "
-                           "prompt_logprobs must be >= --top-k")
+        raise TeacherOutputError(f"vLLM prompt log-probs at target position {t} have {len(top)} "
+                                 f"top entries (rank <= {top_k}), expected {top_k}: "
+                                 "max_logprobs and prompt_logprobs must be >= --top-k")
     top.sort(key=lambda it: (it[2] if it[2] is not None else math.inf, -it[1]))
     return [it[0] for it in top], [it[1] for it in top], target
 
@@ -213,10 +214,11 @@ def _check_real_ids(topk_ids: np.ndarray, vocab_size: int) -> None:
     if beyond.any():
         t = int(beyond.any(-1).argmax())
         token = int(topk_ids[t][beyond[t]][0])
-        raise RuntimeError(f"vLLM prompt log-probs at position {t + 1} have id {token} in the "
-                           f"top-K, beyond the tokenizer's {vocab_size} ids: the teacher puts "
-                           f"probability on its head's padding rows (ids >= {vocab_size}); use "
-                           "--backend hf, which excludes padding rows from the softmax exactly")
+        raise TeacherOutputError(f"vLLM prompt log-probs at target position {t} have id {token} "
+                                 f"in the top-K, beyond the tokenizer's {vocab_size} ids: the "
+                                 "teacher puts probability on its head's padding rows (ids >= "
+                                 f"{vocab_size}); use --backend hf, which excludes padding rows "
+                                 "from the softmax exactly")
 
 
 def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k: int,
@@ -233,15 +235,15 @@ def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k
     n = len(labels)
     if prompt_logprobs is None or len(prompt_logprobs) != n + 1:
         got = "None" if prompt_logprobs is None else f"{len(prompt_logprobs)} entries"
-        raise RuntimeError(f"vLLM prompt log-probs: expected {n + 1} entries (one per prompt "
-                           f"token), got {got}")
+        raise TeacherOutputError(f"vLLM prompt log-probs: expected {n + 1} entries (one per "
+                                 f"prompt token), got {got}")
     rows = _flat_rows(prompt_logprobs, labels, top_k)
     if rows is not None:
         ids, lps = rows
         if not np.array_equal(ids[:, 0], labels):
             bad = int(np.flatnonzero(ids[:, 0] != labels)[0])
-            raise RuntimeError(f"vLLM prompt log-probs at position {bad + 1} are for token "
-                               f"{ids[bad, 0]}, the prompt has {labels[bad]}")
+            raise TeacherOutputError(f"vLLM prompt log-probs at target position {bad} are for "
+                                     f"token {ids[bad, 0]}, the prompt has {labels[bad]}")
         topk_ids, topk_lps, target = ids[:, 1:], lps[:, 1:], lps[:, 0]
     else:
         topk_ids = np.empty((n, top_k), dtype=np.int64)
@@ -267,19 +269,27 @@ class VllmTeacher:
     top_k: int
     vocab_size: int  # the tokenizer's ids, not the (padded) head width
 
-    def targets(self, sequences: Sequence[Sequence[int]]) -> list[SequenceTargets]:
-        """Teacher targets for many sequences in one `generate` call (vLLM batches them)."""
+    def targets(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[int]
+                ) -> list[SequenceTargets]:
+        """Teacher targets for many sequences in one `generate` call (vLLM batches them).
+
+        Raises TeacherOutputError naming the sample (`sample_ids`, one per sequence) and the
+        target position of output the cache cannot hold."""
         prompts = [self.make_prompt(prompt_token_ids=list(s)) for s in sequences]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         if len(outputs) != len(sequences):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(sequences)} "
-                               "prompts")
+            raise TeacherOutputError(f"vLLM returned {len(outputs)} outputs for "
+                                     f"{len(sequences)} prompts")
         results = []
-        for seq, out in zip(sequences, outputs, strict=True):
+        for seq, out, sample_id in zip(sequences, outputs, sample_ids, strict=True):
             if list(out.prompt_token_ids) != list(seq):
-                raise RuntimeError("vLLM returned outputs in another order than the prompts")
-            results.append(convert_prompt_logprobs(out.prompt_logprobs, seq, self.top_k,
-                                                   self.vocab_size))
+                raise TeacherOutputError(f"sample {sample_id}: vLLM returned outputs in another "
+                                         "order than the prompts")
+            try:
+                results.append(convert_prompt_logprobs(out.prompt_logprobs, seq, self.top_k,
+                                                       self.vocab_size))
+            except TeacherOutputError as exc:
+                raise TeacherOutputError(f"sample {sample_id}: {exc}") from exc
         return results
 
     def close(self) -> None:

@@ -15,6 +15,11 @@ class CacheFormatError(KdpipeError, ValueError):
     """A file on disk does not match the schema it claims (or any schema we know)."""
 
 
+class TeacherOutputError(KdpipeError, RuntimeError):
+    """A teacher backend (vLLM) returned output the cache cannot hold as it stands; the message
+    names the sample, the target position and the setting to change."""
+
+
 class NonFiniteError(KdpipeError, ArithmeticError):
     """A NaN or infinity where a number must be finite: a teacher output, a cached value, a
     loss or a gradient. The message names where it appeared and the remedy."""

@@ -33,7 +33,10 @@ COSMETIC_FIELDS = ("out", "device", "prefetch", "progress", "resume", "overwrite
 # Fields that may also differ on `--resume`: how long to train and how often to report.
 # Everything else defines the run and must match.
 RESUMABLE_CHANGES = COSMETIC_FIELDS + ("max_steps", "epochs", "eval_every", "save_every",
-                                       "snapshot_every", "log_every", "keep_checkpoints")
+                                       "save_every_minutes", "snapshot_every", "log_every",
+                                       "keep_last", "keep_snapshots")
+# Options renamed since run folders were first written: old name -> new name.
+RENAMED_FIELDS = {"keep_checkpoints": "keep_last"}
 
 
 def _cache_manifest(cache: str) -> CacheManifest | None:
@@ -101,7 +104,7 @@ class TrainConfig:
     eval_max_samples: int | None = option(
         None, "At most this many held-out sequences per evaluation.", ge=1)
     loss: LossConfig = field(default_factory=LossConfig)
-    lr: float = option(3e-4, "Peak learning rate (AdamW).", gt=0)
+    lr: float = option(3e-4, "Peak learning rate (AdamW), at most 1.", gt=0, le=1)
     weight_decay: float = option(0.1, "AdamW weight decay (matrices only).", ge=0)
     adam_beta1: float = option(0.9, "AdamW β1.", ge=0, lt=1)
     adam_beta2: float = option(0.95, "AdamW β2.", ge=0, lt=1)
@@ -115,10 +118,16 @@ class TrainConfig:
         None, "Optimizer steps to train (cycles epochs as needed).", ge=1)
     epochs: int | None = option(
         None, "Epochs to train (default 1 when --max-steps is not given).", ge=1)
-    save_every: int = option(0, "Checkpoint every N steps (0: only at the end).", ge=0)
-    keep_checkpoints: int = option(0, "Keep only the newest N checkpoints (0: keep all).", ge=0)
+    save_every: int = option(0, "Checkpoint every N steps (0: by time and at the end).", ge=0)
+    save_every_minutes: float = option(
+        30.0, "Also checkpoint every N minutes of training (0: off), so a job killed without "
+        "warning loses at most that much. SIGINT/SIGTERM always save before exiting.", ge=0)
+    keep_last: int = option(3, "Keep the newest N checkpoints (0: all).", ge=0)
     snapshots: bool = option(True, "Write per-sample loss/confidence snapshots after each "
                              "epoch.")
+    keep_snapshots: int = option(
+        5, "Keep the snapshots of the last N epochs (0: all). --curriculum-source snapshot "
+        "keeps every epoch's, since its re-ranking reads them all.", ge=0)
     snapshot_every: int = option(
         0, "Also write a snapshot every N steps (0: only after each epoch).", ge=0)
     log_every: int = option(10, "Log train metrics every N steps.", ge=1)
@@ -196,11 +205,14 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 def read_config(run_dir: Path) -> TrainConfig:
     """The config a run folder was created with (validated field by field). Run folders made
-    before the loss and curriculum options nested hold them flat, and still read."""
+    before the loss and curriculum options nested hold them flat, or under a name since
+    changed (RENAMED_FIELDS), and still read."""
     path = RunLayout(run_dir).config
     data = read_json(path)
-    if isinstance(data, dict) and not isinstance(data.get("loss"), dict):
-        data = options.nested(TrainConfig, data)
+    if isinstance(data, dict):
+        data = {RENAMED_FIELDS.get(key, key): value for key, value in data.items()}
+        if not isinstance(data.get("loss"), dict):
+            data = options.nested(TrainConfig, data)
     return from_dict(TrainConfig, data, str(path))
 
 

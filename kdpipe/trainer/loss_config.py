@@ -34,7 +34,7 @@ class LossConfig:
     kd_weight: float = option(0.5, "λ: weight of the KD term, in [0, 1].", ge=0, le=1)
     temperature: float = option(
         1.0, "τ of the KD term (the term is scaled by τ²; exact tempered tail when the cache "
-        "stores it, else the uniform-tail approximation).", gt=0)
+        "stores it, else the uniform-tail approximation); 0.05 to 100.", ge=0.05, le=100)
     beta: float = option(0.5, "JSD mixture weight β.", gt=0, lt=1)
     alpha: float = option(0.1, "Skew KL weight α in KL(p || αp + (1-α)q).", ge=0, le=1)
     chunk_size: int = option(1024, "Target tokens per chunk of the output head and loss "

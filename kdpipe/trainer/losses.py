@@ -139,8 +139,11 @@ def sampled_cross_entropy(log_q_ids: Tensor, weights: Tensor) -> Tensor:
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Σ a (log a - log b) over the last dim; outcomes with a = 0 give exactly 0, grads too."""
-    support = log_a.exp() > 0  # a underflowing float32 counts as 0 too (its term is 0 anyway)
+    """Σ a (log a - log b) over the last dim; outcomes with a = 0 give exactly 0, grads too.
+
+    A NaN in `log_a` is kept (NaN != 0), so that a bad input surfaces as a non-finite loss
+    rather than as a KD term of 0."""
+    support = log_a.exp() != 0  # a underflowing float32 counts as 0 too (its term is 0 anyway)
     la = log_a.masked_fill(~support, 0.0)
     lb = log_b.masked_fill(~support, 0.0)
     terms = la.exp() * (la - lb)

@@ -80,9 +80,10 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
                  tokenizer: Any, seed: int, trust_remote_code: bool = False) -> nn.Module:
     """A causal LM in float32: pretrained from --student, or initialised from --student-config.
 
-    A config file without `vocab_size` gets the teacher's head width (padding rows included,
-    as the teacher has them); special token ids default to the tokenizer's. Initialisation is
-    seeded, so a run is reproducible.
+    A config file without `vocab_size` gets the cache's real vocabulary size: padding rows
+    would never be trained (they are outside the student's softmax); give `vocab_size` to pad
+    the head anyway. Special token ids default to the tokenizer's. Initialisation is seeded, so
+    a run is reproducible.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -102,7 +103,7 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
     if not isinstance(spec, dict) or "model_type" not in spec:
         raise ConfigError(f"--student-config {student_config}: needs a JSON object with "
                           "'model_type' (e.g. \"llama\") and the model's settings")
-    spec.setdefault("vocab_size", manifest.teacher_head_width)
+    spec.setdefault("vocab_size", manifest.vocab_size)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         spec.setdefault(key, getattr(tokenizer, key))
     model_type = spec.pop("model_type")
@@ -138,7 +139,24 @@ def check_vocab(model: nn.Module, manifest: CacheManifest, student: str) -> None
                           f"{manifest.vocab_size}")
     if width != manifest.vocab_size:
         log.info("student head: %d rows for %d real ids; rows %d.. are padding, left out of "
-                 "its softmax", width, manifest.vocab_size, manifest.vocab_size)
+                 "its softmax and suppressed in generate()", width, manifest.vocab_size,
+                 manifest.vocab_size)
+        suppress_padding_rows(model, manifest.vocab_size, width)
+
+
+def suppress_padding_rows(model: nn.Module, vocab_size: int, width: int) -> None:
+    """List head rows vocab_size .. width - 1 in the model's `generation_config.suppress_tokens`
+    (saved with it), so that `generate()` never emits an id the tokenizer does not have.
+
+    Training never moves those rows (they are outside every softmax here), so their logits
+    drift from the real ones' as the body trains: a pretrained student's low padding logits
+    may not stay low. transformers' SuppressTokensLogitsProcessor sets them to -inf.
+    """
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return
+    config.suppress_tokens = sorted(set(config.suppress_tokens or ()) | set(range(vocab_size,
+                                                                                  width)))
 
 
 def _known_transform(config: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import random
+import signal
 from collections.abc import Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,8 @@ from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import same_mapping
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.schemas.shard_reader import CacheIndex, Columns, build_index, columns_for
+from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
+from kdpipe.tokenizer_identity import cache_tokenizer
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.config import TrainConfig
@@ -50,6 +53,7 @@ from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
 from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
+from kdpipe.trainer.preemption import CheckpointClock, Interrupted, StopRequest, stop_on_signals
 from kdpipe.trainer.reliance import ConstantLambda, LambdaFn, Reliance, StepLambdas
 from kdpipe.trainer.run_dir import RunStart, claim_run_dir, plan_run_dir, rewind_logs
 from kdpipe.trainer.sampler import Sampler, ShuffleSampler, holdout_mask
@@ -191,8 +195,9 @@ def split_data(cfg: TrainConfig, index: CacheIndex
         eval_cache = open_cache(cfg.eval_cache)
         if not same_mapping(eval_cache.manifest, index.cache.manifest):
             raise ConfigError(f"--eval-cache {cfg.eval_cache} was made with a tokenizer that "
-                              f"maps ids differently from --cache {cfg.cache}'s; cache both "
-                              "with the same tokenizer")
+                              f"maps ids differently from --cache {cfg.cache}'s"
+                              f"{_first_difference(index.cache, eval_cache)}; cache both with "
+                              "the same tokenizer")
         eval_index: CacheIndex | None = build_index(eval_cache)
         assert eval_index is not None
         eval_ids = eval_index.sample_ids
@@ -207,6 +212,17 @@ def split_data(cfg: TrainConfig, index: CacheIndex
         raise ConfigError(f"--eval-fraction {cfg.eval_fraction} holds out no sample of "
                           f"{len(index)}; raise it or use --eval-cache")
     return train_ids, eval_index, eval_ids[:cfg.eval_max_samples]
+
+
+def _first_difference(cache: Cache, other: Cache) -> str:
+    """' (id 17 is 'a' in --cache's tokenizer but 'b' in --eval-cache's)', when both caches
+    still have their tokenizers to compare id by id; else ''."""
+    ours, theirs = cache_tokenizer(cache), cache_tokenizer(other)
+    if ours is None or theirs is None:
+        return ""
+    found = compare_vocab(ours, theirs, real_vocab_size(ours),
+                          ("--cache's tokenizer", "--eval-cache's")).mismatch
+    return f" ({found})" if found else ""
 
 
 def seed_everything(seed: int) -> None:
@@ -299,7 +315,21 @@ def write_snapshot(run: Run, complete: bool) -> None:
         name = snap.snapshot_name(epoch, None if complete else step)
         snap.write_snapshot(run.layout.snapshots / name, merged.table(epoch), epoch, step,
                             complete, run.cache.manifest.settings_fingerprint)
-    run.dist.barrier()  # a snapshot curriculum reads it on every rank at the next epoch
+        prune_snapshots(run)
+    run.dist.barrier()
+
+
+def prune_snapshots(run: Run) -> None:
+    """Delete the snapshots of all but the last --keep-snapshots epochs. A snapshot curriculum
+    re-reads every finished epoch's snapshot when it resumes, so those stay."""
+    keep, found = run.cfg.keep_snapshots, snap.list_snapshots(run.run_dir)
+    epochs = sorted({epoch for epoch, _, _ in found})
+    if keep <= 0 or len(epochs) <= keep:
+        return
+    inputs = run.cfg.curriculum.source == "snapshot"
+    for epoch, step, path in found:
+        if epoch < epochs[-keep] and not (inputs and step is None):
+            path.unlink()  # a snapshot curriculum reads it on every rank at the next epoch
 
 
 def save(run: Run, folder: Path, with_training_state: bool) -> None:
@@ -319,7 +349,7 @@ def save(run: Run, folder: Path, with_training_state: bool) -> None:
         ckpt.save_checkpoint(folder, run.student.model, run.student.tokenizer, run.state,
                              training_state, weights)
         if with_training_state:
-            ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
+            ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_last)
     run.dist.barrier()
 
 
@@ -333,8 +363,9 @@ def evaluate_now(run: Run) -> dict[str, Any] | None:
                           dist=run.dist)
 
 
-def after_step(run: Run, epoch_done: bool, logger: RunLogger | None) -> None:
-    """The hooks of a finished step: snapshots, the next epoch, evaluation, checkpoints."""
+def after_step(run: Run, epoch_done: bool, logger: RunLogger | None, save_now: bool) -> None:
+    """The hooks of a finished step: snapshots, the next epoch, evaluation, checkpoints
+    (every --save-every steps, or now: on a signal or when the clock says so)."""
     cfg, step, epoch = run.cfg, run.state.step, run.state.epoch
     if epoch_done:  # the epoch's snapshot, then the next epoch
         if run.stats is not None:
@@ -347,8 +378,23 @@ def after_step(run: Run, epoch_done: bool, logger: RunLogger | None) -> None:
         metrics = evaluate_now(run)
         if metrics is not None and logger is not None:
             logger.log({"split": "eval", "step": step, "epoch": epoch, **metrics})
-    if step < run.total_steps and cfg.save_every and step % cfg.save_every == 0:
+    if step < run.total_steps and (save_now or cfg.save_every and step % cfg.save_every == 0):
         save(run, run.layout.checkpoint(run.state.step), with_training_state=True)
+
+
+def should_stop_or_save(run: Run, stop: StopRequest, clock: CheckpointClock
+                        ) -> tuple[int | None, bool]:
+    """(the signal to stop on, or None; whether to checkpoint now), agreed by every rank.
+
+    A signal reaching any rank stops all of them; the checkpoint clock is rank 0's, so ranks
+    whose clocks drift still save the same step."""
+    flags = run.dist.sum([1.0 if stop.signum is not None else 0.0,
+                          1.0 if run.dist.is_main and clock.due() else 0.0], run.device)
+    signum = (stop.signum or signal.SIGTERM) if flags[0] > 0 else None
+    save_now = signum is not None or flags[1] > 0
+    if save_now:
+        clock.reset()
+    return signum, save_now
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -378,8 +424,9 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
         return _loop(run)
     except NonFiniteError as exc:
         latest = ckpt.latest_checkpoint(Path(cfg.out))
-        kept = (f"the last good checkpoint, {latest}, is kept (resume from it with --resume "
-                "after lowering --lr or fixing the cause)" if latest is not None else
+        kept = (f"the last good checkpoint, {latest}, is kept: start a new run from its "
+                f"weights with --student {latest} (and, say, a lower --lr); --resume would "
+                "repeat the same step" if latest is not None else
                 "no checkpoint was written before it (--save-every N keeps some)")
         raise NonFiniteError(f"{exc}; {kept}") from exc
     finally:
@@ -410,7 +457,9 @@ def _loop(run: Run) -> dict[str, Any]:
     run.dist.barrier()
     logger = RunLogger(run.run_dir) if run.dist.is_main else None
     throughput, last = Throughput(), {}
+    clock = CheckpointClock(run.cfg.save_every_minutes)
     with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(stop_on_signals())
         bar = stack.enter_context(tqdm(
             total=run.total_steps, initial=run.state.step, desc="train-student", unit="step",
             disable=not (run.cfg.progress and run.dist.is_main), dynamic_ncols=True))
@@ -430,11 +479,17 @@ def _loop(run: Run) -> dict[str, Any]:
             # Log: the order (and λ) of every step, metrics every --log-every steps.
             last = log_step(run, logger, bar, throughput, global_ids, lam, result)
             # Hooks: snapshots, the next epoch, evaluation, checkpoints (not timed).
+            signum, save_now = should_stop_or_save(run, stop, clock)
             with throughput.paused():
-                after_step(run, run.state.batches_in_epoch == batches, logger)
+                after_step(run, run.state.batches_in_epoch == batches, logger, save_now)
             # Stop.
             if step >= run.total_steps:
                 break
+            if signum is not None:
+                raise Interrupted(
+                    f"{signal.Signals(signum).name} after step {step} of {run.total_steps}: "
+                    f"checkpoint {run.layout.checkpoint(step)} saved; continue with the same "
+                    "command and --resume", signum)
         return finish(run, last, logger)
 
 

@@ -94,7 +94,8 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tiny_teacher_dir: Path,
     cfg = small_config(tiny_teacher_dir, small_corpus, tmp_path / "cache")
     first = cache_teacher(cfg)
     assert cache_teacher(cfg) == first
-    with pytest.raises(ConfigError, match=r"different settings \(top_k\).*--overwrite"):
+    with pytest.raises(ConfigError, match=rf"different settings \(top_k: {cfg.top_k} -> 4\); "
+                                          r"re-run with the cache's values.*--overwrite"):
         cache_teacher(replace(cfg, top_k=4))
     assert open_cache(cfg.out).manifest == first  # nothing lost
     replaced = cache_teacher(replace(cfg, top_k=4, overwrite=True))

@@ -210,15 +210,25 @@ def test_documents_start_with_the_tokenizers_bos(bos_tokenizer: Any) -> None:
     full = [list(bos_tokenizer(d)["input_ids"]) for d in DOCS]  # the tokenizer's own encoding
     assert all(ids[0] == bos for ids in full)
     # document: the tokenizer's encoding + EOS, every chunk starting with the BOS
-    max_length = 7
-    expected = []
-    for ids in full:
-        body = ids[1:] + [eos]
-        for start in range(0, len(body), max_length - 1):
-            piece = body[start:start + max_length - 1]
-            if start == 0 or len(piece) >= 2:
-                expected.append([bos] + piece)
-    assert build(DOCS, bos_tokenizer, max_length, "document") == expected
+    rebalanced = 0
+    for max_length in range(3, 12):
+        expected = []
+        for ids in full:
+            body = ids[1:] + [eos]
+            room = max_length - 1
+            starts = list(range(0, len(body), room))
+            if len(starts) > 1 and len(body) - starts[-1] == 1 and room >= 3:
+                starts[-1] -= 1  # no last piece [EOS] alone: it takes a token from before
+                rebalanced += 1
+            stops = [*starts[1:], len(body)]
+            expected += [[bos] + body[a:b] for a, b in zip(starts, stops, strict=True)
+                         if a == 0 or b - a >= 2]
+        got = build(DOCS, bos_tokenizer, max_length, "document")
+        assert got == expected, max_length
+        # Every document keeps its EOS target, and no sequence is [BOS, EOS].
+        assert sum(s[-1] == eos for s in got) == len(DOCS) or room < 3
+        assert [bos, eos] not in got or room < 3
+    assert rebalanced  # the case occurs in this corpus
     # packed: each document keeps its BOS where it begins
     stream = [t for ids in full for t in ids + [eos]]
     got = build(DOCS, bos_tokenizer, max_length, "packed")

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,13 +25,14 @@ from kdpipe.pipeline.cache_stage import cache_teacher, resolve_backend
 from kdpipe.pipeline.teacher_hf import teacher_targets
 from kdpipe.pipeline.teacher_vllm import (
     TAIL_FLOOR,
+    VllmTeacher,
     convert_prompt_logprobs,
     entropy_lower_bound,
     tail_logmass_from_topk,
     targets_from_topk,
 )
 from kdpipe.schemas.cache import open_cache
-from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.errors import ConfigError, TeacherOutputError
 
 from .conftest import run_cli, small_config
 from .vllm_mirror import (
@@ -150,7 +152,8 @@ def test_only_entries_ranked_within_k_are_top_k() -> None:
     rows = _positions(_one_position(1, [0, 1, 2], P6[:3], P6[1], rank=2),
                       _one_position(5, [0, 1], P6[:2], P6[5], rank=6))
     for form in (flat_prompt_logprobs(rows), dict_prompt_logprobs(rows)):
-        with pytest.raises(RuntimeError, match=r"position 2 have 2 top entries \(rank <= 3\), "
+        with pytest.raises(TeacherOutputError, match=r"target position 1 have 2 top entries "
+                           r"\(rank <= 3\), "
                            r"expected 3: max_logprobs and prompt_logprobs must be >= --top-k"):
             convert_prompt_logprobs(form, [9, 1, 5], 3, 6)
 
@@ -159,7 +162,7 @@ def test_flat_top_entries_must_be_ranked_1_to_k() -> None:
     good = ([1, 0, 1, 2], [P6[1], *P6[:3]], [2, 1, 2, 3])
     # K + 1 wide, but no rank-3 entry: the prompt token and a rank-4 id may not stand in.
     gap = ([5, 0, 1, 3], [P6[5], P6[0], P6[1], P6[3]], [6, 1, 2, 4])
-    with pytest.raises(RuntimeError, match=r"position 2 have 2 top entries"):
+    with pytest.raises(TeacherOutputError, match=r"target position 1 have 2 top entries"):
         convert_prompt_logprobs(_flat(good, gap), [9, 1, 5], 3, 6)
     # The top-K out of rank order: read by rank, not by place.
     shuffled = ([5, 1, 0, 2], [P6[5], P6[1], P6[0], P6[2]], [6, 2, 1, 3])
@@ -195,11 +198,28 @@ def test_padding_ids_in_the_top_k_are_refused() -> None:
     rows = _positions(_one_position(1, [0, 1, 2], P6[:3], P6[1], rank=2),
                       _one_position(5, [0, 7, 1], P6[:3], P6[5], rank=7))
     for form in (flat_prompt_logprobs(rows), dict_prompt_logprobs(rows)):
-        with pytest.raises(RuntimeError, match=r"position 2 have id 7 in the top-K, .* padding "
+        with pytest.raises(TeacherOutputError, match=r"target position 1 have id 7 in the top-K, "
+                           r".* padding "
                            r"rows \(ids >= 6\); use --backend hf"):
             convert_prompt_logprobs(form, [9, 1, 5], 3, 6)
     # The same ids within the real vocabulary are fine.
     assert convert_prompt_logprobs(flat_prompt_logprobs(rows), [9, 1, 5], 3, 8).topk_ids[1, 1] == 7
+
+
+def test_engine_errors_name_the_sample_and_target_position() -> None:
+    rows = _positions(_one_position(1, [0, 1, 2], P6[:3], P6[1], rank=2),
+                      _one_position(5, [0, 7, 1], P6[:3], P6[5], rank=7))
+
+    class Engine:
+        def generate(self, prompts: list[list[int]], params: object, use_tqdm: bool
+                     ) -> list[object]:
+            return [SimpleNamespace(prompt_token_ids=p, prompt_logprobs=dict_prompt_logprobs(rows))
+                    for p in prompts]
+
+    teacher = VllmTeacher(Engine(), None, lambda prompt_token_ids: prompt_token_ids, 3, 6)
+    with pytest.raises(TeacherOutputError, match=r"^sample 42: vLLM prompt log-probs at target "
+                                                 r"position 1 have id 7"):
+        teacher.targets([[9, 1, 5]], [42])
 
 
 def test_misaligned_or_truncated_output_is_refused(teacher_and_prompts: tuple) -> None:
@@ -209,7 +229,7 @@ def test_misaligned_or_truncated_output_is_refused(teacher_and_prompts: tuple) -
     with pytest.raises(RuntimeError, match="expected"):
         convert_prompt_logprobs(flat, prompt[:-1], K, 320)  # one entry too many
     shifted = [prompt[0], *prompt[2:], prompt[1]]  # same length, other tokens
-    with pytest.raises(RuntimeError, match="position 1"):
+    with pytest.raises(TeacherOutputError, match="target position 0"):
         convert_prompt_logprobs(flat, shifted, K, 320)
     with pytest.raises(RuntimeError, match="expected 4 or 5"):
         convert_prompt_logprobs(dict_prompt_logprobs(_rows(model, prompt)), prompt, 4, 320)

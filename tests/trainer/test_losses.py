@@ -263,6 +263,20 @@ def test_zero_teacher_mass_gives_finite_loss_and_grads():
     torch.testing.assert_close(got.double(), dense, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", LOSSES)
+def test_nan_inputs_give_a_nan_loss_not_zero(kind):
+    """A NaN teacher log-prob (or one from a τ so small that logits overflow) must surface as
+    a non-finite loss, which training and evaluation stop on, never as a KD term of 0."""
+    n, vocab, k = 3, 16, 4
+    logp = torch.log_softmax(torch.randn(n, vocab, dtype=torch.float64), -1)
+    vals, ids = logp.topk(k, -1)
+    tail = tail_logmass_of(logp, ids).float()
+    vals = vals.float()
+    vals[1] = float("nan")
+    loss = ours(kind, ids, vals, tail, student_logits(n, vocab, seed=3), vocab)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all(), kind
+
+
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
 @pytest.mark.parametrize("kind", LOSSES)
 def test_empty_student_tail_with_k_equal_v_has_finite_grads(kind):

@@ -70,7 +70,11 @@ def test_wider_head_is_allowed(tiny_cache: Path, student_config_file: Path) -> N
     spec = json.loads(student_config_file.read_text())
     config = AutoConfig.for_model(spec.pop("model_type"), **spec,
                                   vocab_size=manifest.vocab_size + 64)
-    check_vocab(AutoModelForCausalLM.from_config(config), manifest, "wide")
+    wide = AutoModelForCausalLM.from_config(config)
+    check_vocab(wide, manifest, "wide")
+    # generate() never emits the 64 untrained padding ids.
+    assert wide.generation_config.suppress_tokens == list(range(manifest.vocab_size,
+                                                                manifest.vocab_size + 64))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_student_dir", "tiny_gpt2_dir"])

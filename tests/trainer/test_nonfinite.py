@@ -7,6 +7,7 @@ import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from kdpipe.schemas.io import sha256_file
 from kdpipe.schemas.manifest import read_manifest, write_manifest
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer import checkpoint as ckpt
+from kdpipe.trainer import train as train_module
 from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.train import train
@@ -51,6 +53,20 @@ def test_nonfinite_train_options_are_refused(flag: str, value: str, tmp_path: Pa
     assert not run.exists()
 
 
+@pytest.mark.parametrize("flag, value, bounds", [("--temperature", "1e-40", "[0.05, 100]"),
+                                                 ("--lr", "1e38", "(0, 1]")])
+def test_finite_but_absurd_options_are_refused(flag: str, value: str, bounds: str,
+                                               tmp_path: Path, tiny_cache: Path,
+                                               tiny_student_dir: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """τ = 1e-40 turns every logit into ±inf (KD silently 0 in evaluate); lr = 1e38 overflows
+    inside AdamW."""
+    run = tmp_path / "run"
+    error = one_line_error(["train-student", "--cache", str(tiny_cache), "--out", str(run),
+                            "--student", str(tiny_student_dir), flag, value], capsys)
+    assert f"must be within {bounds}" in error and not run.exists()
+
+
 def test_nonfinite_evaluate_temperature_is_refused(tiny_cache: Path, tiny_student_dir: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     error = one_line_error(["evaluate", "--cache", str(tiny_cache), "--student",
@@ -79,19 +95,29 @@ def test_reverse_kl_needs_a_tail(tmp_path: Path, tiny_teacher_dir: Path, trainer
 
 
 def test_a_nonfinite_step_is_never_applied_or_saved(tmp_path: Path, tiny_cache: Path,
-                                                    tiny_student_dir: Path) -> None:
-    """An absurd learning rate blows the weights up; the first non-finite loss or gradient
-    stops the run before that step is applied, saves no model and keeps the last checkpoint."""
+                                                    tiny_student_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gradient that turns NaN at step 4 (as a loss spike does) stops the run before that
+    step is applied, saves no model, keeps the last checkpoint and says how to go on."""
+    accumulate = train_module.accumulate_gradients
+
+    def nan_at_step_4(objective: Any, *args: Any, step: int = 0, **kwargs: Any
+                      ) -> dict[str, float]:
+        result = accumulate(objective, *args, step=step, **kwargs)
+        if step == 4:
+            next(objective.parameters()).grad.fill_(math.nan)
+        return result
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", nan_at_step_4)
     run = tmp_path / "run"
-    cfg = small_config(tiny_cache, run, student=str(tiny_student_dir), lr=1e30,
-                       weight_decay=0.0, max_grad_norm=0.0, save_every=1, max_steps=20)
-    with pytest.raises(NonFiniteError) as caught:
+    cfg = small_config(tiny_cache, run, student=str(tiny_student_dir), save_every=1,
+                       max_steps=20)
+    with pytest.raises(NonFiniteError, match=r"step 4: .*gradient norm nan") as caught:
         train(cfg)
     message = str(caught.value)
     latest = ckpt.latest_checkpoint(run)
-    assert latest is not None and str(latest) in message and "--resume" in message
-    failed_step = int(message.split("step ")[1].split(":")[0])
-    assert ckpt.read_trainer_state(latest).step == failed_step - 1
+    assert latest is not None and latest.name == "step-000003"
+    assert f"start a new run from its weights with --student {latest}" in message
     assert not RunLayout(run).final.exists()
     logged = (run / "metrics.jsonl").read_text().splitlines()
     assert all(math.isfinite(json.loads(line)["loss"]) for line in logged)

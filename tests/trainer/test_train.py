@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kdpipe.cli import main
+from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
@@ -25,6 +26,7 @@ from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.sampler import holdout_mask
 from kdpipe.trainer.train import train
 
+from ..families import permuted_tokenizer
 from .conftest import small_config
 
 
@@ -211,3 +213,20 @@ def test_cli_help_and_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_pa
     assert failed.value.code == 2
     error = capsys.readouterr().err.strip()
     assert "exactly one of --student" in error and "\n" not in error
+
+
+def test_an_eval_cache_of_another_tokenizer_is_refused_naming_the_id(
+        tmp_path: Path, tiny_cache: Path, tiny_teacher_dir: Path, tiny_tokenizer_dir: Path,
+        tiny_student_dir: Path, trainer_corpus: Path) -> None:
+    other = permuted_tokenizer(tiny_tokenizer_dir, tmp_path / "permuted", 150, 151)
+    eval_cache = tmp_path / "eval-cache"
+    cache_teacher(CacheTeacherConfig(
+        teacher=str(tiny_teacher_dir), data=(str(trainer_corpus),), out=eval_cache,
+        device="cpu", top_k=8, max_length=64, tokenizer=str(other),
+        allow_tokenizer_mismatch=True, progress=False))
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"--eval-cache .* maps ids differently .* \(id 150 is "
+                                          r".* in --cache's tokenizer but .* in --eval-cache's\)"):
+        train(small_config(tiny_cache, run, student=str(tiny_student_dir),
+                           eval_cache=str(eval_cache)))
+    assert not run.exists()
