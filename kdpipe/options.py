@@ -41,6 +41,10 @@ C = TypeVar("C")
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N."
 PROGRESS_HELP = "Show a progress bar."
 REMOTE_CODE_HELP = "Allow the model/tokenizer to run code from its repository."
+# The rule itself is `torch_runtime.auto_threads`; README.md's "CPU threads" says it at length.
+THREADS_HELP = ("Torch CPU threads of this process. 0 (auto): OMP_NUM_THREADS when set, else "
+                "half the CPUs this process may use, shared among the processes of one job "
+                "on this machine, from 1 to 8.")
 
 
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None,

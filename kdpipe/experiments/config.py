@@ -35,9 +35,9 @@ from typing import Any
 from kdpipe.options import convert_value, flags
 from kdpipe.schemas.errors import ConfigError, choice_problems
 
-# Options the runner sets for every run; an arm cannot.
-RUNNER_TRAIN_OPTIONS = ("cache", "out", "seed", "eval_cache", "resume", "overwrite")
-RUNNER_CURRICULUM_OPTIONS = ("cache", "out", "overwrite")
+# Options the runner sets for every run; an arm cannot (threads: `kdpipe experiment --threads`).
+RUNNER_TRAIN_OPTIONS = ("cache", "out", "seed", "eval_cache", "resume", "overwrite", "threads")
+RUNNER_CURRICULUM_OPTIONS = ("cache", "out", "overwrite", "threads")
 TOP_LEVEL_KEYS = ("name", "description", "out", "setup", "seeds", "baseline", "comparisons",
                   "metric", "train", "curricula", "arms")
 SETUP_KEYS = ("embedded", "cache", "eval_cache")
