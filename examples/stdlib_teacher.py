@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kdpipe.embedded.prepare import prepare
 from kdpipe.embedded.presets import PRESETS, get_preset
-from kdpipe.experiments.runner import auto_threads, torch_threads
+from kdpipe.torch_runtime import auto_threads, torch_threads
 
 
 def main() -> None:

@@ -1,22 +1,27 @@
 """The `kdpipe` command line: parse options, build a stage's config, call the stage's function.
 
-Every option can also come from a YAML file (`kdpipe COMMAND --config FILE ...`: keys are option
-names, flat or under a section named after the command) or from an environment variable
-`KDPIPE_<COMMAND>_<OPTION>` (e.g. `KDPIPE_CACHE_TEACHER_TOP_K=32`). Flags on the command line
-win over the environment, which wins over the file.
+Every option of a stage can also come from a YAML file (`kdpipe COMMAND --config FILE ...`:
+keys are option names, flat or under a section named after the command; `options.py` reads
+it) or from an environment variable `KDPIPE_<COMMAND>_<OPTION>` (e.g.
+`KDPIPE_CACHE_TEACHER_TOP_K=32`). Flags on the command line win over the environment, which
+wins over the file.
+
+Help is click's plain layout rather than typer's rich panels: rich reads `[vllm]` in an
+install hint as markup and drops it, and squeezes descriptions to a few characters at 80
+columns.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+from typer.core import TyperGroup, TyperOption
 
-from kdpipe import __version__, options
-from kdpipe.schemas.errors import ConfigError, KdpipeError
+from kdpipe import __version__
+from kdpipe.schemas.errors import KdpipeError
 
 app = typer.Typer(
     name="kdpipe",
@@ -25,16 +30,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 log = logging.getLogger("kdpipe")
 
 USER_ERRORS = (KdpipeError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError)
+ENV_PREFIX = "KDPIPE"
 
 
 def _register_commands() -> None:
-    """Each stage's commands live in its package; this file only registers them."""
+    """Each stage's commands live in its package; this file only registers them (once)."""
+    if app.registered_commands:
+        return
     from kdpipe import reports
     from kdpipe.pipeline import cli as pipeline_cli
     from kdpipe.trainer import cli as trainer_cli
@@ -56,56 +65,34 @@ def _register_commands() -> None:
     app.command("report")(experiments_cli.report)
 
 
-def _config_file_defaults(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
-    """Strip `--config FILE` from argv and turn the file into click's `default_map`."""
-    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
-        return argv, None
-    args = list(argv)
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            path, del_span = Path(args[i + 1]), slice(i, i + 2)
-            break
-        if arg.startswith("--config="):
-            path, del_span = Path(arg.split("=", 1)[1]), slice(i, i + 1)
-            break
-    else:
-        raise ConfigError("--config needs a file path")
-    del args[del_span]
-    command = next((a for a in args if not a.startswith("-")), None)
-    if command is None:
-        raise ConfigError("--config must come with a command, e.g. kdpipe train-student "
-                          "--config run.yaml")
-    import yaml
+def envvar_name(command: str, option: TyperOption) -> str:
+    """The README's rule: `KDPIPE_<COMMAND>_<OPTION>`, OPTION being the option's long flag
+    (`--json` is JSON, `--pack/--no-pack` is PACK), upper case, `-` as `_`."""
+    flag = max(option.opts, key=len).lstrip("-")
+    return f"{ENV_PREFIX}_{command}_{flag}".upper().replace("-", "_")
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from exc
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    section = loaded.get(command, loaded)
-    commands = getattr(typer.main.get_command(app), "commands", {})  # the click group's
-    target = commands.get(command)
-    known = {p.name for p in target.params} if target is not None else set()
-    values = {str(k).replace("-", "_"): v for k, v in section.items()}
-    unknown = sorted(k for k in values if k not in known)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown option(s) for {command}: "
-                          f"{', '.join(unknown)}")
-    config_class = getattr(getattr(target, "callback", None), "config_class", None)
-    if config_class is not None:  # a stage: its values as strictly as the experiment YAML's
-        flags = {flag.name: flag for flag in options.flags(config_class)}
-        problems = []
-        for key, value in values.items():
-            try:
-                values[key] = options.convert_value(flags[key], value, key)
-            except ConfigError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise ConfigError(f"--config {path}: " + "; ".join(problems))
-    return args, {command: values}
+
+def _name_environment_variables(group: TyperGroup) -> None:
+    """Give every option of every command its variable by `envvar_name`.
+
+    Set here rather than by click's `auto_envvar_prefix`, which names a variable after the
+    Python parameter (`inspect --json` read KDPIPE_INSPECT_AS_JSON) and gives eager options one
+    too (KDPIPE_VERSION=1 turned every command into a version print). Eager options
+    (`--help`, `--version`, `--config`) read no variable.
+    """
+    for name, command in group.commands.items():
+        for param in command.params:
+            if isinstance(param, TyperOption) and not param.is_eager:
+                param.envvar = envvar_name(name, param)
+
+
+def cli() -> TyperGroup:
+    """The `kdpipe` command, every command registered and its variables named."""
+    _register_commands()
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    _name_environment_variables(group)
+    return group
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,19 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
     try:
-        _register_commands()
-        args, default_map = _config_file_defaults(list(sys.argv[1:] if argv is None else argv))
-        command = typer.main.get_command(app)
-        command.main(args=args, prog_name="kdpipe", auto_envvar_prefix="KDPIPE",
-                     default_map=default_map)
+        cli().main(args=list(sys.argv[1:] if argv is None else argv), prog_name="kdpipe")
     except USER_ERRORS as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))  # a run stopped by a signal: 128 + its number
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False
-          ) -> None:
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True,
+                                                help="Print the version.")] = False) -> None:
     if version:
         typer.echo(__version__)
         raise typer.Exit()

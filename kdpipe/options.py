@@ -5,8 +5,9 @@ help text, and the checks every value must pass. From that one declaration
 
 * `command(Config, run)` makes the typer command: one flag per field, nested configs
   flattened (`TrainConfig.loss.temperature` is `--temperature`), with typer's help, its
-  `--x/--no-x` booleans, the `KDPIPE_<COMMAND>_<OPTION>` variables and the `--config` file
-  (click's default map; see `kdpipe/cli.py`);
+  `--x/--no-x` booleans and a `--config FILE` of YAML values (read into click's default map
+  before any other option, so flags and environment variables still win; the
+  `KDPIPE_<COMMAND>_<OPTION>` variables are named in `kdpipe/cli.py`);
 * `build(Config, {...})` makes a config from flat option names, as the command, the
   experiment runner and tests do;
 * `field_problems(config)` runs every declared check: finite numbers, bounds, choices.
@@ -23,11 +24,12 @@ nested dataclasses; pydantic-settings names nested options `--loss.temperature`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import math
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -41,6 +43,13 @@ C = TypeVar("C")
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N."
 PROGRESS_HELP = "Show a progress bar."
 REMOTE_CODE_HELP = "Allow the model/tokenizer to run code from its repository."
+CONFIG_HELP = ("YAML file of option values: keys are this command's option names (kd_weight or "
+               "kd-weight), flat or under a section named after the command. Flags and "
+               "environment variables win over it.")
+# The rule itself is `torch_runtime.auto_threads`; README.md's "CPU threads" says it at length.
+THREADS_HELP = ("Torch CPU threads of this process. 0 (auto): OMP_NUM_THREADS when set, else "
+                "half the CPUs this process may use, shared among the processes of one job "
+                "on this machine, from 1 to 8.")
 
 
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None,
@@ -116,6 +125,27 @@ def _parse_comma_separated(text: str, item: type, flag: str) -> tuple[Any, ...]:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated values, e.g. 2,4") from exc
 
 
+def did_you_mean(name: Any, known: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" naming the closest of `known` to a misspelled `name`, else "".
+
+    Dashes and underscores count as the same (`kd-weight` is `kd_weight`); the suggestion is
+    spelled the way `name` was.
+    """
+    text = str(name)
+    close = difflib.get_close_matches(text.replace("-", "_"),
+                                      [k.replace("-", "_") for k in known], n=1)
+    if not close:
+        return ""
+    shown = close[0].replace("_", "-") if "-" in text else close[0]
+    return f" (did you mean {shown!r}?)"
+
+
+def unknown_names(names: Iterable[Any], known: Iterable[str]) -> str:
+    """The unknown `names`, comma-separated, each with its `did_you_mean` hint."""
+    known = list(known)
+    return ", ".join(f"{name}{did_you_mean(name, known)}" for name in names)
+
+
 def build(cls: type[C], values: dict[str, Any]) -> C:
     """A `cls` from flat option values (missing ones keep their defaults).
 
@@ -124,7 +154,8 @@ def build(cls: type[C], values: dict[str, Any]) -> C:
     known = {flag.name for flag in flags(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown option(s) for {cls.__name__}: "
+                          f"{unknown_names(unknown, known)}")
     return _build(cls, values)
 
 
@@ -273,6 +304,9 @@ def raise_problems(command: str, problems: list[str]) -> None:
 
 # ---- the command -------------------------------------------------------------------------
 
+CONFIG_PARAMETER = "config"  # `--config FILE`, on every generated command
+
+
 def _cli_annotation(flag: Flag) -> tuple[Any, Any]:
     """(annotation, default) of the typer parameter for `flag`."""
     metadata = flag.field.metadata
@@ -296,10 +330,73 @@ def _from_cli(flag: Flag, value: Any) -> Any:
     return tuple(value or ())
 
 
+def _to_cli(flag: Flag, value: Any) -> Any:
+    """A converted value as its typer parameter takes it (the inverse of `_from_cli`)."""
+    if flag.field.metadata.get("comma_separated") and isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def read_config_file(path: Path, command: str, cls: type) -> dict[str, Any]:
+    """The values a `--config` YAML file gives `command`'s options, keyed by option name.
+
+    Keys are option names (dashes or underscores), flat or under a section named `command`;
+    values are converted as strictly as an experiment file's. Raises FileNotFoundError, or
+    one ConfigError naming the file and every unknown key (with the closest option name) and
+    every value that does not fit its option.
+    """
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})"
+                          ) from exc
+    section = loaded.get(command, loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(section, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    by_name = {flag.name: flag for flag in flags(cls)}
+    unknown = [key for key in section if str(key).replace("-", "_") not in by_name]
+    problems = [f"unknown option(s) for {command}: {unknown_names(unknown, by_name)}"
+                ] if unknown else []
+    values = {}
+    for key, value in section.items():
+        flag = by_name.get(str(key).replace("-", "_"))
+        if flag is None:
+            continue
+        try:
+            values[flag.name] = _to_cli(flag, convert_value(flag, value, str(key)))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(f"--config {path}: " + "; ".join(problems))
+    return values
+
+
+def _config_parameter(cls: type) -> inspect.Parameter:
+    """`--config FILE`: eager, so its values become click's defaults before any other option
+    is read (click then takes a flag first, then an environment variable, then the file)."""
+
+    def load(ctx: Any, param: Any, value: Path | None) -> Path | None:
+        if value is not None:
+            ctx.default_map = {**(ctx.default_map or {}),
+                               **read_config_file(value, ctx.info_name, cls)}
+        return value
+
+    info = typer.Option("--config", metavar="FILE", help=CONFIG_HELP, is_eager=True,
+                        callback=load)
+    return inspect.Parameter(CONFIG_PARAMETER, inspect.Parameter.KEYWORD_ONLY,
+                             annotation=Annotated[Path | None, info], default=None)
+
+
 def command(cls: type[C], run: Callable[[C], None], doc: str) -> Callable[..., None]:
-    """A typer command whose options are `cls`'s; it builds the config and calls `run`."""
+    """A typer command whose options are `cls`'s (and `--config FILE`); it builds the config
+    and calls `run`."""
     all_flags = flags(cls)
-    parameters = []
+    assert CONFIG_PARAMETER not in {f.name for f in all_flags}, "--config is taken"
+    parameters = [_config_parameter(cls)]
     for flag in all_flags:
         annotation, default = _cli_annotation(flag)
         parameters.append(inspect.Parameter(
@@ -312,7 +409,6 @@ def command(cls: type[C], run: Callable[[C], None], doc: str) -> Callable[..., N
     callback.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     callback.__doc__ = doc
     callback.__name__ = cls.__name__
-    callback.config_class = cls  # type: ignore[attr-defined]  # for the --config file
     return callback
 
 

@@ -24,7 +24,9 @@ from kdpipe.schemas.errors import ConfigError
 
 def _build_curriculum(cfg: BuildCurriculumConfig) -> None:
     from kdpipe.curriculum.build import build_curriculum as run_build
+    from kdpipe.torch_runtime import set_threads
 
+    set_threads(cfg.threads)
     info = run_build(cfg).info
     typer.echo(f"curriculum ready: {cfg.out} ({info.num_samples} samples by {info.source}/"
                f"{info.metric}, {info.num_buckets} buckets)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import options
-from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, option
+from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, THREADS_HELP, option
 from kdpipe.schemas.curriculum import METRICS, SOURCES
 
 
@@ -34,6 +34,7 @@ class BuildCurriculumConfig:
         None, "--source student: tokenizer if not stored with the student.")
     batch_size: int = option(8, "Sequences per scoring batch.", ge=1)
     device: str = option("auto", DEVICE_HELP)
+    threads: int = option(0, THREADS_HELP, ge=0)
     dtype: str = option("auto", "Autocast dtype of the scoring pass: auto, float32, bfloat16, "
                         "float16.", choices=("auto", "float32", "bfloat16", "float16"))
     chunk_size: int = option(1024, "Target tokens per head chunk.", ge=1)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from kdpipe.embedded.presets import DEFAULT_PRESET, PRESETS
+from kdpipe.options import THREADS_HELP
 
 
 def demo(
@@ -16,8 +17,7 @@ def demo(
     preset: Annotated[str, typer.Option(
         help=f"Size: {', '.join(PRESETS)} (tiny: < 3 min, CI; small: < 10 min on 2 CPU "
         "cores; full: a stronger teacher, about an hour).")] = DEFAULT_PRESET,
-    threads: Annotated[int, typer.Option(
-        help="Torch threads (0: half the CPU cores, at least 1).")] = 0,
+    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     overwrite: Annotated[bool, typer.Option(

@@ -25,9 +25,10 @@ from kdpipe.embedded.prepare import PRESET_NAME, Prepared, check_preset, prepare
 from kdpipe.embedded.presets import Preset, get_preset
 from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ArmSpec, CurriculumSpec, ExperimentConfig, Setup
-from kdpipe.experiments.runner import Inputs, auto_threads, run_experiment, torch_threads
+from kdpipe.experiments.runner import Inputs, run_experiment
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text
+from kdpipe.torch_runtime import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,8 @@ def run_demo(out: Path, preset_name: str = "small", threads: int | None = None,
              ) -> dict[str, Any]:
     """Everything `kdpipe demo` does; returns the table (also OUT/demo.json and demo.md)."""
     preset = get_preset(preset_name)
+    threads = resolve_threads(threads or 0)
     _check_out(out, preset, overwrite)
-    threads = threads or auto_threads(1)
     clock = StageClock(out)
     with torch_threads(threads):
         prepared = prepare(preset, out, clock, device, progress)

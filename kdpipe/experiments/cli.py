@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from kdpipe.options import THREADS_HELP
+
 
 def experiment(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (docs/experiments.md).")],
@@ -15,7 +17,7 @@ def experiment(
     parallel: Annotated[int, typer.Option(
         help="Runs trained at the same time, each in its own process.")] = 1,
     threads: Annotated[int, typer.Option(
-        help="Torch threads per run (0: CPU cores / (2 × --parallel), at least 1).")] = 0,
+        help=THREADS_HELP + " Each of the --parallel runs gets this many.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars (sequential runs).")
                         ] = True,

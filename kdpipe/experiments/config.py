@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdpipe.options import convert_value, flags
+from kdpipe.options import convert_value, did_you_mean, flags
 from kdpipe.schemas.errors import ConfigError, choice_problems
 
-# Options the runner sets for every run; an arm cannot.
-RUNNER_TRAIN_OPTIONS = ("cache", "out", "seed", "eval_cache", "resume", "overwrite")
-RUNNER_CURRICULUM_OPTIONS = ("cache", "out", "overwrite")
+# Options the runner sets for every run; an arm cannot (threads: `kdpipe experiment --threads`).
+RUNNER_TRAIN_OPTIONS = ("cache", "out", "seed", "eval_cache", "resume", "overwrite", "threads")
+RUNNER_CURRICULUM_OPTIONS = ("cache", "out", "overwrite", "threads")
 TOP_LEVEL_KEYS = ("name", "description", "out", "setup", "seeds", "baseline", "comparisons",
                   "metric", "train", "curricula", "arms")
 SETUP_KEYS = ("embedded", "cache", "eval_cache")
@@ -130,7 +130,7 @@ def convert_options(cls: type, raw: Any, where: str, reserved: tuple[str, ...],
         elif key in extra:
             out[key] = value
         elif key not in known:
-            problems.append(f"{where}.{name}: unknown option")
+            problems.append(f"{where}.{name}: unknown option{did_you_mean(name, [*known, *extra])}")
         elif key == "student_config" and isinstance(value, dict):
             out[key] = dict(value)  # an inline model config: written to a file by the runner
         else:
@@ -155,8 +155,8 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a YAML mapping (name, setup, seeds, arms, ...)")
-    problems: list[str] = [f"unknown key {k!r} (known: {', '.join(TOP_LEVEL_KEYS)})"
-                           for k in data if k not in TOP_LEVEL_KEYS]
+    problems: list[str] = [f"unknown key {k!r}{did_you_mean(k, TOP_LEVEL_KEYS)} (known: "
+                           f"{', '.join(TOP_LEVEL_KEYS)})" for k in data if k not in TOP_LEVEL_KEYS]
     name = _check_name("experiment", data.get("name", Path(source).stem), problems)
     setup = _setup(data.get("setup") or {}, problems)
     seeds = _seeds(data.get("seeds", [0]), problems)
@@ -213,8 +213,14 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
 
 def _setup(raw: Any, problems: list[str]) -> Setup:
     """`setup: {embedded: PRESET}` or `{cache: PATH, eval_cache: PATH}`."""
-    if not isinstance(raw, dict) or any(k not in SETUP_KEYS for k in raw):
-        problems.append("setup must be {embedded: PRESET} or {cache: PATH, eval_cache: PATH}")
+    shape = "setup must be {embedded: PRESET} or {cache: PATH, eval_cache: PATH}"
+    if not isinstance(raw, dict):
+        problems.append(shape)
+        return Setup()
+    unknown = [k for k in raw if k not in SETUP_KEYS]
+    if unknown:
+        problems += [f"setup.{k}: unknown key{did_you_mean(k, SETUP_KEYS)} ({shape})"
+                     for k in unknown]
         return Setup()
     setup = Setup(**{k: None if v is None else str(v) for k, v in raw.items()})
     if (setup.embedded is None) == (setup.cache is None):

@@ -19,12 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -46,35 +44,13 @@ from kdpipe.options import flat_values
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text, nonfinite_as_null
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.torch_runtime import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "experiment.json"
 RESULTS_NAME = "results.json"
 SUMMARY_NAME, SUMMARY_MD = "summary.json", "summary.md"
-
-
-def auto_threads(parallel: int) -> int:
-    """Torch threads per run: half the cores per concurrent run (the rest feed the loaders).
-
-    On a 2-core machine that is 1 thread, measured 2-4x faster than 2 for demo-sized models:
-    intra-op threads spinning against the loader thread cost more than they gain.
-    """
-    return max(1, (os.cpu_count() or 1) // (2 * max(parallel, 1)))
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Set torch's intra-op threads for a block (None: leave them)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def mean_train_throughput(folder: Path) -> float:
@@ -212,15 +188,19 @@ def run_experiment(exp: ExperimentConfig, parallel: int = 1, threads: int | None
                    ) -> dict[str, Any]:
     """Steps 1-4 of the module docstring; returns the summary (also in OUT/summary.json).
 
+    `threads`: torch CPU threads of each run (None or 0: `torch_runtime.auto_threads`, the
+    CPUs shared among the `parallel` runs).
+
     `inputs` skips step 1 (the demo prepares its own caches); `labels` are display names of
     arms for the Markdown tables.
     """
     if parallel < 1:
         raise ConfigError(f"--parallel {parallel} must be >= 1")
+    threads = resolve_threads(threads or 0, processes=parallel)
+    log.info("%d torch CPU thread(s) per run (--threads)", threads)
     out = Path(exp.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = clock or StageClock(out)
-    threads = threads or auto_threads(parallel)
     with torch_threads(threads):
         inputs = inputs or resolve_inputs(exp, out, clock, device, progress)
     run_progress = progress and parallel == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import options
-from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, option
+from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, THREADS_HELP, option
 from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
 from kdpipe.schemas.shard import LOGPROB_DTYPES
 
@@ -36,6 +36,7 @@ class CacheTeacherConfig:
         "install 'kdpipe[vllm]'), auto (vllm when it is installed and a GPU is visible, else "
         "hf).", choices=BACKENDS)
     device: str = option("auto", DEVICE_HELP)
+    threads: int = option(0, THREADS_HELP, ge=0)
     dtype: str = option("auto", "Teacher compute dtype: auto (bfloat16 on GPU, float32 on "
                         "CPU), float32, bfloat16, float16.", choices=DTYPES)
     batch_size: int = option(8, "Sequences per teacher forward pass.", ge=1)

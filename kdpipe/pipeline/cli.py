@@ -12,7 +12,9 @@ from kdpipe.pipeline.cache_config import CacheTeacherConfig
 def _cache_teacher(cfg: CacheTeacherConfig) -> None:
     from kdpipe.pipeline.cache_stage import cache_teacher
     from kdpipe.pipeline.workers import is_part
+    from kdpipe.torch_runtime import set_threads
 
+    set_threads(cfg.threads, processes=cfg.num_workers)  # workers often share one machine
     manifest = cache_teacher(cfg)
     if is_part(manifest):
         typer.echo(f"worker {cfg.worker_index} of {cfg.num_workers} done: "

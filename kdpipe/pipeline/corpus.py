@@ -6,6 +6,10 @@ a stream) and `.parquet` (read a batch at a time). Order is deterministic — so
 a folder or glob, then the order of the `--data` values — because the teacher stage numbers
 samples in the order it reads them.
 
+A name that is neither on disk nor in the local Hugging Face cache, while the hub is offline
+or does not answer, is refused at once: it is most likely a path typo, and `datasets` would
+spend half a minute retrying the hub before saying so.
+
 A large corpus always holds a few bad documents; they are skipped, counted and summarised in
 one warning rather than stopping a long run (`strict=True` stops at the first instead).
 """
@@ -18,6 +22,9 @@ import json
 import logging
 import os
 import re
+import threading
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ _PATHLIKE = (*SUFFIXES, ".zst", ".json", ".gz", ".csv", ".tsv", ".arrow", ".bz2"
 _GLOB_CHARS = re.compile(r"[*?[]")
 _FIELD_PROBE = 1000  # records without the text field before a file is called wrong, not dirty
 _BATCH_ROWS = 1024  # parquet rows per batch
+HUB_PROBE_TIMEOUT_S = 3.0  # one request, no retries: enough to tell "no network" from "slow"
 
 
 @dataclass
@@ -81,7 +89,9 @@ def resolve_sources(data: Sequence[str]) -> list[str]:
     """Expand `--data` values into the ordered list of files and `hf:NAME` datasets to read.
 
     Existing paths win over dataset names; a glob that matches nothing, or a missing path that
-    looks like a path (`./x`, `a/b/c`, `x.jsonl`), is an error rather than a dataset lookup.
+    looks like a path (`./x`, `a/b/c`, `x.jsonl`), is an error rather than a dataset lookup,
+    and so is a name in no local cache while the hub is offline or unreachable
+    (`check_dataset_reachable`). Raises ConfigError.
     """
     if not data:
         raise ConfigError("--data: no corpus given; pass a file, folder, glob or dataset name")
@@ -104,6 +114,7 @@ def resolve_sources(data: Sequence[str]) -> list[str]:
         elif _looks_like_path(value):
             raise ConfigError(f"--data {value}: file not found; check the path")
         else:
+            check_dataset_reachable(value)
             sources.append(HF_PREFIX + value)
             continue
         for file in files:
@@ -118,6 +129,67 @@ def resolve_sources(data: Sequence[str]) -> list[str]:
 
 
 # ---- Hugging Face datasets -----------------------------------------------------------------
+
+def _in_local_hf_cache(name: str) -> bool:
+    """Whether `datasets` could load `name` without the hub: its files are in the hub cache,
+    or a prepared copy is in the datasets cache (the folders `datasets` itself looks in)."""
+    import datasets.config
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    hub_copy = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="dataset")
+    prepared = Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")
+    return hub_copy.is_dir() or prepared.is_dir()
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub did not answer one HTTP request within `timeout` seconds, or
+    None when it answered (any status; the environment's proxy settings apply, as for
+    `datasets`). The request runs in a thread abandoned at the deadline, because a name
+    lookup can block longer than a socket timeout."""
+    from huggingface_hub import constants
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                                   timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # an error status is still an answer
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            outcome.append(f"{constants.ENDPOINT} is unreachable: {reason}")
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"{constants.ENDPOINT} did not answer within {timeout:g} s"
+    return outcome[0]
+
+
+def check_dataset_reachable(name: str) -> None:
+    """Refuse a `--data` value that can be neither a local path nor a loadable dataset.
+
+    Raises ConfigError (both readings in one line) when `name` is not in the local Hugging
+    Face cache and the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or unreachable.
+    """
+    import datasets.config
+
+    if _in_local_hf_cache(name):
+        return
+    if datasets.config.HF_HUB_OFFLINE:
+        why: str | None = "the hub is offline: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set"
+    else:
+        why = hub_unreachable()
+    if why is None:
+        return
+    raise ConfigError(f"--data {name}: no file or folder named {name!r} here "
+                      f"({Path.cwd()}), and no dataset {name!r} in the local Hugging Face "
+                      f"cache ({why}); check the path, or go online to load the dataset")
+
 
 def _hf_error(name: str, split: str | None, exc: Exception) -> ConfigError:
     detail = " ".join(str(exc).split())[:300]

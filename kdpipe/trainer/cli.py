@@ -16,16 +16,20 @@ from kdpipe.trainer.distributed import is_main_process
 
 
 def _train(cfg: TrainConfig) -> None:
+    from kdpipe.torch_runtime import set_threads
     from kdpipe.trainer.train import train
 
+    set_threads(cfg.threads)
     final = train(cfg)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         typer.echo(json.dumps(final, allow_nan=False))
 
 
 def _evaluate(cfg: EvalConfig) -> None:
+    from kdpipe.torch_runtime import set_threads
     from kdpipe.trainer.evaluate import evaluate
 
+    set_threads(cfg.threads)
     result = evaluate(cfg)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         typer.echo(json.dumps(result, allow_nan=False))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import options
-from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, option
+from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, THREADS_HELP, option
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
@@ -28,8 +28,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that never make a different run: where the run folder now is (moved or copied),
-# where it runs, how it shows progress, and the run-folder flags themselves.
-COSMETIC_FIELDS = ("out", "device", "prefetch", "progress", "resume", "overwrite")
+# where and on how many CPU threads it runs, how it shows progress, and the run-folder flags.
+COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "progress", "resume", "overwrite")
 # Fields that may also differ on `--resume`: how long to train and how often to report.
 # Everything else defines the run and must match.
 RESUMABLE_CHANGES = COSMETIC_FIELDS + ("max_steps", "epochs", "eval_every", "save_every",
@@ -133,6 +133,7 @@ class TrainConfig:
     log_every: int = option(10, "Log train metrics every N steps.", ge=1)
     seed: int = option(0, "Seed of initialisation, data order and dropout.")
     device: str = option("auto", DEVICE_HELP)
+    threads: int = option(0, THREADS_HELP, ge=0)
     dtype: str = option(
         "auto", "Autocast dtype: auto (bfloat16 on GPU, none on CPU), float32, bfloat16 "
         "(float16 only for evaluate: there is no loss scaling).", choices=DTYPES)
@@ -231,6 +232,7 @@ class EvalConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     batch_size: int = option(8, "Sequences per batch.", ge=1)
     device: str = option("auto", DEVICE_HELP)
+    threads: int = option(0, THREADS_HELP, ge=0)
     dtype: str = option("auto", "Autocast dtype: auto, float32, bfloat16, float16.",
                         choices=DTYPES)
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)

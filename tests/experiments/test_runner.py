@@ -45,6 +45,23 @@ def test_config_converts_values_and_reports_every_problem(tmp_path: Path) -> Non
         assert expected in message
 
 
+def test_misspelled_keys_get_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_experiment({"setup": {"cache": "c", "eval_cach": "e"}, "seed": [0],
+                          "train": {"kd-wieght": 1, "threads": 2},
+                          "curricula": {"t": {"sorce": "teacher", "from-arm": "a"}},
+                          "arms": {"a": {"lamda": 1}}}, "typo.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    for expected in ("unknown key 'seed' (did you mean 'seeds'?)",
+                     "setup.eval_cach: unknown key (did you mean 'eval_cache'?)",
+                     "train.kd-wieght: unknown option (did you mean 'kd-weight'?)",
+                     "train.threads: set by the experiment runner",
+                     "curricula.t.sorce: unknown option (did you mean 'source'?)",
+                     "arms.a.lamda: unknown option"):
+        assert expected in message, message
+
+
 def test_grid_runs_every_arm_and_seed(tiny_experiment: tuple[Path, Path]) -> None:
     _, out = tiny_experiment
     records = json.loads((out / RESULTS_NAME).read_text())

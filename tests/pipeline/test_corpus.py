@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,9 +149,85 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
-def test_unknown_name_becomes_hf_source() -> None:
+def test_unknown_name_becomes_hf_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(corpus, "hub_unreachable", lambda: None)  # the hub answers
     assert resolve_sources(["roneneldan/TinyStories", "wikitext"]) == [
         "hf:roneneldan/TinyStories", "hf:wikitext"]
+
+
+@pytest.fixture()
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Hub and datasets caches of their own, empty."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    return tmp_path
+
+
+def test_typo_fails_at_once_when_offline(empty_hf_cache: Path, offline_hub: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder-name typo is neither a path nor a cached dataset: refused with both readings,
+    without asking the hub."""
+    monkeypatch.setattr(corpus, "hub_unreachable", lambda: pytest.fail("asked the hub"))
+    with pytest.raises(ConfigError, match=r"^--data corpus: no file or folder named 'corpus' "
+                       r"here .*, and no dataset 'corpus' in the local Hugging Face cache "
+                       r"\(the hub is offline: HF_HUB_OFFLINE") as info:
+        resolve_sources(["corpus"])
+    assert "\n" not in str(info.value)
+
+
+def test_typo_fails_at_once_when_hub_unreachable(empty_hf_cache: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(corpus, "hub_unreachable", lambda: "https://hub is unreachable: DNS")
+    with pytest.raises(ConfigError, match=r"no dataset 'org/corpus' in the local Hugging Face "
+                       r"cache \(https://hub is unreachable: DNS\)"):
+        resolve_sources(["org/corpus"])
+
+
+def test_cached_dataset_is_used_offline(empty_hf_cache: Path, offline_hub: None) -> None:
+    (empty_hf_cache / "hub" / "datasets--org--corpus").mkdir(parents=True)
+    (empty_hf_cache / "datasets" / "wikitext").mkdir(parents=True)
+    assert resolve_sources(["org/corpus", "wikitext"]) == ["hf:org/corpus", "hf:wikitext"]
+
+
+def test_offline_typo_fails_at_once_from_the_command_line(tmp_path: Path) -> None:
+    """`--data corpus` (a folder-name typo) with the hub offline: one line naming both
+    readings, before any model is loaded, in a real process with the environment set."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[2]), HF_HUB_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "-m", "kdpipe", "cache-teacher", "--teacher",
+                           "no-such-teacher", "--data", "corpus", "--out", "cache"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert done.returncode == 2, done.stderr
+    assert errors == [
+        f"kdpipe: error: --data corpus: no file or folder named 'corpus' here ({tmp_path}), "
+        "and no dataset 'corpus' in the local Hugging Face cache (the hub is offline: "
+        "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set); check the path, or go online to load "
+        "the dataset"], done.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unanswered_probe_gives_up_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that hangs (a name lookup, a black-holed address) costs the timeout only."""
+    import threading
+    import urllib.request
+
+    release = threading.Event()
+
+    def hang(*args: object, **kwargs: object) -> None:
+        release.wait(30)
+        raise OSError("released")
+
+    monkeypatch.setattr(urllib.request, "urlopen", hang)
+    try:
+        assert "did not answer within 0.1 s" in (corpus.hub_unreachable(timeout=0.1) or "")
+    finally:
+        release.set()
 
 
 def test_hf_dataset_from_local_folder(tmp_path: Path, offline_hub: None) -> None:
@@ -172,7 +251,7 @@ def test_hf_dataset_missing_field(tmp_path: Path, offline_hub: None) -> None:
 
 def test_hf_unknown_name_and_split(tmp_path: Path, offline_hub: None) -> None:
     with pytest.raises(ConfigError, match=r"^--data no-such/dataset: not a file or folder"):
-        read_all(resolve_sources(["no-such/dataset"]))
+        read_all(["hf:no-such/dataset"])
     folder = tmp_path / "ds"
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", ["x"])
