@@ -137,13 +137,17 @@ def draw_unique(logits: torch.Tensor, samples: int, generator: torch.Generator
 def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
                     temperatures: Sequence[float], pad_id: int, samples: int = 0,
                     sample_ids: Sequence[int] | None = None, sample_seed: int = 0,
-                    vocab_size: int | None = None) -> list[SequenceTargets]:
+                    vocab_size: int | None = None,
+                    target_masks: Sequence[np.ndarray | None] | None = None
+                    ) -> list[SequenceTargets]:
     """Run the teacher on one batch of sequences (right-padded) and reduce each to targets.
 
     With `samples` > 0, also draw that many ids per position from the teacher's distribution
     (τ = 1), each sequence with `sample_generator(sample_seed, sample_ids[row])`.
     `vocab_size`: the tokenizer's real ids; the head's rows beyond them are padding, left out
     of the softmax (and so of every cached value), as if the head had exactly those rows.
+    `target_masks`: per sequence, (T-1,) bool of the positions to keep (chat data's targets),
+    or None for all; only those positions are reduced (and sampled), in order.
     """
     if samples and (sample_ids is None or len(sample_ids) != len(sequences)):
         raise ValueError("drawing samples needs one sample id per sequence")
@@ -161,15 +165,27 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
 
     # Row r, positions 0..len_r - 2 predict tokens 1..len_r - 1; contiguous views, no copies.
     parts: dict[str, list[torch.Tensor]] = {}
+    kept = []  # per row: its target positions, as slices (all of them) or an index tensor
     for row, length in enumerate(lengths):
+        mask = target_masks[row] if target_masks is not None else None
+        if mask is not None and not mask.any():
+            raise ValueError(f"sequence {row} of the batch has no target position")
+        kept.append(slice(0, length - 1) if mask is None else
+                    torch.from_numpy(np.flatnonzero(mask)).to(logits.device))
+    for row, positions in enumerate(kept):
         generator = (sample_generator(sample_seed, int(sample_ids[row]), logits.device)
                      if samples and sample_ids is not None else None)
-        for start in range(0, length - 1, POSITION_CHUNK):
-            stop = min(start + POSITION_CHUNK, length - 1)
-            chunk = _reduce_positions(logits[row, start:stop], input_ids[row, start + 1:stop + 1],
-                                      top_k, temperatures)
+        count = (positions.stop if isinstance(positions, slice) else positions.numel())
+        for start in range(0, count, POSITION_CHUNK):
+            stop = min(start + POSITION_CHUNK, count)
+            if isinstance(positions, slice):  # views, no copies
+                here, labels = logits[row, start:stop], input_ids[row, start + 1:stop + 1]
+            else:
+                chosen = positions[start:stop]
+                here, labels = logits[row, chosen], input_ids[row, chosen + 1]
+            chunk = _reduce_positions(here, labels, top_k, temperatures)
             if generator is not None:
-                ids, counts, unique = draw_unique(logits[row, start:stop], samples, generator)
+                ids, counts, unique = draw_unique(here, samples, generator)
                 chunk |= {"sampled_ids": ids, "sampled_counts": counts,
                           "sampled_lengths": unique}
             for name, value in chunk.items():
@@ -178,9 +194,10 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
 
     results = []
     offset = entry = 0
-    for length in lengths:
-        span = slice(offset, offset + length - 1)
-        offset += length - 1
+    for positions in kept:
+        count = positions.stop if isinstance(positions, slice) else positions.numel()
+        span = slice(offset, offset + count)
+        offset += count
         target_lp = columns["target_logprob"][span]
         sampled: dict[str, np.ndarray] = {}
         if samples:

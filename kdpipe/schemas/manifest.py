@@ -23,8 +23,13 @@ TOKENIZER_DIR = "tokenizer"  # the cache's tokenizer, saved with save_pretrained
 # 2: vocab_size is the tokenizer's real vocabulary (the support of every cached distribution),
 #    the teacher's head width is recorded apart, and documents may start with BOS. Version 1
 #    manifests are upgraded on read (`_upgrade_v1`).
-MANIFEST_SCHEMA_VERSION = 2
+# 3: conversational data: `train_on` (targets at some positions only: shards carry a
+#    target_mask), `segments` (packed documents' lengths), the corpus format and chat template.
+#    Version 2 manifests read as they are: every new field's default is what they hold.
+MANIFEST_SCHEMA_VERSION = 3
 LAYOUTS = ("packed", "document")
+# Which positions hold teacher targets: every one, or those of the chat data's selection.
+TRAIN_ON = ("all", "assistant", "last-assistant", "completion")
 TAIL_MODES = ("exact", "uniform")  # uniform: tempered tails approximated at train time
 # How teacher_entropy was computed: exactly over the full vocabulary (hf backend), or as a lower
 # bound from the top-k and the tail mass (vLLM backend: no full logits).
@@ -36,7 +41,7 @@ class ShardInfo:
     file: str  # name relative to the cache folder, e.g. "shard-00000.parquet"
     rows: int  # sequences
     tokens: int  # input tokens (sum of sequence lengths)
-    targets: int  # positions with a teacher distribution (tokens - rows)
+    targets: int  # positions with a teacher distribution (tokens - rows, or the masked ones)
     first_sample_id: int
     last_sample_id: int
     bytes: int
@@ -74,6 +79,8 @@ class CorpusInfo:
     fingerprint: str
     documents_read: int
     documents_skipped: int  # empty or undecodable, counted and skipped
+    format: str = "text"  # text, messages or prompt-completion
+    chat_template: str = ""  # sha256 of the chat template that rendered conversations
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ class CacheManifest:
     cache_mode: str = "topk"  # "sampled": N teacher samples per position instead of top-k
     samples: int = 0  # sampled: draws per position (N)
     sample_seed: int = 0  # sampled: position draws use a generator seeded by (seed, sample_id)
+    train_on: str = "all"  # one of TRAIN_ON; not "all": shards have a target_mask column
+    segments: bool = False  # shards have a segments column (packed documents' lengths)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     kdpipe_version: str = __version__
     extra: dict[str, str] = field(default_factory=dict)
@@ -112,7 +121,8 @@ class CacheManifest:
     @property
     def shard_layout(self) -> ShardLayout:
         return ShardLayout(self.id_dtype, self.logprob_dtype, bool(self.tail_temperatures),
-                           self.encoding, self.cache_mode)
+                           self.encoding, self.cache_mode, has_target_mask=self.train_on != "all",
+                           has_segments=self.segments)
 
     @property
     def num_sequences(self) -> int:
@@ -184,6 +194,12 @@ class CacheManifest:
         if self.cache_mode != "topk":
             settings |= {"cache_mode": self.cache_mode, "samples": self.samples,
                          "sample_seed": self.sample_seed}
+        if self.corpus.format != "text":
+            settings |= {"format": self.corpus.format, "chat_template": self.corpus.chat_template}
+        if self.train_on != "all":
+            settings["train_on"] = self.train_on
+        if self.segments:
+            settings["segments"] = True
         return settings
 
     def validate(self, where: str) -> None:
@@ -208,6 +224,10 @@ class CacheManifest:
             problems.append(f"cache_mode {self.cache_mode!r} is not one of {CACHE_MODES}")
         if self.cache_mode == "sampled" and not 1 <= self.samples <= MAX_SAMPLES:
             problems.append(f"samples {self.samples} outside 1..{MAX_SAMPLES}")
+        if self.train_on not in TRAIN_ON:
+            problems.append(f"train_on {self.train_on!r} is not one of {TRAIN_ON}")
+        if self.segments and self.layout != "packed":
+            problems.append("segments are recorded for the packed layout only")
         if self.topk_layout != "flat":
             problems.append(f"topk_layout {self.topk_layout!r} is not 'flat'")
         try:

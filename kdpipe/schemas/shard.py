@@ -1,10 +1,13 @@
 """The Parquet schema of a cache shard: one row per sequence, explicit types, never inferred.
 
-Per-position columns hold one value per *target* position t = 0..T-2 (position t predicts
-token t+1 of `input_ids`). The top-k columns are flat with stride k: entry `t * k + j` is the
-j-th most likely next token at position t, in descending order of log-prob. The compact
-encoding (`kdpipe.schemas.encoding`) replaces the two top-k columns with `topk_id_deltas` and
-`topk_logprob_q`, same stride, ascending id order.
+Per-position columns hold one value per *target* position (position t predicts token t+1 of
+`input_ids`): every t = 0..T-2, or, when the shard has a `target_mask` column (T-1 booleans),
+only the positions where it is true, in order (chat data: the assistant's tokens). The top-k
+columns are flat with stride k: entry `i * k + j` is the j-th most likely next token at the
+i-th target position, in descending order of log-prob. The compact encoding
+(`kdpipe.schemas.encoding`) replaces the two top-k columns with `topk_id_deltas` and
+`topk_logprob_q`, same stride, ascending id order. A packed sequence may carry `segments`, the
+lengths of the documents packed into it (summing to T): attention never crosses them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import pyarrow.parquet as pq
 
 from kdpipe.schemas.errors import CacheFormatError
 
-SHARD_SCHEMA_VERSION = 1
+# 2: optional `target_mask` and `segments` columns. Version 1 shards (neither column) still read.
+SHARD_SCHEMA_VERSION = 2
+READABLE_SHARD_VERSIONS = (1, 2)
 SCHEMA_VERSION_KEY = b"kdpipe.schema_version"
 SHARD_COMPRESSION = "zstd"
 SHARD_COMPRESSION_LEVEL = 6
@@ -42,6 +47,8 @@ TEACHER_NLL = "teacher_nll"
 TEACHER_ENTROPY = "teacher_entropy"
 TEACHER_CONFIDENCE = "teacher_confidence"
 TEACHER_TOP1 = "teacher_top1"
+TARGET_MASK = "target_mask"  # (T-1,) bool per sequence: which positions are targets
+SEGMENTS = "segments"  # lengths of the documents packed into a sequence, summing to T
 
 SEQUENCE_STATS = (TEACHER_NLL, TEACHER_ENTROPY, TEACHER_CONFIDENCE, TEACHER_TOP1)
 
@@ -89,7 +96,11 @@ def invalid_values(table: pa.Table) -> list[str]:
                 targets = int(table.column(NUM_TARGETS)[row].as_py())
                 per_position = max((int(offsets[row + 1]) - int(offsets[row])) // max(targets, 1),
                                    1)
-            detail = f", target position {(index - int(offsets[row])) // per_position}"
+            position = (index - int(offsets[row])) // per_position  # i-th target of the row
+            if TARGET_MASK in table.column_names:  # the i-th masked position
+                mask = np.asarray(table.column(TARGET_MASK)[row].as_py(), dtype=bool)
+                position = int(np.flatnonzero(mask)[position])
+            detail = f", target position {position}"
         sample = (table.column(SAMPLE_ID)[row].as_py() if SAMPLE_ID in table.column_names
                   else f"row {row}")
         problems.append(f"{name} holds {flat[index]} at sample {sample}{detail}")
@@ -120,6 +131,8 @@ class ShardLayout:
     has_tempered_tails: bool
     encoding: str = "plain"
     cache_mode: str = "topk"  # "sampled": sampled ids and counts instead of top-k and tail
+    has_target_mask: bool = False  # targets at masked positions only (schema 2)
+    has_segments: bool = False  # packed documents' lengths (schema 2)
 
     def schema(self) -> pa.Schema:
         ids = ID_DTYPES[self.id_dtype]
@@ -158,6 +171,10 @@ class ShardLayout:
             fields.append(pa.field(TAIL_LOGMASS_TEMPERED, pa.list_(pa.float32()), nullable=False))
         fields.append(pa.field(NUM_TARGETS, pa.int32(), nullable=False))
         fields.extend(pa.field(name, pa.float32(), nullable=False) for name in SEQUENCE_STATS)
+        if self.has_target_mask:
+            fields.append(pa.field(TARGET_MASK, pa.list_(pa.bool_()), nullable=False))
+        if self.has_segments:
+            fields.append(pa.field(SEGMENTS, pa.list_(pa.int32()), nullable=False))
         metadata = {SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode()}
         return pa.schema(fields, metadata=metadata)
 
@@ -170,11 +187,14 @@ def check_shard_schema(path: Path, layout: ShardLayout) -> None:
         raise CacheFormatError(f"{path}: not a readable Parquet file ({exc}); "
                                "run `kdpipe verify` on the cache") from exc
     version = (found.metadata or {}).get(SCHEMA_VERSION_KEY)
-    if version != str(SHARD_SCHEMA_VERSION).encode():
+    readable = {str(v).encode() for v in READABLE_SHARD_VERSIONS}
+    if version not in readable or (version == b"1" and (layout.has_target_mask
+                                                        or layout.has_segments)):
         shown = version.decode() if version else "none"
         raise CacheFormatError(
-            f"{path}: shard schema version {shown}, this kdpipe reads version "
-            f"{SHARD_SCHEMA_VERSION}; re-create the cache or use a matching kdpipe"
+            f"{path}: shard schema version {shown}, this kdpipe reads versions "
+            f"{', '.join(map(str, READABLE_SHARD_VERSIONS))} (version 1 without target masks or "
+            "segments); re-create the cache or use a matching kdpipe"
         )
     expected = layout.schema()
     if not found.remove_metadata().equals(expected.remove_metadata()):

@@ -37,7 +37,7 @@ class CacheIndex:
     sample_ids: np.ndarray  # (n,) int64, storage order
     group: np.ndarray  # (n,) int64 index into `groups`
     row: np.ndarray  # (n,) int64 row within its row group
-    num_targets: np.ndarray  # (n,) int64 target positions (sequence length - 1)
+    num_targets: np.ndarray  # (n,) int64 target positions (length - 1, or the masked ones)
     _sorted: np.ndarray  # (n,) argsort of sample_ids, for lookups
 
     def __len__(self) -> int:
@@ -99,10 +99,16 @@ class Columns:
     encoding: str = "plain"  # the cache's top-k encoding; decoded transparently
     cache_mode: str = "topk"  # "sampled": sampled ids and counts instead of top-k and tail
     samples: int = 0  # sampled: draws per position (the counts' denominator)
+    target_mask: bool = False  # the cache stores targets at masked positions only
+    segments: bool = False  # the cache records packed documents' lengths
 
     @property
     def names(self) -> list[str]:
         names = [cols.SAMPLE_ID, cols.INPUT_IDS]
+        if self.target_mask:
+            names.append(cols.TARGET_MASK)
+        if self.segments:
+            names.append(cols.SEGMENTS)
         if self.teacher and self.cache_mode == "sampled":
             names += [cols.SAMPLED_ID_DELTAS, cols.SAMPLED_COUNTS, cols.SAMPLED_LENGTHS]
         elif self.teacher:
@@ -128,7 +134,9 @@ def columns_for(cache: Cache, teacher: bool, temperature: float,
                    tempered_index=index if teacher and temperature != 1.0 else None,
                    num_tempered=len(temps), target_logprob=target_logprob,
                    encoding=cache.manifest.encoding, cache_mode=cache.manifest.cache_mode,
-                   samples=cache.manifest.samples)
+                   samples=cache.manifest.samples,
+                   target_mask=cache.manifest.shard_layout.has_target_mask,
+                   segments=cache.manifest.shard_layout.has_segments)
 
 
 def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +152,13 @@ class RowGroup:
 
     offsets: np.ndarray  # (rows+1,) into input_ids
     input_ids: np.ndarray  # (tokens,)
+    # (rows+1,) into the per-target arrays: row r's targets are target_offsets[r]..[r+1]
+    target_offsets: np.ndarray
+    # (tokens - rows,) flat: whether each position t of a row (t < len - 1) is a target;
+    # None: every one is
+    position_mask: np.ndarray | None
+    segment_offsets: np.ndarray | None  # (rows+1,) into segments; None: one document per row
+    segments: np.ndarray | None  # flat document lengths of every row
     topk_ids: np.ndarray | None  # (targets * k,) flat, stride k
     topk_logprobs: np.ndarray | None  # (targets * k,)
     tail_logmass: np.ndarray | None  # (targets,)
@@ -153,22 +168,69 @@ class RowGroup:
     sampled_counts: np.ndarray | None = None  # (entries,)
     sampled_offsets: np.ndarray | None = None  # (targets + 1,) into sampled_ids
 
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_offsets[-1])
+
     def target_span(self, row: int) -> slice:
-        # Row r has len_r tokens and len_r - 1 targets; targets are stored back to back.
+        """Where row `row`'s targets lie in the per-target arrays (stored back to back)."""
+        return slice(int(self.target_offsets[row]), int(self.target_offsets[row + 1]))
+
+    def positions_of(self, row: int) -> np.ndarray:
+        """(len - 1,) bool: which positions of row `row` are targets."""
+        length = int(self.offsets[row + 1] - self.offsets[row])
+        if self.position_mask is None:
+            return np.ones(length - 1, dtype=bool)
         start = int(self.offsets[row]) - row
-        return slice(start, int(self.offsets[row + 1]) - row - 1)
+        return self.position_mask[start:start + length - 1]
+
+    def segments_of(self, row: int) -> list[int] | None:
+        """Lengths of the documents packed into row `row`, or None for one document."""
+        if self.segments is None or self.segment_offsets is None:
+            return None
+        return self.segments[self.segment_offsets[row]:self.segment_offsets[row + 1]].tolist()
+
+
+def _targets_and_segments(table: pa.Table, columns: Columns, offsets: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None,
+                                     np.ndarray | None]:
+    """(target offsets, flat position mask, segment offsets, flat segments) of a row group."""
+    rows = table.num_rows
+    lengths = np.diff(offsets)
+    mask = None
+    if columns.target_mask:
+        mask_offsets, mask = _flat_list(table, cols.TARGET_MASK)
+        if not np.array_equal(np.diff(mask_offsets), lengths - 1):
+            raise CacheFormatError("target_mask does not match input_ids lengths; run "
+                                   "`kdpipe verify` on the cache")
+        mask = mask.astype(bool)  # every row has >= 1 position, so reduceat's spans are real
+        per_row = (np.add.reduceat(mask, mask_offsets[:-1]).astype(np.int64) if rows
+                   else np.zeros(0, np.int64))
+    else:
+        per_row = lengths - 1
+    target_offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    segment_offsets = segments = None
+    if columns.segments:
+        segment_offsets, segments = _flat_list(table, cols.SEGMENTS)
+        sums = np.add.reduceat(segments, segment_offsets[:-1]) if rows else lengths
+        if not np.array_equal(sums, lengths) or (segments < 1).any():
+            raise CacheFormatError("segments do not add up to input_ids lengths; run "
+                                   "`kdpipe verify` on the cache")
+        segments = segments.astype(np.int64)
+    return target_offsets, mask, segment_offsets, segments
 
 
 def decode_row_group(table: pa.Table, columns: Columns) -> RowGroup:
     offsets, input_ids = _flat_list(table, cols.INPUT_IDS)
-    group = RowGroup(offsets, input_ids, None, None, None, None)
+    group = RowGroup(offsets, input_ids, *_targets_and_segments(table, columns, offsets),
+                     None, None, None, None)
+    targets = group.num_targets
     if columns.teacher and columns.cache_mode == "sampled":
         _, deltas = _flat_list(table, cols.SAMPLED_ID_DELTAS)
         _, group.sampled_counts = _flat_list(table, cols.SAMPLED_COUNTS)
         _, lengths = _flat_list(table, cols.SAMPLED_LENGTHS)
         group.sampled_ids, group.sampled_offsets = decode_sampled(deltas, lengths)
-        if lengths.size != int(offsets[-1]) - table.num_rows or \
-                group.sampled_counts.size != group.sampled_ids.size:
+        if lengths.size != targets or group.sampled_counts.size != group.sampled_ids.size:
             raise CacheFormatError("sampled columns do not match input_ids lengths; run "
                                    "`kdpipe verify` on the cache")
     elif columns.teacher:
@@ -180,7 +242,6 @@ def decode_row_group(table: pa.Table, columns: Columns) -> RowGroup:
             _, group.topk_ids = _flat_list(table, cols.TOPK_IDS)
             _, group.topk_logprobs = _flat_list(table, cols.TOPK_LOGPROBS)
         _, group.tail_logmass = _flat_list(table, cols.TAIL_LOGMASS)
-        targets = int(offsets[-1]) - table.num_rows
         if group.topk_ids.size != targets * columns.top_k or group.tail_logmass.size != targets:
             raise CacheFormatError("top-k columns do not match input_ids lengths; run "
                                    "`kdpipe verify` on the cache")
@@ -190,7 +251,7 @@ def decode_row_group(table: pa.Table, columns: Columns) -> RowGroup:
                 :, columns.tempered_index]
     if columns.target_logprob:
         _, group.target_logprob = _flat_list(table, cols.TARGET_LOGPROB)
-        if group.target_logprob.size != int(offsets[-1]) - table.num_rows:
+        if group.target_logprob.size != targets:
             raise CacheFormatError("target_logprob does not match input_ids lengths; run "
                                    "`kdpipe verify` on the cache")
     # A NaN log-prob would silently zero its token's KD term: refuse it before training on it.

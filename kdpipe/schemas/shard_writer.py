@@ -23,19 +23,20 @@ from kdpipe.schemas.io import atomic_path, sha256_file
 from kdpipe.schemas.manifest import ShardInfo
 from kdpipe.schemas.shard import ShardLayout
 
-_NUMPY = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "float16": np.float16,
-          "float32": np.float32}
+_NUMPY = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "int32": np.int32,
+          "float16": np.float16, "float32": np.float32}
 
 
 @dataclass
 class SequenceTargets:
-    """Teacher outputs for one sequence of T tokens (T - 1 target positions)."""
+    """Teacher outputs for one sequence of T tokens at its N target positions: all T - 1, or
+    those its target mask selects (chat data), in order."""
 
-    topk_ids: np.ndarray  # (T-1, k) int64
-    topk_logprobs: np.ndarray  # (T-1, k) float32
-    tail_logmass: np.ndarray  # (T-1,) float32, -inf when k = V
-    target_logprob: np.ndarray  # (T-1,) float32
-    tail_logmass_tempered: np.ndarray | None  # (T-1, n_temperatures) float32
+    topk_ids: np.ndarray  # (N, k) int64
+    topk_logprobs: np.ndarray  # (N, k) float32
+    tail_logmass: np.ndarray  # (N,) float32, -inf when k = V
+    target_logprob: np.ndarray  # (N,) float32
+    tail_logmass_tempered: np.ndarray | None  # (N, n_temperatures) float32
     nll: float
     entropy: float
     confidence: float
@@ -44,7 +45,7 @@ class SequenceTargets:
     # counts, and how many unique ids each position has.
     sampled_ids: np.ndarray | None = None  # (entries,) int64
     sampled_counts: np.ndarray | None = None  # (entries,) int64, sum N per position
-    sampled_lengths: np.ndarray | None = None  # (T-1,) int64
+    sampled_lengths: np.ndarray | None = None  # (N,) int64
 
     def first_invalid(self) -> tuple[str, int | None, float] | None:
         """(column, target position or None for a per-sequence value, value) of the first
@@ -81,10 +82,37 @@ def _list_column(values: Sequence[np.ndarray], dtype: str, arrow_type: pa.DataTy
                                     pa.array(flat, arrow_type.value_type))
 
 
+def _num_targets(sequences: Sequence[Sequence[int]],
+                 target_masks: Sequence[np.ndarray] | None) -> list[int]:
+    if target_masks is None:
+        return [len(s) - 1 for s in sequences]
+    for s, mask in zip(sequences, target_masks, strict=True):
+        if mask.shape != (len(s) - 1,):
+            raise ValueError(f"a target mask of shape {mask.shape} for a sequence of {len(s)} "
+                             "tokens (expected one flag per position but the last)")
+    return [int(mask.sum()) for mask in target_masks]
+
+
 def build_table(layout: ShardLayout, sample_ids: Sequence[int],
-                sequences: Sequence[Sequence[int]], targets: Sequence[SequenceTargets]
-                ) -> pa.Table:
+                sequences: Sequence[Sequence[int]], targets: Sequence[SequenceTargets],
+                target_masks: Sequence[np.ndarray] | None = None,
+                segments: Sequence[Sequence[int]] | None = None) -> pa.Table:
+    """The shard table. `target_masks` (one (T-1,) bool array per sequence) when the layout has
+    them: `targets` then hold the masked positions only; `segments` (document lengths summing
+    to each T) when it has them. Raises ValueError when inputs disagree with the layout."""
     schema = layout.schema()
+    if (target_masks is not None) != layout.has_target_mask or (
+            segments is not None) != layout.has_segments:
+        raise ValueError("target masks and segments must be given exactly when the layout "
+                         "has them")
+    num_targets = _num_targets(sequences, target_masks)
+    for n, t in zip(num_targets, targets, strict=True):
+        if t.target_logprob.shape[0] != n:
+            raise ValueError(f"teacher targets for {t.target_logprob.shape[0]} positions, the "
+                             f"sequence has {n}")
+    if segments is not None and any(sum(g) != len(s) or min(g, default=0) < 1
+                                    for g, s in zip(segments, sequences, strict=True)):
+        raise ValueError("segments must be positive lengths summing to the sequence length")
 
     def lists(name: str, rows: Sequence[np.ndarray], dtype: str) -> pa.Array:
         return _list_column(rows, dtype, schema.field(name).type)
@@ -118,11 +146,20 @@ def build_table(layout: ShardLayout, sample_ids: Sequence[int],
         assert all(t is not None for t in tempered)
         arrays[cols.TAIL_LOGMASS_TEMPERED] = lists(
             cols.TAIL_LOGMASS_TEMPERED, tempered, "float32")  # type: ignore[arg-type]
-    arrays[cols.NUM_TARGETS] = pa.array([len(s) - 1 for s in sequences], pa.int32())
+    arrays[cols.NUM_TARGETS] = pa.array(num_targets, pa.int32())
     arrays[cols.TEACHER_NLL] = pa.array([t.nll for t in targets], pa.float32())
     arrays[cols.TEACHER_ENTROPY] = pa.array([t.entropy for t in targets], pa.float32())
     arrays[cols.TEACHER_CONFIDENCE] = pa.array([t.confidence for t in targets], pa.float32())
     arrays[cols.TEACHER_TOP1] = pa.array([t.top1 for t in targets], pa.float32())
+    if target_masks is not None:
+        offsets = np.concatenate([[0], np.cumsum([m.size for m in target_masks])])
+        flat = (np.concatenate(target_masks).astype(bool) if target_masks
+                else np.zeros(0, dtype=bool))
+        arrays[cols.TARGET_MASK] = pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32), pa.int32()), pa.array(flat, pa.bool_()))
+    if segments is not None:
+        arrays[cols.SEGMENTS] = lists(cols.SEGMENTS, [np.asarray(g) for g in segments],
+                                      "int32")
     return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
 
 
@@ -143,10 +180,11 @@ def _add_sampled(arrays: dict[str, pa.Array],
 
 
 def write_shard(path: Path, layout: ShardLayout, sample_ids: Sequence[int],
-                sequences: Sequence[Sequence[int]], targets: Sequence[SequenceTargets]
-                ) -> ShardInfo:
-    """Write a complete shard atomically and describe it for the manifest."""
-    table = build_table(layout, sample_ids, sequences, targets)
+                sequences: Sequence[Sequence[int]], targets: Sequence[SequenceTargets],
+                target_masks: Sequence[np.ndarray] | None = None,
+                segments: Sequence[Sequence[int]] | None = None) -> ShardInfo:
+    """Write a complete shard atomically and describe it for the manifest (`build_table`)."""
+    table = build_table(layout, sample_ids, sequences, targets, target_masks, segments)
     with atomic_path(path) as tmp:
         names = set(table.column_names)
         pq.write_table(table, tmp, row_group_size=cols.ROW_GROUP_SIZE,
@@ -161,6 +199,7 @@ def write_shard(path: Path, layout: ShardLayout, sample_ids: Sequence[int],
         size = tmp.stat().st_size
     tokens = sum(len(s) for s in sequences)
     return ShardInfo(file=path.name, rows=len(sequences), tokens=tokens,
-                     targets=tokens - len(sequences), first_sample_id=int(sample_ids[0]),
+                     targets=sum(table.column(cols.NUM_TARGETS).to_pylist()),
+                     first_sample_id=int(sample_ids[0]),
                      last_sample_id=int(sample_ids[-1]), bytes=size, sha256=digest,
                      tokens_sha256=tokens_digest(sample_ids, sequences))

@@ -34,11 +34,14 @@ class Batch:
     sample_ids: torch.Tensor  # (B,) int64
     input_ids: torch.Tensor  # (B, T) int64
     attention_mask: torch.Tensor  # (B, T) int64
-    target_mask: torch.Tensor  # (B, T) bool: position t predicts a real token t + 1
+    # (B, T) bool: position t is a target (it predicts a real token t + 1, and the cache's
+    # target mask, if any, selects it)
+    target_mask: torch.Tensor
     labels: torch.Tensor  # (N,) int64 true next tokens
     target_row: torch.Tensor  # (N,) int64 batch row of each target
     teacher: TeacherTargets | None
     target_logprob: torch.Tensor | None = None  # (N,) float32 teacher log p(label), if read
+    segments: list[list[int]] | None = None  # per row: packed documents' lengths (None: one)
 
     @property
     def num_targets(self) -> int:
@@ -65,7 +68,8 @@ class Batch:
                      labels=self.labels.to(device, non_blocking=True),
                      target_row=self.target_row.to(device, non_blocking=True), teacher=teacher,
                      target_logprob=(None if self.target_logprob is None else
-                                     self.target_logprob.to(device, non_blocking=True)))
+                                     self.target_logprob.to(device, non_blocking=True)),
+                     segments=self.segments)
 
 
 @dataclass
@@ -87,8 +91,14 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
     attention = positions < lengths[:, None]  # (B, T)
     for b, s in enumerate(seqs):
         input_ids[b, : s.size] = s
-    target_mask = positions < (lengths - 1)[:, None]  # (B, T)
+    target_mask = np.zeros((len(rows), width), dtype=bool)  # (B, T)
+    for b, (_, g, r) in enumerate(rows):
+        target_mask[b, : lengths[b] - 1] = g.positions_of(r)
     labels = input_ids[:, 1:][target_mask[:, :-1]] if width > 1 else np.zeros(0, np.int64)
+    segments = None
+    if any(g.segments is not None for _, g, _ in rows):
+        segments = [g.segments_of(r) or [int(n)] for (_, g, r), n in zip(rows, lengths,
+                                                                           strict=True)]
     teacher = None
     if columns.teacher and columns.cache_mode == "sampled":
         teacher = _collate_sampled(rows, columns.samples)
@@ -123,8 +133,8 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
         attention_mask=torch.from_numpy(attention.astype(np.int64)),
         target_mask=torch.from_numpy(target_mask),
         labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
-        target_row=torch.from_numpy(np.repeat(np.arange(len(rows)), lengths - 1)),
-        teacher=teacher, target_logprob=target_logprob,
+        target_row=torch.from_numpy(np.repeat(np.arange(len(rows)), target_mask.sum(axis=1))),
+        teacher=teacher, target_logprob=target_logprob, segments=segments,
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.manifest import (
+    MANIFEST_SCHEMA_VERSION,
     CacheManifest,
     CorpusInfo,
     ShardInfo,
@@ -92,7 +93,7 @@ def test_version_1_manifests_still_read(tmp_path: Path) -> None:
     assert upgraded.teacher_head_width == upgraded.vocab_size == 320
     assert upgraded.add_special_tokens is False and upgraded.tokenizer.vocab_fingerprint == ""
     assert upgraded.settings_fingerprint == current.settings_fingerprint
-    assert upgraded.schema_version == 2
+    assert upgraded.schema_version == MANIFEST_SCHEMA_VERSION
     # Without the mapping fingerprint, caches compare by their whole tokenizer file.
     assert same_mapping(upgraded, current)
 
