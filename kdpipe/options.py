@@ -41,6 +41,8 @@ C = TypeVar("C")
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N."
 PROGRESS_HELP = "Show a progress bar."
 REMOTE_CODE_HELP = "Allow the model/tokenizer to run code from its repository."
+VERIFY_READS_HELP = ("Check each cache shard's sha256 against the manifest before first reading "
+                     "it (--no-verify-reads: skip, for a cache `kdpipe verify` has passed).")
 
 
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None,
