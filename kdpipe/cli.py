@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from kdpipe import __version__, options
+from kdpipe.schemas import write_errors
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 
 app = typer.Typer(
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         _register_commands()
         args, default_map = _config_file_defaults(list(sys.argv[1:] if argv is None else argv))
         command = typer.main.get_command(app)
-        command.main(args=args, prog_name="kdpipe", auto_envvar_prefix="KDPIPE",
-                     default_map=default_map)
+        with write_errors.at_command(args):  # a full or read-only disk: one line, not a trace
+            command.main(args=args, prog_name="kdpipe", auto_envvar_prefix="KDPIPE",
+                         default_map=default_map)
     except USER_ERRORS as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)
