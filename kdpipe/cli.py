@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperGroup, TyperOption
 
 from kdpipe import __version__
+from kdpipe.schemas import write_errors
 from kdpipe.schemas.errors import KdpipeError
 
 app = typer.Typer(
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
     try:
-        cli().main(args=list(sys.argv[1:] if argv is None else argv), prog_name="kdpipe")
+        args = list(sys.argv[1:] if argv is None else argv)
+        with write_errors.at_command(args):  # a full or read-only disk: one line, not a trace
+            cli().main(args=args, prog_name="kdpipe")
     except USER_ERRORS as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))  # a run stopped by a signal: 128 + its number

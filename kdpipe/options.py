@@ -50,6 +50,8 @@ CONFIG_HELP = ("YAML file of option values: keys are this command's option names
 THREADS_HELP = ("Torch CPU threads of this process. 0 (auto): OMP_NUM_THREADS when set, else "
                 "half the CPUs this process may use, shared among the processes of one job "
                 "on this machine, from 1 to 8.")
+VERIFY_READS_HELP = ("Check each cache shard's sha256 against the manifest before first reading "
+                     "it (--no-verify-reads: skip, for a cache `kdpipe verify` has passed).")
 
 
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None,

@@ -161,7 +161,7 @@ def _previous(cfg: BuildCurriculumConfig, settings: dict[str, str], fingerprint:
 def build_curriculum(cfg: BuildCurriculumConfig) -> Curriculum:
     """Score, rank and write the curriculum; returns it (also when it already existed)."""
     cfg.validate()
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
     fingerprint = cache.manifest.settings_fingerprint
     settings = _settings(cfg)
     metric = cfg.resolved_metric

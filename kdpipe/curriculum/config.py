@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import options
-from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, THREADS_HELP, option
+from kdpipe.options import (
+    DEVICE_HELP,
+    PROGRESS_HELP,
+    REMOTE_CODE_HELP,
+    THREADS_HELP,
+    VERIFY_READS_HELP,
+    option,
+)
 from kdpipe.schemas.curriculum import METRICS, SOURCES
 
 
@@ -41,6 +48,7 @@ class BuildCurriculumConfig:
     overwrite: bool = option(False, "Replace an existing curriculum built with other "
                              "settings.")
     progress: bool = option(True, PROGRESS_HELP)
+    verify_reads: bool = option(True, VERIFY_READS_HELP)
     trust_remote_code: bool = option(False, REMOTE_CODE_HELP)
 
     @classmethod

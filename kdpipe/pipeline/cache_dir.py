@@ -16,7 +16,7 @@ from typing import Any
 
 from kdpipe.pipeline import workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
-from kdpipe.schemas.cache import tokens_digest
+from kdpipe.schemas.cache_verify import tokens_digest
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
 from kdpipe.schemas.manifest import (

@@ -50,8 +50,8 @@ from kdpipe.schemas.manifest import (
     TeacherInfo,
     write_manifest,
 )
-from kdpipe.schemas.shard import id_dtype_for_vocab
-from kdpipe.schemas.shard_writer import SequenceTargets, shard_name, write_shard
+from kdpipe.schemas.shard import id_dtype_for_vocab, shard_name
+from kdpipe.schemas.shard_writer import SequenceTargets, write_shard
 from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
 from kdpipe.tokenizer_identity import describe as describe_tokenizer
 from kdpipe.tokenizer_identity import load_tokenizer, save_tokenizer

@@ -35,7 +35,7 @@ from kdpipe.schemas.manifest import (
     write_manifest,
 )
 from kdpipe.schemas.records import to_dict
-from kdpipe.schemas.shard_writer import shard_name
+from kdpipe.schemas.shard import shard_name
 
 log = logging.getLogger(__name__)
 

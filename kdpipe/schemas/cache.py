@@ -7,55 +7,41 @@ may read one cache at once.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdpipe.schemas import shard_checksum
+from kdpipe.schemas.cache_verify import verify_cache
 from kdpipe.schemas.errors import CacheFormatError
-from kdpipe.schemas.io import sha256_file
 from kdpipe.schemas.manifest import TOKENIZER_DIR, CacheManifest, ShardInfo, read_manifest
-from kdpipe.schemas.shard import (
-    FLOAT_COLUMNS,
-    INPUT_IDS,
-    NUM_TARGETS,
-    SAMPLE_ID,
-    TAIL_LOGMASS,
-    TEACHER_NLL,
-    check_shard_schema,
-    invalid_values,
-)
-
-
-def tokens_digest(sample_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> str:
-    """sha256 of sample ids and token ids: identifies a shard's input independent of encoding."""
-    digest = hashlib.sha256()
-    _update_tokens_digest(digest, sample_ids, sequences)
-    return digest.hexdigest()
-
-
-def _update_tokens_digest(digest: Any, sample_ids: Sequence[int],
-                          sequences: Sequence[Sequence[int]]) -> None:
-    for sample_id, ids in zip(sample_ids, sequences, strict=True):
-        digest.update(np.int64(sample_id).tobytes())
-        digest.update(np.int64(len(ids)).tobytes())
-        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+from kdpipe.schemas.shard import NUM_TARGETS, TAIL_LOGMASS, TEACHER_NLL, check_shard_schema
 
 
 @dataclass(frozen=True)
 class Cache:
-    """An opened, validated cache folder."""
+    """An opened, validated cache folder.
+
+    verify_reads: check each shard's sha256 before this process first reads it
+    (`shard_checksum`); False for caches already checked with `kdpipe verify`.
+    """
 
     root: Path
     manifest: CacheManifest
+    verify_reads: bool = True
 
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.root / shard.file
+
+    def check_shards(self, shards: Sequence[ShardInfo]) -> None:
+        """Raise CacheFormatError naming the first of `shards` whose bytes differ from the
+        manifest's checksum (once per shard and process; nothing with `verify_reads` off)."""
+        if self.verify_reads:
+            shard_checksum.check_shards(self.root, shards)
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -68,6 +54,7 @@ class Cache:
     ) -> Iterator[pa.Table]:
         """Yield the cache one Parquet row group at a time (64 sequences by default)."""
         for shard in shards if shards is not None else self.manifest.shards:
+            self.check_shards([shard])
             parquet = pq.ParquetFile(self.shard_path(shard))
             for index in range(parquet.num_row_groups):
                 yield parquet.read_row_group(index, columns=list(columns) if columns else None)
@@ -80,63 +67,18 @@ class Cache:
         )
 
     def verify(self) -> list[str]:
-        """Every fault found: missing or altered shards, wrong schema, row counts, values a
-        cache must not hold (NaN, infinities: `shard.first_invalid`), stray files."""
-        problems: list[str] = []
-        listed = {s.file for s in self.manifest.shards}
-        for shard in self.manifest.shards:
-            path = self.shard_path(shard)
-            if not path.is_file():
-                problems.append(f"{shard.file}: missing")
-                continue
-            if path.stat().st_size != shard.bytes:
-                problems.append(f"{shard.file}: {path.stat().st_size} bytes, manifest says "
-                                f"{shard.bytes}")
-            if sha256_file(path) != shard.sha256:
-                problems.append(f"{shard.file}: sha256 differs from the manifest (corrupted or "
-                                "modified)")
-                continue
-            try:
-                check_shard_schema(path, self.manifest.shard_layout)
-                problems.extend(self._check_rows(shard))
-            except CacheFormatError as exc:
-                problems.append(str(exc))
-        for stray in sorted(self.root.glob("shard-*.parquet")):
-            if stray.name not in listed:
-                problems.append(f"{stray.name}: shard file not listed in the manifest")
-        if not self.manifest.complete:
-            problems.append("manifest is marked incomplete: re-run the same `kdpipe "
-                            "cache-teacher` command to finish it")
-        return problems
-
-    def _check_rows(self, shard: ShardInfo) -> list[str]:
-        """Row count, token hash and value ranges, one row group at a time."""
-        parquet = pq.ParquetFile(self.shard_path(shard))
-        wanted = (SAMPLE_ID, INPUT_IDS, NUM_TARGETS, *FLOAT_COLUMNS)
-        names = [name for name in parquet.schema_arrow.names if name in wanted]
-        digest, rows, invalid = hashlib.sha256(), 0, list[str]()
-        for index in range(parquet.num_row_groups):
-            table = parquet.read_row_group(index, columns=names)
-            sample_ids = table.column(SAMPLE_ID).to_pylist()
-            _update_tokens_digest(digest, sample_ids, table.column(INPUT_IDS).to_pylist())
-            rows += len(sample_ids)
-            invalid = invalid or invalid_values(table)  # the first faulty row group is enough
-        problems = []
-        if rows != shard.rows:
-            problems.append(f"{shard.file}: {rows} rows, manifest says {shard.rows}")
-        if digest.hexdigest() != shard.tokens_sha256:
-            problems.append(f"{shard.file}: token ids differ from the manifest's tokens_sha256")
-        problems += [f"{shard.file}: {line}; the teacher's output was not finite: re-create "
-                     "the cache (see `kdpipe cache-teacher --dtype`)" for line in invalid]
-        return problems
+        """Every fault found: missing or altered shards, manifest fields the shards
+        contradict, values a cache must not hold, stray files (`cache_verify`)."""
+        return verify_cache(self.root, self.manifest)
 
 
 def open_cache(cache_dir: str | Path, require_complete: bool = True,
-               check_shards: bool = True) -> Cache:
+               check_shards: bool = True, verify_reads: bool = True) -> Cache:
     """Open a cache for reading; checks the manifest and every shard's presence and schema.
 
-    Checksums are not recomputed here (that reads every byte): `Cache.verify` does it, and
-    reports instead of raising, so `kdpipe verify` opens with `check_shards=False`.
+    Checksums are not computed here (that reads every byte) but before a shard is first read
+    (`verify_reads`, see `Cache`). `Cache.verify` checks everything and reports instead of
+    raising, so `kdpipe verify` opens with `check_shards=False`.
     """
     root = Path(cache_dir)
     manifest = read_manifest(root)
@@ -151,7 +93,7 @@ def open_cache(cache_dir: str | Path, require_complete: bool = True,
             raise CacheFormatError(f"{path}: listed in the manifest but missing; run "
                                    f"`kdpipe verify {root}`")
         check_shard_schema(path, manifest.shard_layout)
-    return Cache(root=root, manifest=manifest)
+    return Cache(root=root, manifest=manifest, verify_reads=verify_reads)
 
 
 TOPK_MASS_POSITIONS = 1_000_000  # target positions `topk_mass` reads at most
@@ -192,6 +134,11 @@ def summarize(cache: Cache) -> dict[str, object]:
         "backend": m.teacher.backend,
         "tokenizer": m.tokenizer.name_or_path,
         "tokenizer_fingerprint": m.tokenizer.fingerprint[:16],
+        # what compatibility depends on: the id <-> token mapping and the special ids
+        "tokenizer_vocab_fingerprint": m.tokenizer.vocab_fingerprint[:16] or None,
+        "bos_token_id": m.tokenizer.bos_token_id,
+        "eos_token_id": m.tokenizer.eos_token_id,
+        "pad_token_id": m.tokenizer.pad_token_id,
         "vocab_size": m.vocab_size,
         "teacher_head_width": m.teacher_head_width,
         "add_special_tokens": m.add_special_tokens,

@@ -25,6 +25,14 @@ class NonFiniteError(KdpipeError, ArithmeticError):
     loss or a gradient. The message names where it appeared and the remedy."""
 
 
+class DiskError(KdpipeError, OSError):
+    """Writing a file failed because the disk is full, the file system read-only or the folder
+    not writable; `schemas.write_errors` names the path, what ran out and what to do."""
+
+    def __str__(self) -> str:  # the message alone, never OSError's "[Errno N] ..." form
+        return str(self.args[0]) if self.args else ""
+
+
 def choice_problems(flag: str, value: object, choices: tuple[str, ...]) -> list[str]:
     """[] when `value` is one of `choices`, else the one-line problem every config reports."""
     if value in choices:

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kdpipe.schemas.write_errors import writing
+
 _CHUNK = 1 << 20
 
 
@@ -31,14 +33,18 @@ def temp_path_for(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path; on success fsync it and rename it over `path`, else delete it."""
+    """Yield a temporary path; on success fsync it and rename it over `path`, else delete it.
+
+    A full disk or a folder that cannot be written raises DiskError naming the temporary.
+    """
     final = Path(path)
     tmp = temp_path_for(final)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with writing(tmp):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()

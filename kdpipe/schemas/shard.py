@@ -107,6 +107,11 @@ def invalid_values(table: pa.Table) -> list[str]:
     return problems
 
 
+def shard_name(index: int) -> str:
+    """File name of shard `index`, the one holding sample ids from index * shard_size on."""
+    return f"shard-{index:05d}.parquet"
+
+
 def parquet_leaf(column: str) -> str:
     """The Parquet leaf path of one of our list columns (what per-column options must name)."""
     return f"{column}.list.element"

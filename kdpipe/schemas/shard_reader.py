@@ -61,7 +61,12 @@ class CacheIndex:
 
 
 def build_index(cache: Cache) -> CacheIndex:
-    """Read `sample_id` and `num_targets` of every row group (a few bytes per sequence)."""
+    """Read `sample_id` and `num_targets` of every row group (a few bytes per sequence).
+
+    Every shard's checksum is checked first (`Cache.check_shards`), so a corrupted shard
+    stops a run before it trains on anything; raises CacheFormatError naming the shard.
+    """
+    cache.check_shards(cache.manifest.shards)
     groups: list[tuple[ShardInfo, int]] = []
     ids, group, row, targets = [], [], [], []
     for shard in cache.manifest.shards:
@@ -294,6 +299,7 @@ class RowGroupReader:
 
     def _file(self, shard: ShardInfo) -> pq.ParquetFile:
         if shard.file not in self.files:
+            self.index.cache.check_shards([shard])  # free unless the file changed since
             self.files[shard.file] = pq.ParquetFile(self.index.cache.shard_path(shard))
             if len(self.files) > OPEN_FILES:
                 self.files.popitem(last=False)[1].close()

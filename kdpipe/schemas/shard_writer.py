@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.schemas import shard as cols
-from kdpipe.schemas.cache import tokens_digest
+from kdpipe.schemas.cache_verify import tokens_digest
 from kdpipe.schemas.encoding import delta_encode_segments, encode_topk
 from kdpipe.schemas.io import atomic_path, sha256_file
 from kdpipe.schemas.manifest import ShardInfo
@@ -67,10 +67,6 @@ class SequenceTargets:
             if cols.first_invalid(column, np.array([value])) is not None:
                 return column, None, value
         return None
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
 
 
 def _list_column(values: Sequence[np.ndarray], dtype: str, arrow_type: pa.DataType) -> pa.Array:

@@ -26,6 +26,7 @@ from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.schemas.write_errors import writing
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,23 @@ def save_checkpoint(folder: Path, model: nn.Module, tokenizer: Any, state: Train
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True,  # type: ignore[operator]
-                          state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if training_state is not None:
-        torch.save(training_state, tmp / TRAINING_STATE_NAME)
-    atomic_write_json(tmp / TRAINER_STATE_NAME, to_dict(state))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    try:
+        with writing(tmp):  # a full or read-only disk: DiskError naming the checkpoint
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp, safe_serialization=True,  # type: ignore[operator]
+                                  state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            if training_state is not None:
+                # Into a Python file: torch's own file writer drops the errno of a failed write.
+                with open(tmp / TRAINING_STATE_NAME, "wb") as f:
+                    torch.save(training_state, f)
+            atomic_write_json(tmp / TRAINER_STATE_NAME, to_dict(state))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint stays behind
+        raise
     return folder
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import options
-from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, THREADS_HELP, option
+from kdpipe.options import (
+    DEVICE_HELP,
+    PROGRESS_HELP,
+    REMOTE_CODE_HELP,
+    THREADS_HELP,
+    VERIFY_READS_HELP,
+    option,
+)
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
@@ -28,8 +35,10 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that never make a different run: where the run folder now is (moved or copied),
-# where and on how many CPU threads it runs, how it shows progress, and the run-folder flags.
-COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "progress", "resume", "overwrite")
+# where and on how many CPU threads it runs, how it shows progress, whether it re-checks the
+# cache's checksums, and the run-folder flags themselves.
+COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "progress", "verify_reads", "resume",
+                   "overwrite")
 # Fields that may also differ on `--resume`: how long to train and how often to report.
 # Everything else defines the run and must match.
 RESUMABLE_CHANGES = COSMETIC_FIELDS + ("max_steps", "epochs", "eval_every", "save_every",
@@ -142,6 +151,7 @@ class TrainConfig:
         "shuffle, more memory.", ge=1)
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     progress: bool = option(True, PROGRESS_HELP)
+    verify_reads: bool = option(True, VERIFY_READS_HELP)
     resume: bool = option(False, "Continue the run in --out from its latest checkpoint "
                           "(exactly).")
     overwrite: bool = option(False, "Delete a previous run in --out and start over.")
@@ -237,6 +247,7 @@ class EvalConfig:
                         choices=DTYPES)
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     progress: bool = option(False, PROGRESS_HELP)
+    verify_reads: bool = option(True, VERIFY_READS_HELP)
     trust_remote_code: bool = option(False, REMOTE_CODE_HELP)
 
     @classmethod

@@ -133,11 +133,12 @@ class CurriculumConfig:
         return found
 
 
-def check_curriculum_file(cl: CurriculumConfig, cache_dir: str | Path) -> None:
+def check_curriculum_file(cl: CurriculumConfig, cache_dir: str | Path,
+                          verify_reads: bool = True) -> None:
     """Refuse a --curriculum made for another cache before the run folder is created."""
     if cl.file is None:
         return
-    cache = open_cache(cache_dir)
+    cache = open_cache(cache_dir, verify_reads=verify_reads)
     cache_ids = cache.read_column(SAMPLE_ID).to_numpy().astype(np.int64)
     check_matches_cache(read_curriculum(cl.file), f"--curriculum {cl.file}", cache_dir,
                         cache.manifest.settings_fingerprint, cache_ids, cache_ids[:0])

@@ -123,7 +123,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     cfg.validate()
     dist = Distributed.from_env(cfg.device)
     try:
-        cache = open_cache(cfg.cache)
+        cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
         device = dist.device(resolve_device(cfg.device))
         student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
                                trust_remote_code=cfg.trust_remote_code)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,21 +26,33 @@ import torch
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.io import atomic_write_text
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.schemas.write_errors import writing
 
 log = logging.getLogger(__name__)
 
 
 
 class JsonLines:
-    """Append-only JSON lines, flushed per record (a crashed run keeps what it logged)."""
+    """Append-only JSON lines, written through per record (a crashed run keeps what it logged).
+
+    Unbuffered, so a write that fails (a full disk) leaves nothing to flush at close; the part
+    of the record that did get written is cut off again, so no torn line stays.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = path.open("a", encoding="utf-8")
+        self.file = path.open("ab", buffering=0)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        line = memoryview((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"))
+        end = self.file.seek(0, os.SEEK_END)
+        try:
+            with writing(self.path):
+                while line:  # a raw write may take part of it
+                    line = line[self.file.write(line):]
+        except BaseException:
+            os.ftruncate(self.file.fileno(), end)
+            raise
 
     def close(self) -> None:
         self.file.close()
@@ -49,8 +62,12 @@ def truncate_after_step(path: Path, step: int) -> None:
     """Drop records of steps after `step`: on resume, those came from the interrupted run."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        json.loads(lines[-1] if lines else "{}")
+    except json.JSONDecodeError:  # the last record was cut short by a crash
+        lines.pop()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
