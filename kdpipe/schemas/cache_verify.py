@@ -109,9 +109,11 @@ def _shard_list_problems(m: CacheManifest) -> list[str]:
     a complete cache has them all, every one full but the last."""
     found = []
     for s in m.shards:
-        if s.targets != s.tokens - s.rows:
+        if s.targets != s.tokens - s.rows and (m.train_on == "all"
+                                               or not 0 < s.targets <= s.tokens - s.rows):
             found.append(f"{s.file}: targets {s.targets} is not tokens - rows "
-                         f"({s.tokens} - {s.rows})")
+                         f"({s.tokens} - {s.rows})" + ("" if m.train_on == "all" else
+                                                       " or fewer (train_on)"))
         index, offset = divmod(s.first_sample_id, m.shard_size)
         if offset:
             found.append(f"{s.file}: first_sample_id {s.first_sample_id} is not a multiple of "
@@ -192,6 +194,7 @@ class _ShardScan:
     file: str
     rows: int = 0
     tokens: int = 0
+    targets: int = 0
     next_id: int | None = None
     first_id: int | None = None
     short: list[int] = field(default_factory=list)  # packed: ids shorter than max_length
@@ -212,7 +215,8 @@ class _ShardScan:
         offsets = table.column(cols.INPUT_IDS).combine_chunks().offsets.to_numpy()
         input_ids = _flat(table, cols.INPUT_IDS)
         lengths = np.diff(offsets).astype(np.int64)  # (rows,) T
-        targets = lengths - 1  # (rows,)
+        targets = self.masked_targets(table, lengths)  # (rows,)
+        self.check_segments(table, lengths)
         start = self.next_id if self.next_id is not None else int(sample_ids[0])
         if not np.array_equal(sample_ids, start + np.arange(sample_ids.size)):
             self.fault("sample_id", "sample ids are not consecutive")
@@ -220,19 +224,50 @@ class _ShardScan:
         self.next_id = int(sample_ids[-1]) + 1
         self.rows += sample_ids.size
         self.tokens += int(lengths.sum())
+        self.targets += int(targets.sum())
         self.digest.update(_tokens_record(sample_ids, offsets - offsets[0], input_ids))
         if not np.array_equal(table.column(cols.NUM_TARGETS).to_numpy(), targets):
-            self.fault("num_targets", "num_targets differs from len(input_ids) - 1")
+            self.fault("num_targets", "num_targets differs from len(input_ids) - 1" + (
+                "" if m.train_on == "all" else " masked by target_mask"))
         if (lengths < 2).any():
             self.fault("input_ids", "a sequence of fewer than 2 tokens")
         if lengths.max() > m.max_length:
             self.fault("max_length", f"a sequence of {lengths.max()} tokens; max_length is "
                                      f"{m.max_length}")
-        if m.layout == "packed":
+        if m.layout == "packed" and m.corpus.format == "text":  # conversations are never split
             self.short += sample_ids[lengths != m.max_length].tolist()
         self.check_ids("input_ids", input_ids)
         self.check_targets(table, targets)
         self.invalid = self.invalid or cols.invalid_values(table)
+
+    def masked_targets(self, table: pa.Table, lengths: np.ndarray) -> np.ndarray:
+        """(rows,) target positions per sequence: len - 1, or those its target_mask keeps (at
+        least one; the mask has one flag per position but the last)."""
+        if self.m.train_on == "all":
+            return lengths - 1
+        mask = table.column(cols.TARGET_MASK).combine_chunks()
+        flags = mask.flatten().to_numpy(zero_copy_only=False).astype(bool)
+        starts = mask.offsets.to_numpy()
+        if not np.array_equal(np.diff(starts), lengths - 1):
+            self.fault("train_on", "target_mask does not hold one flag per position but the "
+                                   "last of each sequence")
+            return lengths - 1
+        per_row = np.add.reduceat(flags, starts[:-1] - starts[0]).astype(np.int64)
+        if (per_row < 1).any():
+            self.fault("train_on", "a sequence whose target_mask selects no position")
+        return per_row
+
+    def check_segments(self, table: pa.Table, lengths: np.ndarray) -> None:
+        """Packed documents' lengths: positive, summing to each sequence's length."""
+        if not self.m.segments:
+            return
+        column = table.column(cols.SEGMENTS).combine_chunks()
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = column.offsets.to_numpy() - column.offsets.to_numpy()[0]
+        if (np.diff(starts) < 1).any() or (values < 1).any() or not np.array_equal(
+                np.add.reduceat(values, starts[:-1]), lengths):
+            self.fault("segments", "segments are not positive lengths summing to each "
+                                   "sequence's length")
 
     def check_ids(self, column: str, ids: np.ndarray) -> None:
         if ids.size and int(ids.max()) >= self.m.vocab_size:
@@ -294,7 +329,7 @@ class _ShardScan:
 
     def problems(self, shard: ShardInfo) -> list[str]:
         """Every fault, and the shard's totals against the manifest's record of it."""
-        found = {"rows": self.rows, "tokens": self.tokens, "targets": self.tokens - self.rows,
+        found = {"rows": self.rows, "tokens": self.tokens, "targets": self.targets,
                  "first_sample_id": self.first_id,
                  "last_sample_id": None if self.next_id is None else self.next_id - 1,
                  "tokens_sha256": self.digest.hexdigest()}
