@@ -26,6 +26,7 @@ from kdpipe.embedded.presets import Preset, get_preset
 from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ArmSpec, CurriculumSpec, ExperimentConfig, Setup
 from kdpipe.experiments.runner import Inputs, auto_threads, run_experiment, torch_threads
+from kdpipe.progress import bars_shown, library_bars
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text
 
@@ -154,17 +155,22 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
 def run_demo(out: Path, preset_name: str = "small", threads: int | None = None,
              device: str = "auto", progress: bool = True, overwrite: bool = False
              ) -> dict[str, Any]:
-    """Everything `kdpipe demo` does; returns the table (also OUT/demo.json and demo.md)."""
+    """Everything `kdpipe demo` does; returns the table (also OUT/demo.json and demo.md).
+
+    Bars only with `progress` on a terminal: a captured log gets each stage's periodic
+    status lines instead (`kdpipe.progress`), not thousands of redraws."""
     preset = get_preset(preset_name)
     _check_out(out, preset, overwrite)
     threads = threads or auto_threads(1)
     clock = StageClock(out)
-    with torch_threads(threads):
-        prepared = prepare(preset, out, clock, device, progress)
-    exp = demo_experiment(preset, out, prepared)
-    inputs = Inputs(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache),
-                    student_config=str(prepared.student_config), teacher=str(prepared.teacher),
-                    setup_dir=str(out))
-    run_experiment(exp, parallel=1, threads=threads, device=device, progress=progress,
-                   inputs=inputs, clock=clock, labels=ARM_LABELS)
+    bars = bars_shown(progress)
+    with library_bars(bars):
+        with torch_threads(threads):
+            prepared = prepare(preset, out, clock, device, bars)
+        exp = demo_experiment(preset, out, prepared)
+        inputs = Inputs(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache),
+                        student_config=str(prepared.student_config),
+                        teacher=str(prepared.teacher), setup_dir=str(out))
+        run_experiment(exp, parallel=1, threads=threads, device=device, progress=bars,
+                       inputs=inputs, clock=clock, labels=ARM_LABELS)
     return demo_table(preset, prepared, out, clock, threads)
