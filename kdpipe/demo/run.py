@@ -35,7 +35,17 @@ log = logging.getLogger(__name__)
 TABLE_MD, TABLE_JSON = "demo.md", "demo.json"
 ARM_LABELS = {"ce": "CE only", "kd": "KD", "kd-cl": "KD-CL (teacher curriculum)",
               "kd-cl-student": "KD-CL (student curriculum)",
-              "kd-cl-sr": "KD-CL-SR (student curriculum)"}
+              "kd-cl-sr-student": "KD-CL-SR (student curriculum)"}
+
+CURRICULA = (CurriculumSpec("teacher-nll", {"source": "teacher", "metric": "nll"}),
+             CurriculumSpec("ce-snapshot", {"source": "snapshot", "metric": "nll"},
+                            from_arm="ce"))
+ARMS = (ArmSpec("ce", {"mode": "ce"}),
+        ArmSpec("kd", {}),
+        ArmSpec("kd-cl", {"curriculum": "teacher-nll"}),
+        ArmSpec("kd-cl-student", {"curriculum": "ce-snapshot"}),
+        # Not experiments/seed-question.yaml's `kd-cl-sr`, which follows the teacher's ranking.
+        ArmSpec("kd-cl-sr-student", {"curriculum": "ce-snapshot", "reliance": "threshold"}))
 
 
 def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
@@ -48,18 +58,10 @@ def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> Experiment
              "lr": preset.student_lr, "warmup_steps": max(1, steps // 20),
              "eval_every": max(1, steps // preset.evals_per_run), "log_every": 5,
              "student_config": str(prepared.student_config)}
-    curricula = (CurriculumSpec("teacher-nll", {"source": "teacher", "metric": "nll"}),
-                 CurriculumSpec("ce-snapshot", {"source": "snapshot", "metric": "nll"},
-                                from_arm="ce"))
-    arms = (ArmSpec("ce", {"mode": "ce"}),
-            ArmSpec("kd", {}),
-            ArmSpec("kd-cl", {"curriculum": "teacher-nll"}),
-            ArmSpec("kd-cl-student", {"curriculum": "ce-snapshot"}),
-            ArmSpec("kd-cl-sr", {"curriculum": "ce-snapshot", "reliance": "threshold"}))
     return ExperimentConfig(name=f"demo-{preset.name}", out=str(out),
                             setup=Setup(cache=str(prepared.cache),
                                         eval_cache=str(prepared.heldout_cache)),
-                            seeds=(0,), arms=arms, curricula=curricula, train=train,
+                            seeds=(0,), arms=ARMS, curricula=CURRICULA, train=train,
                             baseline="kd", metric="eval_ce",
                             description=f"kdpipe demo --preset {preset.name}")
 
