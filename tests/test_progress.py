@@ -143,6 +143,7 @@ def bar_marks(stderr: str) -> list[str]:
     return [mark for mark in BAR_MARKS if mark in stderr.replace("\r\n", "\n")]
 
 
+@pytest.mark.slow
 def test_no_progress_silences_every_bar_of_a_stage(
         tiny_teacher_dir: Path, tiny_gpt2_dir: Path, jsonl_corpus: Path, tmp_path: Path,
         capfd: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kdpipe.embedded.corpus import HELDOUT_NAME, TRAIN_NAME
 from kdpipe.embedded.prepare import TEACHER_RUN
 from kdpipe.schemas.run_layout import RunLayout
@@ -51,6 +53,7 @@ def write_corpus(path: Path, texts: list[str]) -> None:
                     encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_readme_walk(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     texts = stdlib_texts()
     shutil.copytree(tiny_teacher_dir, tmp_path / RunLayout(DEMO / TEACHER_RUN).final)
