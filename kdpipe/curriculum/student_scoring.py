@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from kdpipe.progress import Progress, bars_shown, library_bars
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import NonFiniteError
 from kdpipe.schemas.shard_reader import Columns, build_index
@@ -41,8 +41,9 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
     """Mean NLL, confidence and entropy of `student` on every sample of `cache`."""
     manifest = cache.manifest
     torch_device = resolve_device(device)
-    parts = open_student(cache, torch_device, student=student, tokenizer=tokenizer,
-                         trust_remote_code=trust_remote_code).parts
+    with library_bars(bars_shown(progress)):  # transformers' "Loading weights"
+        parts = open_student(cache, torch_device, student=student, tokenizer=tokenizer,
+                             trust_remote_code=trust_remote_code).parts
     parts.model.eval()
     amp = autocast_dtype(dtype, torch_device)
     index = build_index(cache)
@@ -53,8 +54,7 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
     position = {int(s): i for i, s in enumerate(index.sample_ids)}
     loader = BatchLoader(index, index.sample_ids, columns, batch_size, 1, pad_id,
                          cached_groups=2)  # storage order: each row group decoded once
-    with loader, tqdm(total=len(loader), desc="score-student", unit="batch",
-                      disable=not progress, dynamic_ncols=True) as bar:
+    with loader, Progress("score-student", len(loader), unit="batch", progress=progress) as bar:
         for global_batch in loader:
             for cpu_batch in global_batch.micro:
                 mb = cpu_batch.to(torch_device)

@@ -19,16 +19,14 @@ def demo(
         "cores; full: a stronger teacher, about an hour).")] = DEFAULT_PRESET,
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[bool, typer.Option(
+        help="Show progress bars on a terminal (else, and in logs: a status line every 30 s)."
+    )] = True,
     overwrite: Annotated[bool, typer.Option(
         help="Delete a previous demo in --out and start over.")] = False,
 ) -> None:
     """Run every stage on the Python stdlib's source; compare CE/KD/KD-CL/KD-CL-SR students."""
     from kdpipe.demo.run import TABLE_MD, run_demo
 
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     run_demo(out, preset, threads or None, device, progress, overwrite)
     typer.echo((out / TABLE_MD).read_text(encoding="utf-8"))

@@ -26,6 +26,7 @@ from kdpipe.embedded.presets import Preset, get_preset
 from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ArmSpec, CurriculumSpec, ExperimentConfig, Setup
 from kdpipe.experiments.runner import Inputs, run_experiment
+from kdpipe.progress import bars_shown, library_bars
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text
 from kdpipe.torch_runtime import resolve_threads, torch_threads
@@ -35,7 +36,17 @@ log = logging.getLogger(__name__)
 TABLE_MD, TABLE_JSON = "demo.md", "demo.json"
 ARM_LABELS = {"ce": "CE only", "kd": "KD", "kd-cl": "KD-CL (teacher curriculum)",
               "kd-cl-student": "KD-CL (student curriculum)",
-              "kd-cl-sr": "KD-CL-SR (student curriculum)"}
+              "kd-cl-sr-student": "KD-CL-SR (student curriculum)"}
+
+CURRICULA = (CurriculumSpec("teacher-nll", {"source": "teacher", "metric": "nll"}),
+             CurriculumSpec("ce-snapshot", {"source": "snapshot", "metric": "nll"},
+                            from_arm="ce"))
+ARMS = (ArmSpec("ce", {"mode": "ce"}),
+        ArmSpec("kd", {}),
+        ArmSpec("kd-cl", {"curriculum": "teacher-nll"}),
+        ArmSpec("kd-cl-student", {"curriculum": "ce-snapshot"}),
+        # Not experiments/seed-question.yaml's `kd-cl-sr`, which follows the teacher's ranking.
+        ArmSpec("kd-cl-sr-student", {"curriculum": "ce-snapshot", "reliance": "threshold"}))
 
 
 def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
@@ -48,18 +59,10 @@ def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> Experiment
              "lr": preset.student_lr, "warmup_steps": max(1, steps // 20),
              "eval_every": max(1, steps // preset.evals_per_run), "log_every": 5,
              "student_config": str(prepared.student_config)}
-    curricula = (CurriculumSpec("teacher-nll", {"source": "teacher", "metric": "nll"}),
-                 CurriculumSpec("ce-snapshot", {"source": "snapshot", "metric": "nll"},
-                                from_arm="ce"))
-    arms = (ArmSpec("ce", {"mode": "ce"}),
-            ArmSpec("kd", {}),
-            ArmSpec("kd-cl", {"curriculum": "teacher-nll"}),
-            ArmSpec("kd-cl-student", {"curriculum": "ce-snapshot"}),
-            ArmSpec("kd-cl-sr", {"curriculum": "ce-snapshot", "reliance": "threshold"}))
     return ExperimentConfig(name=f"demo-{preset.name}", out=str(out),
                             setup=Setup(cache=str(prepared.cache),
                                         eval_cache=str(prepared.heldout_cache)),
-                            seeds=(0,), arms=arms, curricula=curricula, train=train,
+                            seeds=(0,), arms=ARMS, curricula=CURRICULA, train=train,
                             baseline="kd", metric="eval_ce",
                             description=f"kdpipe demo --preset {preset.name}")
 
@@ -155,17 +158,22 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
 def run_demo(out: Path, preset_name: str = "small", threads: int | None = None,
              device: str = "auto", progress: bool = True, overwrite: bool = False
              ) -> dict[str, Any]:
-    """Everything `kdpipe demo` does; returns the table (also OUT/demo.json and demo.md)."""
+    """Everything `kdpipe demo` does; returns the table (also OUT/demo.json and demo.md).
+
+    Bars only with `progress` on a terminal: a captured log gets each stage's periodic
+    status lines instead (`kdpipe.progress`), not thousands of redraws."""
     preset = get_preset(preset_name)
     threads = resolve_threads(threads or 0)
     _check_out(out, preset, overwrite)
     clock = StageClock(out)
-    with torch_threads(threads):
-        prepared = prepare(preset, out, clock, device, progress)
-    exp = demo_experiment(preset, out, prepared)
-    inputs = Inputs(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache),
-                    student_config=str(prepared.student_config), teacher=str(prepared.teacher),
-                    setup_dir=str(out))
-    run_experiment(exp, parallel=1, threads=threads, device=device, progress=progress,
-                   inputs=inputs, clock=clock, labels=ARM_LABELS)
+    bars = bars_shown(progress)
+    with library_bars(bars):
+        with torch_threads(threads):
+            prepared = prepare(preset, out, clock, device, bars)
+        exp = demo_experiment(preset, out, prepared)
+        inputs = Inputs(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache),
+                        student_config=str(prepared.student_config),
+                        teacher=str(prepared.teacher), setup_dir=str(out))
+        run_experiment(exp, parallel=1, threads=threads, device=device, progress=bars,
+                       inputs=inputs, clock=clock, labels=ARM_LABELS)
     return demo_table(preset, prepared, out, clock, threads)

@@ -94,7 +94,8 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
     def cache(model: Path, data: Path, out: Path, top_k: int) -> Path:
         cache_teacher(CacheTeacherConfig(teacher=str(model), data=(str(data),), out=out,
                                          top_k=top_k, pack=True, max_length=preset.max_length,
-                                         batch_size=32, shard_size=512, device=device))
+                                         batch_size=32, shard_size=512, device=device,
+                                         progress=progress))
         return out
 
     token_cache = root / "token-cache"

@@ -21,7 +21,6 @@ from itertools import chain
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from kdpipe.pipeline import teacher_vllm, workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
@@ -33,6 +32,12 @@ from kdpipe.pipeline.cache_dir import (
     reusable_shard,
     shards_intact,
 )
+from kdpipe.pipeline.cache_progress import (
+    CacheProgress,
+    DocumentCount,
+    DocumentsDone,
+    with_documents_done,
+)
 from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 from kdpipe.pipeline.sequences import iter_sequences, special_affixes
 from kdpipe.pipeline.shard_stream import in_background, shard_groups
@@ -42,6 +47,7 @@ from kdpipe.pipeline.teacher_hf import (
     teacher_targets,
 )
 from kdpipe.pipeline.teacher_info import describe_teacher, teacher_head_width
+from kdpipe.progress import bars_shown, library_bars
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.manifest import (
     CacheManifest,
@@ -59,15 +65,20 @@ from kdpipe.torch_runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
-# One shard's (sample ids, sequences) -> their targets; updates the progress bar by the tokens
-# it computed.
-TeacherRunner = Callable[[list[int], list[list[int]], tqdm], list[SequenceTargets]]
+# One shard's (sample ids, sequences) -> their targets; updates the progress by the tokens it
+# computed.
+TeacherRunner = Callable[[list[int], list[list[int]], CacheProgress], list[SequenceTargets]]
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     """Run the whole stage; returns the finished manifest (a worker: its part, or the merge;
     with `merge`, the merge of the finished workers' parts alone)."""
     cfg.validate()
+    with library_bars(bars_shown(cfg.progress)):  # e.g. transformers' "Loading weights"
+        return _cache_teacher(cfg)
+
+
+def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     if cfg.merge:
         return workers.merge_parts(cfg.out, cfg.num_workers if cfg.num_workers > 1 else None)
     backend = resolve_backend(cfg)
@@ -97,13 +108,16 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     # errors (missing field, empty corpus) cost seconds and leave nothing behind.
     stats = CorpusStats()
     documents = iter_documents(sources, cfg.text_field, cfg.split, cfg.strict, stats)
+    done = DocumentsDone(stats)
     sequences = iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout,
-                               add_special_tokens=cfg.add_special_tokens)
-    shard_stream = in_background(shard_groups(sequences, cfg.shard_size))
+                               add_special_tokens=cfg.add_special_tokens, on_done=done.add)
+    shard_stream = in_background(with_documents_done(shard_groups(sequences, cfg.shard_size),
+                                                     done))
     first_shard = next(shard_stream, None)
     if first_shard is None:
         raise ConfigError(f"--data {' '.join(cfg.data)}: no sequence of at least 2 tokens; "
                           "the corpus is empty or every document is too short")
+    count = DocumentCount(sources)  # the progress total, counted while the teacher loads
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run_teacher = _teacher_runner(cfg, backend, device, dtype, pad_id, vocab_size,
                                   model_config)
@@ -111,7 +125,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     save_tokenizer(tokenizer, cfg.out)
     record_progress(cfg, draft)
     written = _write_shards(cfg, draft, kept or {}, chain([first_shard], shard_stream),
-                            run_teacher, dtype)
+                            run_teacher, dtype, CacheProgress(count, done, cfg.progress))
     corpus = replace(written.manifest.corpus, documents_read=stats.documents_read,
                      documents_skipped=stats.documents_skipped)
     manifest = replace(written.manifest, corpus=corpus, complete=True)
@@ -160,26 +174,27 @@ class _Written:
 
 
 def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str, ShardInfo],
-                  stream: Iterator[tuple[list[int], list[list[int]]]], run_teacher: TeacherRunner,
-                  dtype: torch.dtype) -> _Written:
+                  stream: Iterator[tuple[list[int], list[list[int]], int]],
+                  run_teacher: TeacherRunner, dtype: torch.dtype, progress: CacheProgress
+                  ) -> _Written:
     """Run the teacher over this run's shards of `stream` (intact kept shards are reused) and
-    write them, one shard written in the background while the teacher runs the next."""
+    write them, one shard written in the background while the teacher runs the next.
+
+    `stream` yields (sample ids, sequences, documents done when the shard was cut)."""
     manifest = draft
-    progress = tqdm(desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True,
-                    disable=not cfg.progress)
     started = time.perf_counter()
     computed = shards = sequences = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         pending: Future[ShardInfo] | None = None
-        for index, (sample_ids, seqs) in enumerate(stream):
+        for index, (sample_ids, seqs, documents) in enumerate(stream):
             shards, sequences = index + 1, sequences + len(seqs)
+            progress.start_shard(documents, sum(len(s) for s in seqs))
             if not workers.owns_shard(index, cfg.num_workers, cfg.worker_index):
                 continue  # another worker's shard: its sequences only advance the sample ids
             reused = reusable_shard(cfg.out, kept.get(shard_name(index)), sample_ids, seqs)
             if reused is not None:
                 manifest = manifest.with_shard(reused)
                 record_progress(cfg, manifest)
-                progress.update(sum(len(s) for s in seqs))
                 continue
             try:
                 targets = run_teacher(sample_ids, seqs, progress)
@@ -238,7 +253,7 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             trust_remote_code=cfg.trust_remote_code)
 
-        def run_vllm(sample_ids: list[int], seqs: list[list[int]], progress: tqdm
+        def run_vllm(sample_ids: list[int], seqs: list[list[int]], progress: CacheProgress
                      ) -> list[SequenceTargets]:
             targets = teacher.targets(seqs, sample_ids)  # the whole shard, one generate call
             progress.update(sum(len(s) for s in seqs))
@@ -332,7 +347,7 @@ def _check_against_model(cfg: CacheTeacherConfig, vocab_size: int, head_width: i
 
 
 def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad_id: int,
-                 progress: tqdm, sample_ids: list[int], vocab_size: int
+                 progress: CacheProgress, sample_ids: list[int], vocab_size: int
                  ) -> list[SequenceTargets]:
     """Teacher targets for one shard, batching sequences of similar length to cut padding.
 

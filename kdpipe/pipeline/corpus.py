@@ -451,6 +451,31 @@ def _describe(sources: Sequence[str], shown: int = 3) -> str:
     return ", ".join(sources[:shown]) + more
 
 
+def count_documents(sources: Sequence[str]) -> int | None:
+    """How many documents `iter_documents` will read or skip in `sources`, counted cheaply:
+    a .txt file is one, a .jsonl file its non-blank lines, a .parquet file the rows its footer
+    records. None when a source cannot be counted without decompressing or downloading it
+    (.jsonl.zst, Hugging Face datasets), or cannot be read (reading it reports why)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for source in sources:
+        suffix = None if source.startswith(HF_PREFIX) else _suffix(source)
+        try:
+            if suffix == ".txt":
+                total += 1
+            elif suffix == ".parquet":
+                total += pq.ParquetFile(source).metadata.num_rows
+            elif suffix == ".jsonl":
+                with open(source, "rb") as lines:
+                    total += sum(1 for line in lines if line.strip())
+            else:
+                return None
+        except (OSError, ValueError):  # pyarrow's errors are one of the two
+            return None
+    return total
+
+
 def iter_documents(sources: Sequence[str], text_field: str = "text", split: str | None = "train",
                    strict: bool = False, stats: CorpusStats | None = None) -> Iterator[str]:
     """Yield the non-empty text of every document of `sources` (from `resolve_sources`), in order.

@@ -23,6 +23,7 @@ deterministic, and streaming: memory is one tokenizer batch plus one document's 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -126,28 +127,37 @@ def _chunks(ids: list[int], prefix: list[int], max_length: int) -> Iterator[list
             yield prefix + piece
 
 
-def _packed(documents: Iterable[list[int]], max_length: int) -> Iterator[list[int]]:
+def _packed(documents: Iterable[list[int]], max_length: int, done: Callable[[int], None]
+            ) -> Iterator[list[int]]:
     buffer: list[int] = []
+    ends: list[int] = []  # where each document with tokens still in `buffer` ends in it
     for ids in documents:
         buffer.extend(ids)
+        ends.append(len(buffer))
         if len(buffer) < max_length:
             continue
         # Cut every full block before trimming once: a 1M-token document costs O(n), not O(n²).
         full = len(buffer) - len(buffer) % max_length
         for start in range(0, full, max_length):
             yield buffer[start:start + max_length]
+        finished = bisect.bisect_right(ends, full)
+        done(finished)
+        ends = [e - full for e in ends[finished:]]
         buffer = buffer[full:]
     if len(buffer) >= 2:
         yield buffer
+    done(len(ends))
 
 
 def iter_sequences(documents: Iterable[str], tokenizer: Any, max_length: int, layout: str,
-                   batch_size: int = 256, add_special_tokens: bool = True
-                   ) -> Iterator[list[int]]:
+                   batch_size: int = 256, add_special_tokens: bool = True,
+                   on_done: Callable[[int], None] | None = None) -> Iterator[list[int]]:
     """Yield token-id sequences of 2..max_length tokens from `documents`, in a fixed order.
 
     `tokenizer` is a Hugging Face tokenizer (fast ones are batched through their Rust backend).
     `add_special_tokens`: start (and end) documents as the tokenizer's own encoding does.
+    `on_done(n)`: n more documents have had every sequence of theirs yielded (for progress;
+    called by the generator before it yields the next sequence).
     """
     if max_length < 2:
         raise ConfigError(f"--max-length {max_length}: a sequence needs at least 2 tokens "
@@ -168,14 +178,17 @@ def iter_sequences(documents: Iterable[str], tokenizer: Any, max_length: int, la
     # Every document ends with EOS, so a student learns where documents end: the tokenizer's
     # own suffix when it ends with EOS, else the suffix followed by EOS.
     end = suffix if (suffix and suffix[-1] == eos) or eos is None else [*suffix, eos]
-    return _generate(documents, tokenizer, max_length, layout, batch_size, prefix, end)
+    return _generate(documents, tokenizer, max_length, layout, batch_size, prefix, end,
+                     on_done or (lambda n: None))
 
 
 def _generate(documents: Iterable[str], tokenizer: Any, max_length: int, layout: str,
-              batch_size: int, prefix: list[int], end: list[int]) -> Iterator[list[int]]:
+              batch_size: int, prefix: list[int], end: list[int], done: Callable[[int], None]
+              ) -> Iterator[list[int]]:
     token_ids = iter_token_ids(documents, tokenizer, batch_size)
     if layout == "packed":
-        yield from _packed((prefix + ids + end for ids in token_ids), max_length)
+        yield from _packed((prefix + ids + end for ids in token_ids), max_length, done)
         return
     for ids in token_ids:
         yield from _chunks(ids + end, prefix, max_length)
+        done(1)

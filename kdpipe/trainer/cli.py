@@ -11,6 +11,7 @@ import json
 import typer
 
 from kdpipe import options
+from kdpipe.progress import bars_shown, library_bars
 from kdpipe.trainer.config import EvalConfig, TrainConfig
 from kdpipe.trainer.distributed import is_main_process
 
@@ -20,7 +21,8 @@ def _train(cfg: TrainConfig) -> None:
     from kdpipe.trainer.train import train
 
     set_threads(cfg.threads)
-    final = train(cfg)
+    with library_bars(bars_shown(cfg.progress and is_main_process())):  # "Loading weights"
+        final = train(cfg)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         typer.echo(json.dumps(final, allow_nan=False))
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from kdpipe.progress import Progress, bars_shown, library_bars
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.shard_reader import CacheIndex, build_index, columns_for
@@ -65,8 +65,8 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
     started = time.perf_counter()
     loader = BatchLoader(index, share.sample_ids, columns, batch_size, 1, pad_id, prefetch,
                          cached_groups=2)  # storage order: one row group after another
-    bar = tqdm(total=len(loader), desc="eval", unit="batch", disable=not progress,
-               dynamic_ncols=True, leave=False)
+    bar = Progress("eval", len(loader), unit="batch", progress=progress, report=dist.is_main,
+                   leave=False)
 
     def run(cpu_batch: Batch, real: bool) -> None:
         nonlocal tokens
@@ -123,18 +123,23 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     cfg.validate()
     dist = Distributed.from_env(cfg.device)
     try:
-        cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
-        device = dist.device(resolve_device(cfg.device))
-        student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
-                               trust_remote_code=cfg.trust_remote_code)
-        index = build_index(cache)
-        ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
-        pad_id = cache.manifest.tokenizer.pad_token_id or 0
-        result = run_evaluation(student.parts, index, ids, cfg.loss, device,
-                                autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
-                                cfg.prefetch, cfg.progress and dist.is_main, dist=dist)
+        with library_bars(bars_shown(cfg.progress and dist.is_main)):  # "Loading weights"
+            result = _evaluate(cfg, dist)
     finally:
         dist.close()
     result.update({"student": cfg.student, "cache": str(cfg.cache), "loss_kind": cfg.loss.kind,
                    "temperature": cfg.loss.temperature, "world_size": dist.world_size})
     return result
+
+
+def _evaluate(cfg: EvalConfig, dist: Distributed) -> dict[str, Any]:
+    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
+    device = dist.device(resolve_device(cfg.device))
+    student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
+                           trust_remote_code=cfg.trust_remote_code)
+    index = build_index(cache)
+    ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
+    pad_id = cache.manifest.tokenizer.pad_token_id or 0
+    return run_evaluation(student.parts, index, ids, cfg.loss, device,
+                          autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
+                          cfg.prefetch, cfg.progress and dist.is_main, dist=dist)

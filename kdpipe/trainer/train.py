@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from kdpipe.progress import Progress
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
@@ -460,9 +460,9 @@ def _loop(run: Run) -> dict[str, Any]:
     clock = CheckpointClock(run.cfg.save_every_minutes)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(stop_on_signals())
-        bar = stack.enter_context(tqdm(
-            total=run.total_steps, initial=run.state.step, desc="train-student", unit="step",
-            disable=not (run.cfg.progress and run.dist.is_main), dynamic_ncols=True))
+        bar = stack.enter_context(Progress(
+            "train-student", run.total_steps, unit="step", initial=run.state.step,
+            progress=run.cfg.progress, report=run.dist.is_main))
         if logger is not None:
             stack.enter_context(logger)
         steps = stack.enter_context(contextlib.closing(_steps(run)))
@@ -493,7 +493,7 @@ def _loop(run: Run) -> dict[str, Any]:
         return finish(run, last, logger)
 
 
-def log_step(run: Run, logger: RunLogger | None, bar: tqdm, throughput: Throughput,
+def log_step(run: Run, logger: RunLogger | None, bar: Progress, throughput: Throughput,
              global_ids: np.ndarray, lam: StepLambdas, result: dict[str, float]
              ) -> dict[str, Any]:
     """Log a finished step (order and λ always, metrics every --log-every steps); returns its

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kdpipe.demo.run import ARM_LABELS, run_demo
+from kdpipe.demo.run import ARM_LABELS, ARMS, CURRICULA, run_demo
 from kdpipe.embedded.corpus import is_heldout, write_corpus
+from kdpipe.experiments.config import ArmSpec, CurriculumSpec, load_experiment
 from kdpipe.schemas.errors import ConfigError
 
 
@@ -25,6 +26,22 @@ def test_corpus_split_is_by_file_and_stable(tmp_path: Path) -> None:
     mtime = train.stat().st_mtime_ns
     assert write_corpus(tmp_path / "c", 40_000, 10_000) == (train, heldout)
     assert train.stat().st_mtime_ns == mtime  # finished: not rewritten
+
+
+def test_an_arm_named_in_the_demo_and_the_experiment_follows_one_curriculum() -> None:
+    """The demo's table and docs/results.md (experiments/seed-question.yaml) share arm names;
+    a shared name must mean the same curriculum, or the two compare different things."""
+    def curriculum_of(arms: tuple[ArmSpec, ...], curricula: tuple[CurriculumSpec, ...]
+                      ) -> dict[str, object]:
+        specs = {c.name: (c.options, c.from_arm) for c in curricula}
+        return {arm.name: specs.get(arm.options.get("curriculum", "")) for arm in arms}
+
+    exp = load_experiment(Path(__file__).parents[2] / "experiments" / "seed-question.yaml")
+    demo, experiment = curriculum_of(ARMS, CURRICULA), curriculum_of(exp.arms, exp.curricula)
+    shared = demo.keys() & experiment.keys()
+    assert {"ce", "kd", "kd-cl-student"} <= shared
+    assert {name for name in shared if demo[name] != experiment[name]} == set()
+    assert set(ARM_LABELS) == set(demo)
 
 
 @pytest.mark.slow
@@ -48,7 +65,7 @@ def test_tiny_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for artifact in ("tokenizer/tokenizer.json", "teacher-run/final/config.json",
                      "cache/manifest.json", "heldout-cache/manifest.json",
                      "curricula/teacher-nll.parquet", "curricula/ce-snapshot/seed-0.parquet",
-                     "runs/kd-cl-sr/seed-0/final_metrics.json", "demo.json", "summary.md"):
+                     "runs/kd-cl-sr-student/seed-0/final_metrics.json", "demo.json", "summary.md"):
         assert (out / artifact).is_file(), artifact
 
     # A re-run finds every stage done and trains nothing.

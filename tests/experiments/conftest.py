@@ -67,7 +67,7 @@ def experiment_yaml(path: Path, caches: tuple[Path, Path], out: Path) -> Path:
         "setup": {"cache": str(caches[0]), "eval_cache": str(caches[1])},
         "seeds": [0, 1],
         "baseline": "kd",
-        "comparisons": [["kd-cl-sr", "kd-cl"]],
+        "comparisons": [["kd-cl-sr-student", "kd-cl"]],
         "train": {"student-config": STUDENT, "epochs": 1, "batch-size": 8, "lr": "3e-3",
                   "eval-every": 2, "log-every": 1, "device": "cpu"},
         "curricula": {"teacher-nll": {"source": "teacher", "metric": "nll", "buckets": 4},
@@ -75,7 +75,7 @@ def experiment_yaml(path: Path, caches: tuple[Path, Path], out: Path) -> Path:
         "arms": {"ce": {"mode": "ce"},
                  "kd": None,
                  "kd-cl": {"curriculum": "teacher-nll", "pacing": "linear"},
-                 "kd-cl-sr": {"curriculum": "ce-snapshot", "reliance": "threshold"}},
+                 "kd-cl-sr-student": {"curriculum": "ce-snapshot", "reliance": "threshold"}},
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path

@@ -12,7 +12,7 @@ from kdpipe.experiments import report_data
 from kdpipe.experiments.report import render_report
 from kdpipe.schemas.errors import ConfigError
 
-ARMS = ("ce", "kd", "kd-cl", "kd-cl-sr")
+ARMS = ("ce", "kd", "kd-cl", "kd-cl-sr-student")
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -26,7 +26,7 @@ def test_markdown_names_every_arm_and_section(tiny_experiment: tuple[Path, Path]
     for section in ("## Summary", "## Runs", "## Held-out evaluation over training",
                     "## Curricula: difficulty scores", "## Selective reliance",
                     "## Curriculum pool over training", "paired by seed",
-                    "| kd-cl-sr − kd-cl | "):  # the YAML's `comparisons`
+                    "| kd-cl-sr-student − kd-cl | "):  # the YAML's `comparisons`
         assert section in text
     assert "teacher-nll" in text and "ce-snapshot/seed-0" in text
     assert not list((tmp_path / "md").glob("*.png"))
@@ -35,13 +35,13 @@ def test_markdown_names_every_arm_and_section(tiny_experiment: tuple[Path, Path]
 def test_the_curriculum_run_stayed_inside_its_pool(tiny_experiment: tuple[Path, Path]) -> None:
     _, out = tiny_experiment
     traces = report_data.pool_traces(report_data.load_view(out))
-    assert set(traces) == {"kd-cl", "kd-cl-sr"}
+    assert set(traces) == {"kd-cl", "kd-cl-sr-student"}
     trace = traces["kd-cl"]
     assert trace.drawn_max is not None and trace.violations == 0
     assert trace.share[0] < 1.0 and trace.share[-1] == 1.0
     weights = report_data.logged_lambdas(report_data.load_view(out))
-    assert set(weights) == {"kd-cl-sr"}
-    assert set(weights["kd-cl-sr"]["values"].round(6).tolist()) <= {0.1, 0.5, 0.9}
+    assert set(weights) == {"kd-cl-sr-student"}
+    assert set(weights["kd-cl-sr-student"]["values"].round(6).tolist()) <= {0.1, 0.5, 0.9}
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib not installed (kdpipe[report])")

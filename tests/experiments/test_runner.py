@@ -66,7 +66,7 @@ def test_grid_runs_every_arm_and_seed(tiny_experiment: tuple[Path, Path]) -> Non
     _, out = tiny_experiment
     records = json.loads((out / RESULTS_NAME).read_text())
     assert sorted((r["arm"], r["seed"]) for r in records) == sorted(
-        (arm, seed) for arm in ("ce", "kd", "kd-cl", "kd-cl-sr") for seed in (0, 1))
+        (arm, seed) for arm in ("ce", "kd", "kd-cl", "kd-cl-sr-student") for seed in (0, 1))
     for r in records:
         assert r["status"] == "ran"
         assert math.isfinite(r["eval_ce"]) and math.isfinite(r["eval_top1_agreement"])
@@ -75,7 +75,7 @@ def test_grid_runs_every_arm_and_seed(tiny_experiment: tuple[Path, Path]) -> Non
     assert len({r["samples_seen"] for r in records}) == 1
     for seed in (0, 1):
         assert (out / "curricula" / "ce-snapshot" / f"seed-{seed}.parquet").is_file()
-        config = json.loads((out / "runs" / "kd-cl-sr" / f"seed-{seed}" / "config.json")
+        config = json.loads((out / "runs" / "kd-cl-sr-student" / f"seed-{seed}" / "config.json")
                             .read_text())
         curriculum = config["curriculum"]
         assert curriculum["file"].endswith(f"ce-snapshot/seed-{seed}.parquet")
@@ -105,14 +105,14 @@ def test_summary_intervals_match_an_independent_computation(
         pytest.approx(diff["estimate"])
     assert "kd" not in summary["differences"]  # the baseline itself
     assert "± " in (out / "summary.md").read_text()
-    # `comparisons: [[kd-cl-sr, kd-cl]]`: A − B paired by seed, in summary.json and summary.md
-    sr = {r["seed"]: r["eval_ce"] for r in records if r["arm"] == "kd-cl-sr"}
+    # `comparisons: [[kd-cl-sr-student, kd-cl]]`: A − B paired by seed (summary.json and .md)
+    sr = {r["seed"]: r["eval_ce"] for r in records if r["arm"] == "kd-cl-sr-student"}
     (pair,) = summary["comparisons"]
-    assert (pair["a"], pair["b"]) == ("kd-cl-sr", "kd-cl")
+    assert (pair["a"], pair["b"]) == ("kd-cl-sr-student", "kd-cl")
     assert pair["eval_ce"]["method"] == "paired"
     assert pair["eval_ce"]["estimate"] == pytest.approx(
         sum(sr[s] - values["kd-cl"][s] for s in (0, 1)) / 2)
-    assert "| kd-cl-sr − kd-cl | " in (out / "summary.md").read_text()
+    assert "| kd-cl-sr-student − kd-cl | " in (out / "summary.md").read_text()
 
 
 def test_rerun_skips_finished_runs(tiny_experiment: tuple[Path, Path],

@@ -4,6 +4,7 @@ order, snapshots round-trip, runs share a cache, and `kdpipe evaluate` prints it
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import threading
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kdpipe import progress
 from kdpipe.cli import main
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
 from kdpipe.schemas import snapshot as snap
@@ -230,3 +232,15 @@ def test_an_eval_cache_of_another_tokenizer_is_refused_naming_the_id(
         train(small_config(tiny_cache, run, student=str(tiny_student_dir),
                            eval_cache=str(eval_cache)))
     assert not run.exists()
+
+
+def test_without_bars_the_loop_logs_status_lines(tmp_path: Path, tiny_cache: Path,
+                                                 tiny_student_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO):
+        train(small_config(tiny_cache, tmp_path / "run", student=str(tiny_student_dir),
+                           max_steps=3, progress=False))
+    lines = [r.getMessage() for r in caplog.records if "train-student: step" in r.getMessage()]
+    assert lines and "step 3/3 (100%)" in lines[-1] and "loss" in lines[-1], lines
