@@ -119,8 +119,8 @@ def topk_mass(cache: Cache, positions: int = TOPK_MASS_POSITIONS) -> tuple[float
 
 
 def summarize(cache: Cache) -> dict[str, object]:
-    """What `kdpipe inspect` prints: provenance, size, the teacher's mean NLL per token and
-    how much of its probability the top-k holds."""
+    """What `kdpipe inspect` prints: provenance, size, target tokens against all tokens, the
+    teacher's mean NLL per target token and how much of its probability the top-k holds."""
     m = cache.manifest
     nll = cache.read_column(TEACHER_NLL).to_numpy()
     targets = cache.read_column(NUM_TARGETS).to_numpy()
@@ -148,8 +148,13 @@ def summarize(cache: Cache) -> dict[str, object]:
         "layout": m.layout,
         "max_length": m.max_length,
         "tail_temperatures": ",".join(f"{t:g}" for t in m.tail_temperatures) or "-",
+        "format": m.corpus.format,
+        "train_on": m.train_on,
         "sequences": m.num_sequences,
         "tokens": m.num_tokens,
+        # positions with a teacher target: all but each sequence's last, or the masked ones
+        "target_tokens": m.num_targets,
+        "target_fraction": m.num_targets / max(m.num_tokens, 1),
         "shards": len(m.shards),
         "bytes": m.num_bytes,
         "bytes_per_token": m.num_bytes / max(m.num_targets, 1),
