@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdpipe"
-SHARED = {"schemas", "options", "tokenizer_identity", "torch_runtime", "extras", "progress"}
+SHARED = {"schemas", "options", "tokenizer_identity", "torch_runtime", "extras", "progress",
+          "packing"}
 # Package (or top-level module) -> the kdpipe packages it may import, besides itself and the
 # root `kdpipe` (its version).
 ALLOWED: dict[str, set[str]] = {
@@ -23,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "torch_runtime": {"schemas"},
     "extras": {"schemas"},
     "progress": set(),
+    "packing": {"schemas"},  # packed documents kept apart, in the teacher's pass and the student's
     "pipeline": SHARED,
     "trainer": SHARED,
     "curriculum": SHARED | {"trainer"},  # a student's scoring pass over the cache
