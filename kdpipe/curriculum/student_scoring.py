@@ -59,7 +59,8 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
             for cpu_batch in global_batch.micro:
                 mb = cpu_batch.to(torch_device)
                 with autocast(torch_device, amp):
-                    hidden = parts.hidden_states(mb.input_ids, mb.attention_mask)  # (B, T, H)
+                    hidden = parts.hidden_states(mb.input_ids, mb.attention_mask,
+                                                 mb.segments)  # (B, T, H)
                 hidden = hidden[mb.target_mask]  # (N, H)
                 per_token = _token_stats(parts, hidden, mb.labels, chunk_size,
                                          torch_device, amp, manifest.vocab_size)  # (N, 3)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdpipe.packing import forward_inputs
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.shard_writer import SequenceTargets
 from kdpipe.torch_runtime import MODEL_INIT_LOCK
@@ -138,7 +139,8 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
                     temperatures: Sequence[float], pad_id: int, samples: int = 0,
                     sample_ids: Sequence[int] | None = None, sample_seed: int = 0,
                     vocab_size: int | None = None,
-                    target_masks: Sequence[np.ndarray | None] | None = None
+                    target_masks: Sequence[np.ndarray | None] | None = None,
+                    segments: Sequence[Sequence[int] | None] | None = None
                     ) -> list[SequenceTargets]:
     """Run the teacher on one batch of sequences (right-padded) and reduce each to targets.
 
@@ -147,7 +149,9 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
     `vocab_size`: the tokenizer's real ids; the head's rows beyond them are padding, left out
     of the softmax (and so of every cached value), as if the head had exactly those rows.
     `target_masks`: per sequence, (T-1,) bool of the positions to keep (chat data's targets),
-    or None for all; only those positions are reduced (and sampled), in order.
+    or None for all; only those positions are reduced (and sampled), in order. `segments`:
+    per sequence, the lengths of the documents packed into it, which never attend to each
+    other (`packing.forward_inputs`), or None for one document.
     """
     if samples and (sample_ids is None or len(sample_ids) != len(sequences)):
         raise ValueError("drawing samples needs one sample id per sequence")
@@ -160,7 +164,8 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         attention[row, : len(seq)] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V_head)
+    logits = model(input_ids=input_ids,
+                   **forward_inputs(attention, segments, model.config)).logits  # (B, T, V_head)
     logits = logits[..., :vocab_size]  # (B, T, V) a view: padding rows never enter a softmax
 
     # Row r, positions 0..len_r - 2 predict tokens 1..len_r - 1; contiguous views, no copies.

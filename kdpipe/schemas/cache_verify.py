@@ -109,11 +109,12 @@ def _shard_list_problems(m: CacheManifest) -> list[str]:
     a complete cache has them all, every one full but the last."""
     found = []
     for s in m.shards:
-        if s.targets != s.tokens - s.rows and (m.train_on == "all"
+        masked = m.shard_layout.has_target_mask
+        if s.targets != s.tokens - s.rows and (not masked
                                                or not 0 < s.targets <= s.tokens - s.rows):
             found.append(f"{s.file}: targets {s.targets} is not tokens - rows "
-                         f"({s.tokens} - {s.rows})" + ("" if m.train_on == "all" else
-                                                       " or fewer (train_on)"))
+                         f"({s.tokens} - {s.rows})" + (" or fewer (target_mask)" if masked
+                                                       else ""))
         index, offset = divmod(s.first_sample_id, m.shard_size)
         if offset:
             found.append(f"{s.file}: first_sample_id {s.first_sample_id} is not a multiple of "
@@ -228,7 +229,7 @@ class _ShardScan:
         self.digest.update(_tokens_record(sample_ids, offsets - offsets[0], input_ids))
         if not np.array_equal(table.column(cols.NUM_TARGETS).to_numpy(), targets):
             self.fault("num_targets", "num_targets differs from len(input_ids) - 1" + (
-                "" if m.train_on == "all" else " masked by target_mask"))
+                " masked by target_mask" if m.shard_layout.has_target_mask else ""))
         if (lengths < 2).any():
             self.fault("input_ids", "a sequence of fewer than 2 tokens")
         if lengths.max() > m.max_length:
@@ -243,7 +244,7 @@ class _ShardScan:
     def masked_targets(self, table: pa.Table, lengths: np.ndarray) -> np.ndarray:
         """(rows,) target positions per sequence: len - 1, or those its target_mask keeps (at
         least one; the mask has one flag per position but the last)."""
-        if self.m.train_on == "all":
+        if not self.m.shard_layout.has_target_mask:
             return lengths - 1
         mask = table.column(cols.TARGET_MASK).combine_chunks()
         flags = mask.flatten().to_numpy(zero_copy_only=False).astype(bool)

@@ -113,7 +113,9 @@ class CacheManifest:
     samples: int = 0  # sampled: draws per position (N)
     sample_seed: int = 0  # sampled: position draws use a generator seeded by (seed, sample_id)
     train_on: str = "all"  # one of TRAIN_ON; not "all": shards have a target_mask column
-    segments: bool = False  # shards have a segments column (packed documents' lengths)
+    # Shards have a segments column (packed documents' lengths) and a target_mask: a document's
+    # last position would predict the next document's first token, so it is never a target.
+    segments: bool = False
     schema_version: int = MANIFEST_SCHEMA_VERSION
     kdpipe_version: str = __version__
     extra: dict[str, str] = field(default_factory=dict)
@@ -121,7 +123,8 @@ class CacheManifest:
     @property
     def shard_layout(self) -> ShardLayout:
         return ShardLayout(self.id_dtype, self.logprob_dtype, bool(self.tail_temperatures),
-                           self.encoding, self.cache_mode, has_target_mask=self.train_on != "all",
+                           self.encoding, self.cache_mode,
+                           has_target_mask=self.train_on != "all" or self.segments,
                            has_segments=self.segments)
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdpipe import tokenizer_identity as identity
+from kdpipe.packing import RowSegments, check_packing, forward_inputs
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.manifest import CacheManifest
@@ -182,10 +183,13 @@ class StudentParts:
     head: nn.Module
     logit_transform: Callable[[torch.Tensor], torch.Tensor] | None
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> torch.Tensor:
-        """(B, T) ids → (B, T, H) final hidden states (after the final norm)."""
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      segments: Sequence[RowSegments] | None = None) -> torch.Tensor:
+        """(B, T) ids → (B, T, H) final hidden states (after the final norm). `segments`: per
+        row, the lengths of the documents packed into it, which never attend to each other
+        (`packing.forward_inputs`); None: one document per row."""
+        out = self.body(input_ids=input_ids,
+                        **forward_inputs(attention_mask, segments, self.model.config))
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -244,7 +248,8 @@ def open_student(cache: Cache, device: torch.device, *, student: str | None,
 
     Tokenizer (must map the cache's ids: `check_tokenizer`) → model in float32 (from
     `weights`, a checkpoint folder, when given) → head width (`check_vocab`) → on `device` →
-    body/head split (`split_student`). Raises ConfigError naming the option at fault.
+    body/head split (`split_student`) → for a packed cache, whether it keeps packed documents
+    apart (`packing.check_packing`). Raises ConfigError naming the option at fault.
     """
     name = student or student_config or "student"
     tok = load_tokenizer(student, tokenizer, cache, trust_remote_code)
@@ -254,4 +259,7 @@ def open_student(cache: Cache, device: torch.device, *, student: str | None,
                          seed, trust_remote_code)
     check_vocab(model, cache.manifest, name)
     model.to(device)
-    return Student(split_student(model, name), tok)
+    parts = split_student(model, name)
+    if cache.manifest.segments:  # packed documents must stay apart, as in the teacher's pass
+        check_packing(model, "student", name)
+    return Student(parts, tok)

@@ -32,7 +32,8 @@ class StudentObjective(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(total, Σ CE, Σ KD, correct top-1, (N,) CE per token): tensors only, so DDP and
         FSDP can find them; `sums` turns them back into LossSums."""
-        hidden = self.parts.hidden_states(batch.input_ids, batch.attention_mask)  # (B, T, H)
+        hidden = self.parts.hidden_states(batch.input_ids, batch.attention_mask,
+                                          batch.segments)  # (B, T, H)
         hidden = hidden[batch.target_mask]  # (N, H) real target positions only
         out = chunked_distill_loss(hidden, self.parts.head, batch.labels, lam_per_token, cfg,
                                    batch.teacher, self.vocab_size,
