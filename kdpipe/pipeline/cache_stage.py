@@ -99,7 +99,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     documents = iter_documents(sources, cfg.text_field, cfg.split, cfg.strict, stats)
     sequences = iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout,
                                add_special_tokens=cfg.add_special_tokens)
-    shard_stream = in_background(shard_groups(sequences, cfg.shard_size))
+    shard_stream = in_background(shard_groups((s.ids for s in sequences), cfg.shard_size))
     first_shard = next(shard_stream, None)
     if first_shard is None:
         raise ConfigError(f"--data {' '.join(cfg.data)}: no sequence of at least 2 tokens; "
