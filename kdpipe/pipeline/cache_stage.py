@@ -33,8 +33,9 @@ from kdpipe.pipeline.cache_dir import (
     reusable_shard,
     shards_intact,
 )
-from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
-from kdpipe.pipeline.sequences import iter_sequences, special_affixes
+from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, resolve_sources
+from kdpipe.pipeline.inputs import cache_sequences, resolve_reading
+from kdpipe.pipeline.sequences import special_affixes
 from kdpipe.pipeline.shard_stream import in_background, shard_groups
 from kdpipe.pipeline.teacher_hf import (
     load_teacher,
@@ -96,9 +97,8 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     # Read up to the first shard before loading the teacher or touching --out, so corpus
     # errors (missing field, empty corpus) cost seconds and leave nothing behind.
     stats = CorpusStats()
-    documents = iter_documents(sources, cfg.text_field, cfg.split, cfg.strict, stats)
-    sequences = iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout,
-                               add_special_tokens=cfg.add_special_tokens)
+    sequences = cache_sequences(cfg, resolve_reading(cfg, sources, tokenizer), sources,
+                                tokenizer, stats)
     shard_stream = in_background(shard_groups((s.ids for s in sequences), cfg.shard_size))
     first_shard = next(shard_stream, None)
     if first_shard is None:
