@@ -66,8 +66,8 @@ def corpus_subset(data: str, tokenizer_path: str, tokens: int, out: Path) -> Pat
 def bare_forward_seconds(cfg: CacheTeacherConfig) -> tuple[float, int]:
     """Time the teacher's forward alone over the stage's own batches (same order, same sizes)."""
     tokenizer = load_tokenizer(cfg.teacher_model, False, "--teacher")
-    seqs = list(iter_sequences(iter_documents(resolve_sources(cfg.data)), tokenizer,
-                               cfg.max_length, cfg.layout))
+    seqs = [s.ids for s in iter_sequences(iter_documents(resolve_sources(cfg.data)), tokenizer,
+                                          cfg.max_length, cfg.layout)]
     model = load_teacher(cfg.teacher_model, torch.device("cpu"), torch.float32, False)
     pad = tokenizer.pad_token_id or 0
     elapsed = 0.0

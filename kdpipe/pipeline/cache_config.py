@@ -12,6 +12,7 @@ from typing import Any
 
 from kdpipe import options
 from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, THREADS_HELP, option
+from kdpipe.pipeline.formats import FORMATS, OVERLONG, TRAIN_ON, train_on_problem
 from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
 from kdpipe.schemas.shard import LOGPROB_DTYPES
 
@@ -51,6 +52,28 @@ class CacheTeacherConfig:
         "encodes the text alone.")
     shard_size: int = option(1024, "Sequences per Parquet shard.", ge=1)
     text_field: str = option("text", "Text field of jsonl/parquet/datasets.")
+    format: str = option(
+        "auto", "What a row of --data is: text, messages (a conversation: a list of {role, "
+        "content}), prompt-completion (TRL's: strings or lists of messages), or auto (from "
+        "the first rows, preferring messages, then prompt-completion, then text). See "
+        "docs/chat-data.md.", choices=FORMATS)
+    messages_field: str = option("messages", "Conversation field (--format messages).")
+    prompt_field: str = option("prompt", "Prompt field (--format prompt-completion).")
+    completion_field: str = option("completion", "Completion field (--format "
+                                   "prompt-completion).")
+    tools_field: str = option("tools", "Tool definitions field of conversations (optional in "
+                              "a row).")
+    chat_template: str | None = option(
+        None, "Jinja file to render conversations with (default: the tokenizer's chat "
+        "template).")
+    train_on: str | None = option(
+        None, "Positions trained: assistant (every assistant reply), last-assistant, "
+        "completion, all. Default: assistant for messages, completion for "
+        "prompt-completion, all for text.", choices=TRAIN_ON)
+    overlong: str = option(
+        "truncate", "A conversation longer than --max-length: truncate (keep its first "
+        "tokens; skipped if no target is left) or skip it. Both are counted.",
+        choices=OVERLONG)
     split: str = option("train", "Split of a Hugging Face dataset.")
     tail_temperatures: tuple[float, ...] = option(
         (), "Also store the exact tail log-mass at these temperatures, e.g. 2,4 (0.05 to "
@@ -72,8 +95,8 @@ class CacheTeacherConfig:
     sample_seed: int = option(
         0, "sampled: seed of the draws (each sequence's generator is seeded from it and its "
         "sample id).")
-    strict: bool = option(False, "Fail on the first empty or undecodable document instead of "
-                          "skipping it.")
+    strict: bool = option(False, "Fail on the first empty, undecodable or malformed document "
+                          "instead of skipping it.")
     overwrite: bool = option(False, "Replace an existing cache made with different settings.")
     trust_remote_code: bool = option(False, REMOTE_CODE_HELP)
     allow_tokenizer_mismatch: bool = option(
@@ -116,6 +139,10 @@ class CacheTeacherConfig:
                          "--merge")
         if not self.data:
             found.append("--data is required (a file, folder, glob or dataset name)")
+        if self.backend == "vllm" and self.pack:
+            found.append("--pack needs --backend hf: vLLM runs each sequence as one prompt, "
+                         "so packed documents would attend to each other (and vLLM does not "
+                         "pad, so packing gains the teacher pass nothing)")
         if self.backend == "vllm" and self.tail_temperatures:
             found.append("--tail-temperatures needs --backend hf: vLLM returns only top-k "
                          "log-probs, so exact tempered tails cannot be computed (without them "
@@ -136,6 +163,11 @@ class CacheTeacherConfig:
             if self.encoding != "plain":
                 found.append("--encoding compact applies to top-k caches; drop it with "
                              "--cache-mode sampled")
+        train_on = train_on_problem(self.format, self.train_on)
+        if train_on is not None:
+            found.append(train_on)
+        if self.format == "text" and self.chat_template is not None:
+            found.append("--chat-template renders conversations; drop it with --format text")
         if self.out.exists() and not self.out.is_dir():
             found.append(f"--out {self.out} is a file; give a folder for the cache")
         return found

@@ -15,11 +15,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 from kdpipe.pipeline.corpus import CorpusStats, count_documents
 from kdpipe.progress import Progress
 
-Shard = tuple[list[int], list[list[int]]]  # (sample ids, token sequences)
+T = TypeVar("T")  # a shard's sequences: token id lists, or sequences with their targets
 
 
 class DocumentCount(threading.Thread):
@@ -51,8 +52,8 @@ class DocumentsDone:
         return self.finished + self.stats.documents_skipped
 
 
-def with_documents_done(shards: Iterator[Shard], done: DocumentsDone
-                        ) -> Iterator[tuple[list[int], list[list[int]], int]]:
+def with_documents_done(shards: Iterator[tuple[list[int], list[T]]], done: DocumentsDone
+                        ) -> Iterator[tuple[list[int], list[T], int]]:
     """Each shard with `done.position` when it was cut. Runs in the thread that reads the
     corpus, so the counters are read where they are written."""
     for sample_ids, seqs in shards:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any
 
+import numpy as np
 import torch
 
+from kdpipe.packing import check_packing
 from kdpipe.pipeline import teacher_vllm, workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
 from kdpipe.pipeline.cache_dir import (
@@ -38,8 +40,9 @@ from kdpipe.pipeline.cache_progress import (
     DocumentsDone,
     with_documents_done,
 )
-from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
-from kdpipe.pipeline.sequences import iter_sequences, special_affixes
+from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, resolve_sources
+from kdpipe.pipeline.inputs import Reading, cache_sequences, resolve_reading
+from kdpipe.pipeline.sequences import TokenSequence, special_affixes
 from kdpipe.pipeline.shard_stream import in_background, shard_groups
 from kdpipe.pipeline.teacher_hf import (
     load_teacher,
@@ -67,7 +70,8 @@ log = logging.getLogger(__name__)
 
 # One shard's (sample ids, sequences) -> their targets; updates the progress by the tokens it
 # computed.
-TeacherRunner = Callable[[list[int], list[list[int]], CacheProgress], list[SequenceTargets]]
+# (sample ids, sequences, progress) -> the teacher's targets at each sequence's target positions
+TeacherRunner = Callable[[list[int], list[TokenSequence], CacheProgress], list[SequenceTargets]]
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
@@ -96,8 +100,10 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     _check_against_model(cfg, vocab_size, teacher_head_width(model_config), model_config)
     device = torch.device("cuda") if backend == "vllm" else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    reading = resolve_reading(cfg, sources, tokenizer)
     draft = _draft_manifest(cfg, replace(teacher_info, dtype=str(dtype).removeprefix("torch.")),
-                            sources, tokenizer, vocab_size, teacher_head_width(model_config))
+                            sources, tokenizer, vocab_size, teacher_head_width(model_config),
+                            reading)
     previous = previous_manifest(cfg, draft)
     if previous is not None and previous.complete and shards_intact(cfg.out, previous):
         log.info("%s is already a complete cache with these settings; nothing to do", cfg.out)
@@ -107,10 +113,9 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     # Read up to the first shard before loading the teacher or touching --out, so corpus
     # errors (missing field, empty corpus) cost seconds and leave nothing behind.
     stats = CorpusStats()
-    documents = iter_documents(sources, cfg.text_field, cfg.split, cfg.strict, stats)
     done = DocumentsDone(stats)
-    sequences = iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout,
-                               add_special_tokens=cfg.add_special_tokens, on_done=done.add)
+    sequences = _with_targets(cache_sequences(cfg, reading, sources, tokenizer, stats,
+                                              on_done=done.add))
     shard_stream = in_background(with_documents_done(shard_groups(sequences, cfg.shard_size),
                                                      done))
     first_shard = next(shard_stream, None)
@@ -127,7 +132,10 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     written = _write_shards(cfg, draft, kept or {}, chain([first_shard], shard_stream),
                             run_teacher, dtype, CacheProgress(count, done, cfg.progress))
     corpus = replace(written.manifest.corpus, documents_read=stats.documents_read,
-                     documents_skipped=stats.documents_skipped)
+                     documents_skipped=stats.documents_skipped,
+                     conversations_truncated=stats.conversations_truncated,
+                     conversations_too_long=stats.conversations_too_long,
+                     conversations_without_targets=stats.conversations_without_targets)
     manifest = replace(written.manifest, corpus=corpus, complete=True)
     if cfg.num_workers == 1:
         write_manifest(cfg.out, manifest)
@@ -142,17 +150,37 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     return merged if merged is not None else part
 
 
+def _with_targets(sequences: Iterator[TokenSequence]) -> Iterator[TokenSequence]:
+    """The sequences with at least one target position. Only a packed block of one-token
+    documents has none (a document's last position is never a target), so they are dropped."""
+    dropped = 0
+    for sequence in sequences:
+        if sequence.position_mask().any():
+            yield sequence
+        else:
+            dropped += 1
+    if dropped:
+        log.info("dropped %d packed sequence(s) of one-token documents: no target position",
+                 dropped)
+
+
 def _draft_manifest(cfg: CacheTeacherConfig, teacher: TeacherInfo, sources: list[str],
-                    tokenizer: Any, vocab_size: int, head_width: int) -> CacheManifest:
+                    tokenizer: Any, vocab_size: int, head_width: int, reading: Reading
+                    ) -> CacheManifest:
     """The manifest this run's settings call for, with no shard yet (compared on resume)."""
     vllm = teacher.backend == "vllm"
     sampled = cfg.cache_mode == "sampled"
+    chat = {k: v for k, v in reading.settings().items()
+            if k not in ("format", "train_on", "chat_template_sha256")}
     return CacheManifest(
         teacher=teacher,
         tokenizer=describe_tokenizer(cfg.tokenizer or cfg.teacher_model, tokenizer, vocab_size),
         corpus=CorpusInfo(sources=tuple(sources), text_field=cfg.text_field, split=cfg.split,
                           fingerprint=corpus_fingerprint(sources, cfg.text_field, cfg.split),
-                          documents_read=0, documents_skipped=0),
+                          documents_read=0, documents_skipped=0, format=reading.format.kind,
+                          chat_template=reading.template_sha256,
+                          options=chat if reading.format.kind != "text" else {}),
+        train_on=reading.train_on, segments=cfg.layout == "packed",
         vocab_size=vocab_size, teacher_head_width=head_width, top_k=cfg.top_k,
         max_length=cfg.max_length, layout=cfg.layout,
         add_special_tokens=cfg.add_special_tokens, shard_size=cfg.shard_size,
@@ -174,7 +202,7 @@ class _Written:
 
 
 def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str, ShardInfo],
-                  stream: Iterator[tuple[list[int], list[list[int]], int]],
+                  stream: Iterator[tuple[list[int], list[TokenSequence], int]],
                   run_teacher: TeacherRunner, dtype: torch.dtype, progress: CacheProgress
                   ) -> _Written:
     """Run the teacher over this run's shards of `stream` (intact kept shards are reused) and
@@ -187,28 +215,32 @@ def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         pending: Future[ShardInfo] | None = None
         for index, (sample_ids, seqs, documents) in enumerate(stream):
+            ids = [s.ids for s in seqs]
             shards, sequences = index + 1, sequences + len(seqs)
-            progress.start_shard(documents, sum(len(s) for s in seqs))
+            progress.start_shard(documents, sum(len(s) for s in ids))
             if not workers.owns_shard(index, cfg.num_workers, cfg.worker_index):
                 continue  # another worker's shard: its sequences only advance the sample ids
-            reused = reusable_shard(cfg.out, kept.get(shard_name(index)), sample_ids, seqs)
+            reused = reusable_shard(cfg.out, kept.get(shard_name(index)), sample_ids, ids)
             if reused is not None:
                 manifest = manifest.with_shard(reused)
                 record_progress(cfg, manifest)
                 continue
             try:
                 targets = run_teacher(sample_ids, seqs, progress)
-                _refuse_nonfinite(sample_ids, targets, dtype)
+                _refuse_nonfinite(sample_ids, seqs, targets, dtype)
             except BaseException:
                 if pending is not None:  # the shard before is finished: keep it for a resume
                     record_progress(cfg, manifest.with_shard(pending.result()))
                 raise
-            computed += sum(len(s) for s in seqs)
+            computed += sum(len(s) for s in ids)
             if pending is not None:
                 manifest = manifest.with_shard(pending.result())
                 record_progress(cfg, manifest)
-            pending = writer.submit(write_shard, cfg.out / shard_name(index), draft.shard_layout,
-                                    sample_ids, seqs, targets)
+            layout = draft.shard_layout
+            masks = [s.position_mask() for s in seqs] if layout.has_target_mask else None
+            segments = [s.segments or [len(s.ids)] for s in seqs] if layout.has_segments else None
+            pending = writer.submit(write_shard, cfg.out / shard_name(index), layout, sample_ids,
+                                    ids, targets, masks, segments)
         if pending is not None:
             manifest = manifest.with_shard(pending.result())
     progress.close()
@@ -222,14 +254,14 @@ def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str,
 def resolve_backend(cfg: CacheTeacherConfig) -> str:
     """The backend this run uses; `auto` is vLLM when it is installed and a GPU is visible.
 
-    `auto` keeps hf when exact tempered tails are asked for (only full logits give them) or a
-    device other than the default GPU is named.
+    `auto` keeps hf when exact tempered tails are asked for (only full logits give them), for
+    a sampled or packed cache, or when a device other than the default GPU is named.
     """
     if cfg.backend == "vllm":
         teacher_vllm.require_vllm()
         return "vllm"
     if (cfg.backend == "hf" or cfg.tail_temperatures or cfg.cache_mode == "sampled"
-            or cfg.device not in ("auto", "cuda")):
+            or cfg.pack or cfg.device not in ("auto", "cuda")):
         return "hf"
     if teacher_vllm.vllm_importable() and teacher_vllm.cuda_available():
         log.info("--backend auto: vLLM is installed and a GPU is visible; using vLLM")
@@ -253,27 +285,34 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             trust_remote_code=cfg.trust_remote_code)
 
-        def run_vllm(sample_ids: list[int], seqs: list[list[int]], progress: CacheProgress
+        def run_vllm(sample_ids: list[int], seqs: list[TokenSequence], progress: CacheProgress
                      ) -> list[SequenceTargets]:
-            targets = teacher.targets(seqs, sample_ids)  # the whole shard, one generate call
-            progress.update(sum(len(s) for s in seqs))
+            # The whole shard in one generate call; each sequence is one prompt (--pack is
+            # refused with vLLM: its prompts cannot keep packed documents apart).
+            targets = teacher.targets([s.ids for s in seqs], sample_ids,
+                                      [s.position_mask() for s in seqs])
+            progress.update(sum(len(s.ids) for s in seqs))
             return targets
 
         return run_vllm
     model = load_teacher(cfg.teacher_model, device, dtype, cfg.trust_remote_code)
+    if cfg.layout == "packed":  # packed documents must stay apart, in the student's pass too
+        check_packing(model, "teacher", cfg.teacher_model)
     return lambda sample_ids, seqs, progress: _run_teacher(model, seqs, cfg, pad_id, progress,
                                                            sample_ids, vocab_size)
 
 
-def _refuse_nonfinite(sample_ids: list[int], targets: list[SequenceTargets],
-                      dtype: torch.dtype) -> None:
+def _refuse_nonfinite(sample_ids: list[int], seqs: list[TokenSequence],
+                      targets: list[SequenceTargets], dtype: torch.dtype) -> None:
     """Stop at the first NaN or infinity a cache must not hold (`schemas.shard.first_invalid`),
     before its shard is written: a NaN teacher log-prob would silently zero the KD term."""
-    for sample_id, target in zip(sample_ids, targets, strict=True):
+    for sample_id, seq, target in zip(sample_ids, seqs, targets, strict=True):
         found = target.first_invalid()
         if found is None:
             continue
-        column, position, value = found
+        column, index, value = found  # index: among the sequence's target positions
+        position = (None if index is None else
+                    int(np.flatnonzero(seq.position_mask())[index]))
         where = f"sample {sample_id}" + (f", target position {position}" if position is not None
                                          else "")
         # Shards of another dtype cannot join this cache: a new dtype needs --overwrite.
@@ -346,23 +385,28 @@ def _check_against_model(cfg: CacheTeacherConfig, vocab_size: int, head_width: i
                           f"max_position_embeddings ({limit})")
 
 
-def _run_teacher(model: Any, seqs: list[list[int]], cfg: CacheTeacherConfig, pad_id: int,
+def _run_teacher(model: Any, seqs: list[TokenSequence], cfg: CacheTeacherConfig, pad_id: int,
                  progress: CacheProgress, sample_ids: list[int], vocab_size: int
                  ) -> list[SequenceTargets]:
     """Teacher targets for one shard, batching sequences of similar length to cut padding.
 
-    `sample_ids` seed each sequence's draws in a sampled cache; `vocab_size` real ids form the
-    softmax (padding rows of the head are left out)."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    Only each sequence's target positions are reduced (`TokenSequence.position_mask`), and
+    packed documents never attend to each other. `sample_ids` seed each sequence's draws in a
+    sampled cache; `vocab_size` real ids form the softmax (padding rows of the head are left
+    out)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids), reverse=True)
     results: list[SequenceTargets | None] = [None] * len(seqs)
     for start in range(0, len(order), cfg.batch_size):
-        batch = order[start : start + cfg.batch_size]
-        outputs = teacher_targets(model, [seqs[i] for i in batch], cfg.top_k,
+        batch = [seqs[i] for i in order[start : start + cfg.batch_size]]
+        outputs = teacher_targets(model, [s.ids for s in batch], cfg.top_k,
                                   cfg.tail_temperatures, pad_id,
                                   samples=cfg.samples if cfg.cache_mode == "sampled" else 0,
-                                  sample_ids=[sample_ids[i] for i in batch],
-                                  sample_seed=cfg.sample_seed, vocab_size=vocab_size)
-        for i, out in zip(batch, outputs, strict=True):
+                                  sample_ids=[sample_ids[i]
+                                              for i in order[start : start + cfg.batch_size]],
+                                  sample_seed=cfg.sample_seed, vocab_size=vocab_size,
+                                  target_masks=[s.position_mask() for s in batch],
+                                  segments=[s.segments for s in batch])
+        for i, out in zip(order[start : start + cfg.batch_size], outputs, strict=True):
             results[i] = out
-        progress.update(sum(len(seqs[i]) for i in batch))
+        progress.update(sum(len(s.ids) for s in batch))
     return [r for r in results if r is not None]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,10 +49,18 @@ HUB_PROBE_TIMEOUT_S = 3.0  # one request, no retries: enough to tell "no network
 
 @dataclass
 class CorpusStats:
-    """Counters filled while `iter_documents` runs (the manifest records them)."""
+    """Counters filled while the corpus is read (the manifest records them).
+
+    A document is a text, or a conversation (one row of chat data). `documents_read` +
+    `documents_skipped` is every row seen; the conversation counters say why some were skipped
+    or cut (docs/chat-data.md).
+    """
 
     documents_read: int = 0  # documents yielded
-    documents_skipped: int = 0  # empty / undecodable / non-string text field
+    documents_skipped: int = 0  # empty / undecodable / malformed, and the two skips below
+    conversations_truncated: int = 0  # cut to --max-length (--overlong truncate), kept
+    conversations_too_long: int = 0  # longer than --max-length, skipped (--overlong skip)
+    conversations_without_targets: int = 0  # no target token (left after a cut), skipped
 
 
 def _suffix(path: str | Path) -> str | None:
@@ -257,34 +266,65 @@ def corpus_fingerprint(sources: Sequence[str], text_field: str, split: str | Non
 
 # ---- reading -------------------------------------------------------------------------------
 
-class _Skips:
-    """Counts bad documents, or raises on the first one under `strict`."""
+class Skips:
+    """Counts bad documents, or raises on the first malformed one under `strict`."""
 
     def __init__(self, stats: CorpusStats, strict: bool) -> None:
         self.stats, self.strict = stats, strict
         self.reasons: Counter[str] = Counter()
         self.first: str | None = None
 
-    def __call__(self, where: str, reason: str, hint: str = "") -> None:
-        if self.strict:
+    def __call__(self, where: str, reason: str, hint: str = "", malformed: bool = True) -> None:
+        """Skip the document at `where` (file and line or row) for `reason`.
+
+        `malformed=False` marks a well-formed document that is left out by a rule (a
+        conversation too long or with nothing to train): counted, never fatal. Raises
+        ConfigError for a malformed one under `strict`.
+        """
+        if self.strict and malformed:
             raise ConfigError(f"--strict: {where}: {reason}; fix or remove that document{hint}, "
                               f"or drop --strict to skip bad documents")
         self.stats.documents_skipped += 1
         self.reasons[reason] += 1
         self.first = self.first or where
 
+    def check_nonempty(self, read: int, sources: Sequence[str], fields: str) -> None:
+        """Raise ConfigError when no document at all was read; `fields` names the flags to
+        check."""
+        if read == 0:
+            skipped = sum(self.reasons.values())
+            raise ConfigError(f"--data: empty corpus (0 documents, {skipped} skipped) in "
+                              f"{_describe(sources)}; check --data and {fields}")
+
+    def summarise(self, read: int) -> None:
+        """One warning counting the skipped documents by reason (none when nothing was)."""
+        if self.reasons:
+            counts = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
+            logger.warning("skipped %d of %d documents (%s); first at %s; pass --strict to stop "
+                           "at the first bad document", sum(self.reasons.values()),
+                           read + sum(self.reasons.values()), counts, self.first)
+
+
+@dataclass(frozen=True)
+class Field:
+    """A column the reader needs: its name, the flag that names it, what it holds."""
+
+    name: str
+    flag: str = "--text-field"
+    holds: str = "the text"
+
 
 class _FieldProbe:
-    """Tells a file that never has the text field (a wrong `--text-field`) from a dirty one."""
+    """Tells a file that never has a field (a wrong `--text-field`) from a dirty one."""
 
-    def __init__(self, source: str, text_field: str) -> None:
-        self.source, self.text_field = source, text_field
+    def __init__(self, source: str, field: Field) -> None:
+        self.source, self.field = source, field
         self.records = self.with_field = 0
         self.keys: list[str] = []
 
     def see(self, record: dict[str, Any]) -> bool:
         self.records += 1
-        if self.text_field in record:
+        if self.field.name in record:
             self.with_field += 1
             return True
         self.keys = self.keys or list(record)
@@ -294,24 +334,16 @@ class _FieldProbe:
 
     def check(self) -> None:
         if self.records and not self.with_field:
-            raise _missing_field(self.text_field, self.source, self.keys)
+            raise _missing_field(self.field, self.source, self.keys)
 
 
-def _missing_field(text_field: str, source: str, keys: Sequence[str]) -> ConfigError:
-    return ConfigError(f"--text-field {text_field}: {source} has no field {text_field!r} "
-                       f"(fields: {', '.join(map(str, keys)) or 'none'}); pass --text-field "
-                       f"naming the column that holds the text")
+def _missing_field(field: Field, source: str, keys: Sequence[str]) -> ConfigError:
+    return ConfigError(f"{field.flag} {field.name}: {source} has no field {field.name!r} "
+                       f"(fields: {', '.join(map(str, keys)) or 'none'}); pass {field.flag} "
+                       f"naming the column that holds {field.holds}")
 
 
-def _record_text(record: Any, where: str, probe: _FieldProbe, skip: _Skips) -> str | None:
-    field = probe.text_field
-    if not isinstance(record, dict):
-        skip(where, "not a JSON object")
-        return None
-    if not probe.see(record):
-        skip(where, f"no field {field!r}", hint=" or pass --text-field")
-        return None
-    text = record[field]
+def _record_text(text: Any, where: str, field: str, skip: Skips) -> str | None:
     if not isinstance(text, str):
         skip(where, f"field {field!r} is not a string")
         return None
@@ -323,7 +355,7 @@ def _record_text(record: Any, where: str, probe: _FieldProbe, skip: _Skips) -> s
     return _nonempty(text, where, skip)
 
 
-def _nonempty(text: str, where: str, skip: _Skips) -> str | None:
+def _nonempty(text: str, where: str, skip: Skips) -> str | None:
     if text.strip():
         return text
     skip(where, "empty")
@@ -340,10 +372,10 @@ def _open_lines(path: Path, raw: BinaryIO) -> BinaryIO:
     return io.BufferedReader(reader, buffer_size=1 << 20)
 
 
-def _read_jsonl(path: Path, text_field: str, skip: _Skips) -> Iterator[str]:
+def _jsonl_values(path: Path, skip: Skips) -> Iterator[tuple[str, Any]]:
+    """(where, value) of each non-blank line; lines that are not JSON are skipped."""
     import zstandard
 
-    probe = _FieldProbe(str(path), text_field)
     with open(path, "rb") as raw:
         lines = _open_lines(path, raw)
         lineno = 0
@@ -353,23 +385,35 @@ def _read_jsonl(path: Path, text_field: str, skip: _Skips) -> Iterator[str]:
                     continue  # blank lines separate nothing in JSON lines
                 where = f"{path} line {lineno}"
                 try:
-                    record = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                    yield where, json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                 except UnicodeDecodeError:
                     skip(where, "not valid UTF-8")
-                    continue
                 except json.JSONDecodeError:
                     skip(where, "not valid JSON")
-                    continue
-                text = _record_text(record, where, probe, skip)
-                if text is not None:
-                    yield text
         except zstandard.ZstdError as exc:
             raise ConfigError(f"--data {path}: corrupt zstd stream after line {lineno} ({exc}); "
                               f"re-create or remove the file") from exc
-    probe.check()
 
 
-def _read_txt(path: Path, skip: _Skips) -> Iterator[str]:
+def _with_fields(values: Iterable[tuple[str, Any]], source: str, fields: Sequence[Field],
+                 skip: Skips) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The values that are objects holding every field; the others are skipped. Raises
+    ConfigError when the source's first records never hold a field (a wrong flag)."""
+    probes = [_FieldProbe(source, field) for field in fields]
+    for where, record in values:
+        if not isinstance(record, dict):
+            skip(where, "not a JSON object")
+            continue
+        missing = [probe.field for probe in probes if not probe.see(record)]
+        if missing:
+            skip(where, f"no field {missing[0].name!r}", hint=f" or pass {missing[0].flag}")
+            continue
+        yield where, record
+    for probe in probes:
+        probe.check()
+
+
+def _read_txt(path: Path, skip: Skips) -> Iterator[str]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -379,14 +423,14 @@ def _read_txt(path: Path, skip: _Skips) -> Iterator[str]:
         yield text
 
 
-def _read_parquet(path: Path, text_field: str, skip: _Skips) -> Iterator[str]:
+def _read_parquet(path: Path, text_field: str, skip: Skips) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     schema = pf.schema_arrow
     if text_field not in schema.names:
-        raise _missing_field(text_field, str(path), schema.names)
+        raise _missing_field(Field(text_field), str(path), schema.names)
     kind = schema.field(text_field).type
     as_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
     if not (as_bytes or pa.types.is_string(kind) or pa.types.is_large_string(kind)
@@ -412,36 +456,112 @@ def _read_parquet(path: Path, text_field: str, skip: _Skips) -> Iterator[str]:
                 yield value
 
 
-def _read_hf(name: str, text_field: str, split: str | None, skip: _Skips) -> Iterator[str]:
+def _parquet_rows(path: Path, fields: Sequence[Field], optional: Sequence[str]
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) with the fields' columns and those of `optional` the file has."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    for field in fields:
+        if field.name not in names:
+            raise _missing_field(field, str(path), names)
+    columns = [f.name for f in fields] + [name for name in optional if name in names]
+    row = 0
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path} row {row}", record
+
+
+def _hf_records(name: str, fields: Sequence[Field], split: str | None
+                ) -> tuple[str, Iterator[tuple[str, Any]]]:
+    """(the source's name in messages, its (where, record) pairs); a missing column raises."""
     ds, columns = _load_hf(name, split)
     source = f"dataset {name}"
-    if columns is not None and text_field not in columns:
-        raise _missing_field(text_field, source, columns)
-    probe = _FieldProbe(source, text_field)
-    for index, record in enumerate(ds, start=1):
-        text = _record_text(record, f"{source} record {index}", probe, skip)
-        if text is not None:
-            yield text
-    probe.check()
+    for field in fields:
+        if columns is not None and field.name not in columns:
+            raise _missing_field(field, source, columns)
+    return source, ((f"{source} record {i}", r) for i, r in enumerate(ds, start=1))
 
 
-def _read_source(source: str, text_field: str, split: str | None, skip: _Skips) -> Iterator[str]:
-    if source.startswith(HF_PREFIX):
-        yield from _read_hf(source[len(HF_PREFIX):], text_field, split, skip)
-        return
+def _local_file(source: str) -> tuple[Path, str | None]:
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"--data {source}: file not found; check the path")
-    suffix = _suffix(path)
-    if suffix == ".txt":
-        yield from _read_txt(path, skip)
-    elif suffix == ".parquet":
-        yield from _read_parquet(path, text_field, skip)
-    elif suffix in (".jsonl", ".jsonl.zst"):
-        yield from _read_jsonl(path, text_field, skip)
+    return path, _suffix(path)
+
+
+def _unsupported(source: str) -> ConfigError:
+    return ConfigError(f"--data {source}: unsupported file format; convert it to one of "
+                       f"{', '.join(SUFFIXES)}")
+
+
+def _read_source(source: str, text_field: str, split: str | None, skip: Skips) -> Iterator[str]:
+    field = Field(text_field)
+    if source.startswith(HF_PREFIX):
+        name, values = _hf_records(source[len(HF_PREFIX):], [field], split)
     else:
-        raise ConfigError(f"--data {source}: unsupported file format; convert it to one of "
-                          f"{', '.join(SUFFIXES)}")
+        path, suffix = _local_file(source)
+        if suffix == ".txt":
+            yield from _read_txt(path, skip)
+            return
+        if suffix == ".parquet":
+            yield from _read_parquet(path, text_field, skip)
+            return
+        if suffix not in (".jsonl", ".jsonl.zst"):
+            raise _unsupported(source)
+        name, values = str(path), _jsonl_values(path, skip)
+    for where, record in _with_fields(values, name, [field], skip):
+        text = _record_text(record[text_field], where, text_field, skip)
+        if text is not None:
+            yield text
+
+
+def iter_records(source: str, fields: Sequence[Field], split: str | None, skip: Skips,
+                 optional: Sequence[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for each record of one source that holds every field of `fields`.
+
+    `where` names the file and line (JSON lines), row (Parquet) or record (dataset), for
+    messages. Parquet files are read only in the columns of `fields` and of `optional` they
+    have; JSON records and dataset records come whole. Records without a field, and lines that
+    are not JSON objects, are skipped through `skip`. Raises ConfigError for a missing file, a
+    .txt file (plain text has no fields), or a source whose records never hold a field.
+    """
+    if source.startswith(HF_PREFIX):
+        name, values = _hf_records(source[len(HF_PREFIX):], fields, split)
+        yield from _with_fields(values, name, fields, skip)
+        return
+    path, suffix = _local_file(source)
+    if suffix == ".parquet":
+        yield from _parquet_rows(path, fields, optional)
+    elif suffix in (".jsonl", ".jsonl.zst"):
+        yield from _with_fields(_jsonl_values(path, skip), str(path), fields, skip)
+    elif suffix == ".txt":
+        raise ConfigError(f"--data {source}: a .txt file holds plain text, without a "
+                          f"{fields[0].name!r} field; convert it to .jsonl or .parquet, or "
+                          "pass --format text")
+    else:
+        raise _unsupported(source)
+
+
+def first_fields(source: str, split: str | None, limit: int = 100) -> list[set[str]]:
+    """The field names of the first `limit` records of one source, in order: one set of column
+    names for Parquet files and datasets with known columns, none for .txt files."""
+    if source.startswith(HF_PREFIX):
+        ds, columns = _load_hf(source[len(HF_PREFIX):], split)
+        if columns is not None:
+            return [set(columns)]
+        return [set(r) for r in itertools.islice(ds, limit) if isinstance(r, dict)]
+    path, suffix = _local_file(source)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [set(pq.ParquetFile(path).schema_arrow.names)]
+    if suffix in (".jsonl", ".jsonl.zst"):
+        values = _jsonl_values(path, Skips(CorpusStats(), strict=False))
+        return [set(r) for _, r in itertools.islice(values, limit) if isinstance(r, dict)]
+    return []
 
 
 def _describe(sources: Sequence[str], shown: int = 3) -> str:
@@ -485,7 +605,7 @@ def iter_documents(sources: Sequence[str], text_field: str = "text", split: str 
     a corpus with no document at all is a ConfigError raised once the sources are exhausted.
     """
     stats = stats if stats is not None else CorpusStats()
-    skip = _Skips(stats, strict)
+    skip = Skips(stats, strict)
     read = 0
     try:
         for source in sources:
@@ -493,13 +613,6 @@ def iter_documents(sources: Sequence[str], text_field: str = "text", split: str 
                 read += 1
                 stats.documents_read += 1
                 yield text
-        if read == 0:
-            skipped = sum(skip.reasons.values())
-            raise ConfigError(f"--data: empty corpus (0 documents, {skipped} skipped) in "
-                              f"{_describe(sources)}; check --data and --text-field")
+        skip.check_nonempty(read, sources, "--text-field")
     finally:
-        if skip.reasons:
-            counts = ", ".join(f"{n} {reason}" for reason, n in skip.reasons.most_common())
-            logger.warning("skipped %d of %d documents (%s); first at %s; pass --strict to stop "
-                           "at the first bad document", sum(skip.reasons.values()),
-                           read + sum(skip.reasons.values()), counts, skip.first)
+        skip.summarise(read)

@@ -10,11 +10,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def shard_groups(sequences: Iterable[list[int]], shard_size: int
-            ) -> Iterator[tuple[list[int], list[list[int]]]]:
+def shard_groups(sequences: Iterable[T], shard_size: int) -> Iterator[tuple[list[int], list[T]]]:
     """Group the sequence stream into shards; sample_id is the position in the stream."""
     ids: list[int] = []
-    seqs: list[list[int]] = []
+    seqs: list[T] = []
     for sample_id, seq in enumerate(sequences):
         ids.append(sample_id)
         seqs.append(seq)

@@ -222,7 +222,7 @@ def _check_real_ids(topk_ids: np.ndarray, vocab_size: int) -> None:
 
 
 def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k: int,
-                            vocab_size: int) -> SequenceTargets:
+                            vocab_size: int, mask: np.ndarray | None = None) -> SequenceTargets:
     """Turn one request's `RequestOutput.prompt_logprobs` into the cache's columns.
 
     `prompt_logprobs` is vLLM's FlatLogprobs (`flat_logprobs=True`: entry 0 empty, then K + 1
@@ -230,6 +230,7 @@ def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k
     1..K) or a list of `{token_id: Logprob}` dicts (entry 0 None). `sequence` is the prompt
     (T tokens); the result has T - 1 positions, aligned exactly as the hf backend aligns them.
     `vocab_size` is the tokenizer's vocabulary: a top-K id at or beyond it is refused.
+    `mask` ((T-1,) bool, or None for all): the positions kept (chat data's targets), in order.
     """
     labels = np.asarray(sequence[1:], dtype=np.int64)  # (T-1,) the token each position predicts
     n = len(labels)
@@ -252,7 +253,10 @@ def convert_prompt_logprobs(prompt_logprobs: Any, sequence: Sequence[int], top_k
         for t in range(n):
             ids_t, lps_t, target[t] = _position(prompt_logprobs[t + 1], int(labels[t]), top_k, t)
             topk_ids[t], topk_lps[t] = ids_t, lps_t
-    _check_real_ids(topk_ids, vocab_size)
+    _check_real_ids(topk_ids, vocab_size)  # every position: it names the position as verify
+    if mask is not None:
+        topk_ids, topk_lps, target, labels = (a[mask] for a in (topk_ids, topk_lps, target,
+                                                                labels))
     return targets_from_topk(topk_ids, topk_lps, target, labels, vocab_size)
 
 
@@ -269,9 +273,10 @@ class VllmTeacher:
     top_k: int
     vocab_size: int  # the tokenizer's ids, not the (padded) head width
 
-    def targets(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[int]
-                ) -> list[SequenceTargets]:
-        """Teacher targets for many sequences in one `generate` call (vLLM batches them).
+    def targets(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[int],
+                masks: Sequence[np.ndarray | None] | None = None) -> list[SequenceTargets]:
+        """Teacher targets for many sequences in one `generate` call (vLLM batches them), at
+        the positions `masks` keep (one (T-1,) bool array per sequence; None: all).
 
         Raises TeacherOutputError naming the sample (`sample_ids`, one per sequence) and the
         target position of output the cache cannot hold."""
@@ -281,13 +286,14 @@ class VllmTeacher:
             raise TeacherOutputError(f"vLLM returned {len(outputs)} outputs for "
                                      f"{len(sequences)} prompts")
         results = []
-        for seq, out, sample_id in zip(sequences, outputs, sample_ids, strict=True):
+        masks = masks if masks is not None else [None] * len(sequences)
+        for seq, out, sample_id, mask in zip(sequences, outputs, sample_ids, masks, strict=True):
             if list(out.prompt_token_ids) != list(seq):
                 raise TeacherOutputError(f"sample {sample_id}: vLLM returned outputs in another "
                                          "order than the prompts")
             try:
                 results.append(convert_prompt_logprobs(out.prompt_logprobs, seq, self.top_k,
-                                                       self.vocab_size))
+                                                       self.vocab_size, mask))
             except TeacherOutputError as exc:
                 raise TeacherOutputError(f"sample {sample_id}: {exc}") from exc
         return results

@@ -81,6 +81,11 @@ class CorpusInfo:
     documents_skipped: int  # empty or undecodable, counted and skipped
     format: str = "text"  # text, messages or prompt-completion
     chat_template: str = ""  # sha256 of the chat template that rendered conversations
+    # Chat data: the fields read and the --overlong rule, by option name (docs/chat-data.md)
+    options: dict[str, str] = field(default_factory=dict)
+    conversations_truncated: int = 0  # cut to max_length and kept
+    conversations_too_long: int = 0  # skipped (--overlong skip)
+    conversations_without_targets: int = 0  # skipped: no target token (left)
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,8 @@ class CacheManifest:
             settings |= {"cache_mode": self.cache_mode, "samples": self.samples,
                          "sample_seed": self.sample_seed}
         if self.corpus.format != "text":
-            settings |= {"format": self.corpus.format, "chat_template": self.corpus.chat_template}
+            settings |= {"format": self.corpus.format, "chat_template": self.corpus.chat_template,
+                         "corpus_options": dict(sorted(self.corpus.options.items()))}
         if self.train_on != "all":
             settings["train_on"] = self.train_on
         if self.segments:

@@ -65,7 +65,7 @@ def test_a_document_is_done_once_its_last_sequence_is_out(tiny_tokenizer_dir: Pa
     emitted = 0
     for finished, seq in before:  # a document counts only once every token of it is out
         assert finished <= sum(end <= emitted for end in ends)
-        emitted += len(seq)
+        emitted += len(seq.ids)
     assert [finished for finished, _ in before] == sorted(finished for finished, _ in before)
     assert len({finished for finished, _ in before}) > 2  # and it does move along
 

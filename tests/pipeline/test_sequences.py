@@ -48,7 +48,7 @@ def expected_packed(tokenizer: Any, docs: list[str], max_length: int) -> list[li
 
 
 def build(docs: Any, tokenizer: Any, max_length: int, layout: str, **kw: Any) -> list[list[int]]:
-    return list(iter_sequences(docs, tokenizer, max_length, layout, **kw))
+    return [s.ids for s in iter_sequences(docs, tokenizer, max_length, layout, **kw)]
 
 
 def test_layouts_are_the_manifest_layouts() -> None:
@@ -254,3 +254,34 @@ def test_prefix_leaves_room_for_a_target(bos_tokenizer: Any) -> None:
     with pytest.raises(ConfigError, match="--max-length 2: the tokenizer starts every sequence"):
         iter_sequences(DOCS, bos_tokenizer, 2, "document")
     assert all(len(s) == 3 for s in build(DOCS, bos_tokenizer, 3, "packed")[:-1])
+
+
+# --- what each sequence says beyond its ids -------------------------------------------------
+
+
+def expected_segments(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Documents of `lengths` tokens cut into blocks of `max_length`: each block's pieces."""
+    blocks: list[list[int]] = [[]]
+    room = max_length
+    for length in lengths:
+        while length:
+            if not room:
+                blocks.append([])
+                room = max_length
+            piece = min(length, room)
+            blocks[-1].append(piece)
+            length, room = length - piece, room - piece
+    return [b for b in blocks if sum(b) >= 2]
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 7, 16, 1000])
+def test_packed_blocks_record_their_documents(tokenizer: Any, max_length: int) -> None:
+    got = list(iter_sequences(DOCS, tokenizer, max_length, "packed"))
+    lengths = [len(reference_ids(tokenizer, d)) + 1 for d in DOCS]
+    assert [s.segments for s in got] == expected_segments(lengths, max_length)
+    assert all(sum(s.segments or []) == len(s.ids) and s.targets is None for s in got)
+
+
+def test_document_chunks_are_one_document_each(tokenizer: Any) -> None:
+    got = list(iter_sequences(DOCS, tokenizer, 7, "document"))
+    assert all(s.segments is None and s.targets is None for s in got)
