@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,7 +26,8 @@ from kdpipe.curriculum.config import BuildCurriculumConfig
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import open_cache
-from kdpipe.schemas.manifest import CacheManifest
+from kdpipe.schemas.io import sha256_file
+from kdpipe.schemas.manifest import CacheManifest, write_manifest
 from kdpipe.trainer.config import EvalConfig, TrainConfig
 from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.train import train
@@ -180,3 +183,33 @@ def test_packed_conversations_never_attend_to_each_other(
         cache=str(tmp_path / "packed"), out=str(tmp_path / "cl.parquet"), source="student",
         student=str(run / "final"), device="cpu", progress=False))
     assert curriculum.info.num_samples == packed.num_sequences
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_target_at_a_packed_document_boundary(
+        chat_teacher: tuple[Family, Path], chat_corpus: Path, tmp_path: Path) -> None:
+    """A mask that marks a document's last position (which would predict the next document's
+    first token) fails verify, even with the number of targets and every checksum intact."""
+    _, teacher = chat_teacher
+    manifest = cache(teacher, chat_corpus, tmp_path / "packed", pack=True)
+    for info in manifest.shards:
+        table = pq.read_table(tmp_path / "packed" / info.file)
+        masks, segments = (table.column(cols.TARGET_MASK).to_pylist(),
+                           table.column(cols.SEGMENTS).to_pylist())
+        row = next((r for r, s in enumerate(segments) if len(s) > 1), None)
+        if row is not None:
+            break
+    assert row is not None
+    boundary = segments[row][0] - 1
+    assert masks[row][boundary] is False
+    masks[row][boundary] = True
+    masks[row][masks[row].index(True, boundary + 1)] = False  # the same number of targets
+    index = table.schema.get_field_index(cols.TARGET_MASK)
+    pq.write_table(table.set_column(index, table.field(index),
+                                    pa.array(masks, table.schema.field(index).type)),
+                   tmp_path / "packed" / info.file, row_group_size=cols.ROW_GROUP_SIZE)
+    path = tmp_path / "packed" / info.file
+    write_manifest(tmp_path / "packed", manifest.with_shard(
+        replace(info, sha256=sha256_file(path), bytes=path.stat().st_size)))
+    problems = open_cache(tmp_path / "packed").verify()
+    assert len(problems) == 1 and "last position of a packed document" in problems[0]

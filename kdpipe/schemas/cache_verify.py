@@ -269,6 +269,20 @@ class _ShardScan:
                 np.add.reduceat(values, starts[:-1]), lengths):
             self.fault("segments", "segments are not positive lengths summing to each "
                                    "sequence's length")
+            return
+        # A segment's last position would predict the next document's first token.
+        mask = table.column(cols.TARGET_MASK).combine_chunks()
+        flags = mask.flatten().to_numpy(zero_copy_only=False).astype(bool)
+        mask_starts = mask.offsets.to_numpy() - mask.offsets.to_numpy()[0]
+        row_of = np.repeat(np.arange(lengths.size), np.diff(starts))
+        ends = np.cumsum(values)
+        end_in_row = ends - np.concatenate([[0], ends])[starts[:-1]][row_of]
+        inner = np.ones(values.size, dtype=bool)
+        inner[starts[1:] - 1] = False  # a row's last segment ends the sequence
+        boundary = mask_starts[:-1][row_of[inner]] + end_in_row[inner] - 1
+        if boundary.size and flags[boundary].any():
+            self.fault("segments", "target_mask marks the last position of a packed document "
+                                   "as a target (it would predict the next document)")
 
     def check_ids(self, column: str, ids: np.ndarray) -> None:
         if ids.size and int(ids.max()) >= self.m.vocab_size:
