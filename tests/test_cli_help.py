@@ -184,3 +184,17 @@ def test_commands_without_a_config_refuse_config(capsys: pytest.CaptureFixture[s
         main(["inspect", "--config", "x.yaml", "cache"])
     assert info.value.code == 2
     assert "No such option: --config" in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch() -> None:
+    """`--help` answers in a fraction of a second: no command's options need torch (seconds to
+    import), so it is loaded only when a stage runs."""
+    import subprocess  # a fresh interpreter: this one imported torch long ago
+    import sys
+
+    probe = ("import sys\nfrom kdpipe.cli import main\nfor command in sys.argv[1:]:\n"
+             "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
+             "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", probe, *COMMANDS], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -29,9 +29,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.loss_config import LossConfig
+from kdpipe.trainer.loss_config import SAMPLED, LossConfig
 from kdpipe.trainer.losses import (
-    SAMPLED,
     divergence,
     sampled_cross_entropy,
     student_partition,

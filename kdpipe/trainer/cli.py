@@ -13,11 +13,11 @@ import typer
 from kdpipe import options
 from kdpipe.progress import bars_shown, library_bars
 from kdpipe.trainer.config import EvalConfig, TrainConfig
-from kdpipe.trainer.distributed import is_main_process
 
 
 def _train(cfg: TrainConfig) -> None:
     from kdpipe.torch_runtime import set_threads
+    from kdpipe.trainer.distributed import is_main_process
     from kdpipe.trainer.train import train
 
     set_threads(cfg.threads)
@@ -29,6 +29,7 @@ def _train(cfg: TrainConfig) -> None:
 
 def _evaluate(cfg: EvalConfig) -> None:
     from kdpipe.torch_runtime import set_threads
+    from kdpipe.trainer.distributed import is_main_process
     from kdpipe.trainer.evaluate import evaluate
 
     set_threads(cfg.threads)

@@ -28,8 +28,7 @@ from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer.curriculum_config import CurriculumConfig
-from kdpipe.trainer.loss_config import LossConfig, default_kind
-from kdpipe.trainer.losses import SAMPLED
+from kdpipe.trainer.loss_config import SAMPLED, LossConfig, default_kind
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,18 +22,17 @@ from kdpipe.schemas.curriculum import check_matches_cache, read_curriculum
 from kdpipe.schemas.shard import SAMPLE_ID
 from kdpipe.trainer.curriculum_sampler import ORDERS, SNAPSHOT_METRICS, CurriculumSampler, Ranking
 from kdpipe.trainer.pacing import PACINGS, Pacing
-from kdpipe.trainer.reliance import (
-    KD_WEIGHT_SCHEDULES,
-    RELIANCE_CONTROLS,
-    RELIANCE_MODES,
-    LambdaFn,
-    RelianceMapping,
-    SampleReliance,
-    ScheduledLambda,
-    TokenReliance,
-)
+
+if TYPE_CHECKING:
+    from kdpipe.trainer.reliance import LambdaFn, TokenReliance
 
 log = logging.getLogger(__name__)
+
+# The choices live here, not beside the torch code that implements them, so that the commands'
+# --help builds without importing torch.
+RELIANCE_MODES = ("constant", "threshold", "linear", "token")
+RELIANCE_CONTROLS = ("none", "shuffled")
+KD_WEIGHT_SCHEDULES = ("none", "linear", "matched")
 
 CURRICULUM_SOURCES = ("file", "snapshot")
 DEFAULT_BUCKETS = 10  # baby-steps buckets when neither --pacing-buckets nor a file gives them
@@ -183,6 +183,13 @@ def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
             train_ids, cl.pacing_for(buckets), per_step, total_steps, seed, initial, cl.order,
             snapshot_run=run_dir if cl.source == "snapshot" else None,
             snapshot_metric=cl.metric, cache_fingerprint=fingerprint)
+    from kdpipe.trainer.reliance import (
+        RelianceMapping,
+        SampleReliance,
+        ScheduledLambda,
+        TokenReliance,
+    )
+
     mapping = RelianceMapping(cl.reliance, cl.kd_weight_low, cl.kd_weight_high,
                               cl.reliance_quantile, kd_weight)
     per_sample: LambdaFn | None = None

@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdpipe.options import field_problems, option, raise_problems
-from kdpipe.trainer.losses import LOSS_KINDS, SAMPLED
+
+# The choices live here, not beside the torch code of trainer/losses.py, so that the commands'
+# --help builds without importing torch.
+LOSSES = ("forward", "zero", "reverse", "jsd", "skew", "tvd")  # divergences on the partition
+SAMPLED = "sampled"  # count-weighted CE against a sampled cache (sampled_cross_entropy)
+LOSS_KINDS = LOSSES + (SAMPLED,)  # everything --loss accepts
 
 MODES = ("kd", "ce")
 LOSS_HELP = ("KD divergence on the cached top-k + tail partition: forward (KL with the tail "

@@ -26,9 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-LOSSES = ("forward", "zero", "reverse", "jsd", "skew", "tvd")  # divergences on the partition
-SAMPLED = "sampled"  # count-weighted CE against a sampled cache (sampled_cross_entropy)
-LOSS_KINDS = LOSSES + (SAMPLED,)  # everything --loss accepts
+from kdpipe.trainer.loss_config import LOSSES, SAMPLED
 
 _NEG_INF = float("-inf")
 

@@ -40,9 +40,6 @@ import torch
 from kdpipe.trainer.data import GlobalBatch
 from kdpipe.trainer.distributed import RankSlice
 
-RELIANCE_MODES = ("constant", "threshold", "linear", "token")
-RELIANCE_CONTROLS = ("none", "shuffled")
-KD_WEIGHT_SCHEDULES = ("none", "linear", "matched")
 _SALT = 0x72656C79  # separates the controls' RNG streams from the sampler's
 
 
