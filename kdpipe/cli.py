@@ -36,6 +36,8 @@ app = typer.Typer(
 )
 log = logging.getLogger("kdpipe")
 
+# typer vendors click, so its UsageError is reached through a class typer exports.
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 USER_ERRORS = (KdpipeError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError)
 ENV_PREFIX = "KDPIPE"
@@ -104,10 +106,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = list(sys.argv[1:] if argv is None else argv)
         with write_errors.at_command(args):  # a full or read-only disk: one line, not a trace
-            cli().main(args=args, prog_name="kdpipe")
+            # Not standalone: click would print its usage errors on four lines.
+            code = cli().main(args=args, prog_name="kdpipe", standalone_mode=False)
     except USER_ERRORS as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))  # a run stopped by a signal: 128 + its number
+    except USAGE_ERROR as exc:  # an unknown option or command, a value of the wrong type
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `kdpipe`: the help itself
+            exc.show()
+            sys.exit(exc.exit_code)
+        command = exc.ctx.command_path if exc.ctx is not None else "kdpipe"
+        print(f"kdpipe: error: {exc.format_message().rstrip('.')} (see '{command} --help')",
+              file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        print("kdpipe: aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # `Exit(n)`: e.g. 130 after Ctrl-C
 
 
 @app.callback(invoke_without_command=True)

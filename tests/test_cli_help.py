@@ -198,3 +198,17 @@ def test_help_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", probe, *COMMANDS], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["train-student", "--bogus"], "No such option: --bogus"),
+    (["cache-teacher", "--top-k", "abc"], "Invalid value for '--top-k'"),
+    (["nope"], "No such command 'nope'"),
+    (["evaluate", "--cache", "c"], "Missing option '--student'"),
+])
+def test_usage_errors_are_one_line(args: list[str], expected: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"kdpipe: error: {expected}")
+    assert f"(see 'kdpipe {args[0]} --help')" in err or args == ["nope"]
