@@ -36,8 +36,10 @@ app = typer.Typer(
 )
 log = logging.getLogger("kdpipe")
 
-# typer vendors click, so its UsageError is reached through a class typer exports.
-USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+# typer vendors click, so its UsageError is reached through a class typer exports (typed as
+# that subclass: only UsageError's attributes are used).
+USAGE_ERROR: type[typer.BadParameter] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 USER_ERRORS = (KdpipeError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError)
 ENV_PREFIX = "KDPIPE"
