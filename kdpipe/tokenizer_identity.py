@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 from kdpipe.schemas.cache import Cache
+from kdpipe.schemas.cache_verify import describe_files
 from kdpipe.schemas.errors import CacheFormatError, ConfigError
 from kdpipe.schemas.fingerprint import tokenizer_fingerprint
-from kdpipe.schemas.manifest import TOKENIZER_DIR, TokenizerInfo
+from kdpipe.schemas.manifest import TOKENIZER_DIR, FileInfo, TokenizerInfo
 from kdpipe.schemas.vocab import compare_vocab, real_vocab_size, vocab_fingerprint
 
 log = logging.getLogger(__name__)
@@ -40,21 +40,28 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool, flag: str)
                           ) from exc
 
 
-def save_tokenizer(tokenizer: Any, cache_dir: Path) -> None:
-    """Save `tokenizer` as CACHE/tokenizer/, replacing a copy of another tokenizer.
+def save_tokenizer(tokenizer: Any, cache_dir: Path) -> tuple[FileInfo, ...]:
+    """Save `tokenizer` as CACHE/tokenizer/, replacing a copy of another tokenizer; returns
+    what the manifest records of its files (`tokenizer.files`: name, size, sha256).
 
     Atomic: a temporary folder is renamed into place, so a crash leaves the old folder or the
-    new one, and workers of one cache (which all save the same tokenizer) may race.
+    new one, and workers of one cache (which all save the same tokenizer) may race. The
+    folder gets the permissions of any other (the umask's), so that other users of a shared
+    cache can read it.
     """
     final = cache_dir / TOKENIZER_DIR
     wanted = tokenizer_fingerprint(tokenizer)
     if final.is_dir():
         with contextlib.suppress(ConfigError):
             if tokenizer_fingerprint(load_tokenizer(final, False, "cache tokenizer")) == wanted:
-                return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.tmp-", dir=cache_dir))
-    trash = cache_dir / f".{TOKENIZER_DIR}.old.tmp-{os.getpid()}"
+                with contextlib.suppress(OSError):  # kdpipe before schema 4 made it 0700
+                    final.chmod(cache_dir.stat().st_mode & 0o777)
+                return describe_files(final)
+    # Unique names: workers on several machines may share the folder (and a process id).
+    tmp = cache_dir / f".{TOKENIZER_DIR}.tmp-{uuid.uuid4().hex}"
+    trash = cache_dir / f".{TOKENIZER_DIR}.old.tmp-{uuid.uuid4().hex}"
     try:
+        tmp.mkdir()
         tokenizer.save_pretrained(tmp)
         if final.is_dir():
             final.rename(trash)
@@ -65,6 +72,7 @@ def save_tokenizer(tokenizer: Any, cache_dir: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(trash, ignore_errors=True)
+    return describe_files(final)
 
 
 def describe(name_or_path: str, tokenizer: Any, vocab_size: int) -> TokenizerInfo:
@@ -79,17 +87,19 @@ def describe(name_or_path: str, tokenizer: Any, vocab_size: int) -> TokenizerInf
 def cache_tokenizer(cache: Cache, trust_remote_code: bool = False) -> Any | None:
     """The tokenizer `cache` was made with, or None when it can no longer be found.
 
-    Schema 2 caches keep it in CACHE/tokenizer/ (checked against the manifest's mapping
+    Schema 2 caches keep it in CACHE/tokenizer/ (its files checked against the manifest from
+    schema 4 on, `Cache.checked_tokenizer_dir`, and its mapping against the manifest's
     fingerprint); for older caches, the tokenizer the manifest names, if it still loads with
     the recorded fingerprint.
     """
     recorded = cache.manifest.tokenizer
-    if cache.tokenizer_dir is not None:
-        tokenizer = load_tokenizer(cache.tokenizer_dir, trust_remote_code, "cache tokenizer")
+    folder = cache.checked_tokenizer_dir()
+    if folder is not None:
+        tokenizer = load_tokenizer(folder, trust_remote_code, "cache tokenizer")
         found = vocab_fingerprint(tokenizer, cache.manifest.vocab_size)
         if recorded.vocab_fingerprint and found != recorded.vocab_fingerprint:
-            raise CacheFormatError(f"{cache.tokenizer_dir}: does not map ids as the manifest "
-                                   "records (modified?); re-create the cache")
+            raise CacheFormatError(f"{folder}: does not map ids as the manifest records "
+                                   "(modified?); re-create the cache")
         return tokenizer
     try:
         tokenizer = load_tokenizer(recorded.name_or_path, trust_remote_code, "cache tokenizer")

@@ -1,9 +1,9 @@
 """The cache folder's life cycle: resume it, refuse to clobber it, record progress in it.
 
 `cache-teacher` writes into `--out` only what it owns (shards, manifest or a worker's manifest
-part, `cache_config.json`, the tokenizer folder): a re-run with the same settings keeps every
-intact shard, other settings are refused unless `--overwrite`, and a folder holding anything
-else is never touched.
+part, `cache_config.json`, the tokenizer folder, the dataset card): a re-run with the same
+settings keeps every intact shard, other settings are refused unless `--overwrite`, and a
+folder holding anything else is never touched.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any
 
 from kdpipe.pipeline import workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
-from kdpipe.schemas.cache_verify import tokens_digest
+from kdpipe.schemas.cache_verify import tokenizer_file_problems, tokens_digest
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
 from kdpipe.schemas.manifest import (
+    DATASET_CARD_NAME,
     MANIFEST_NAME,
     TOKENIZER_DIR,
     CacheManifest,
@@ -100,7 +101,8 @@ def resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,
 
 def _foreign_files(out: Path) -> list[str]:
     """Names in `out` that no kdpipe cache-teacher run writes."""
-    ours = {MANIFEST_NAME, CACHE_CONFIG_NAME, TOKENIZER_DIR, workers.MERGE_LOCK}
+    ours = {MANIFEST_NAME, CACHE_CONFIG_NAME, TOKENIZER_DIR, DATASET_CARD_NAME,
+            workers.MERGE_LOCK}
     return [p.name for p in out.iterdir()
             if p.name not in ours and not workers.SHARD_RE.match(p.name)
             and not workers.PART_RE.match(p.name) and ".tmp-" not in p.name]
@@ -135,9 +137,13 @@ def record_progress(cfg: CacheTeacherConfig, manifest: CacheManifest) -> None:
         workers.write_part(cfg.out, cfg.worker_index, cfg.num_workers, manifest)
 
 
-def shards_intact(out: Path, manifest: CacheManifest) -> bool:
-    return all((out / s.file).is_file() and sha256_file(out / s.file) == s.sha256
-               for s in manifest.shards)
+def files_intact(out: Path, manifest: CacheManifest) -> bool:
+    """Whether every shard and the tokenizer's files are as `manifest` records them, and
+    it records the tokenizer's files (a cache of schema 3 or older does not: a re-run records
+    them, keeping every shard)."""
+    return (bool(manifest.tokenizer.files) and not tokenizer_file_problems(out, manifest)
+            and all((out / s.file).is_file() and sha256_file(out / s.file) == s.sha256
+                    for s in manifest.shards))
 
 
 def reusable_shard(out: Path, recorded: ShardInfo | None, sample_ids: list[int],
@@ -160,7 +166,8 @@ def _clear_cache_files(out: Path) -> None:
     if not out.is_dir():
         return
     for path in [*out.glob("shard-*.parquet"), *out.glob("manifest.part-*-of-*.json"),
-                 out / MANIFEST_NAME, out / CACHE_CONFIG_NAME, out / workers.MERGE_LOCK]:
+                 out / MANIFEST_NAME, out / CACHE_CONFIG_NAME, out / workers.MERGE_LOCK,
+                 out / DATASET_CARD_NAME]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
 

@@ -2,7 +2,10 @@
 
 Idempotent and crash-safe: every shard is written under a temporary name and renamed, the
 manifest is replaced atomically after each shard, and re-running the same command resumes
-(complete shards whose checksum holds are kept). Different settings into an existing cache are
+(complete shards whose checksum holds are kept). A complete cache also holds its tokenizer
+(`tokenizer/`, every file's sha256 in the manifest) and a dataset card (`README.md`,
+`dataset_card`), so that the folder alone, copied or pushed to the Hugging Face Hub,
+is all a student run needs. Different settings into an existing cache are
 refused unless `overwrite` is set (`cache_dir`).
 
 Two teacher backends fill the same shards: `hf` (transformers, full logits: exact tails and
@@ -27,12 +30,12 @@ from kdpipe.packing import check_packing
 from kdpipe.pipeline import teacher_vllm, workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
 from kdpipe.pipeline.cache_dir import (
+    files_intact,
     prepare_out,
     previous_manifest,
     record_progress,
     resumable_shards,
     reusable_shard,
-    shards_intact,
 )
 from kdpipe.pipeline.cache_progress import (
     CacheProgress,
@@ -41,6 +44,7 @@ from kdpipe.pipeline.cache_progress import (
     with_documents_done,
 )
 from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, resolve_sources
+from kdpipe.pipeline.dataset_card import write_dataset_card
 from kdpipe.pipeline.inputs import Reading, cache_sequences, resolve_reading
 from kdpipe.pipeline.sequences import TokenSequence, special_affixes
 from kdpipe.pipeline.shard_stream import in_background, shard_groups
@@ -53,6 +57,7 @@ from kdpipe.pipeline.teacher_info import describe_teacher, teacher_head_width
 from kdpipe.progress import bars_shown, library_bars
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
 from kdpipe.schemas.manifest import (
+    DATASET_CARD_NAME,
     CacheManifest,
     CorpusInfo,
     ShardInfo,
@@ -105,8 +110,10 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                             sources, tokenizer, vocab_size, teacher_head_width(model_config),
                             reading)
     previous = previous_manifest(cfg, draft)
-    if previous is not None and previous.complete and shards_intact(cfg.out, previous):
+    if previous is not None and previous.complete and files_intact(cfg.out, previous):
         log.info("%s is already a complete cache with these settings; nothing to do", cfg.out)
+        if cfg.num_workers == 1 and not (cfg.out / DATASET_CARD_NAME).is_file():
+            write_dataset_card(cfg.out, previous)
         return previous
     kept = resumable_shards(cfg, draft, previous)
 
@@ -127,7 +134,8 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     run_teacher = _teacher_runner(cfg, backend, device, dtype, pad_id, vocab_size,
                                   model_config)
     prepare_out(cfg, draft, fresh=kept is None)
-    save_tokenizer(tokenizer, cfg.out)
+    draft = replace(draft, tokenizer=replace(draft.tokenizer,
+                                             files=save_tokenizer(tokenizer, cfg.out)))
     record_progress(cfg, draft)
     written = _write_shards(cfg, draft, kept or {}, chain([first_shard], shard_stream),
                             run_teacher, dtype, CacheProgress(count, done, cfg.progress))
@@ -139,6 +147,7 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     manifest = replace(written.manifest, corpus=corpus, complete=True)
     if cfg.num_workers == 1:
         write_manifest(cfg.out, manifest)
+        write_dataset_card(cfg.out, manifest)
         return manifest
     part = workers.finished_part(manifest, cfg.worker_index, cfg.num_workers,
                                  written.stream_shards, written.stream_sequences)

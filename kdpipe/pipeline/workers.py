@@ -24,9 +24,12 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+from kdpipe.pipeline.dataset_card import write_dataset_card
+from kdpipe.schemas.cache_verify import describe_files
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import (
+    TOKENIZER_DIR,
     CacheManifest,
     ShardInfo,
     manifest_path,
@@ -219,9 +222,15 @@ def merge_parts(out: Path, num_workers: int | None = None) -> CacheManifest:
                           "finished; re-run them with the same command to complete them")
     shards = _check_parts(out, parts)
     extra = {k: v for k, v in parts[0].extra.items() if k not in _PART_KEYS}
-    merged = replace(parts[0], shards=tuple(shards), complete=True,
+    # The tokenizer folder as it stands: every worker saved the same tokenizer (the settings
+    # fingerprint holds its fingerprint), the last one to finish is the copy on disk.
+    folder = out / TOKENIZER_DIR
+    tokenizer = replace(parts[0].tokenizer, files=describe_files(folder)
+                        if folder.is_dir() else ())
+    merged = replace(parts[0], tokenizer=tokenizer, shards=tuple(shards), complete=True,
                      extra={**extra, "num_workers": str(num_workers)})
     write_manifest(out, merged)
+    write_dataset_card(out, merged)
     log.info("merged %d worker parts into %s (%d shards, %d sequences)", num_workers,
              manifest_path(out), len(merged.shards), merged.num_sequences)
     return merged

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.schemas import shard_checksum
-from kdpipe.schemas.cache_verify import verify_cache
+from kdpipe.schemas.cache_verify import tokenizer_file_problems, verify_cache
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.manifest import TOKENIZER_DIR, CacheManifest, ShardInfo, read_manifest
 from kdpipe.schemas.shard import NUM_TARGETS, TAIL_LOGMASS, TEACHER_NLL, check_shard_schema
@@ -48,6 +48,21 @@ class Cache:
         """The tokenizer the cache was made with, saved in the cache (schema 2), or None."""
         path = self.root / TOKENIZER_DIR
         return path if path.is_dir() else None
+
+    def checked_tokenizer_dir(self) -> Path | None:
+        """`tokenizer_dir`, its files first checked against `tokenizer.files` (schema 4) when
+        `verify_reads` is on, as shards are before they are read.
+
+        Raises CacheFormatError naming the first file that is missing, unlisted or altered.
+        """
+        folder = self.tokenizer_dir
+        if folder is not None and self.verify_reads:
+            problems = tokenizer_file_problems(self.root, self.manifest)
+            if problems:
+                raise CacheFormatError(
+                    f"cache {self.root}: {problems[0]}; run `kdpipe verify {self.root}`, or "
+                    "re-create the cache")
+        return folder
 
     def iter_row_groups(
         self, columns: Sequence[str] | None = None, shards: Sequence[ShardInfo] | None = None

@@ -11,7 +11,9 @@ field that disagrees, instead of raising. Three passes:
 * `_ShardScan`: one pass over each shard's row groups: `rows`, `tokens`, `targets`,
   `first_sample_id`, `last_sample_id`, `tokens_sha256`, row groups of `ROW_GROUP_SIZE`,
   ids below `vocab_size`, list lengths against `top_k`, `tail_temperatures` and `samples`,
-  sequence lengths against `max_length` and `layout`, and no value a cache never holds.
+  sequence lengths against `max_length` and `layout`, and no value a cache never holds;
+* `tokenizer_file_problems`: the files of the saved `tokenizer/` against `tokenizer.files`
+  (whether they load and map ids as recorded needs transformers: `kdpipe.reports`).
 
 Fields that describe provenance (teacher, corpus, versions) cannot be checked against the
 shards; `settings_fingerprint` protects the settings among them (`CacheManifest.validate`).
@@ -34,7 +36,13 @@ from kdpipe.schemas import shard as cols
 from kdpipe.schemas.encoding import decode_sampled
 from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.io import sha256_file
-from kdpipe.schemas.manifest import MANIFEST_NAME, CacheManifest, ShardInfo
+from kdpipe.schemas.manifest import (
+    MANIFEST_NAME,
+    TOKENIZER_DIR,
+    CacheManifest,
+    FileInfo,
+    ShardInfo,
+)
 from kdpipe.schemas.shard import ROW_GROUP_SIZE, ShardLayout, check_shard_schema, shard_name
 
 _SHARD_FAULT = re.compile(r"^(shard-\d+\.parquet): (.*)$", re.DOTALL)
@@ -64,6 +72,41 @@ def _tokens_record(sample_ids: np.ndarray, offsets: np.ndarray, ids: np.ndarray)
     body[heads] = body[heads + 1] = False
     record[heads], record[heads + 1], record[body] = sample_ids, lengths, ids
     return record.tobytes()
+
+
+def describe_files(folder: Path) -> tuple[FileInfo, ...]:
+    """Name, size and sha256 of every file directly in `folder`, sorted by name (what
+    `tokenizer.files` records of CACHE/tokenizer/)."""
+    return tuple(FileInfo(path.name, path.stat().st_size, sha256_file(path))
+                 for path in sorted(folder.iterdir()) if path.is_file())
+
+
+def tokenizer_file_problems(root: Path, m: CacheManifest) -> list[str]:
+    """Faults of CACHE/tokenizer/'s files against `tokenizer.files`: missing, another size or
+    sha256, unlisted. Nothing to check when the manifest records no file (schema 3 and older).
+    """
+    if not m.tokenizer.files:
+        return []
+    folder = root / TOKENIZER_DIR
+    where = f"{TOKENIZER_DIR}/"
+    if not folder.is_dir():
+        return [f"{where}: missing; it holds the tokenizer the token ids come from (restore "
+                "the folder or re-create the cache)"]
+    found = []
+    for record in m.tokenizer.files:
+        path = folder / record.file
+        if not path.is_file():
+            found.append(f"{where}{record.file}: missing")
+        elif path.stat().st_size != record.bytes:
+            found.append(f"{where}{record.file}: bytes: the file has {path.stat().st_size}, "
+                         f"the manifest says {record.bytes}")
+        elif sha256_file(path) != record.sha256:
+            found.append(f"{where}{record.file}: sha256 differs from the manifest (corrupted "
+                         "or modified)")
+    listed = {record.file for record in m.tokenizer.files}
+    found += [f"{where}{path.name}: file not listed in the manifest (tokenizer.files)"
+              for path in sorted(folder.iterdir()) if path.name not in listed]
+    return found
 
 
 def manifest_problems(m: CacheManifest) -> list[str]:
@@ -375,7 +418,8 @@ def _scan_shard(root: Path, m: CacheManifest, shard: ShardInfo) -> tuple[list[st
 
 def verify_cache(root: Path, m: CacheManifest) -> list[str]:
     """Every fault of the cache at `root` described by manifest `m`: missing or altered
-    shards, fields the shards contradict, values a cache never holds, stray files."""
+    shards and tokenizer files, fields the shards contradict, values a cache never holds,
+    stray files."""
     problems = manifest_problems(m)
     short: list[int] = []
     for shard in m.shards:
@@ -389,6 +433,7 @@ def verify_cache(root: Path, m: CacheManifest) -> list[str]:
     if early:  # packed blocks are all max_length tokens, but for the corpus's very last
         problems.append(f"layout 'packed': sample {early[0]} is shorter than max_length "
                         f"({m.max_length}); only the last sequence of a packed cache may be")
+    problems += tokenizer_file_problems(root, m)
     listed = {s.file for s in m.shards}
     for stray in sorted(root.glob("shard-*.parquet")):
         if stray.name not in listed:

@@ -20,13 +20,16 @@ from kdpipe.schemas.shard import ROW_GROUP_SIZE, ShardLayout
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"  # the cache's tokenizer, saved with save_pretrained (schema 2)
+DATASET_CARD_NAME = "README.md"  # the Hub's dataset card (`kdpipe.pipeline.dataset_card`)
 # 2: vocab_size is the tokenizer's real vocabulary (the support of every cached distribution),
 #    the teacher's head width is recorded apart, and documents may start with BOS. Version 1
 #    manifests are upgraded on read (`_upgrade_v1`).
 # 3: conversational data: `train_on` (targets at some positions only: shards carry a
 #    target_mask), `segments` (packed documents' lengths), the corpus format and chat template.
 #    Version 2 manifests read as they are: every new field's default is what they hold.
-MANIFEST_SCHEMA_VERSION = 3
+# 4: `tokenizer.files`: size and sha256 of every file of CACHE/tokenizer/, checked like shards.
+#    Version 2 and 3 manifests read as they are (no file recorded: the folder is not checked).
+MANIFEST_SCHEMA_VERSION = 4
 LAYOUTS = ("packed", "document")
 # Which positions hold teacher targets: every one, or those of the chat data's selection.
 TRAIN_ON = ("all", "assistant", "last-assistant", "completion")
@@ -50,6 +53,15 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class FileInfo:
+    """A file of the cache other than a shard, checked by size and sha256 as shards are."""
+
+    file: str  # name relative to its folder, e.g. "tokenizer.json" in tokenizer/
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class TeacherInfo:
     name_or_path: str
     revision: str | None  # hub commit when loaded from the hub
@@ -69,6 +81,10 @@ class TokenizerInfo:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+    # The files of CACHE/tokenizer/, sorted by name; () in caches of schema version 3 and
+    # older, whose saved tokenizer (if any) is loaded unchecked. Not a setting: the same
+    # tokenizer saved by another transformers version has other bytes.
+    files: tuple[FileInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,9 +260,10 @@ class CacheManifest:
                 self.shard_layout.schema()
         except KeyError as exc:
             problems.append(f"unknown column type {exc}")
-        for shard in self.shards:
-            if "/" in shard.file or "\\" in shard.file or shard.file.startswith("."):
-                problems.append(f"shard file name {shard.file!r} must be a plain name")
+        for kind, name in [*(("shard", s.file) for s in self.shards),
+                           *(("tokenizer", f.file) for f in self.tokenizer.files)]:
+            if "/" in name or "\\" in name or name.startswith("."):
+                problems.append(f"{kind} file name {name!r} must be a plain name")
         if problems:
             raise CacheFormatError(f"{where}: " + "; ".join(problems))
 

@@ -24,7 +24,7 @@ from kdpipe import tokenizer_identity as identity
 from kdpipe.packing import RowSegments, check_packing, forward_inputs
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.schemas.manifest import CacheManifest
+from kdpipe.schemas.manifest import TOKENIZER_DIR, CacheManifest
 from kdpipe.torch_runtime import MODEL_INIT_LOCK
 
 log = logging.getLogger(__name__)
@@ -51,23 +51,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 def load_tokenizer(student: str | None, tokenizer: str | None, cache: Cache,
                    trust_remote_code: bool = False) -> Any:
-    """--tokenizer if given, else the student's own, else the one the cache was made with
-    (its saved copy, or for an older cache the one its manifest names)."""
-    candidates: list[tuple[str, str | Path]] = [("--tokenizer", tokenizer)] if tokenizer else []
-    if not tokenizer and student:
-        candidates.append(("--student", student))
-    if not tokenizer and cache.tokenizer_dir is not None:
-        candidates.append(("the cache's tokenizer", cache.tokenizer_dir))
-    elif not tokenizer:
-        candidates.append(("the cache manifest's tokenizer",
-                           cache.manifest.tokenizer.name_or_path))
+    """--tokenizer if given, else the student's own, else the one the cache was made with: the
+    copy in the cache (its files checked against the manifest first), or, for a cache made
+    before kdpipe kept one, the tokenizer its manifest names.
+
+    Raises ConfigError naming every place tried; CacheFormatError for an altered copy.
+    """
+    if tokenizer:
+        return identity.load_tokenizer(tokenizer, trust_remote_code, "--tokenizer")
     errors = []
-    for source, name in candidates:
+    if student:
         try:
-            return identity.load_tokenizer(name, trust_remote_code, source)
+            return identity.load_tokenizer(student, trust_remote_code, "--student")
         except ConfigError as exc:
             errors.append(str(exc))
-    raise ConfigError("cannot load a tokenizer (" + "; ".join(errors) + "); pass --tokenizer")
+    folder = cache.checked_tokenizer_dir()
+    if folder is not None:
+        return identity.load_tokenizer(folder, trust_remote_code, "the cache's tokenizer")
+    recorded = cache.manifest.tokenizer.name_or_path
+    try:
+        return identity.load_tokenizer(recorded, trust_remote_code, "the cache's manifest")
+    except ConfigError as exc:
+        reason = identity.first_line(exc.__cause__ or exc)
+    where = "here" if Path(recorded).is_absolute() else (
+        "from the current folder (a relative path is read from the folder kdpipe runs in, not "
+        "the one cache-teacher ran in)")
+    raise ConfigError(
+        f"cannot load a tokenizer: cache {cache.root} has no {TOKENIZER_DIR}/ folder (made "
+        f"before kdpipe kept a copy), and the tokenizer its manifest names, {recorded}, does "
+        f"not load {where}: {reason}" + "".join(f"; {e}" for e in errors)
+        + "; pass --tokenizer with the tokenizer the cache was made with")
 
 
 def check_tokenizer(tokenizer: Any, cache: Cache, trust_remote_code: bool = False) -> None:

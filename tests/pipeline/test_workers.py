@@ -56,6 +56,9 @@ def test_two_workers_in_turn_equal_one(single: tuple[CacheTeacherConfig, CacheMa
     assert content(workers.out, merged) == content(cfg.out, reference)
     assert read_manifest(workers.out) == merged and not (workers.out / MERGE_LOCK).exists()
     assert open_cache(workers.out).verify() == []
+    # The tokenizer's files and the dataset card as one worker would have them.
+    assert merged.tokenizer == reference.tokenizer
+    assert (workers.out / "README.md").read_text() == (cfg.out / "README.md").read_text()
     # Merging again (explicitly, or by a re-run worker) is harmless and changes nothing.
     before = (workers.out / "manifest.json").read_bytes()
     assert merge_parts(workers.out) == merged

@@ -13,6 +13,7 @@ from kdpipe.schemas.manifest import (
     MANIFEST_SCHEMA_VERSION,
     CacheManifest,
     CorpusInfo,
+    FileInfo,
     ShardInfo,
     TeacherInfo,
     TokenizerInfo,
@@ -27,7 +28,8 @@ def example_manifest(head_width: int = 320, add_special_tokens: bool = False
                      ) -> CacheManifest:
     return CacheManifest(
         teacher=TeacherInfo("t", None, "f" * 64, "hf", "float32"),
-        tokenizer=TokenizerInfo("t", "a" * 64, "e" * 64, 320, 0, 0, 1),
+        tokenizer=TokenizerInfo("t", "a" * 64, "e" * 64, 320, 0, 0, 1,
+                                (FileInfo("tokenizer.json", 9602, "f" * 64),)),
         corpus=CorpusInfo(("c.jsonl",), "text", "train", "b" * 64, 3, 1),
         vocab_size=320, teacher_head_width=head_width, top_k=8, max_length=64,
         layout="document", add_special_tokens=add_special_tokens, shard_size=4,
@@ -64,6 +66,8 @@ def test_round_trip(tmp_path: Path) -> None:
     (lambda d: d.update(surprise=1), "unknown field"),
     (lambda d: d.update(top_k=16), "edited by hand"),
     (lambda d: d["shards"][0].update(file="../../etc/passwd"), "plain name"),
+    (lambda d: d["tokenizer"]["files"].append({"file": "../x", "bytes": 1, "sha256": "0"}),
+     "tokenizer file name '../x' must be a plain name"),
     (lambda d: d["corpus"].update(documents_read=None), "documents_read"),
 ])
 def test_invalid_manifests_are_refused(tmp_path: Path, edit, message: str) -> None:
@@ -96,6 +100,18 @@ def test_version_1_manifests_still_read(tmp_path: Path) -> None:
     assert upgraded.schema_version == MANIFEST_SCHEMA_VERSION
     # Without the mapping fingerprint, caches compare by their whole tokenizer file.
     assert same_mapping(upgraded, current)
+
+
+def test_version_3_manifests_read_as_they_are(tmp_path: Path) -> None:
+    """Before schema 4 no tokenizer file was recorded; the settings are the same."""
+    current = example_manifest()
+    data = to_dict(current)
+    del data["tokenizer"]["files"]
+    data["schema_version"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    older = read_manifest(tmp_path)
+    assert older.tokenizer.files == () and older.schema_version == 3
+    assert older.settings_fingerprint == current.settings_fingerprint
 
 
 def test_new_settings_change_the_fingerprint_only_when_set() -> None:
