@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,15 +34,29 @@ from kdpipe import extras
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.trainer.precision import MasterWeightOptimizer
 
-if TYPE_CHECKING:
-    from kdpipe.trainer.config import TrainConfig
-
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor", "sgd")
 BNB_HINT = "pip install 'kdpipe[bnb]'"
 # The smallest tensor bitsandbytes quantizes (its default `min_8bit_size`): the probe uses one.
 BNB_MIN_8BIT_SIZE = 4096
+
+
+class OptimizerOptions(Protocol):
+    """The options an optimizer is built from (a TrainConfig has them all)."""
+
+    @property
+    def optimizer(self) -> str: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def adam_beta1(self) -> float: ...
+    @property
+    def adam_beta2(self) -> float: ...
+    @property
+    def momentum(self) -> float: ...
 
 
 def optimizer_problems(optimizer: str, momentum: float, fsdp: bool) -> list[str]:
@@ -76,7 +90,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+def build_optimizer(model: nn.Module, cfg: OptimizerOptions, device: torch.device,
                     masters: dict[Tensor, Tensor] | None = None) -> torch.optim.Optimizer:
     """The --optimizer of `cfg` over `model`'s trainable parameters.
 
@@ -95,7 +109,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     return make(groups)
 
 
-def _make(name: str, groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device
+def _make(name: str, groups: list[dict[str, Any]], cfg: OptimizerOptions, device: torch.device
           ) -> torch.optim.Optimizer:
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if name == "adamw":

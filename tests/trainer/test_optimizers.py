@@ -144,7 +144,7 @@ def test_master_weights_update_in_float32_and_round_to_the_model() -> None:
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     cfg = types.SimpleNamespace(optimizer="adamw", lr=1e-2, weight_decay=0.1, adam_beta1=0.9,
                                 adam_beta2=0.95, momentum=0.0)
-    opt = build_optimizer(model, cfg, CPU, masters)  # type: ignore[arg-type]
+    opt = build_optimizer(model, cfg, CPU, masters)
     ref_params = [nn.Parameter(p) for p in reference]
     ref_opt = torch.optim.AdamW(
         [{"params": [p for p in ref_params if p.dim() >= 2], "weight_decay": 0.1},
