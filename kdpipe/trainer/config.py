@@ -31,6 +31,13 @@ from kdpipe.trainer.curriculum_config import CurriculumConfig
 from kdpipe.trainer.loss_config import SAMPLED, LossConfig, default_kind
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+# The choices of options implemented by torch code (trainer/optimizers.py, precision.py,
+# execution.py) live here, so that --help builds without importing torch.
+OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-master")
+# Run folders written before --precision held --dtype (autocast only): its values here.
+FROM_DTYPE = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16-mixed"}
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that never make a different run: where the run folder now is (moved or copied),
@@ -38,13 +45,17 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # cache's checksums, and the run-folder flags themselves.
 COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "progress", "verify_reads", "resume",
                    "overwrite")
-# Fields that may also differ on `--resume`: how long to train and how often to report.
+# Fields that may also differ on `--resume`: how long to train, how often to report, and
+# how the body runs (the same computation: checkpointing exactly, compiled up to rounding).
 # Everything else defines the run and must match.
 RESUMABLE_CHANGES = COSMETIC_FIELDS + ("max_steps", "epochs", "eval_every", "save_every",
                                        "save_every_minutes", "snapshot_every", "log_every",
-                                       "keep_last", "keep_snapshots")
+                                       "keep_last", "keep_snapshots", "gradient_checkpointing",
+                                       "compile")
 # Options renamed since run folders were first written: old name -> new name.
 RENAMED_FIELDS = {"keep_checkpoints": "keep_last"}
+# Options replaced since: old name -> (new name, {old value: new value}).
+REPLACED_FIELDS = {"dtype": ("precision", FROM_DTYPE)}
 
 
 def _cache_manifest(cache: str) -> CacheManifest | None:
@@ -112,10 +123,14 @@ class TrainConfig:
     eval_max_samples: int | None = option(
         None, "At most this many held-out sequences per evaluation.", ge=1)
     loss: LossConfig = field(default_factory=LossConfig)
-    lr: float = option(3e-4, "Peak learning rate (AdamW), at most 1.", gt=0, le=1)
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only).", ge=0)
-    adam_beta1: float = option(0.9, "AdamW β1.", ge=0, lt=1)
-    adam_beta2: float = option(0.95, "AdamW β2.", ge=0, lt=1)
+    lr: float = option(3e-4, "Peak learning rate, at most 1 (adafactor: the largest relative "
+                       "step).", gt=0, le=1)
+    optimizer: str = option("adamw", "adamw, adamw-8bit (bitsandbytes: pip install "
+                            "'kdpipe[bnb]'), adafactor (torch's) or sgd.", choices=OPTIMIZERS)
+    weight_decay: float = option(0.1, "Weight decay (matrices only).", ge=0)
+    adam_beta1: float = option(0.9, "AdamW β1 (adamw, adamw-8bit).", ge=0, lt=1)
+    adam_beta2: float = option(0.95, "AdamW β2 (adamw, adamw-8bit).", ge=0, lt=1)
+    momentum: float = option(0.0, "SGD momentum (--optimizer sgd; 0: none).", ge=0, lt=1)
     warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
     scheduler: str = option("cosine", "LR schedule after warmup: cosine, linear, constant, "
                             "constant_with_warmup.", choices=SCHEDULERS)
@@ -142,9 +157,18 @@ class TrainConfig:
     seed: int = option(0, "Seed of initialisation, data order and dropout.")
     device: str = option("auto", DEVICE_HELP)
     threads: int = option(0, THREADS_HELP, ge=0)
-    dtype: str = option(
-        "auto", "Autocast dtype: auto (bfloat16 on GPU, none on CPU), float32, bfloat16 "
-        "(float16 only for evaluate: there is no loss scaling).", choices=DTYPES)
+    precision: str = option(
+        "auto", "fp32, bf16-mixed (float32 weights, bfloat16 autocast), bf16-master (bfloat16 "
+        "weights, float32 masters in the optimizer); auto: bf16-mixed on a GPU with bfloat16, "
+        "else fp32. No float16: there is no loss scaling.", choices=PRECISIONS)
+    attn_implementation: str | None = option(
+        None, "Attention kernel: sdpa, flash_attention_2, eager (default: the model's own).",
+        choices=ATTN_IMPLEMENTATIONS)
+    gradient_checkpointing: bool = option(
+        False, "Recompute each transformer block's activations in backward instead of keeping "
+        "them (less memory, one more forward of the body per step).")
+    compile: bool = option(False, "torch.compile the student's body (falls back to eager, with "
+                           "a warning, where it fails).")
     shuffle_window: int = option(
         16, "Row groups (64 sequences each) shuffled together; larger = closer to a full "
         "shuffle, more memory.", ge=1)
@@ -189,9 +213,14 @@ class TrainConfig:
             found.append("give at most one of --eval-cache and --eval-fraction")
         if self.max_steps is not None and self.epochs is not None:
             found.append("give at most one of --max-steps and --epochs")
-        if self.dtype == "float16":
-            found.append("--dtype float16 trains without loss scaling, so small gradients "
-                         "underflow; use bfloat16 (or float32)")
+        from kdpipe.trainer.execution import attention_problems
+        from kdpipe.trainer.optimizers import optimizer_problems
+
+        found += optimizer_problems(self.optimizer, self.momentum, self.fsdp)
+        found += attention_problems(self.attn_implementation)
+        if self.precision == "bf16-master" and self.fsdp:
+            found.append("--precision bf16-master does not work with --fsdp (the float32 masters "
+                         "would not be sharded); use --precision bf16-mixed")
         if self.resume and self.overwrite:
             found.append("give at most one of --resume and --overwrite")
         return found
@@ -216,11 +245,16 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
 def read_config(run_dir: Path) -> TrainConfig:
     """The config a run folder was created with (validated field by field). Run folders made
     before the loss and curriculum options nested hold them flat, or under a name since
-    changed (RENAMED_FIELDS), and still read."""
+    changed (RENAMED_FIELDS), or an option since replaced (REPLACED_FIELDS: --dtype float32
+    is --precision fp32), and still read."""
     path = RunLayout(run_dir).config
     data = read_json(path)
     if isinstance(data, dict):
         data = {RENAMED_FIELDS.get(key, key): value for key, value in data.items()}
+        for old, (new, values) in REPLACED_FIELDS.items():
+            if old in data and new not in data:
+                value = data.pop(old)
+                data[new] = values.get(value, value)  # an unknown value fails validation
         if not isinstance(data.get("loss"), dict):
             data = options.nested(TrainConfig, data)
     return from_dict(TrainConfig, data, str(path))

@@ -91,22 +91,27 @@ def check_tokenizer(tokenizer: Any, cache: Cache, trust_remote_code: bool = Fals
 
 
 def load_student(student: str | None, student_config: str | None, manifest: CacheManifest,
-                 tokenizer: Any, seed: int, trust_remote_code: bool = False) -> nn.Module:
+                 tokenizer: Any, seed: int, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None) -> nn.Module:
     """A causal LM in float32: pretrained from --student, or initialised from --student-config.
 
     A config file without `vocab_size` gets the cache's real vocabulary size: padding rows
     would never be trained (they are outside the student's softmax); give `vocab_size` to pad
     the head anyway. Special token ids default to the tokenizer's. Initialisation is seeded, so
-    a run is reproducible.
+    a run is reproducible. `attn_implementation` (sdpa, flash_attention_2, eager; None: the
+    model's default) becomes `model.config._attn_implementation`, which packing reads.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
 
     if student is not None:
         try:
             with MODEL_INIT_LOCK:
-                return AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32,
-                                                            trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
+                return AutoModelForCausalLM.from_pretrained(student, **kwargs)
+        except (OSError, ImportError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"--student {student}: cannot load a causal LM ({first})") from exc
     assert student_config is not None
@@ -127,8 +132,11 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
         raise ConfigError(f"--student-config {student_config}: {exc}") from exc
     with MODEL_INIT_LOCK:
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                trust_remote_code=trust_remote_code)
+        try:
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+        except (ImportError, ValueError) as exc:  # e.g. an attention it does not implement
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--student-config {student_config}: {first}") from exc
 
 
 def check_vocab(model: nn.Module, manifest: CacheManifest, student: str) -> None:
@@ -256,7 +264,8 @@ class Student:
 def open_student(cache: Cache, device: torch.device, *, student: str | None,
                  student_config: str | None = None, tokenizer: str | None = None,
                  weights: str | Path | None = None, seed: int = 0,
-                 trust_remote_code: bool = False) -> Student:
+                 trust_remote_code: bool = False, attn_implementation: str | None = None
+                 ) -> Student:
     """The student of `--student` (or `--student-config`), checked against `cache`.
 
     Tokenizer (must map the cache's ids: `check_tokenizer`) → model in float32 (from
@@ -269,7 +278,7 @@ def open_student(cache: Cache, device: torch.device, *, student: str | None,
     check_tokenizer(tok, cache, trust_remote_code)
     source = str(weights) if weights is not None else student
     model = load_student(source, None if source else student_config, cache.manifest, tok,
-                         seed, trust_remote_code)
+                         seed, trust_remote_code, attn_implementation)
     check_vocab(model, cache.manifest, name)
     model.to(device)
     parts = split_student(model, name)

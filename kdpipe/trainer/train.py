@@ -49,10 +49,18 @@ from kdpipe.trainer.distributed import (
     wrap,
 )
 from kdpipe.trainer.evaluate import run_evaluation
+from kdpipe.trainer.execution import compile_body, enable_gradient_checkpointing
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
-from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student
+from kdpipe.trainer.model import Student, autocast, open_student
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
+from kdpipe.trainer.optimizers import build_optimizer
+from kdpipe.trainer.precision import (
+    gradient_params,
+    master_state_dict,
+    resolve_precision,
+    to_training_precision,
+)
 from kdpipe.trainer.preemption import CheckpointClock, Interrupted, StopRequest, stop_on_signals
 from kdpipe.trainer.reliance import ConstantLambda, LambdaFn, Reliance, StepLambdas
 from kdpipe.trainer.run_dir import RunStart, claim_run_dir, plan_run_dir, rewind_logs
@@ -151,7 +159,7 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
 
 def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice | None,
                step: int) -> dict[str, float]:
-    """One optimizer step: accumulate gradients, clip, AdamW, advance the LR schedule.
+    """One optimizer step: accumulate gradients, clip, --optimizer, advance the LR schedule.
 
     Raises NonFiniteError, before the optimizer changes any weight, when the loss or the
     gradient norm is NaN or infinite (on every rank alike: both are global values).
@@ -159,7 +167,7 @@ def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice 
     result = accumulate_gradients(run.objective, batch, lam, run.cfg.loss, run.device,
                                   run.amp_dtype, dist=run.dist, share=share, stats=run.stats,
                                   step=step)
-    params = [p for p in run.objective.parameters() if p.grad is not None]
+    params = gradient_params(run.optimizer, run.objective)  # bf16-master: the fp32 masters
     clip = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     result["lr"] = run.scheduler.get_last_lr()[0]
@@ -176,14 +184,6 @@ def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice 
 
 
 # --- setup ------------------------------------------------------------------------------------
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms or other 1-D parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-
 
 def split_data(cfg: TrainConfig, index: CacheIndex
                ) -> tuple[np.ndarray, CacheIndex | None, np.ndarray]:
@@ -240,11 +240,18 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     device = dist.device(resolve_device(cfg.device))
     cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
     checkpoint = start.checkpoint if start is not None else None
+    precision = resolve_precision(cfg.precision, device)
     student = open_student(cache, device, student=cfg.student,
                            student_config=cfg.student_config, tokenizer=cfg.tokenizer,
                            weights=checkpoint, seed=cfg.seed,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code,
+                           attn_implementation=cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(student.model, cfg.student or cfg.student_config or "")
+    if cfg.compile:
+        compile_body(student.parts)
     student.model.train()
+    masters = to_training_precision(student.model, precision)  # before DDP fixes grad dtypes
     objective = wrap(StudentObjective(student.parts, cache.manifest.vocab_size), dist,
                      cfg.fsdp and dist.enabled, device)
 
@@ -269,7 +276,8 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
                           temperature=cfg.loss.temperature,
                           target_logprob=plugins.per_token is not None)
 
-    optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP's parameters are shards
+    # After wrapping: FSDP's parameters are shards.
+    optimizer = build_optimizer(objective, cfg, device, masters)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -277,7 +285,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     state = ckpt.TrainerState(step=0, epoch=0, batches_in_epoch=0, tokens_seen=0,
                               samples_seen=0, config=cfg.to_json_dict(),
                               world_size=dist.world_size)
-    run = Run(cfg, dist, device, autocast_dtype(cfg.dtype, device), cache, index, student,
+    run = Run(cfg, dist, device, precision.autocast, cache, index, student,
               objective, optimizer, scheduler, sampler, reliance, columns, per_step,
               total_steps, eval_index, eval_ids, state, SampleStats() if cfg.snapshots else None)
     if checkpoint is not None:
@@ -334,7 +342,9 @@ def prune_snapshots(run: Run) -> None:
 
 def save(run: Run, folder: Path, with_training_state: bool) -> None:
     """Every rank takes part (FSDP gathers the shards); rank 0 writes."""
-    weights = gather_model_state(run.objective, run.fsdp)
+    weights = gather_model_state(run.objective, run.fsdp)  # FSDP: from the shards
+    if weights is None:  # bf16-master: the float32 masters; otherwise the model's own
+        weights = master_state_dict(run.student.model, run.optimizer)
     training_state = None
     if with_training_state:
         training_state = {

@@ -208,8 +208,8 @@ def test_two_gpus_train_like_one(tmp_path: Path, tiny_cache: Path, tiny_student_
     """The same check on GPUs with NCCL, in float32 so the tolerance stays tight."""
     one = tmp_path / "one"
     train(small_config(tiny_cache, one, student=str(tiny_student_dir), batch_size=8,
-                       eval_fraction=EVAL_FRACTION, device="cuda", dtype="float32"))
+                       eval_fraction=EVAL_FRACTION, device="cuda", precision="fp32"))
     many = tmp_path / "many"
-    torchrun(_flags(tiny_cache, many, tiny_student_dir, device="cuda", dtype="float32",
+    torchrun(_flags(tiny_cache, many, tiny_student_dir, device="cuda", precision="fp32",
                     batch_size=4, max_steps=6, fsdp=fsdp))
     assert_same_training(one, many, rel=1e-4)

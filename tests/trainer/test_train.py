@@ -152,12 +152,12 @@ def test_run_folder_rules(tmp_path: Path, tiny_cache: Path, tiny_student_dir: Pa
 def test_config_reports_every_problem_at_once(tmp_path: Path, tiny_cache: Path) -> None:
     cfg = small_config(tiny_cache, tmp_path / "run", student="a", student_config="b.json",
                        loss="kl", kd_weight=2.0, max_steps=0, eval_fraction=1.5,
-                       eval_cache=str(tmp_path / "missing"), dtype="float16")
+                       eval_cache=str(tmp_path / "missing"), precision="fp16")
     with pytest.raises(ConfigError) as caught:
         cfg.validate()
     message = str(caught.value)
     for flag in ("--student", "--loss", "--kd-weight", "--max-steps", "--eval-fraction",
-                 "--eval-cache", "--student-config", "--dtype float16"):
+                 "--eval-cache", "--student-config", "--precision 'fp16'"):
         assert flag in message, flag
 
 
