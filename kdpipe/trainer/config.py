@@ -27,17 +27,11 @@ from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.trainer.choices import ATTN_IMPLEMENTATIONS, FROM_DTYPE, OPTIMIZERS, PRECISIONS
 from kdpipe.trainer.curriculum_config import CurriculumConfig
 from kdpipe.trainer.loss_config import SAMPLED, LossConfig, default_kind
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-# The choices of options implemented by torch code (trainer/optimizers.py, precision.py,
-# execution.py) live here, so that --help builds without importing torch.
-OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor", "sgd")
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-master")
-# Run folders written before --precision held --dtype (autocast only): its values here.
-FROM_DTYPE = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16-mixed"}
-ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that never make a different run: where the run folder now is (moved or copied),
@@ -213,7 +207,7 @@ class TrainConfig:
             found.append("give at most one of --eval-cache and --eval-fraction")
         if self.max_steps is not None and self.epochs is not None:
             found.append("give at most one of --max-steps and --epochs")
-        from kdpipe.trainer.execution import attention_problems
+        from kdpipe.trainer.execution import attention_problems  # torch: not for --help
         from kdpipe.trainer.optimizers import optimizer_problems
 
         found += optimizer_problems(self.optimizer, self.momentum, self.fsdp)

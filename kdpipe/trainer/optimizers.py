@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from kdpipe import extras
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.config import OPTIMIZERS
+from kdpipe.trainer.choices import OPTIMIZERS
 from kdpipe.trainer.precision import MasterWeightOptimizer
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.trainer.config import PRECISIONS
+from kdpipe.trainer.choices import PRECISIONS
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer import optimizers
 from kdpipe.trainer.checkpoint import OPTIMIZER_KEY, TRAINING_STATE_NAME
-from kdpipe.trainer.config import OPTIMIZERS
+from kdpipe.trainer.choices import OPTIMIZERS
 from kdpipe.trainer.optimizers import build_optimizer
 from kdpipe.trainer.precision import Precision, to_training_precision
 from kdpipe.trainer.train import train
