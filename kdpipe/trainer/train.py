@@ -51,7 +51,7 @@ from kdpipe.trainer.distributed import (
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
-from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student
+from kdpipe.trainer.model import Student, autocast, autocast_dtype, open_student, write_merged
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
 from kdpipe.trainer.preemption import CheckpointClock, Interrupted, StopRequest, stop_on_signals
 from kdpipe.trainer.reliance import ConstantLambda, LambdaFn, Reliance, StepLambdas
@@ -243,7 +243,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     student = open_student(cache, device, student=cfg.student,
                            student_config=cfg.student_config, tokenizer=cfg.tokenizer,
                            weights=checkpoint, seed=cfg.seed,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, adapter=cfg.adapter)
     student.model.train()
     objective = wrap(StudentObjective(student.parts, cache.manifest.vocab_size), dist,
                      cfg.fsdp and dist.enabled, device)
@@ -333,8 +333,10 @@ def prune_snapshots(run: Run) -> None:
 
 
 def save(run: Run, folder: Path, with_training_state: bool) -> None:
-    """Every rank takes part (FSDP gathers the shards); rank 0 writes."""
-    weights = gather_model_state(run.objective, run.fsdp)
+    """Every rank takes part (FSDP gathers the shards); rank 0 writes. A LoRA/DoRA student
+    saves its adapters only."""
+    adapter_base = run.student.adapter_base
+    weights = gather_model_state(run.objective, run.fsdp, trainable_only=adapter_base is not None)
     training_state = None
     if with_training_state:
         training_state = {
@@ -347,7 +349,7 @@ def save(run: Run, folder: Path, with_training_state: bool) -> None:
                                                                      run.dist).state_dict()
     if run.dist.is_main:
         ckpt.save_checkpoint(folder, run.student.model, run.student.tokenizer, run.state,
-                             training_state, weights)
+                             training_state, weights, adapter_base)
         if with_training_state:
             ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_last)
     run.dist.barrier()
@@ -522,6 +524,10 @@ def finish(run: Run, last: dict[str, Any], logger: RunLogger | None) -> dict[str
                     **final_eval})
     save(run, run.layout.checkpoint(run.state.step), with_training_state=True)
     save(run, run.layout.final, with_training_state=False)
+    if run.cfg.adapter.merge_adapter and run.dist.is_main:
+        assert run.cfg.student is not None
+        write_merged(run.layout.final, run.cfg.student, run.cache.manifest,
+                     run.student.tokenizer, run.cfg.trust_remote_code)
     final: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.state.step,
                              "epoch": run.state.epoch, "tokens_seen": run.state.tokens_seen,
                              "samples_seen": run.state.samples_seen,
