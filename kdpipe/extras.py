@@ -7,6 +7,7 @@ that caches teachers need not install what reports need, and the other way round
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from kdpipe.schemas.errors import ConfigError
@@ -20,6 +21,18 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        top = module.split(".")[0]
-        raise ConfigError(f"kdpipe needs {top} for {purpose}, and it is not installed: "
-                          f"pip install 'kdpipe[{extra}]' (or {top})") from exc
+        raise ConfigError(_install_line(module, extra, purpose)) from exc
+
+
+def missing(module: str, extra: str, purpose: str) -> str | None:
+    """The line `require` would raise when `module` is not installed, else None; without
+    importing it (for checks of a command's options, reported with the others)."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return _install_line(module, extra, purpose)
+    return None
+
+
+def _install_line(module: str, extra: str, purpose: str) -> str:
+    top = module.split(".")[0]
+    return (f"kdpipe needs {top} for {purpose}, and it is not installed: "
+            f"pip install 'kdpipe[{extra}]' (or {top})")

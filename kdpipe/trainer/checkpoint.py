@@ -4,7 +4,9 @@
 tokenizer, `trainer_state.json` (schema version, step, epoch, data position, config) and
 `training_state.pt` (optimizer, scheduler, RNG and per-sample statistics; tensors and plain
 containers only, loaded with `weights_only=True`). A checkpoint is written under a temporary
-name and renamed, so the newest complete one is always usable after a crash.
+name and renamed, so the newest complete one is always usable after a crash. A LoRA/DoRA
+student's checkpoints hold its adapters and the record of its frozen base instead of the model
+(`adapters.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.schemas.write_errors import writing
+from kdpipe.trainer import adapters
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +89,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: Path, model: nn.Module, tokenizer: Any, state: TrainerState,
                     training_state: dict[str, Any] | None,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    adapter_base: dict[str, str] | None = None) -> Path:
     """Write a checkpoint (or the final model, without training state) atomically.
 
     state_dict: the model's weights when `model` cannot give them itself (FSDP: gathered
-    from the shards on rank 0).
+    from the shards on rank 0). adapter_base: given for a peft model, whose adapters are
+    saved with this record of their base (`adapters.save_adapters`), not the base itself.
     """
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -98,8 +103,11 @@ def save_checkpoint(folder: Path, model: nn.Module, tokenizer: Any, state: Train
     try:
         with writing(tmp):  # a full or read-only disk: DiskError naming the checkpoint
             tmp.mkdir(parents=True)
-            model.save_pretrained(tmp, safe_serialization=True,  # type: ignore[operator]
-                                  state_dict=state_dict)
+            if adapter_base is not None:
+                adapters.save_adapters(model, tmp, state_dict, adapter_base)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True,  # type: ignore[operator]
+                                      state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if training_state is not None:
                 # Into a Python file: torch's own file writer drops the errno of a failed write.

@@ -27,6 +27,7 @@ from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.trainer.adapter_config import AdapterConfig, is_adapter_folder
 from kdpipe.trainer.choices import ATTN_IMPLEMENTATIONS, FROM_DTYPE, OPTIMIZERS, PRECISIONS
 from kdpipe.trainer.curriculum_config import CurriculumConfig
 from kdpipe.trainer.loss_config import SAMPLED, LossConfig, default_kind
@@ -108,6 +109,7 @@ class TrainConfig:
     tokenizer: str | None = option(
         None, "Tokenizer path/name; default: the student's own, else the cache's. Must map "
         "every cached id to the same token as the cache's tokenizer.")
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     eval_cache: str | None = option(
         None, "Held-out cache (same tokenizer) for periodic and final evaluation.")
     eval_fraction: float = option(
@@ -194,6 +196,7 @@ class TrainConfig:
         if (self.student is None) == (self.student_config is None):
             found.append("give exactly one of --student PATH and --student-config JSON")
         found += options.path_problems("--student-config", self.student_config, "file")
+        found += self.adapter.problems(self.student, self.student_config)
         found += options.path_problems("--cache", self.cache, "dir")
         found += options.path_problems("--eval-cache", self.eval_cache, "dir")
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -215,6 +218,10 @@ class TrainConfig:
         if self.precision == "bf16-master" and self.fsdp:
             found.append("--precision bf16-master does not work with --fsdp (the float32 masters "
                          "would not be sharded); use --precision bf16-mixed")
+        if self.precision == "bf16-master" and self.adapter.enabled:
+            found.append("--precision bf16-master with LoRA/DoRA adapters is not supported "
+                         "(adapter checkpoints would not hold the float32 masters); use "
+                         "--precision bf16-mixed")
         if self.resume and self.overwrite:
             found.append("give at most one of --resume and --overwrite")
         return found
@@ -258,8 +265,12 @@ def read_config(run_dir: Path) -> TrainConfig:
 class EvalConfig:
     """Every option of `kdpipe evaluate`: a student, a cache and the loss settings."""
 
-    student: str = option(help="Student folder or hub name (e.g. RUN/final).")
+    student: str = option(help="Student folder or hub name (e.g. RUN/final), or a folder of "
+                          "LoRA/DoRA adapters (evaluated merged into their base).")
     cache: str = option(help="Teacher cache folder to evaluate on.")
+    base: str | None = option(
+        None, "Base model of an adapter folder --student, where it is now (default: the one "
+        "its adapter_base.json or adapter_config.json names).")
     tokenizer: str | None = option(
         None, "Tokenizer path/name; default: the student's own, else the cache's.")
     eval_fraction: float = option(
@@ -289,4 +300,8 @@ class EvalConfig:
     def validate(self) -> None:
         problems = self.loss.problems() + options.path_problems("--cache", self.cache, "dir")
         problems += loss_cache_problems(self.loss, self.cache)
+        if self.base is not None and not is_adapter_folder(self.student):
+            problems.append(f"--base {self.base} is the base of an adapter folder, but "
+                            f"--student {self.student} holds no adapter_config.json; drop "
+                            "--base")
         options.raise_problems("evaluate", options.field_problems(self) + problems)

@@ -227,15 +227,17 @@ def local_value(value: torch.Tensor) -> float:
 
 # --- model and optimizer state: FSDP gathers them to rank 0; DDP has them as one process ---
 
-def gather_model_state(objective: nn.Module, fsdp: bool) -> dict[str, torch.Tensor] | None:
+def gather_model_state(objective: nn.Module, fsdp: bool, trainable_only: bool = False
+                       ) -> dict[str, torch.Tensor] | None:
     """FSDP: the full weights, keyed as in the HF model, on rank 0; otherwise None (the model
-    gives them itself)."""
+    gives them itself). trainable_only: only the parameters that train (adapters), not the
+    frozen base."""
     if not fsdp:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True,
-                                                                    cpu_offload=True))
+    full = get_model_state_dict(objective, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
     return {k.removeprefix("model."): v for k, v in full.items()
             if isinstance(v, torch.Tensor)}
 

@@ -26,6 +26,8 @@ from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.manifest import TOKENIZER_DIR, CacheManifest
 from kdpipe.torch_runtime import MODEL_INIT_LOCK
+from kdpipe.trainer import adapters
+from kdpipe.trainer.adapter_config import AdapterConfig, is_adapter_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,12 @@ def check_tokenizer(tokenizer: Any, cache: Cache, trust_remote_code: bool = Fals
 
 def load_student(student: str | None, student_config: str | None, manifest: CacheManifest,
                  tokenizer: Any, seed: int, trust_remote_code: bool = False,
-                 attn_implementation: str | None = None) -> nn.Module:
+                 attn_implementation: str | None = None, base: str | None = None
+                 ) -> nn.Module:
     """A causal LM in float32: pretrained from --student, or initialised from --student-config.
+
+    A --student folder of peft adapters is loaded on its base (`base`, default the one it
+    names) and merged into it: a plain model, whose logits are the adapted model's.
 
     A config file without `vocab_size` gets the cache's real vocabulary size: padding rows
     would never be trained (they are outside the student's softmax); give `vocab_size` to pad
@@ -107,13 +113,10 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
 
+    if student is not None and is_adapter_folder(student):
+        return _load_merged(student, base, kwargs)
     if student is not None:
-        try:
-            with MODEL_INIT_LOCK:
-                return AutoModelForCausalLM.from_pretrained(student, **kwargs)
-        except (OSError, ImportError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"--student {student}: cannot load a causal LM ({first})") from exc
+        return _pretrained(student, f"--student {student}", kwargs)
     assert student_config is not None
     try:
         spec = json.loads(Path(student_config).read_text(encoding="utf-8"))
@@ -137,6 +140,34 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
         except (ImportError, ValueError) as exc:  # e.g. an attention it does not implement
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"--student-config {student_config}: {first}") from exc
+
+
+def _pretrained(name: str, what: str, kwargs: dict[str, Any], hint: str = "") -> nn.Module:
+    """from_pretrained with `kwargs` (dtype, trust_remote_code, attn_implementation), or a
+    ConfigError starting with `what` (the flag), ending with `hint`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with MODEL_INIT_LOCK:
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ImportError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{what}: cannot load a causal LM ({first}){hint}") from exc
+
+
+def _load_merged(folder: str, base: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    """The adapters of `folder` merged into their base (`base`, default the one it names)."""
+    name = base or adapters.base_of(folder)
+    if name is None:
+        raise ConfigError(f"--student {folder}: its adapter_config.json names no base model "
+                          "(base_model_name_or_path); pass --base")
+    if base:
+        model = _pretrained(name, f"--base {name}", kwargs)
+    else:
+        model = _pretrained(name, f"--student {folder}: its base {name}", kwargs,
+                            "; pass --base where the base is now")
+    adapters.check_base(folder, adapters.base_fingerprint(model), name)
+    return adapters.merge(model, folder)
 
 
 def check_vocab(model: nn.Module, manifest: CacheManifest, student: str) -> None:
@@ -220,13 +251,18 @@ class StudentParts:
 
 
 def split_student(model: nn.Module, name: str) -> StudentParts:
-    """Find body and head, and check on a few tokens that they reproduce the model's logits."""
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    if body is None or body is model or head is None:
-        raise ConfigError(f"{name}: {type(model).__name__} has no separate base model and "
+    """Find body and head, and check on a few tokens that they reproduce the model's logits.
+
+    A peft model (LoRA adapters) holds the transformers model, adapters injected, inside: its
+    body and head are that model's (a head with an adapter is a peft layer)."""
+    unwrap = getattr(model, "get_base_model", None)
+    inner = unwrap() if callable(unwrap) else model
+    body = getattr(inner, "base_model", None)
+    head = inner.get_output_embeddings()  # type: ignore[operator]
+    if body is None or body is inner or head is None:
+        raise ConfigError(f"{name}: {type(inner).__name__} has no separate base model and "
                           "output embeddings; kdpipe cannot compute its head in chunks")
-    transform, described = _known_transform(model.config)
+    transform, described = _known_transform(inner.config)
     parts = StudentParts(model, body, head, transform)
     was_training = model.training
     model.eval()
@@ -255,6 +291,7 @@ class Student:
 
     parts: StudentParts
     tokenizer: Any
+    adapter_base: dict[str, str] | None = None  # adapters: the record of their frozen base
 
     @property
     def model(self) -> nn.Module:
@@ -264,24 +301,41 @@ class Student:
 def open_student(cache: Cache, device: torch.device, *, student: str | None,
                  student_config: str | None = None, tokenizer: str | None = None,
                  weights: str | Path | None = None, seed: int = 0,
-                 trust_remote_code: bool = False, attn_implementation: str | None = None
-                 ) -> Student:
+                 trust_remote_code: bool = False, attn_implementation: str | None = None,
+                 adapter: AdapterConfig | None = None, base: str | None = None) -> Student:
     """The student of `--student` (or `--student-config`), checked against `cache`.
 
     Tokenizer (must map the cache's ids: `check_tokenizer`) → model in float32 (from
-    `weights`, a checkpoint folder, when given) → head width (`check_vocab`) → on `device` →
-    body/head split (`split_student`) → for a packed cache, whether it keeps packed documents
-    apart (`packing.check_packing`). Raises ConfigError naming the option at fault.
+    `weights`, a checkpoint folder, when given; an adapter folder merged into its `base`) →
+    head width (`check_vocab`) → with `adapter` enabled, trainable adapters on the frozen
+    model (a checkpoint's: `weights`) → on `device` → body/head split (`split_student`) → for
+    a packed cache, whether it keeps packed documents apart (`packing.check_packing`). Raises
+    ConfigError naming the option at fault.
     """
     name = student or student_config or "student"
     tok = load_tokenizer(student, tokenizer, cache, trust_remote_code)
     check_tokenizer(tok, cache, trust_remote_code)
-    source = str(weights) if weights is not None else student
+    adapting = adapter is not None and adapter.enabled
+    source = str(weights) if weights is not None and not adapting else student
     model = load_student(source, None if source else student_config, cache.manifest, tok,
-                         seed, trust_remote_code, attn_implementation)
+                         seed, trust_remote_code, attn_implementation, base)
     check_vocab(model, cache.manifest, name)
+    record = None
+    if adapting:  # checkpoints hold the adapters: the base is always --student
+        assert adapter is not None and student is not None
+        model, record = adapters.attach(model, adapter, student,
+                                        Path(weights) if weights is not None else None, seed)
     model.to(device)
     parts = split_student(model, name)
     if cache.manifest.segments:  # packed documents must stay apart, as in the teacher's pass
         check_packing(model, "student", name)
-    return Student(parts, tok)
+    return Student(parts, tok, record)
+
+
+def write_merged(final: Path, base: str, manifest: CacheManifest, tokenizer: Any,
+                 trust_remote_code: bool = False) -> Path:
+    """final/merged/: the adapters of `final` merged into `base`, a plain transformers model
+    (padding rows of its head listed in suppress_tokens, as in every saved student)."""
+    model = load_student(str(final), None, manifest, tokenizer, 0, trust_remote_code, base)
+    check_vocab(model, manifest, str(final))
+    return adapters.save_merged(model, tokenizer, final / adapters.MERGED_DIR)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdpipe.options import flat_values
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import remove_stale_temp_files
@@ -81,9 +82,9 @@ def plan_run_dir(cfg: TrainConfig, world_size: int = 1) -> RunStart:
     fixed = [f for f in changed if f not in RESUMABLE_CHANGES]
     if fixed:
         raise ConfigError(
-            f"--resume {run_dir}: the run was made with different {', '.join(fixed)}; only run "
-            "length and reporting options may change on resume (use --overwrite or another "
-            "--out to start a different run)")
+            f"--resume {run_dir}: the run was made with different "
+            f"{_differences(previous, cfg, fixed)}; only run length and reporting options may "
+            "change on resume (use --overwrite or another --out to start a different run)")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise ConfigError(f"--resume {run_dir}: the run wrote no checkpoint to resume from; "
@@ -93,6 +94,12 @@ def plan_run_dir(cfg: TrainConfig, world_size: int = 1) -> RunStart:
         log.warning("resuming %s with changed %s (the LR schedule follows the new length)",
                     run_dir, ", ".join(changed))
     return RunStart(checkpoint=checkpoint, finished=None)
+
+
+def _differences(previous: TrainConfig, cfg: TrainConfig, names: list[str]) -> str:
+    """'lora_r (run: 8, now: 0), seed (run: 1, now: 2)': what to repeat to resume."""
+    was, now = flat_values(previous), flat_values(cfg)
+    return ", ".join(f"{name} (run: {was[name]!r}, now: {now[name]!r})" for name in names)
 
 
 def claim_run_dir(cfg: TrainConfig, start: RunStart) -> None:

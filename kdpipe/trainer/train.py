@@ -52,7 +52,7 @@ from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.execution import compile_body, enable_gradient_checkpointing
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
-from kdpipe.trainer.model import Student, autocast, open_student
+from kdpipe.trainer.model import Student, autocast, open_student, write_merged
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
 from kdpipe.trainer.optimizers import build_optimizer
 from kdpipe.trainer.precision import (
@@ -245,7 +245,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
                            student_config=cfg.student_config, tokenizer=cfg.tokenizer,
                            weights=checkpoint, seed=cfg.seed,
                            trust_remote_code=cfg.trust_remote_code,
-                           attn_implementation=cfg.attn_implementation)
+                           attn_implementation=cfg.attn_implementation, adapter=cfg.adapter)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(student.model, cfg.student or cfg.student_config or "")
     if cfg.compile:
@@ -341,8 +341,10 @@ def prune_snapshots(run: Run) -> None:
 
 
 def save(run: Run, folder: Path, with_training_state: bool) -> None:
-    """Every rank takes part (FSDP gathers the shards); rank 0 writes."""
-    weights = gather_model_state(run.objective, run.fsdp)  # FSDP: from the shards
+    """Every rank takes part (FSDP gathers the shards); rank 0 writes. A LoRA/DoRA student
+    saves its adapters only."""
+    adapter_base = run.student.adapter_base
+    weights = gather_model_state(run.objective, run.fsdp, trainable_only=adapter_base is not None)
     if weights is None:  # bf16-master: the float32 masters; otherwise the model's own
         weights = master_state_dict(run.student.model, run.optimizer)
     training_state = None
@@ -357,7 +359,7 @@ def save(run: Run, folder: Path, with_training_state: bool) -> None:
                                                                      run.dist).state_dict()
     if run.dist.is_main:
         ckpt.save_checkpoint(folder, run.student.model, run.student.tokenizer, run.state,
-                             training_state, weights)
+                             training_state, weights, adapter_base)
         if with_training_state:
             ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_last)
     run.dist.barrier()
@@ -532,6 +534,10 @@ def finish(run: Run, last: dict[str, Any], logger: RunLogger | None) -> dict[str
                     **final_eval})
     save(run, run.layout.checkpoint(run.state.step), with_training_state=True)
     save(run, run.layout.final, with_training_state=False)
+    if run.cfg.adapter.merge_adapter and run.dist.is_main:
+        assert run.cfg.student is not None
+        write_merged(run.layout.final, run.cfg.student, run.cache.manifest,
+                     run.student.tokenizer, run.cfg.trust_remote_code)
     final: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.state.step,
                              "epoch": run.state.epoch, "tokens_seen": run.state.tokens_seen,
                              "samples_seen": run.state.samples_seen,
