@@ -336,6 +336,6 @@ def write_merged(final: Path, base: str, manifest: CacheManifest, tokenizer: Any
                  trust_remote_code: bool = False) -> Path:
     """final/merged/: the adapters of `final` merged into `base`, a plain transformers model
     (padding rows of its head listed in suppress_tokens, as in every saved student)."""
-    model = load_student(str(final), None, manifest, tokenizer, 0, trust_remote_code, base)
+    model = load_student(str(final), None, manifest, tokenizer, 0, trust_remote_code, base=base)
     check_vocab(model, manifest, str(final))
     return adapters.save_merged(model, tokenizer, final / adapters.MERGED_DIR)
