@@ -16,7 +16,9 @@ def demo(
                    ] = Path("runs/demo"),
     preset: Annotated[str, typer.Option(
         help=f"Size: {', '.join(PRESETS)} (tiny: < 3 min, CI; small: < 10 min on 2 CPU "
-        "cores; full: a stronger teacher, about an hour).")] = DEFAULT_PRESET,
+        "cores; full: a stronger teacher, about an hour; chat: conversations about the stdlib "
+        "with assistant-only targets, CE and KD students, < 10 min; chat-tiny: CI)."
+    )] = DEFAULT_PRESET,
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(
@@ -25,7 +27,8 @@ def demo(
     overwrite: Annotated[bool, typer.Option(
         help="Delete a previous demo in --out and start over.")] = False,
 ) -> None:
-    """Run every stage on the Python stdlib's source; compare CE/KD/KD-CL/KD-CL-SR students."""
+    """Run every stage on the Python stdlib's source; compare CE/KD/KD-CL/KD-CL-SR students
+    (chat presets: CE and KD on conversations answered by the stdlib's docstrings)."""
     from kdpipe.demo.run import TABLE_MD, run_demo
 
     run_demo(out, preset, threads or None, device, progress, overwrite)

@@ -6,6 +6,10 @@ student curriculum (`--source snapshot`) → students KD, KD-CL (teacher curricu
 (student curriculum), KD-CL-SR → OUT/demo.md and OUT/demo.json: held-out perplexity, top-1
 agreement with the teacher, train tokens/s and wall time per stage.
 
+A chat preset (`--preset chat`) prepares conversations cached with assistant-only targets and
+trains only the CE-only and KD students (`CHAT_ARMS`): the question there is whether the
+teacher helps on the assistant's replies; its held-out numbers count assistant tokens only.
+
 The students are one `kdpipe experiment` (one seed) run by the same runner, so
 `kdpipe report OUT` draws the plots. One seed measures nothing about which arm is better; the
 table says so, and `experiments/seed-question.yaml` asks the question with seeds and intervals.
@@ -47,6 +51,12 @@ ARMS = (ArmSpec("ce", {"mode": "ce"}),
         ArmSpec("kd-cl-student", {"curriculum": "ce-snapshot"}),
         # Not experiments/seed-question.yaml's `kd-cl-sr`, which follows the teacher's ranking.
         ArmSpec("kd-cl-sr-student", {"curriculum": "ce-snapshot", "reliance": "threshold"}))
+CHAT_ARMS = ARMS[:2]
+
+
+def demo_arms(preset: Preset) -> tuple[tuple[ArmSpec, ...], tuple[CurriculumSpec, ...]]:
+    """The students of a preset and the curricula they need."""
+    return (CHAT_ARMS, ()) if preset.corpus == "chat" else (ARMS, CURRICULA)
 
 
 def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
@@ -59,10 +69,11 @@ def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> Experiment
              "lr": preset.student_lr, "warmup_steps": max(1, steps // 20),
              "eval_every": max(1, steps // preset.evals_per_run), "log_every": 5,
              "student_config": str(prepared.student_config)}
+    arms, curricula = demo_arms(preset)
     return ExperimentConfig(name=f"demo-{preset.name}", out=str(out),
                             setup=Setup(cache=str(prepared.cache),
                                         eval_cache=str(prepared.heldout_cache)),
-                            seeds=(0,), arms=ARMS, curricula=CURRICULA, train=train,
+                            seeds=(0,), arms=arms, curricula=curricula, train=train,
                             baseline="kd", metric="eval_ce",
                             description=f"kdpipe demo --preset {preset.name}")
 
@@ -114,27 +125,36 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
     stages = dict(clock.records)
     params = {"teacher": preset.teacher.parameters(vocab),
               "student": preset.student.parameters(vocab)}
+    chat = preset.corpus == "chat"
+    targets = " target" if chat else ""
     lines = [f"# kdpipe demo (--preset {preset.name})", "",
              f"Teacher {params['teacher'] / 1e6:.2f}M parameters, students "
              f"{params['student'] / 1e6:.2f}M, vocabulary {vocab}, top-{preset.top_k} cache, "
              f"{threads} torch thread(s). Every student trained on as many sequences: "
              f"{preset.student_epochs} epoch(s) of the train split, about "
-             f"{_num(rows[1].get('tokens_seen'), 0)} tokens.", "",
-             "| model | held-out ppl | top-1 agreement | train tokens/s | wall s | CPU s |",
-             "|---|---|---|---|---|---|"]
+             f"{_num(rows[1].get('tokens_seen'), 0)}{targets} tokens.", ""]
+    if chat:
+        lines += ["Chat data: questions about the standard library answered by its docstrings, "
+                  "cached with assistant-only targets. Students train on, and held-out "
+                  "numbers count, the assistant's reply tokens only (CE in nats/token).", ""]
+    lines += ["| model | held-out CE | held-out ppl | top-1 agreement | train tokens/s | wall s "
+              "| CPU s |", "|---|---|---|---|---|---|---|"]
     teacher_time = stages.get("teacher training", {})
     for row in rows:
         label = "teacher (reference)" if row["arm"] == "teacher" else \
             ARM_LABELS.get(row["arm"], row["arm"])
         wall = teacher_time.get("wall_s") if row["arm"] == "teacher" else row.get("wall_s")
         cpu = teacher_time.get("cpu_s") if row["arm"] == "teacher" else row.get("cpu_s")
-        lines.append(f"| {label} | {_num(row.get('eval_ppl'))} | "
+        lines.append(f"| {label} | {_num(row.get('eval_ce'), 3)} | {_num(row.get('eval_ppl'))} | "
                      f"{_num(row.get('eval_top1_agreement'), 3)} | "
                      f"{_num(row.get('train_tokens_per_s'), 0)} | {_num(wall, 1)} | "
                      f"{_num(cpu, 1)} |")
-    lines += ["", "One seed: differences between the students are not evidence either way. "
-              "`kdpipe experiment experiments/seed-question.yaml` runs the arms with several "
-              "seeds, controls and confidence intervals.", "",
+    question = (f"an experiment with `setup: {{embedded: {preset.name}}}` and several seeds "
+                "asks the question with confidence intervals" if chat else
+                "`kdpipe experiment experiments/seed-question.yaml` runs the arms with several "
+                "seeds, controls and confidence intervals")
+    lines += ["", f"One seed: differences between the students are not evidence either way; "
+              f"{question}.", "",
               "| stage | wall s | CPU s |", "|---|---|---|"]
     total = 0.0
     for name, t in stages.items():
@@ -145,9 +165,10 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
             total += r["wall_s"]
             lines.append(f"| student {r['arm']} | {_num(r['wall_s'], 1)} | "
                          f"{_num(r.get('cpu_s'), 1)} |")
+    folders = "corpus/, tokenizer/, teacher-run/, cache/, heldout-cache/, " + \
+        ("runs/" if chat else "curricula/, runs/")
     lines += [f"| **total** | {_num(total, 1)} | |", "",
-              f"Artifacts: `{out}` (corpus/, tokenizer/, teacher-run/, cache/, heldout-cache/, "
-              f"curricula/, runs/). Plots: `kdpipe report {out}`.", ""]
+              f"Artifacts: `{out}` ({folders}). Plots: `kdpipe report {out}`.", ""]
     table = {"preset": asdict(preset), "threads": threads, "rows": rows, "stages": stages,
              "total_wall_s": total}
     atomic_write_json(out / TABLE_JSON, table)

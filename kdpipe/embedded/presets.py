@@ -1,5 +1,6 @@
 """Sizes of the demo: `tiny` (CI, < 3 minutes), `small` (the default, < 10 minutes on 2 CPU
-cores) and `full` (a 4.2M-parameter teacher; about an hour on 2 cores).
+cores) and `full` (a 4.2M-parameter teacher; about an hour on 2 cores) on the stdlib's source;
+`chat` (< 10 minutes on 2 cores) and `chat-tiny` (CI) on conversations about it (`chat.py`).
 
 Measured times are in docs/experiments.md. Every size is a frozen record, so the folder a demo
 prepares says exactly what made it (OUT/preset.json).
@@ -32,6 +33,10 @@ class Preset:
     student_batch_size: int
     student_lr: float
     evals_per_run: int  # held-out evaluations during each student run (the curves)
+    # "source": the stdlib's .py files as text (`corpus.py`); "chat": conversations answered by
+    # its docstrings (`chat.py`), cached with assistant-only targets. Last, with a default, so
+    # a folder prepared before the field existed still matches its preset (`check_preset`).
+    corpus: str = "source"
 
 
 PRESETS = {
@@ -48,6 +53,18 @@ PRESETS = {
                    max_length=256, top_k=64, teacher=ModelSize(256, 4, 4), teacher_steps=600,
                    teacher_batch_size=16, teacher_lr=1.5e-3, student=ModelSize(128, 2, 2),
                    student_epochs=1, student_batch_size=16, student_lr=2e-3, evals_per_run=6),
+    # Chat: budgets count message contents; conversations are at most ~300 tokens,
+    # packed in sequences of 320 so that none is cut.
+    "chat": Preset(name="chat", train_chars=600_000, heldout_chars=40_000, vocab_size=2048,
+                   max_length=320, top_k=32, teacher=ModelSize(160, 4, 2), teacher_steps=300,
+                   teacher_batch_size=8, teacher_lr=2e-3, student=ModelSize(64, 2, 1),
+                   student_epochs=2, student_batch_size=8, student_lr=3e-3, evals_per_run=3,
+                   corpus="chat"),
+    "chat-tiny": Preset(name="chat-tiny", train_chars=40_000, heldout_chars=8_000,
+                        vocab_size=512, max_length=320, top_k=8, teacher=ModelSize(64, 2, 2),
+                        teacher_steps=100, teacher_batch_size=4, teacher_lr=3e-3,
+                        student=ModelSize(32, 1, 1), student_epochs=1, student_batch_size=4,
+                        student_lr=3e-3, evals_per_run=2, corpus="chat"),
 }
 DEFAULT_PRESET = "small"
 
