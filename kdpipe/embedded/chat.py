@@ -36,6 +36,7 @@ from kdpipe.embedded.corpus import (
     stdlib_files,
     stdlib_root,
 )
+from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def write_chat_corpus(out: Path, train_chars: int, heldout_chars: int) -> tuple[
     """Write OUT/train.jsonl and OUT/heldout.jsonl (conversations); skip when done.
 
     Whole modules are taken until each split's budget of content characters is reached (the
-    last module may overshoot it). Raises ValueError when a split got no conversation.
+    last module may overshoot it). Raises ConfigError when a split got no conversation.
     """
     out.mkdir(parents=True, exist_ok=True)
     train_path, heldout_path, info_path = out / TRAIN_NAME, out / HELDOUT_NAME, out / INFO_NAME
@@ -208,7 +209,7 @@ def write_chat_corpus(out: Path, train_chars: int, heldout_chars: int) -> tuple[
             rows[held] += len(found)
             modules[held] += bool(found)
     if not rows[False] or not rows[True]:
-        raise ValueError(f"chat corpus: no conversation in a split of {root} (train "
+        raise ConfigError(f"chat corpus: no conversation in a split of {root} (train "
                          f"{rows[False]}, held-out {rows[True]}); raise the budgets")
     info = ChatCorpusInfo(train_chars=train_chars, heldout_chars=heldout_chars,
                           python=asked.python, stdlib=asked.stdlib,
