@@ -35,7 +35,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool, flag: str)
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # KeyError: JSON of another shape
         raise ConfigError(f"{flag} {name_or_path}: cannot load a tokenizer ({first_line(exc)})"
                           ) from exc
 
