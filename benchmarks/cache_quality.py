@@ -87,7 +87,7 @@ def build(args: argparse.Namespace, out: Path, data: tuple[str, ...], like: Cach
             settings["tokenizer"] = m.tokenizer.name_or_path
     settings.update(options)
     log.info("building %s", out)
-    cache_teacher(CacheTeacherConfig(teacher=args.teacher, data=data, out=out,
+    cache_teacher(CacheTeacherConfig(teacher=args.teacher, data=data, out=str(out),
                                      device=args.device, batch_size=args.cache_batch_size,
                                      **settings))
     return out

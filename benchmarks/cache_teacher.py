@@ -165,9 +165,9 @@ def compact_report(config: Callable[..., CacheTeacherConfig], k: int
     compact = config(k, "compact", encoding="compact")
     for cfg in (plain, exact, compact):
         cache_teacher(cfg)
-    sizes = {name: cache_size(cfg.out) for name, cfg in
+    sizes = {name: cache_size(cfg.out_dir) for name, cfg in
              (("plain", plain), ("float32", exact), ("compact", compact))}
-    distortion = compact_distortion(exact.out, compact.out)
+    distortion = compact_distortion(exact.out_dir, compact.out_dir)
     lines = [
         f"| encoding (k={k}) | bytes/token | bytes/entry (all columns) | "
         "bytes/entry (top-k columns) |",
@@ -187,7 +187,7 @@ def sampled_report(config: Callable[..., CacheTeacherConfig], samples: int
     """A sampled cache at `samples` draws per position: size and unique ids per position."""
     cfg = config(1, "sampled", cache_mode="sampled", samples=samples)
     cache_teacher(cfg)
-    size = cache_size(cfg.out)
+    size = cache_size(cfg.out_dir)
     unique = np.concatenate([
         t.column("sampled_lengths").combine_chunks().flatten().to_numpy().astype(np.int64)
         for t in open_cache(cfg.out).iter_row_groups(["sampled_lengths"])])
@@ -241,7 +241,7 @@ def main() -> None:
         data = corpus_subset(args.data, args.teacher, args.tokens, tmp)
 
         def config(k: int, name: str, **kw: object) -> CacheTeacherConfig:
-            return CacheTeacherConfig(teacher=args.teacher, data=(str(data),), out=tmp / name,
+            return CacheTeacherConfig(teacher=args.teacher, data=(str(data),), out=str(tmp / name),
                                       top_k=k, max_length=args.max_length, pack=True,
                                       batch_size=args.batch_size, shard_size=256, device="cpu",
                                       dtype="float32", **kw)  # type: ignore[arg-type]
@@ -262,15 +262,15 @@ def main() -> None:
         stage_s = timed_cache(main_cfg)
         forward_after, _ = bare_forward_seconds(main_cfg)
         forward_s = (forward_before + forward_after) / 2
-        sizes = [cache_size(main_cfg.out)]
+        sizes = [cache_size(main_cfg.out_dir)]
         for k in ks:
             if k != max(ks):
                 cache_teacher(config(k, f"k{k}"))
                 sizes.insert(len(sizes) - 1, cache_size(tmp / f"k{k}"))
         f32_cfg = config(max(ks), "f32", logprob_dtype="float32")
         cache_teacher(f32_cfg)
-        precision = float16_distortion(f32_cfg.out)
-        f32_size = cache_size(f32_cfg.out)
+        precision = float16_distortion(f32_cfg.out_dir)
+        f32_size = cache_size(f32_cfg.out_dir)
 
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(),

@@ -78,7 +78,7 @@ def measure(teacher: Path, data: Path, out: Path, k: int, train_on: str, max_len
             ) -> dict[str, Any]:
     """Cache `data` once; its bytes, tokens and targets."""
     manifest = cache_teacher(CacheTeacherConfig(
-        teacher=str(teacher), data=(str(data),), out=out, top_k=k, max_length=max_length,
+        teacher=str(teacher), data=(str(data),), out=str(out), top_k=k, max_length=max_length,
         pack=True, format="messages", train_on=train_on, batch_size=16, shard_size=256,
         device="cpu", dtype="float32", progress=False, overwrite=True))
     per_column = column_bytes(out)

@@ -37,6 +37,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.storage import is_url
 
 C = TypeVar("C")
 
@@ -50,6 +51,10 @@ CONFIG_HELP = ("YAML file of option values: keys are this command's option names
 THREADS_HELP = ("Torch CPU threads of this process. 0 (auto): OMP_NUM_THREADS when set, else "
                 "half the CPUs this process may use, shared among the processes of one job "
                 "on this machine, from 1 to 8.")
+LOCAL_CACHE_HELP = ("A cache given as a URL (s3://, gs://, ...): keep verified copies of its "
+                    "shards in this node-local folder, so later epochs and other runs on the "
+                    "node read them from disk (default: stream them from the store). See "
+                    "docs/storage.md.")
 VERIFY_READS_HELP = ("Check each cache shard's sha256 against the manifest before first reading "
                      "it (--no-verify-reads: skip, for a cache `kdpipe verify` has passed).")
 
@@ -416,7 +421,7 @@ def command(cls: type[C], run: Callable[[C], None], doc: str) -> Callable[..., N
 
 def path_problems(flag: str, value: str | Path | None, kind: str) -> list[str]:
     """[] when `value` is None or an existing file (`kind` "file") or folder ("dir")."""
-    if value is None:
+    if value is None or is_url(value):  # a URL is checked when it is opened
         return []
     path = Path(value)
     if kind == "dir" and not path.is_dir():

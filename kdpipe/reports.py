@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -20,8 +19,9 @@ if TYPE_CHECKING:  # pyarrow and numpy load only when a command needs them
 
 
 def inspect(
-    paths: Annotated[list[Path], typer.Argument(
-        help="A cache folder, or one curriculum file (two: also their rank correlation).")],
+    paths: Annotated[list[str], typer.Argument(
+        help="A cache folder or URL, or one curriculum file (two: also their rank "
+        "correlation).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Summarise a cache (teacher, tokenizer, k, sequences, bytes/token, teacher NLL) or a
@@ -40,7 +40,8 @@ def inspect(
     if len(paths) != 1:
         raise ConfigError("kdpipe inspect takes one cache folder (or one or two curriculum "
                           "files)")
-    summary = summarize(open_cache(paths[0], require_complete=False, verify_reads=False))
+    summary = summarize(open_cache(paths[0], require_complete=False, verify_reads=False,
+                                   flag="kdpipe inspect"))
     if as_json:  # strict JSON: a NaN statistic of a faulty cache prints as null
         typer.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                for k, v in summary.items()}, allow_nan=False))
@@ -51,12 +52,19 @@ def inspect(
         typer.echo(f"{key:<{width}}  {shown}")
 
 
-def verify(path: Annotated[Path, typer.Argument(help="A cache folder.")]) -> None:
+def verify(
+    path: Annotated[str, typer.Argument(help="A cache folder or URL.")],
+    local_cache: Annotated[str | None, typer.Option(
+        help="Where to download a cache given as a URL before checking it (default: a "
+        "temporary folder, removed afterwards).")] = None,
+) -> None:
     """Re-check a cache: every shard's checksum, schema and values (no NaN or infinity),
-    every manifest field against the shards, and the saved tokenizer; exit 1 on any fault."""
+    every manifest field against the shards, and the saved tokenizer; exit 1 on any fault.
+    A cache at a URL is downloaded whole first (every byte is read anyway)."""
     from kdpipe.schemas.cache import open_cache
 
-    cache = open_cache(path, require_complete=False, check_shards=False)
+    cache = open_cache(path, require_complete=False, check_shards=False,
+                       local_cache=local_cache, flag="kdpipe verify")
     problems = cache.verify() + tokenizer_problems(cache)
     for problem in problems:
         typer.echo(f"FAULT {problem}", err=True)

@@ -126,19 +126,19 @@ def check_compatible(candidate: Any, cache: Cache, what: str,
         if tokenizer_fingerprint(candidate) == recorded.fingerprint:
             return
         raise ConfigError(
-            f"tokenizer mismatch: {what} is not the tokenizer cache {cache.root} was made with "
+            f"tokenizer mismatch: {what} is not the tokenizer cache {cache.location} was made with "
             f"({recorded.name_or_path}, which cannot be loaded to compare id by id); pass "
             "--tokenizer with the teacher's tokenizer, or re-cache")
     comparison = compare_vocab(reference, candidate, real_vocab_size(reference),
                                ("the cache's tokenizer", what))
     if comparison.mismatch is not None:
         raise ConfigError(
-            f"tokenizer mismatch: {what} does not map ids as cache {cache.root}'s tokenizer "
+            f"tokenizer mismatch: {what} does not map ids as cache {cache.location}'s tokenizer "
             f"({recorded.name_or_path}) does ({comparison.mismatch}); a student must share the "
             "teacher's id-to-token mapping (pass --tokenizer, or re-cache with the student's "
             "tokenizer)")
     differences = [*comparison.cosmetic, *comparison.roles]
     if differences:
         log.warning("%s differs from cache %s's tokenizer in %s; it maps every id to the same "
-                    "token, so training on the cache is unaffected", what, cache.root,
+                    "token, so training on the cache is unaffected", what, cache.location,
                     ", ".join(differences))

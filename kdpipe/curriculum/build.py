@@ -40,6 +40,7 @@ from kdpipe.schemas.errors import CacheFormatError, ConfigError, KdpipeError
 from kdpipe.schemas.fingerprint import files_fingerprint
 from kdpipe.schemas.io import sha256_file
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.schemas.storage import file_exists
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def teacher_scores(cache: Cache, metric: str) -> tuple[np.ndarray, np.ndarray]:
     values = cache.read_column(column).to_numpy().astype(np.float64)
     if not np.isfinite(values).all():
         bad = int(ids[np.flatnonzero(~np.isfinite(values))[0]])
-        raise CacheFormatError(f"{cache.root}: {column} of sample {bad} is not finite; the "
+        raise CacheFormatError(f"{cache.location}: {column} of sample {bad} is not finite; the "
                                "cache is faulty (`kdpipe verify` lists it): re-create it")
     return ids, (1.0 - values if metric == "confidence" else values)
 
@@ -65,7 +66,7 @@ def length_scores(cache: Cache) -> tuple[np.ndarray, np.ndarray]:
     lengths = cache.read_column(cols.NUM_TARGETS).to_numpy().astype(np.float64)
     if lengths.size and np.all(lengths == lengths[0]):
         log.warning("every sample of %s has %d targets (packed cache?); the length curriculum "
-                    "is the sample-id order", cache.root, int(lengths[0]))
+                    "is the sample-id order", cache.location, int(lengths[0]))
     return ids, lengths
 
 
@@ -97,7 +98,7 @@ def snapshot_scores(cache: Cache, run: str | Path, epochs: tuple[int, ...], metr
         table, info = snap.read_snapshot(finished[epoch])
         if info.cache_fingerprint != cache.manifest.settings_fingerprint:
             raise ConfigError(f"--run {run}: snapshot {finished[epoch].name} was made on "
-                              f"another cache than --cache {cache.root}")
+                              f"another cache than --cache {cache.location}")
         found = np.asarray(table.column(snap.SAMPLE_ID), dtype=np.int64)
         ids = found if ids is None else np.intersect1d(ids, found)
         loss.append(dict(zip(found.tolist(), np.asarray(table.column(snap.LOSS)).tolist(),
@@ -140,8 +141,8 @@ def _settings(cfg: BuildCurriculumConfig) -> dict[str, str]:
 def _previous(cfg: BuildCurriculumConfig, settings: dict[str, str], fingerprint: str
               ) -> Curriculum | None:
     """The finished identical curriculum at --out, or None; refuses to replace another."""
-    out = Path(cfg.out)
-    if not out.exists() or cfg.overwrite:
+    out = cfg.out
+    if cfg.overwrite or not file_exists(out, "--out"):
         return None
     if not is_curriculum_file(out):
         raise ConfigError(f"--out {out} exists and is not a curriculum; choose another name "
@@ -161,7 +162,7 @@ def _previous(cfg: BuildCurriculumConfig, settings: dict[str, str], fingerprint:
 def build_curriculum(cfg: BuildCurriculumConfig) -> Curriculum:
     """Score, rank and write the curriculum; returns it (also when it already existed)."""
     cfg.validate()
-    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
+    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
     fingerprint = cache.manifest.settings_fingerprint
     settings = _settings(cfg)
     metric = cfg.resolved_metric

@@ -9,6 +9,7 @@ from typing import Any
 from kdpipe import options
 from kdpipe.options import (
     DEVICE_HELP,
+    LOCAL_CACHE_HELP,
     PROGRESS_HELP,
     REMOTE_CODE_HELP,
     THREADS_HELP,
@@ -49,6 +50,7 @@ class BuildCurriculumConfig:
                              "settings.")
     progress: bool = option(True, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
+    local_cache: str | None = option(None, LOCAL_CACHE_HELP)
     trust_remote_code: bool = option(False, REMOTE_CODE_HELP)
 
     @classmethod

@@ -116,7 +116,7 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
     def cache(model: Path, data: Path, out: Path, top_k: int, train_on: str = "assistant"
               ) -> Path:
         chat_options = {"format": "messages", "train_on": train_on} if chat else {}
-        cache_teacher(CacheTeacherConfig(teacher=str(model), data=(str(data),), out=out,
+        cache_teacher(CacheTeacherConfig(teacher=str(model), data=(str(data),), out=str(out),
                                          top_k=top_k, pack=True, max_length=preset.max_length,
                                          batch_size=32, shard_size=512, device=device,
                                          progress=progress, **chat_options))  # type: ignore[arg-type]

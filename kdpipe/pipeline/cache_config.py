@@ -15,6 +15,7 @@ from kdpipe.options import DEVICE_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, THREADS
 from kdpipe.pipeline.formats import FORMATS, OVERLONG, TRAIN_ON, train_on_problem
 from kdpipe.schemas.encoding import CACHE_MODES, ENCODINGS, MAX_SAMPLES
 from kdpipe.schemas.shard import LOGPROB_DTYPES
+from kdpipe.schemas.storage import is_url
 
 BACKENDS = ("auto", "hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -24,7 +25,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class CacheTeacherConfig:
     """Every option of `kdpipe cache-teacher`; `kdpipe cache-teacher --help` shows them."""
 
-    out: Path = option(help="Cache folder to create (or resume).")
+    out: str = option(help="Cache folder or URL (s3://, gs://, ...: docs/storage.md) to "
+                      "create (or resume).")
     teacher: str | None = option(
         None, "Teacher model: local folder or hub name (required unless --merge).")
     data: tuple[str, ...] = option(
@@ -113,11 +115,19 @@ class CacheTeacherConfig:
     tensor_parallel_size: int = option(
         1, "vllm: GPUs to split one teacher over (only for a teacher too big for one).", ge=1)
     progress: bool = option(True, PROGRESS_HELP)
+    local_cache: str | None = option(
+        None, "--out a URL: the node-local folder the cache is written in before each file "
+        "is uploaded (default: a temporary folder, removed at the end).")
 
     @classmethod
     def from_options(cls, **values: Any) -> CacheTeacherConfig:
         """A CacheTeacherConfig from option names, as on the command line."""
         return options.build(cls, values)
+
+    @property
+    def out_dir(self) -> Path:
+        """--out as a local folder (a URL --out is written through one: `remote_out`)."""
+        return Path(self.out)
 
     @property
     def layout(self) -> str:
@@ -168,7 +178,7 @@ class CacheTeacherConfig:
             found.append(train_on)
         if self.format == "text" and self.chat_template is not None:
             found.append("--chat-template renders conversations; drop it with --format text")
-        if self.out.exists() and not self.out.is_dir():
+        if not is_url(self.out) and self.out_dir.exists() and not self.out_dir.is_dir():
             found.append(f"--out {self.out} is a file; give a folder for the cache")
         return found
 

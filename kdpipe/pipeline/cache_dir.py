@@ -37,7 +37,7 @@ CACHE_CONFIG_NAME = "cache_config.json"
 
 def previous_manifest(cfg: CacheTeacherConfig, draft: CacheManifest) -> CacheManifest | None:
     """The existing cache's manifest if we may resume it; refuses to clobber anything else."""
-    out = cfg.out
+    out = cfg.out_dir
     if not out.exists() or not any(out.iterdir()):
         return None
     if not manifest_path(out).is_file():
@@ -83,7 +83,7 @@ def resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,
     """
     if cfg.num_workers == 1:
         return {s.file: s for s in previous.shards} if previous is not None else None
-    part = workers.read_part(cfg.out, cfg.worker_index, cfg.num_workers)
+    part = workers.read_part(cfg.out_dir, cfg.worker_index, cfg.num_workers)
     if part is not None and part.settings_fingerprint != draft.settings_fingerprint:
         if not cfg.overwrite:
             raise ConfigError(f"--out {cfg.out}: worker {cfg.worker_index}'s part was made with "
@@ -110,7 +110,7 @@ def _foreign_files(out: Path) -> list[str]:
 
 def prepare_out(cfg: CacheTeacherConfig, draft: CacheManifest, fresh: bool) -> None:
     """Create --out and clear what this run replaces (a worker touches only its own files)."""
-    out = cfg.out
+    out = cfg.out_dir
     if cfg.num_workers == 1:
         if fresh:
             _clear_cache_files(out)
@@ -132,9 +132,9 @@ def prepare_out(cfg: CacheTeacherConfig, draft: CacheManifest, fresh: bool) -> N
 def record_progress(cfg: CacheTeacherConfig, manifest: CacheManifest) -> None:
     """Persist progress: the manifest itself, or a worker's part (never manifest.json)."""
     if cfg.num_workers == 1:
-        write_manifest(cfg.out, manifest)
+        write_manifest(cfg.out_dir, manifest)
     else:
-        workers.write_part(cfg.out, cfg.worker_index, cfg.num_workers, manifest)
+        workers.write_part(cfg.out_dir, cfg.worker_index, cfg.num_workers, manifest)
 
 
 def files_intact(out: Path, manifest: CacheManifest) -> bool:

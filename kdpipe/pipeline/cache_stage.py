@@ -16,11 +16,13 @@ this run is one worker of many over the same corpus (see `workers`).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,7 @@ from kdpipe.pipeline.cache_progress import (
 from kdpipe.pipeline.corpus import CorpusStats, corpus_fingerprint, resolve_sources
 from kdpipe.pipeline.dataset_card import write_dataset_card
 from kdpipe.pipeline.inputs import Reading, cache_sequences, resolve_reading
+from kdpipe.pipeline.remote_out import fetch_data, run_into
 from kdpipe.pipeline.sequences import TokenSequence, special_affixes
 from kdpipe.pipeline.shard_stream import in_background, shard_groups
 from kdpipe.pipeline.teacher_hf import (
@@ -83,13 +86,17 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
     """Run the whole stage; returns the finished manifest (a worker: its part, or the merge;
     with `merge`, the merge of the finished workers' parts alone)."""
     cfg.validate()
-    with library_bars(bars_shown(cfg.progress)):  # e.g. transformers' "Loading weights"
-        return _cache_teacher(cfg)
+    with library_bars(bars_shown(cfg.progress)), \
+            tempfile.TemporaryDirectory(prefix="kdpipe-data-") as data:  # --data URLs' copies
+        cfg = replace(cfg, data=fetch_data(cfg.data, Path(data)))
+        return run_into(cfg, _cache_teacher)
 
 
-def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
+def _cache_teacher(cfg: CacheTeacherConfig, commit: Callable[[], None]) -> CacheManifest:
+    """The stage in the local folder `cfg.out`; `commit()` after each file that is final
+    (uploads it when --out is a URL: `remote_out`)."""
     if cfg.merge:
-        return workers.merge_parts(cfg.out, cfg.num_workers if cfg.num_workers > 1 else None)
+        return workers.merge_parts(cfg.out_dir, cfg.num_workers if cfg.num_workers > 1 else None)
     backend = resolve_backend(cfg)
     if backend == "hf" and cfg.tensor_parallel_size > 1:
         raise ConfigError("--tensor-parallel-size splits a teacher over GPUs with vLLM only; "
@@ -110,10 +117,10 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                             sources, tokenizer, vocab_size, teacher_head_width(model_config),
                             reading)
     previous = previous_manifest(cfg, draft)
-    if previous is not None and previous.complete and files_intact(cfg.out, previous):
-        log.info("%s is already a complete cache with these settings; nothing to do", cfg.out)
-        if cfg.num_workers == 1 and not (cfg.out / DATASET_CARD_NAME).is_file():
-            write_dataset_card(cfg.out, previous)
+    if previous is not None and previous.complete and files_intact(cfg.out_dir, previous):
+        log.info("%s is already a complete cache with these settings; nothing to do", cfg.out_dir)
+        if cfg.num_workers == 1 and not (cfg.out_dir / DATASET_CARD_NAME).is_file():
+            write_dataset_card(cfg.out_dir, previous)
         return previous
     kept = resumable_shards(cfg, draft, previous)
 
@@ -135,10 +142,11 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                                   model_config)
     prepare_out(cfg, draft, fresh=kept is None)
     draft = replace(draft, tokenizer=replace(draft.tokenizer,
-                                             files=save_tokenizer(tokenizer, cfg.out)))
+                                             files=save_tokenizer(tokenizer, cfg.out_dir)))
     record_progress(cfg, draft)
+    commit()
     written = _write_shards(cfg, draft, kept or {}, chain([first_shard], shard_stream),
-                            run_teacher, dtype, CacheProgress(count, done, cfg.progress))
+                            run_teacher, dtype, CacheProgress(count, done, cfg.progress), commit)
     corpus = replace(written.manifest.corpus, documents_read=stats.documents_read,
                      documents_skipped=stats.documents_skipped,
                      conversations_truncated=stats.conversations_truncated,
@@ -146,13 +154,14 @@ def _cache_teacher(cfg: CacheTeacherConfig) -> CacheManifest:
                      conversations_without_targets=stats.conversations_without_targets)
     manifest = replace(written.manifest, corpus=corpus, complete=True)
     if cfg.num_workers == 1:
-        write_manifest(cfg.out, manifest)
-        write_dataset_card(cfg.out, manifest)
+        write_manifest(cfg.out_dir, manifest)
+        write_dataset_card(cfg.out_dir, manifest)
         return manifest
     part = workers.finished_part(manifest, cfg.worker_index, cfg.num_workers,
                                  written.stream_shards, written.stream_sequences)
     record_progress(cfg, part)
-    merged = workers.try_merge(cfg.out, cfg.num_workers)
+    commit()
+    merged = workers.try_merge(cfg.out_dir, cfg.num_workers)
     if merged is None:
         log.info("worker %d of %d finished; the last worker to finish merges the manifest",
                  cfg.worker_index, cfg.num_workers)
@@ -212,8 +221,8 @@ class _Written:
 
 def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str, ShardInfo],
                   stream: Iterator[tuple[list[int], list[TokenSequence], int]],
-                  run_teacher: TeacherRunner, dtype: torch.dtype, progress: CacheProgress
-                  ) -> _Written:
+                  run_teacher: TeacherRunner, dtype: torch.dtype, progress: CacheProgress,
+                  commit: Callable[[], None]) -> _Written:
     """Run the teacher over this run's shards of `stream` (intact kept shards are reused) and
     write them, one shard written in the background while the teacher runs the next.
 
@@ -229,10 +238,11 @@ def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str,
             progress.start_shard(documents, sum(len(s) for s in ids))
             if not workers.owns_shard(index, cfg.num_workers, cfg.worker_index):
                 continue  # another worker's shard: its sequences only advance the sample ids
-            reused = reusable_shard(cfg.out, kept.get(shard_name(index)), sample_ids, ids)
+            reused = reusable_shard(cfg.out_dir, kept.get(shard_name(index)), sample_ids, ids)
             if reused is not None:
                 manifest = manifest.with_shard(reused)
                 record_progress(cfg, manifest)
+                commit()
                 continue
             try:
                 targets = run_teacher(sample_ids, seqs, progress)
@@ -240,23 +250,25 @@ def _write_shards(cfg: CacheTeacherConfig, draft: CacheManifest, kept: dict[str,
             except BaseException:
                 if pending is not None:  # the shard before is finished: keep it for a resume
                     record_progress(cfg, manifest.with_shard(pending.result()))
+                    commit()
                 raise
             computed += sum(len(s) for s in ids)
             if pending is not None:
                 manifest = manifest.with_shard(pending.result())
                 record_progress(cfg, manifest)
+                commit()
             layout = draft.shard_layout
             masks = [s.position_mask() for s in seqs] if layout.has_target_mask else None
             segments = [s.segments or [len(s.ids)] for s in seqs] if layout.has_segments else None
-            pending = writer.submit(write_shard, cfg.out / shard_name(index), layout, sample_ids,
-                                    ids, targets, masks, segments)
+            pending = writer.submit(write_shard, cfg.out_dir / shard_name(index), layout,
+                                    sample_ids, ids, targets, masks, segments)
         if pending is not None:
             manifest = manifest.with_shard(pending.result())
     progress.close()
     elapsed = time.perf_counter() - started
     log.info("cached %d sequences, %d tokens in %d shards (%d tokens computed, %.0f tok/s) "
              "-> %s", manifest.num_sequences, manifest.num_tokens, len(manifest.shards),
-             computed, computed / max(elapsed, 1e-9), cfg.out)
+             computed, computed / max(elapsed, 1e-9), cfg.out_dir)
     return _Written(manifest, shards, sequences)
 
 

@@ -2,7 +2,7 @@
 
 Both sides use this: `trainer/` streams row groups from it, `kdpipe inspect` and
 `kdpipe verify` report on it. Nothing here writes to the cache, so any number of training runs
-may read one cache at once.
+may read one cache at once. A cache at a URL is read through `remote_cache.RemoteShards`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ import pyarrow.parquet as pq
 from kdpipe.schemas import shard_checksum
 from kdpipe.schemas.cache_verify import tokenizer_file_problems, verify_cache
 from kdpipe.schemas.errors import CacheFormatError
-from kdpipe.schemas.manifest import TOKENIZER_DIR, CacheManifest, ShardInfo, read_manifest
+from kdpipe.schemas.manifest import (
+    MANIFEST_NAME,
+    TOKENIZER_DIR,
+    CacheManifest,
+    ShardInfo,
+    read_manifest,
+)
+from kdpipe.schemas.remote_cache import RemoteShards, local_folder
 from kdpipe.schemas.shard import NUM_TARGETS, TAIL_LOGMASS, TEACHER_NLL, check_shard_schema
+from kdpipe.schemas.storage import StorageError, Store, location
 
 
 @dataclass(frozen=True)
@@ -28,19 +36,44 @@ class Cache:
 
     verify_reads: check each shard's sha256 before this process first reads it
     (`shard_checksum`); False for caches already checked with `kdpipe verify`.
+    remote: where the shards are when the cache is a URL; `root` is then a node-local
+    folder holding only copies of the manifest and the tokenizer.
     """
 
     root: Path
     manifest: CacheManifest
     verify_reads: bool = True
+    remote: RemoteShards | None = None
 
-    def shard_path(self, shard: ShardInfo) -> Path:
-        return self.root / shard.file
+    @property
+    def location(self) -> str:
+        """The cache as the user named it: its folder or its URL."""
+        return self.remote.store.url if self.remote is not None else str(self.root)
+
+    def shard_path(self, shard: ShardInfo) -> str:
+        """The shard's path or URL, for messages."""
+        return self.remote.url(shard) if self.remote is not None else str(self.root / shard.file)
+
+    def open_shard(self, shard: ShardInfo) -> pq.ParquetFile:
+        """The shard as a Parquet file: local, or streamed with read-ahead (a remote cache;
+        its verified local copy with --local-cache, the next shard fetched meanwhile)."""
+        if self.remote is None:
+            return pq.ParquetFile(self.root / shard.file)
+        shards = self.manifest.shards
+        at = next(i for i, s in enumerate(shards) if s.file == shard.file)
+        self.remote.prefetch(shards[at + 1 : at + 2])
+        # pre_buffer: one coalesced read per row group instead of one per column chunk
+        return pq.ParquetFile(self.remote.open(shard), pre_buffer=True)
 
     def check_shards(self, shards: Sequence[ShardInfo]) -> None:
         """Raise CacheFormatError naming the first of `shards` whose bytes differ from the
-        manifest's checksum (once per shard and process; nothing with `verify_reads` off)."""
-        if self.verify_reads:
+        manifest's checksum (once per shard and process, or per node with a --local-cache;
+        nothing with `verify_reads` off)."""
+        if self.remote is not None:
+            if self.verify_reads or self.remote.local_cache is not None:
+                for shard in shards:
+                    self.remote.check(shard)
+        elif self.verify_reads:
             shard_checksum.check_shards(self.root, shards)
 
     @property
@@ -60,8 +93,8 @@ class Cache:
             problems = tokenizer_file_problems(self.root, self.manifest)
             if problems:
                 raise CacheFormatError(
-                    f"cache {self.root}: {problems[0]}; run `kdpipe verify {self.root}`, or "
-                    "re-create the cache")
+                    f"cache {self.location}: {problems[0]}; run `kdpipe verify "
+                    f"{self.location}`, or re-create the cache")
         return folder
 
     def iter_row_groups(
@@ -70,7 +103,7 @@ class Cache:
         """Yield the cache one Parquet row group at a time (64 sequences by default)."""
         for shard in shards if shards is not None else self.manifest.shards:
             self.check_shards([shard])
-            parquet = pq.ParquetFile(self.shard_path(shard))
+            parquet = self.open_shard(shard)
             for index in range(parquet.num_row_groups):
                 yield parquet.read_row_group(index, columns=list(columns) if columns else None)
 
@@ -83,25 +116,31 @@ class Cache:
 
     def verify(self) -> list[str]:
         """Every fault found: missing or altered shards, manifest fields the shards
-        contradict, values a cache must not hold, stray files (`cache_verify`)."""
+        contradict, values a cache must not hold, stray files (`cache_verify`). A remote
+        cache is first downloaded whole, every object under its URL, into `root`."""
+        if self.remote is not None:
+            self.remote.mirror(self.root)
         return verify_cache(self.root, self.manifest)
 
 
 def open_cache(cache_dir: str | Path, require_complete: bool = True,
-               check_shards: bool = True, verify_reads: bool = True) -> Cache:
+               check_shards: bool = True, verify_reads: bool = True,
+               local_cache: str | Path | None = None, flag: str = "--cache") -> Cache:
     """Open a cache for reading; checks the manifest and every shard's presence and schema.
 
+    `cache_dir` is a folder or a URL (`storage.location`); `local_cache`, a node-local folder
+    that keeps verified copies of a remote cache's shards (`remote_cache`).
     Checksums are not computed here (that reads every byte) but before a shard is first read
     (`verify_reads`, see `Cache`). `Cache.verify` checks everything and reports instead of
     raising, so `kdpipe verify` opens with `check_shards=False`.
     """
-    root = Path(cache_dir)
+    where = location(cache_dir, flag)
+    if isinstance(where, Store):
+        return _open_remote(where, require_complete, check_shards, verify_reads,
+                            Path(local_cache) if local_cache is not None else None)
+    root = where
     manifest = read_manifest(root)
-    if require_complete and not manifest.complete:
-        raise CacheFormatError(
-            f"{root}: the cache is incomplete (interrupted cache-teacher run); re-run the same "
-            "`kdpipe cache-teacher` command to finish it"
-        )
+    _check_complete(str(root), manifest, require_complete)
     for shard in manifest.shards if check_shards else ():
         path = root / shard.file
         if not path.is_file():
@@ -109,6 +148,45 @@ def open_cache(cache_dir: str | Path, require_complete: bool = True,
                                    f"`kdpipe verify {root}`")
         check_shard_schema(path, manifest.shard_layout)
     return Cache(root=root, manifest=manifest, verify_reads=verify_reads)
+
+
+def _check_complete(name: str, manifest: CacheManifest, require_complete: bool) -> None:
+    if require_complete and not manifest.complete:
+        raise CacheFormatError(
+            f"{name}: the cache is incomplete (interrupted cache-teacher run); re-run the same "
+            "`kdpipe cache-teacher` command to finish it"
+        )
+
+
+def _open_remote(store: Store, require_complete: bool, check_shards: bool,
+                 verify_reads: bool, local_cache: Path | None) -> Cache:
+    """`open_cache` of a URL: the manifest and tokenizer copied into a local folder, the
+    shards listed and their schemas read from the store."""
+    listing = store.files()
+    if MANIFEST_NAME not in listing:
+        if not listing:
+            store.check_writable("--cache")  # a missing bucket says so
+        raise FileNotFoundError(
+            f"{store.url}/{MANIFEST_NAME} not found: {store.url} is not a kdpipe cache (or not "
+            f"finished: a reader trusts only a cache's manifest); run `kdpipe cache-teacher "
+            f"--out {store.url}` first")
+    folder = local_folder(store, local_cache)
+    (folder / MANIFEST_NAME).write_bytes(store.read_bytes(MANIFEST_NAME))
+    manifest = read_manifest(folder)
+    _check_complete(store.url, manifest, require_complete)
+    remote = RemoteShards(store=store, local_cache=local_cache)
+    remote.fetch_tokenizer(manifest, folder)
+    cache = Cache(root=folder, manifest=manifest, verify_reads=verify_reads, remote=remote)
+    for shard in manifest.shards if check_shards else ():
+        if shard.file not in listing:
+            raise CacheFormatError(f"{cache.shard_path(shard)}: listed in the manifest but "
+                                   f"missing; run `kdpipe verify {store.url}`")
+        with remote.store.open(shard.file) as stream:
+            check_shard_schema(cache.shard_path(shard), manifest.shard_layout, stream)
+    return cache
+
+
+__all__ = ["Cache", "StorageError", "open_cache", "summarize", "topk_mass"]
 
 
 TOPK_MASS_POSITIONS = 1_000_000  # target positions `topk_mass` reads at most
@@ -142,7 +220,7 @@ def summarize(cache: Cache) -> dict[str, object]:
     mean_nll = float((nll * targets).sum() / max(int(targets.sum()), 1))
     mass = topk_mass(cache)
     return {
-        "cache": str(cache.root),
+        "cache": cache.location,
         "complete": m.complete,
         "teacher": m.teacher.name_or_path,
         "teacher_revision": m.teacher.revision or "-",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from kdpipe import __version__
 from kdpipe.schemas.errors import CacheFormatError, ConfigError
 from kdpipe.schemas.io import atomic_path
 from kdpipe.schemas.records import from_dict, to_dict
+from kdpipe.schemas.storage import file_location, is_url, local_copy, upload
 
 CURRICULUM_SCHEMA_VERSION = 1
 INFO_KEY = b"kdpipe.curriculum"  # Parquet metadata key holding CurriculumInfo as JSON
@@ -161,18 +163,31 @@ def make_curriculum(sample_ids: np.ndarray, scores: np.ndarray, *, source: str, 
 
 
 def write_curriculum(path: str | Path, curriculum: Curriculum) -> None:
-    """Write the index atomically (a crash never leaves a half-written curriculum)."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Write the index atomically (a crash never leaves a half-written curriculum); a URL
+    gets the finished file, written once and read back (`storage.upload`)."""
     info = json.dumps(to_dict(curriculum.info), sort_keys=True, allow_nan=False)
     metadata = {INFO_KEY: info.encode()}
     table = curriculum.to_table().replace_schema_metadata(metadata)
+    if is_url(path):
+        with tempfile.TemporaryDirectory(prefix="kdpipe-curriculum-") as folder:
+            local = Path(folder) / "curriculum.parquet"
+            pq.write_table(table, local, compression="zstd")
+            upload(local, str(path), "--out")
+        return
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(final) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
 
 def is_curriculum_file(path: str | Path) -> bool:
-    """True for a Parquet file carrying curriculum metadata (whatever its version)."""
+    """True for a Parquet file carrying curriculum metadata (whatever its version); a URL is
+    read from a temporary copy."""
+    if is_url(path):
+        where = file_location(path, "curriculum")
+        if isinstance(where, Path) or not where[0].is_file(where[1]):
+            return False
+        path = local_copy(path, "curriculum")
     path = Path(path)
     if not path.is_file():
         return False
@@ -183,8 +198,9 @@ def is_curriculum_file(path: str | Path) -> bool:
 
 
 def read_curriculum(path: str | Path) -> Curriculum:
-    """Read and validate a curriculum: version first, then schema, then the rows' invariants."""
-    path = Path(path)
+    """Read and validate a curriculum: version first, then schema, then the rows' invariants.
+    A URL is read from a temporary copy (`storage.local_copy`)."""
+    path = local_copy(path, "--curriculum")
     if not path.is_file():
         raise FileNotFoundError(f"curriculum {path} not found; make one with "
                                 "`kdpipe build-curriculum --cache CACHE --out FILE`")

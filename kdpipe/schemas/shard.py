@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -184,10 +185,11 @@ class ShardLayout:
         return pa.schema(fields, metadata=metadata)
 
 
-def check_shard_schema(path: Path, layout: ShardLayout) -> None:
-    """Raise CacheFormatError unless the Parquet file at `path` has exactly `layout`'s schema."""
+def check_shard_schema(path: Path | str, layout: ShardLayout, source: Any = None) -> None:
+    """Raise CacheFormatError unless the Parquet file at `path` has exactly `layout`'s schema;
+    read from `source` (an open file, e.g. a shard streamed from a store) when given."""
     try:
-        found = pq.read_schema(path)
+        found = pq.read_schema(path if source is None else source)
     except (OSError, pa.ArrowInvalid) as exc:
         raise CacheFormatError(f"{path}: not a readable Parquet file ({exc}); "
                                "run `kdpipe verify` on the cache") from exc

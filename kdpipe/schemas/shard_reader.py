@@ -52,7 +52,7 @@ class CacheIndex:
         if len(self) == 0 or not np.array_equal(self.sample_ids[found], ids):
             missing = ids[self.sample_ids[found] != ids] if len(self) else ids
             raise ConfigError(f"sample ids {missing[:5].tolist()} are not in the cache "
-                              f"{self.cache.root}")
+                              f"{self.cache.location}")
         return found
 
     def tokens_of(self, sample_ids: np.ndarray) -> int:
@@ -70,7 +70,7 @@ def build_index(cache: Cache) -> CacheIndex:
     groups: list[tuple[ShardInfo, int]] = []
     ids, group, row, targets = [], [], [], []
     for shard in cache.manifest.shards:
-        parquet = pq.ParquetFile(cache.shard_path(shard))
+        parquet = cache.open_shard(shard)
         for rg in range(parquet.num_row_groups):
             table = parquet.read_row_group(rg, columns=[cols.SAMPLE_ID, cols.NUM_TARGETS])
             n = table.num_rows
@@ -82,7 +82,7 @@ def build_index(cache: Cache) -> CacheIndex:
     sample_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     order = np.argsort(sample_ids, kind="stable")
     if sample_ids.size and np.any(np.diff(sample_ids[order]) == 0):
-        raise CacheFormatError(f"{cache.root}: duplicate sample ids; run `kdpipe verify`")
+        raise CacheFormatError(f"{cache.location}: duplicate sample ids; run `kdpipe verify`")
     return CacheIndex(
         cache=cache, groups=tuple(groups), sample_ids=sample_ids,
         group=np.concatenate(group) if group else np.zeros(0, np.int64),
@@ -134,7 +134,7 @@ def columns_for(cache: Cache, teacher: bool, temperature: float,
     index = next((i for i, t in enumerate(temps) if abs(t - temperature) < 1e-9), None)
     if teacher and temperature != 1.0 and index is None:
         log.info("cache %s stores no exact tail at temperature %s; using the uniform-tail "
-                 "approximation", cache.root, temperature)
+                 "approximation", cache.location, temperature)
     return Columns(teacher=teacher, top_k=cache.manifest.top_k,
                    tempered_index=index if teacher and temperature != 1.0 else None,
                    num_tempered=len(temps), target_logprob=target_logprob,
@@ -300,7 +300,7 @@ class RowGroupReader:
     def _file(self, shard: ShardInfo) -> pq.ParquetFile:
         if shard.file not in self.files:
             self.index.cache.check_shards([shard])  # free unless the file changed since
-            self.files[shard.file] = pq.ParquetFile(self.index.cache.shard_path(shard))
+            self.files[shard.file] = self.index.cache.open_shard(shard)
             if len(self.files) > OPEN_FILES:
                 self.files.popitem(last=False)[1].close()
         self.files.move_to_end(shard.file)

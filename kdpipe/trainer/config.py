@@ -16,17 +16,20 @@ from typing import Any
 from kdpipe import options
 from kdpipe.options import (
     DEVICE_HELP,
+    LOCAL_CACHE_HELP,
     PROGRESS_HELP,
     REMOTE_CODE_HELP,
     THREADS_HELP,
     VERIFY_READS_HELP,
     option,
 )
-from kdpipe.schemas.errors import CacheFormatError
+from kdpipe.schemas.errors import CacheFormatError, KdpipeError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
+from kdpipe.schemas.remote_cache import read_remote_manifest
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.schemas.storage import is_url
 from kdpipe.trainer.adapter_config import AdapterConfig, is_adapter_folder
 from kdpipe.trainer.choices import ATTN_IMPLEMENTATIONS, FROM_DTYPE, OPTIMIZERS, PRECISIONS
 from kdpipe.trainer.curriculum_config import CurriculumConfig
@@ -38,8 +41,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Fields that never make a different run: where the run folder now is (moved or copied),
 # where and on how many CPU threads it runs, how it shows progress, whether it re-checks the
 # cache's checksums, and the run-folder flags themselves.
-COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "progress", "verify_reads", "resume",
-                   "overwrite")
+COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "progress", "verify_reads",
+                   "local_cache", "resume", "overwrite")
 # Fields that may also differ on `--resume`: how long to train, how often to report, and
 # how the body runs (the same computation: checkpointing exactly, compiled up to rounding).
 # Everything else defines the run and must match.
@@ -55,6 +58,11 @@ REPLACED_FIELDS = {"dtype": ("precision", FROM_DTYPE)}
 
 def _cache_manifest(cache: str) -> CacheManifest | None:
     """The cache's manifest, or None when it cannot be read (`open_cache` then reports it)."""
+    if is_url(cache):
+        try:
+            return read_remote_manifest(cache)
+        except (KdpipeError, OSError, ValueError):
+            return None
     if not manifest_path(cache).is_file():
         return None
     try:
@@ -171,6 +179,7 @@ class TrainConfig:
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     progress: bool = option(True, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
+    local_cache: str | None = option(None, LOCAL_CACHE_HELP)
     resume: bool = option(False, "Continue the run in --out from its latest checkpoint "
                           "(exactly).")
     overwrite: bool = option(False, "Delete a previous run in --out and start over.")
@@ -199,7 +208,10 @@ class TrainConfig:
         found += self.adapter.problems(self.student, self.student_config)
         found += options.path_problems("--cache", self.cache, "dir")
         found += options.path_problems("--eval-cache", self.eval_cache, "dir")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
+        if is_url(self.out):
+            found.append(f"--out {self.out}: a run folder is local (checkpoints are replaced in "
+                         "place); give a local folder and copy final/ to the store afterwards")
+        elif Path(self.out).exists() and not Path(self.out).is_dir():
             found.append(f"--out {self.out} is a file; give a folder for the run")
         loss = with_cache_loss(self.loss, self.cache)  # --eval-cache must suit it too
         if self.loss.mode == "kd" or self.eval_fraction > 0:  # evaluation reports KD too
@@ -286,6 +298,7 @@ class EvalConfig:
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     progress: bool = option(False, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
+    local_cache: str | None = option(None, LOCAL_CACHE_HELP)
     trust_remote_code: bool = option(False, REMOTE_CODE_HELP)
 
     @classmethod

@@ -134,11 +134,11 @@ class CurriculumConfig:
 
 
 def check_curriculum_file(cl: CurriculumConfig, cache_dir: str | Path,
-                          verify_reads: bool = True) -> None:
+                          verify_reads: bool = True, local_cache: str | None = None) -> None:
     """Refuse a --curriculum made for another cache before the run folder is created."""
     if cl.file is None:
         return
-    cache = open_cache(cache_dir, verify_reads=verify_reads)
+    cache = open_cache(cache_dir, verify_reads=verify_reads, local_cache=local_cache)
     cache_ids = cache.read_column(SAMPLE_ID).to_numpy().astype(np.int64)
     check_matches_cache(read_curriculum(cl.file), f"--curriculum {cl.file}", cache_dir,
                         cache.manifest.settings_fingerprint, cache_ids, cache_ids[:0])
@@ -169,7 +169,7 @@ def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
     fingerprint = cache.manifest.settings_fingerprint
     if cl.file is not None:
         curriculum = read_curriculum(cl.file)
-        check_matches_cache(curriculum, f"--curriculum {cl.file}", cache.root, fingerprint,
+        check_matches_cache(curriculum, f"--curriculum {cl.file}", cache.location, fingerprint,
                             cache_ids, train_ids)
         where = np.searchsorted(curriculum.sample_ids, np.asarray(train_ids, dtype=np.int64))
         initial = Ranking.from_scores(train_ids, curriculum.score[where])

@@ -50,7 +50,7 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
     are reduced, so every rank returns the metrics of the whole set.
     """
     if sample_ids.size == 0:
-        raise ConfigError(f"no samples to evaluate in {index.cache.root} (empty split?)")
+        raise ConfigError(f"no samples to evaluate in {index.cache.location} (empty split?)")
     dist = dist or Distributed()
     vocab = index.cache.manifest.vocab_size
     objective = objective if objective is not None else StudentObjective(parts, vocab)
@@ -95,7 +95,8 @@ def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarra
     total, ce, kd, correct, tokens_all = dist.sum(sums + [float(tokens)], device)
     n = int(tokens_all)
     if not all(math.isfinite(v) for v in (total, ce, kd)):
-        raise NonFiniteError(f"evaluation on {index.cache.root}: the summed loss is {total:.6g} "
+        raise NonFiniteError(f"evaluation on {index.cache.location}: the summed loss is "
+                             f"{total:.6g} "
                              f"(CE {ce:.6g}, KD {kd:.6g}); the student's output is not finite "
                              "(or --loss is infinite for this cache)")
     result = summarise({"total": total, "ce": ce, "kd": kd, "correct_top1": correct}, n)
@@ -133,7 +134,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: EvalConfig, dist: Distributed) -> dict[str, Any]:
-    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
+    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
     device = dist.device(resolve_device(cfg.device))
     student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
                            trust_remote_code=cfg.trust_remote_code, base=cfg.base)

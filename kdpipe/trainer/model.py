@@ -79,7 +79,7 @@ def load_tokenizer(student: str | None, tokenizer: str | None, cache: Cache,
         "from the current folder (a relative path is read from the folder kdpipe runs in, not "
         "the one cache-teacher ran in)")
     raise ConfigError(
-        f"cannot load a tokenizer: cache {cache.root} has no {TOKENIZER_DIR}/ folder (made "
+        f"cannot load a tokenizer: cache {cache.location} has no {TOKENIZER_DIR}/ folder (made "
         f"before kdpipe kept a copy), and the tokenizer its manifest names, {recorded}, does "
         f"not load {where}: {reason}" + "".join(f"; {e}" for e in errors)
         + "; pass --tokenizer with the tokenizer the cache was made with")

@@ -192,7 +192,8 @@ def split_data(cfg: TrainConfig, index: CacheIndex
     held = holdout_mask(ids, cfg.eval_fraction)
     train_ids = ids[~held]
     if cfg.eval_cache is not None:
-        eval_cache = open_cache(cfg.eval_cache, verify_reads=cfg.verify_reads)
+        eval_cache = open_cache(cfg.eval_cache, verify_reads=cfg.verify_reads,
+                                local_cache=cfg.local_cache, flag="--eval-cache")
         if not same_mapping(eval_cache.manifest, index.cache.manifest):
             raise ConfigError(f"--eval-cache {cfg.eval_cache} was made with a tokenizer that "
                               f"maps ids differently from --cache {cfg.cache}'s"
@@ -238,7 +239,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     dist = dist or Distributed()
     seed_everything(cfg.seed + dist.rank)  # rank 0 as on one process; dropout differs by rank
     device = dist.device(resolve_device(cfg.device))
-    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
+    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
     checkpoint = start.checkpoint if start is not None else None
     precision = resolve_precision(cfg.precision, device)
     student = open_student(cache, device, student=cfg.student,
@@ -422,7 +423,8 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
     """
     cfg = cfg.with_cache_defaults()
     cfg.validate()
-    check_curriculum_file(cfg.curriculum, cfg.cache, cfg.verify_reads)  # before any write
+    # before any write
+    check_curriculum_file(cfg.curriculum, cfg.cache, cfg.verify_reads, cfg.local_cache)
     dist = Distributed.from_env(cfg.device)
     if cfg.fsdp and not dist.enabled:
         log.warning("--fsdp shards the student over the processes torchrun starts; on one "
