@@ -27,7 +27,7 @@ from kdpipe.schemas.manifest import (
 )
 from kdpipe.schemas.remote_cache import RemoteShards, local_folder
 from kdpipe.schemas.shard import NUM_TARGETS, TAIL_LOGMASS, TEACHER_NLL, check_shard_schema
-from kdpipe.schemas.storage import StorageError, Store, location
+from kdpipe.schemas.storage import Store, location
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,6 @@ def _open_remote(store: Store, require_complete: bool, check_shards: bool,
     return cache
 
 
-__all__ = ["Cache", "StorageError", "open_cache", "summarize", "topk_mass"]
 
 
 TOPK_MASS_POSITIONS = 1_000_000  # target positions `topk_mass` reads at most

@@ -25,6 +25,14 @@ class NonFiniteError(KdpipeError, ArithmeticError):
     loss or a gradient. The message names where it appeared and the remedy."""
 
 
+class StorageError(KdpipeError, OSError):
+    """An object store that cannot be used: no credentials, no bucket, no connection after
+    the library's retries; `schemas.storage` names the URL and what to do."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class DiskError(KdpipeError, OSError):
     """Writing a file failed because the disk is full, the file system read-only or the folder
     not writable; `schemas.write_errors` names the path, what ran out and what to do."""

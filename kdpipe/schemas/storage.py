@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from kdpipe.schemas.errors import ConfigError, KdpipeError
+from kdpipe.schemas.errors import ConfigError, KdpipeError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ READAHEAD_BYTES = 16 << 20  # what a streamed shard reads ahead of the row group
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hf": "hf"}
 # protocols whose first path component is a bucket that must exist before anything is written
 _BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
-
-
-class StorageError(KdpipeError):
-    """A store that cannot be reached or used: no credentials, no bucket, no connection."""
 
 
 def is_url(value: str | Path) -> bool:

@@ -20,6 +20,7 @@ from kdpipe.options import option
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.curriculum import check_matches_cache, read_curriculum
 from kdpipe.schemas.shard import SAMPLE_ID
+from kdpipe.schemas.storage import file_exists
 from kdpipe.trainer.curriculum_sampler import ORDERS, SNAPSHOT_METRICS, CurriculumSampler, Ranking
 from kdpipe.trainer.pacing import PACINGS, Pacing
 
@@ -93,7 +94,7 @@ class CurriculumConfig:
     def problems(self, mode: str, snapshots: bool) -> list[str]:
         """Checks across options (TrainConfig.validate reports them with the rest)."""
         found = []
-        if self.file is not None and not Path(self.file).is_file():
+        if self.file is not None and not file_exists(self.file, "--curriculum"):
             found.append(f"--curriculum {self.file}: no such file (make one with `kdpipe "
                          "build-curriculum`)")
         default = CurriculumConfig()
