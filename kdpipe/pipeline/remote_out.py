@@ -148,7 +148,7 @@ def open_remote_out(cfg: CacheTeacherConfig) -> RemoteOut | None:
     where = location(cfg.out, "--out")
     if isinstance(where, Path):
         return None
-    where.check_writable("--out")
+    where.check_bucket("--out")
     worker = (0, 1) if cfg.merge else (cfg.worker_index, cfg.num_workers)
     remote = RemoteOut(store=where, staging=_staging(where, cfg.local_cache), worker=worker)
     remote.pull(everything=cfg.merge)

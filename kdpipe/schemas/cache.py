@@ -165,7 +165,7 @@ def _open_remote(store: Store, require_complete: bool, check_shards: bool,
     listing = store.files()
     if MANIFEST_NAME not in listing:
         if not listing:
-            store.check_writable("--cache")  # a missing bucket says so
+            store.check_bucket("--cache")  # a missing bucket says so
         raise FileNotFoundError(
             f"{store.url}/{MANIFEST_NAME} not found: {store.url} is not a kdpipe cache (or not "
             f"finished: a reader trusts only a cache's manifest); run `kdpipe cache-teacher "

@@ -179,18 +179,19 @@ class Store:
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name), recursive=True)
 
-    def check_writable(self, flag: str) -> None:
+    def check_bucket(self, flag: str) -> None:
         """Raise StorageError unless the bucket exists (s3fs would create a missing one on
         the first write, with the account's defaults)."""
         protocol = self.url.split("://", 1)[0].lower()
         if protocol not in _BUCKET_PROTOCOLS:
             return
         bucket = self.root.split("/", 1)[0]
-        with store_errors(self):
-            exists = self.fs.exists(bucket)
-        if not exists:
+        try:
+            with store_errors(self):  # `exists` would take an unreachable store for no bucket
+                self.fs.info(bucket)
+        except FileNotFoundError:
             raise StorageError(f"{flag} {self.url}: bucket {bucket!r} does not exist (or these "
-                               "credentials cannot see it); create it first or fix the URL")
+                               "credentials cannot see it); create it first or fix the URL") from None
 
 
 def sha256_of(path: Path) -> str:
@@ -285,7 +286,7 @@ def upload(local: Path, value: str, flag: str) -> None:
     where = file_location(value, flag)
     assert not isinstance(where, Path), "upload() takes a URL"
     store, name = where
-    store.check_writable(flag)
+    store.check_bucket(flag)
     store.put_file(local, name)
 
 
