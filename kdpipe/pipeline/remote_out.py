@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ from kdpipe.pipeline import workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
 from kdpipe.pipeline.cache_dir import CACHE_CONFIG_NAME
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import (
     DATASET_CARD_NAME,
     MANIFEST_NAME,
@@ -102,6 +104,9 @@ class RemoteOut:
                               f"cache's ({', '.join(foreign[:3])}); choose an empty or new URL")
         wanted = [n for n in listing if not workers.SHARD_RE.match(n)
                   and (everything or self._owned(n))]
+        for path in self.staging.rglob("*"):  # the store is the truth: drop what it lacks
+            if path.is_file() and path.relative_to(self.staging).as_posix() not in listing:
+                path.unlink()
         for name in wanted:
             self.store.get_file(name, self.staging / name)
         records = {}
@@ -111,7 +116,9 @@ class RemoteOut:
                 records.update({s.file: s.sha256 for s in manifest.shards})
         for name, sha in sorted(records.items()):
             if name in listing and (everything or self._owned(name)):
-                if self.store.get_file(name, self.staging / name, sha256=sha):
+                local = self.staging / name  # kept from an earlier run on this node, or not
+                kept = local.is_file() and self._sha(local) == sha
+                if kept or self.store.get_file(name, local, sha256=sha):
                     self.stored[name] = sha
                 else:
                     log.warning("%s/%s does not match its recorded checksum; recomputing it",
@@ -126,9 +133,18 @@ class RemoteOut:
             self._hashed[key] = sha256_of(path)
         return self._hashed[key]
 
+    def _record_url(self) -> None:
+        """`cache_config.json` records --out as given, not the local folder written in."""
+        path = self.staging / CACHE_CONFIG_NAME
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("out") != self.store.url:
+                atomic_write_json(path, {**data, "out": self.store.url})
+
     def push(self) -> None:
         """Upload every changed file of the staging folder, the manifest or part last;
         remove from the store the files of ours this run removed locally (a fresh start)."""
+        self._record_url()
         local = {p.relative_to(self.staging).as_posix(): p for p in self.staging.rglob("*")
                  if p.is_file() and ".tmp-" not in p.name and p.name != workers.MERGE_LOCK}
         last = [n for n in local if n == MANIFEST_NAME or workers.PART_RE.match(n)]

@@ -8,6 +8,7 @@ may read one cache at once. A cache at a URL is read through `remote_cache.Remot
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,8 @@ class Cache:
         nothing with `verify_reads` off)."""
         if self.remote is not None:
             if self.verify_reads or self.remote.local_cache is not None:
-                for shard in shards:
-                    self.remote.check(shard)
+                with ThreadPoolExecutor(max_workers=shard_checksum.HASH_THREADS) as pool:
+                    list(pool.map(self.remote.check, shards))  # raises the first fault
         elif self.verify_reads:
             shard_checksum.check_shards(self.root, shards)
 

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,8 +108,9 @@ class Store:
 
     def files(self) -> dict[str, int]:
         """Every object under the folder: name relative to it -> size in bytes ({} when
-        there is none)."""
+        there is none), as the store holds it now: another process may have written since."""
         with store_errors(self):
+            self.fs.invalidate_cache(self.root)
             if not self.fs.exists(self.root):
                 return {}
             found = self.fs.find(self.root, detail=True)
@@ -118,6 +120,7 @@ class Store:
 
     def is_file(self, name: str) -> bool:
         with store_errors(self):
+            self.fs.invalidate_cache(self.path(name))
             return bool(self.fs.isfile(self.path(name)))
 
     def read_bytes(self, name: str) -> bytes:
@@ -144,7 +147,8 @@ class Store:
         processes filling one folder at once both end with a whole file). With `sha256`, the
         bytes are checked first: False (and nothing written) when they differ."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        # one temporary per process and thread: two loader threads may fetch one shard
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         digest = hashlib.sha256()
         try:
             with store_errors(self), self.fs.open(self.path(name), "rb",
@@ -190,8 +194,9 @@ class Store:
             with store_errors(self):  # `exists` would take an unreachable store for no bucket
                 self.fs.info(bucket)
         except FileNotFoundError:
-            raise StorageError(f"{flag} {self.url}: bucket {bucket!r} does not exist (or these "
-                               "credentials cannot see it); create it first or fix the URL") from None
+            raise StorageError(
+                f"{flag} {self.url}: bucket {bucket!r} does not exist (or these credentials "
+                "cannot see it); create it first or fix the URL") from None
 
 
 def sha256_of(path: Path) -> str:

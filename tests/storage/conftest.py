@@ -9,8 +9,8 @@ way a user's do, through the environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID
 from __future__ import annotations
 
 import itertools
-import logging
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterator
