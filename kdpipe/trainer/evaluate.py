@@ -136,7 +136,8 @@ def _evaluate(cfg: EvalConfig, dist: Distributed) -> dict[str, Any]:
     cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads)
     device = dist.device(resolve_device(cfg.device))
     student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
-                           trust_remote_code=cfg.trust_remote_code, base=cfg.base)
+                           trust_remote_code=cfg.trust_remote_code, base=cfg.base,
+                           attn_implementation=cfg.attn_implementation)
     index = build_index(cache)
     ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
     pad_id = cache.manifest.tokenizer.pad_token_id or 0

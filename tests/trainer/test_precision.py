@@ -22,8 +22,9 @@ from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.schemas.shard_reader import CacheIndex, build_index, columns_for
 from kdpipe.trainer import execution, precision
-from kdpipe.trainer.config import TrainConfig, read_config
+from kdpipe.trainer.config import EvalConfig, TrainConfig, read_config
 from kdpipe.trainer.data import BatchLoader, GlobalBatch
+from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.execution import compile_body, enable_gradient_checkpointing
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.model import StudentParts, open_student, split_student
@@ -240,6 +241,16 @@ def test_the_attention_implementation_reaches_the_config_packing_reads(
         assert student.model.config._attn_implementation == implementation
 
 
+def test_evaluate_takes_the_attention_implementation(tiny_cache: Path, tiny_student_dir: Path
+                                                     ) -> None:
+    options = dict(cache=str(tiny_cache), student=str(tiny_student_dir), device="cpu",
+                   max_samples=8, chunk_size=64)
+    eager = evaluate(EvalConfig.from_options(attn_implementation="eager", **options))
+    sdpa = evaluate(EvalConfig.from_options(attn_implementation="sdpa", **options))
+    for key in ("ce", "kd", "loss"):  # the same attention, by two kernels
+        assert eager[key] == pytest.approx(sdpa[key], rel=1e-4), key
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None,
                     reason="flash-attn is installed")
 def test_flash_attention_without_its_package_is_one_line(tmp_path: Path, tiny_cache: Path
@@ -251,3 +262,6 @@ def test_flash_attention_without_its_package_is_one_line(tmp_path: Path, tiny_ca
         "flash-attn, on a CUDA machine); use sdpa"]
     with pytest.raises(ConfigError, match="flash-attn package"):
         cfg.validate()
+    with pytest.raises(ConfigError, match="flash-attn package"):
+        EvalConfig.from_options(cache=str(tiny_cache), student="s",
+                                attn_implementation="flash_attention_2").validate()
