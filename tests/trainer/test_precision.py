@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdpipe.model_parts import ModelParts
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.run_layout import RunLayout
@@ -27,7 +28,7 @@ from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.execution import compile_body, enable_gradient_checkpointing
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.model import StudentParts, open_student, split_student
+from kdpipe.trainer.model import open_student, split_student
 from kdpipe.trainer.objective import StudentObjective
 from kdpipe.trainer.precision import resolve_precision
 from kdpipe.trainer.reliance import StepLambdas
@@ -130,7 +131,7 @@ def index(tiny_cache: Path) -> CacheIndex:
     return build_index(open_cache(tiny_cache))
 
 
-def _parts(student_dir: Path) -> StudentParts:
+def _parts(student_dir: Path) -> ModelParts:
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     model.train()
     return split_student(model, "student")
@@ -143,7 +144,7 @@ def _batch(index: CacheIndex) -> GlobalBatch:
     return batch
 
 
-def _step(parts: StudentParts, batch: GlobalBatch) -> tuple[float, list[torch.Tensor]]:
+def _step(parts: ModelParts, batch: GlobalBatch) -> tuple[float, list[torch.Tensor]]:
     """The loss of one step and its gradients (saved-for-backward bytes in `SAVED`)."""
     parts.model.zero_grad(set_to_none=True)
     result = accumulate_gradients(StudentObjective(parts, VOCAB), batch,
@@ -152,7 +153,7 @@ def _step(parts: StudentParts, batch: GlobalBatch) -> tuple[float, list[torch.Te
     return result["loss"], [p.grad.clone() for p in parts.model.parameters()]
 
 
-def _saved_activation_bytes(parts: StudentParts, batch: GlobalBatch) -> int:
+def _saved_activation_bytes(parts: ModelParts, batch: GlobalBatch) -> int:
     """Bytes autograd keeps for backward over one step, parameters left out: each storage
     once (views of one tensor share it)."""
     params = {p.untyped_storage().data_ptr() for p in parts.model.parameters()}
