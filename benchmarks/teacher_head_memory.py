@@ -104,7 +104,7 @@ def main() -> None:
     model = build_teacher(args.vocab, args.hidden, args.layers)
     parts = teacher_parts(model, "benchmark")
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch in (int(b) for b in args.batches.split(",")):
         seqs = [rng.integers(0, args.vocab, size=args.length).tolist() for _ in range(batch)]
         whole_peak, whole_rate, whole_out = measure(model, model, seqs, args.top_k)
@@ -121,12 +121,12 @@ def main() -> None:
                "allowed_batch_chunked": allowed_batch(
                    batches, [r["chunked_peak"] for r in rows], budget),
                "chunk_positions": max(1, CHUNK_ELEMENTS // args.vocab)}
-    result = {"args": vars(args), "rows": rows, "summary": summary,
-              "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = {"args": vars(args), "rows": rows, "summary": summary, "weights_bytes": weights}
     (out / "teacher_head_memory.json").write_text(json.dumps(result, indent=1))
     lines = [f"V = {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, "
              f"{args.length} tokens per sequence, k = {args.top_k}, float32, one thread; "
-             f"weights {result['weights_bytes'] / GIB:.2f} GiB.", "",
+             f"weights {weights / GIB:.2f} GiB.", "",
              "| batch | peak, whole (GiB) | peak, chunked (GiB) | positions/CPU-s, whole | "
              "positions/CPU-s, chunked | same bits |", "|---:|---:|---:|---:|---:|---|"]
     for r in rows:
