@@ -14,7 +14,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdpipe"
 SHARED = {"schemas", "options", "tokenizer_identity", "torch_runtime", "extras", "progress",
-          "packing"}
+          "packing", "model_parts"}
 # Package (or top-level module) -> the kdpipe packages it may import, besides itself and the
 # root `kdpipe` (its version).
 ALLOWED: dict[str, set[str]] = {
@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "extras": {"schemas"},
     "progress": set(),
     "packing": {"schemas"},  # packed documents kept apart, in the teacher's pass and the student's
+    "model_parts": {"packing"},  # body and head, each side computing the head in chunks
     "pipeline": SHARED,
     "trainer": SHARED,
     "curriculum": SHARED | {"trainer"},  # a student's scoring pass over the cache

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdpipe.model_parts import ModelParts
 from kdpipe.progress import Progress, bars_shown, library_bars
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import NonFiniteError
 from kdpipe.schemas.shard_reader import Columns, build_index
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer.data import BatchLoader
-from kdpipe.trainer.model import StudentParts, autocast, autocast_dtype, open_student
+from kdpipe.trainer.model import autocast, autocast_dtype, open_student
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
     return StudentScores(index.sample_ids.copy(), means[:, 0], means[:, 1], means[:, 2])
 
 
-def _token_stats(parts: StudentParts, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+def _token_stats(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int,
                  device: torch.device, amp: torch.dtype | None, vocab_size: int) -> torch.Tensor:
     """(N, H) hidden, (N,) labels → (N, 3) float32 [-log p(y), p(y), entropy], in chunks,
     over the tokenizer's `vocab_size` real ids (as in training: padding rows left out)."""

@@ -54,6 +54,7 @@ from kdpipe.pipeline.shard_stream import in_background, shard_groups
 from kdpipe.pipeline.teacher_hf import (
     load_teacher,
     resolve_dtype,
+    teacher_parts,
     teacher_targets,
 )
 from kdpipe.pipeline.teacher_info import describe_teacher, teacher_head_width
@@ -319,7 +320,8 @@ def _teacher_runner(cfg: CacheTeacherConfig, backend: str, device: torch.device,
     model = load_teacher(cfg.teacher_model, device, dtype, cfg.trust_remote_code)
     if cfg.layout == "packed":  # packed documents must stay apart, in the student's pass too
         check_packing(model, "teacher", cfg.teacher_model)
-    return lambda sample_ids, seqs, progress: _run_teacher(model, seqs, cfg, pad_id, progress,
+    parts = teacher_parts(model, cfg.teacher_model)
+    return lambda sample_ids, seqs, progress: _run_teacher(parts, seqs, cfg, pad_id, progress,
                                                            sample_ids, vocab_size)
 
 
@@ -406,8 +408,8 @@ def _check_against_model(cfg: CacheTeacherConfig, vocab_size: int, head_width: i
                           f"max_position_embeddings ({limit})")
 
 
-def _run_teacher(model: Any, seqs: list[TokenSequence], cfg: CacheTeacherConfig, pad_id: int,
-                 progress: CacheProgress, sample_ids: list[int], vocab_size: int
+def _run_teacher(teacher: Any, seqs: list[TokenSequence], cfg: CacheTeacherConfig,
+                 pad_id: int, progress: CacheProgress, sample_ids: list[int], vocab_size: int
                  ) -> list[SequenceTargets]:
     """Teacher targets for one shard, batching sequences of similar length to cut padding.
 
@@ -419,7 +421,7 @@ def _run_teacher(model: Any, seqs: list[TokenSequence], cfg: CacheTeacherConfig,
     results: list[SequenceTargets | None] = [None] * len(seqs)
     for start in range(0, len(order), cfg.batch_size):
         batch = [seqs[i] for i in order[start : start + cfg.batch_size]]
-        outputs = teacher_targets(model, [s.ids for s in batch], cfg.top_k,
+        outputs = teacher_targets(teacher, [s.ids for s in batch], cfg.top_k,
                                   cfg.tail_temperatures, pad_id,
                                   samples=cfg.samples if cfg.cache_mode == "sampled" else 0,
                                   sample_ids=[sample_ids[i]

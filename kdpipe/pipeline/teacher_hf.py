@@ -3,7 +3,9 @@
 For every position t that predicts token t+1 we keep the top-k ids and log-probs, the exact
 tail log-mass (a log-sum-exp over the ids outside the top-k, never `log(1 - sum)`), the
 log-prob of the actual next token, and optionally the exact tail log-mass at other
-temperatures. Full-vocabulary rows exist only transiently, a chunk of positions at a time.
+temperatures. The teacher's body runs on the batch, then its head on a chunk of positions at a
+time (`model_parts`), so full-vocabulary rows exist only a chunk at a time: peak memory is
+O(chunk × V), not O(B × T × V). A teacher whose head cannot be split off runs whole.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdpipe.model_parts import ModelParts, SplitError, split_model
 from kdpipe.packing import forward_inputs
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.shard_writer import SequenceTargets
@@ -24,7 +27,13 @@ from kdpipe.torch_runtime import MODEL_INIT_LOCK
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-POSITION_CHUNK = 2048  # positions reduced at once: bounds the float32 (n, V) working set
+# Logits computed and reduced at once, in elements: bounds each float32 (n, V) buffer of the
+# reduction to 256 MiB (n = 523 positions at V = 128,256; 2,048 at V = 32,000).
+CHUNK_ELEMENTS = 2**26
+# CPU BLAS multiplies fewer rows than this by another kernel (matrix-vector), whose rounding
+# differs from the whole batch's product; a chunk is padded to this many rows so that its
+# logits are the bits of the model's own forward.
+MIN_GEMM_ROWS = 4
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -56,6 +65,18 @@ def load_teacher(name_or_path: str, device: torch.device, dtype: torch.dtype,
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def teacher_parts(model: Any, name: str) -> ModelParts | Any:
+    """The teacher as body and head (`model_parts.split_model`), so that its logits are built
+    a chunk of positions at a time; or, for a head that cannot be split off (its check
+    fails), the model itself, run whole, with a warning that it needs (B, T, V) logits."""
+    try:
+        return split_model(model, f"teacher {name}")
+    except SplitError as exc:
+        log.warning("%s; its full (batch, length, vocabulary) logits are built at once, so a "
+                    "smaller --batch-size may be needed", exc)
+        return model
 
 
 def _reduce_positions(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
@@ -135,7 +156,7 @@ def draw_unique(logits: torch.Tensor, samples: int, generator: torch.Generator
 
 
 @torch.no_grad()
-def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
+def teacher_targets(teacher: ModelParts | Any, sequences: Sequence[Sequence[int]], top_k: int,
                     temperatures: Sequence[float], pad_id: int, samples: int = 0,
                     sample_ids: Sequence[int] | None = None, sample_seed: int = 0,
                     vocab_size: int | None = None,
@@ -144,6 +165,8 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
                     ) -> list[SequenceTargets]:
     """Run the teacher on one batch of sequences (right-padded) and reduce each to targets.
 
+    `teacher`: `teacher_parts(model)`, whose head runs a chunk of positions at a time (peak
+    O(chunk × V)), or a model, run whole ((B, T, V) logits at once); both give equal bits.
     With `samples` > 0, also draw that many ids per position from the teacher's distribution
     (τ = 1), each sequence with `sample_generator(sample_seed, sample_ids[row])`.
     `vocab_size`: the tokenizer's real ids; the head's rows beyond them are padding, left out
@@ -155,6 +178,7 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
     """
     if samples and (sample_ids is None or len(sample_ids) != len(sequences)):
         raise ValueError("drawing samples needs one sample id per sequence")
+    model: Any = teacher.model if isinstance(teacher, ModelParts) else teacher
     device = next(model.parameters()).device
     lengths = [len(s) for s in sequences]
     width = max(lengths)
@@ -164,11 +188,26 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         attention[row, : len(seq)] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    logits = model(input_ids=input_ids,
-                   **forward_inputs(attention, segments, model.config)).logits  # (B, T, V_head)
-    logits = logits[..., :vocab_size]  # (B, T, V) a view: padding rows never enter a softmax
+    if isinstance(teacher, ModelParts):
+        # (B, T, H): a chunk's logits are the head's on its rows, like the model's own head.
+        states = teacher.hidden_states(input_ids, attention, segments)
 
-    # Row r, positions 0..len_r - 2 predict tokens 1..len_r - 1; contiguous views, no copies.
+        def logits_of(row: int, where: slice | torch.Tensor) -> torch.Tensor:
+            rows = states[row, where]  # (n, H)
+            n = rows.shape[0]
+            if n < MIN_GEMM_ROWS:  # zero rows: their logits are computed, then dropped
+                rows = torch.cat([rows, rows.new_zeros(MIN_GEMM_ROWS - n, rows.shape[1])])
+            return teacher.logits(rows)[:n, :vocab_size]  # (n, V)
+    else:
+        full = model(input_ids=input_ids,
+                     **forward_inputs(attention, segments, model.config)).logits  # (B, T, V_head)
+
+        def logits_of(row: int, where: slice | torch.Tensor) -> torch.Tensor:
+            return full[row, where, :vocab_size]  # (n, V) a view: padding rows never enter
+    # the config's vocabulary is the head's width, which only sizes the chunks here
+    chunk_size = max(1, CHUNK_ELEMENTS // (vocab_size or int(model.config.vocab_size)))
+
+    # Row r, positions 0..len_r - 2 predict tokens 1..len_r - 1.
     parts: dict[str, list[torch.Tensor]] = {}
     kept = []  # per row: its target positions, as slices (all of them) or an index tensor
     for row, length in enumerate(lengths):
@@ -176,18 +215,19 @@ def teacher_targets(model: Any, sequences: Sequence[Sequence[int]], top_k: int,
         if mask is not None and not mask.any():
             raise ValueError(f"sequence {row} of the batch has no target position")
         kept.append(slice(0, length - 1) if mask is None else
-                    torch.from_numpy(np.flatnonzero(mask)).to(logits.device))
+                    torch.from_numpy(np.flatnonzero(mask)).to(device))
     for row, positions in enumerate(kept):
-        generator = (sample_generator(sample_seed, int(sample_ids[row]), logits.device)
+        generator = (sample_generator(sample_seed, int(sample_ids[row]), device)
                      if samples and sample_ids is not None else None)
         count = (positions.stop if isinstance(positions, slice) else positions.numel())
-        for start in range(0, count, POSITION_CHUNK):
-            stop = min(start + POSITION_CHUNK, count)
-            if isinstance(positions, slice):  # views, no copies
-                here, labels = logits[row, start:stop], input_ids[row, start + 1:stop + 1]
+        for start in range(0, count, chunk_size):
+            stop = min(start + chunk_size, count)
+            if isinstance(positions, slice):
+                here = logits_of(row, slice(start, stop))
+                labels = input_ids[row, start + 1:stop + 1]
             else:
                 chosen = positions[start:stop]
-                here, labels = logits[row, chosen], input_ids[row, chosen + 1]
+                here, labels = logits_of(row, chosen), input_ids[row, chosen + 1]
             chunk = _reduce_positions(here, labels, top_k, temperatures)
             if generator is not None:
                 ids, counts, unique = draw_unique(here, samples, generator)

@@ -295,6 +295,9 @@ class EvalConfig:
     threads: int = option(0, THREADS_HELP, ge=0)
     dtype: str = option("auto", "Autocast dtype: auto, float32, bfloat16, float16.",
                         choices=DTYPES)
+    attn_implementation: str | None = option(
+        None, "Attention kernel: sdpa, flash_attention_2, eager (default: the model's own).",
+        choices=ATTN_IMPLEMENTATIONS)
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     progress: bool = option(False, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
@@ -313,6 +316,8 @@ class EvalConfig:
     def validate(self) -> None:
         problems = self.loss.problems() + options.path_problems("--cache", self.cache, "dir")
         problems += loss_cache_problems(self.loss, self.cache)
+        from kdpipe.trainer.execution import attention_problems  # torch: not for --help
+        problems += attention_problems(self.attn_implementation)
         if self.base is not None and not is_adapter_folder(self.student):
             problems.append(f"--base {self.base} is the base of an adapter folder, but "
                             f"--student {self.student} holds no adapter_config.json; drop "

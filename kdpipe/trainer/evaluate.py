@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdpipe.model_parts import ModelParts
 from kdpipe.progress import Progress, bars_shown, library_bars
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError, NonFiniteError
@@ -28,7 +29,7 @@ from kdpipe.trainer.data import Batch, BatchLoader
 from kdpipe.trainer.distributed import Distributed, rank_slice
 from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.metrics import summarise
-from kdpipe.trainer.model import StudentParts, autocast, autocast_dtype, open_student
+from kdpipe.trainer.model import autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call
 from kdpipe.trainer.sampler import holdout_mask
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def run_evaluation(parts: StudentParts, index: CacheIndex, sample_ids: np.ndarray,
+def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
                    loss_cfg: LossConfig, device: torch.device,
                    amp_dtype: torch.dtype | None, batch_size: int, pad_id: int,
                    prefetch: int = 4, progress: bool = False, *,
@@ -137,7 +138,8 @@ def _evaluate(cfg: EvalConfig, dist: Distributed) -> dict[str, Any]:
     cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
     device = dist.device(resolve_device(cfg.device))
     student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
-                           trust_remote_code=cfg.trust_remote_code, base=cfg.base)
+                           trust_remote_code=cfg.trust_remote_code, base=cfg.base,
+                           attn_implementation=cfg.attn_implementation)
     index = build_index(cache)
     ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
     pad_id = cache.manifest.tokenizer.pad_token_id or 0

@@ -26,7 +26,7 @@ from torch import nn
 from kdpipe.schemas.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kdpipe.trainer.model import StudentParts
+    from kdpipe.model_parts import ModelParts
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
 class CompiledBody(nn.Module):
     """The body through `torch.compile`, or eagerly from the first failure on (one warning).
 
-    Not registered in the model (`StudentParts.body` is a plain attribute), so parameters,
+    Not registered in the model (`ModelParts.body` is a plain attribute), so parameters,
     state dicts and DDP/FSDP see the model exactly as without --compile.
     """
 
@@ -94,6 +94,6 @@ class CompiledBody(nn.Module):
         return self.eager(**inputs)
 
 
-def compile_body(parts: StudentParts) -> None:
+def compile_body(parts: ModelParts) -> None:
     """Run `parts.body` through torch.compile from now on (falling back as CompiledBody)."""
     parts.body = CompiledBody(parts.body)

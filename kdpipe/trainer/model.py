@@ -3,8 +3,9 @@
 The loss computes the head in chunks over target tokens (`chunked_loss.py`), so the model's
 own forward, which would build a (B, T, V) logits tensor, is never called in training. That
 split is only correct if `head(body(x))`, plus any known logit transform, equals the model's
-logits: `split_student` checks this numerically on a few tokens and refuses any architecture
-whose head does something else, rather than training on silently wrong logits.
+logits: `split_student` checks this numerically on a few tokens (`model_parts.split_model`)
+and refuses any architecture whose head does something else, rather than training on silently
+wrong logits.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from kdpipe import tokenizer_identity as identity
-from kdpipe.packing import RowSegments, check_packing, forward_inputs
+from kdpipe.model_parts import ModelParts, SplitError, split_model
+from kdpipe.packing import check_packing
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.manifest import TOKENIZER_DIR, CacheManifest
@@ -32,8 +33,6 @@ from kdpipe.trainer.adapter_config import AdapterConfig, is_adapter_folder
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-SPLIT_CHECK_TOKENS = 8  # tokens of the numerical head-split check
-SPLIT_CHECK_TOLERANCE = 1e-3  # relative to the logits' scale, in float32
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -212,84 +211,21 @@ def suppress_padding_rows(model: nn.Module, vocab_size: int, width: int) -> None
                                                                                   width)))
 
 
-def _known_transform(config: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
-    """Logit transforms transformers applies after the head, by config attribute."""
-    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    if cap:
-        return (lambda z: torch.tanh(z / cap) * cap), f"soft-cap {cap}"
-    scale = getattr(config, "logit_scale", None)  # Cohere
-    if isinstance(scale, (int, float)) and scale != 1:
-        return (lambda z: z * scale), f"logit scale {scale}"
-    divide = getattr(config, "logits_scaling", None)  # Granite
-    if isinstance(divide, (int, float)) and divide != 1:
-        return (lambda z: z / divide), f"logits scaling 1/{divide}"
-    return None, "none"
-
-
-@dataclass
-class StudentParts:
-    """A student as the trainer uses it: body → hidden states, head, optional transform."""
-
-    model: nn.Module
-    body: nn.Module
-    head: nn.Module
-    logit_transform: Callable[[torch.Tensor], torch.Tensor] | None
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      segments: Sequence[RowSegments] | None = None) -> torch.Tensor:
-        """(B, T) ids → (B, T, H) final hidden states (after the final norm). `segments`: per
-        row, the lengths of the documents packed into it, which never attend to each other
-        (`packing.forward_inputs`); None: one document per row."""
-        out = self.body(input_ids=input_ids,
-                        **forward_inputs(attention_mask, segments, self.model.config))
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full logits of some hidden states (tests and the split check only)."""
-        z = self.head(hidden)
-        return self.logit_transform(z) if self.logit_transform is not None else z
-
-
-def split_student(model: nn.Module, name: str) -> StudentParts:
-    """Find body and head, and check on a few tokens that they reproduce the model's logits.
-
-    A peft model (LoRA adapters) holds the transformers model, adapters injected, inside: its
-    body and head are that model's (a head with an adapter is a peft layer)."""
-    unwrap = getattr(model, "get_base_model", None)
-    inner = unwrap() if callable(unwrap) else model
-    body = getattr(inner, "base_model", None)
-    head = inner.get_output_embeddings()  # type: ignore[operator]
-    if body is None or body is inner or head is None:
-        raise ConfigError(f"{name}: {type(inner).__name__} has no separate base model and "
-                          "output embeddings; kdpipe cannot compute its head in chunks")
-    transform, described = _known_transform(inner.config)
-    parts = StudentParts(model, body, head, transform)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    vocab = min(model.get_input_embeddings().weight.shape[0], 1000)  # type: ignore[operator]
-    ids = torch.arange(SPLIT_CHECK_TOKENS, device=device)[None, :] % vocab  # (1, T)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        found = parts.logits(parts.hidden_states(ids, mask)).float()
-    model.train(was_training)
-    error = (expected - found).abs().max().item()
-    if error > SPLIT_CHECK_TOLERANCE * max(1.0, expected.abs().max().item()):
-        raise ConfigError(
-            f"{name}: {type(model).__name__} computes its logits differently from "
-            f"output_embeddings(final hidden states) (known transform: {described}; max "
-            f"difference {error:.3g}); kdpipe refuses to train it rather than use wrong logits")
-    log.info("student %s: body %s, head %s, logit transform %s", name,
-             type(body).__name__, type(head).__name__, described)
-    return parts
+def split_student(model: nn.Module, name: str) -> ModelParts:
+    """The student's body and head (`model_parts.split_model`). Raises ConfigError when they
+    do not reproduce its logits: training on wrong logits would go unnoticed."""
+    try:
+        return split_model(model, name)
+    except SplitError as exc:
+        raise ConfigError(f"{exc}; kdpipe refuses to train it rather than use wrong logits"
+                          ) from exc
 
 
 @dataclass
 class Student:
     """A student opened for a cache: its parts (model, body, head) and its tokenizer."""
 
-    parts: StudentParts
+    parts: ModelParts
     tokenizer: Any
     adapter_base: dict[str, str] | None = None  # adapters: the record of their frozen base
 

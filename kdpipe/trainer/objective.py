@@ -13,16 +13,16 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
+from kdpipe.model_parts import ModelParts
 from kdpipe.trainer.chunked_loss import LossSums, chunked_distill_loss
 from kdpipe.trainer.data import Batch
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.model import StudentParts
 
 
 class StudentObjective(nn.Module):
     """forward(batch, λ per target token, loss config) → the loss sums of one micro-batch."""
 
-    def __init__(self, parts: StudentParts, vocab_size: int) -> None:
+    def __init__(self, parts: ModelParts, vocab_size: int) -> None:
         super().__init__()
         self.model = parts.model  # registered, so DDP/FSDP see every parameter
         self.parts = parts  # a plain attribute: body and head are submodules of `model`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdpipe.model_parts import ModelParts
+from kdpipe.pipeline import teacher_hf
 from kdpipe.pipeline.teacher_hf import teacher_targets
+
+from ..families import FAMILIES, VOCAB, Family
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +93,65 @@ def test_k_equal_vocab_gives_an_empty_tail(teacher: torch.nn.Module) -> None:
     assert np.all(np.isneginf(out.tail_logmass_tempered))
     assert np.allclose(np.exp(out.topk_logprobs.astype(np.float64)).sum(-1), 1.0, atol=1e-5)
     assert np.isfinite(out.nll) and np.isfinite(out.entropy)
+
+
+def _columns(outs: list) -> dict[str, list[np.ndarray]]:
+    return {name: [getattr(out, name) for out in outs]
+            for name in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob",
+                         "tail_logmass_tempered", "sampled_ids", "sampled_counts")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("chunk_elements", [2**26, 3 * 448])  # one chunk per row; 3 positions
+def test_the_chunked_head_gives_the_bits_of_the_whole_forward(
+        model_family: Callable[[str], Family], monkeypatch: pytest.MonkeyPatch, family: str,
+        chunk_elements: int) -> None:
+    # A padded head (qwen2), soft-capping (gemma2), tied and untied heads; a padded batch,
+    # chosen target positions, a packed row, sampled draws and a tempered tail.
+    monkeypatch.setattr(teacher_hf, "CHUNK_ELEMENTS", chunk_elements)
+    model = AutoModelForCausalLM.from_pretrained(model_family(family).teacher).eval()
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, VOCAB, size=n).tolist() for n in (23, 9, 16)]
+    masks = [None, np.arange(8) % 3 == 0, None]
+    segments = [None, None, [10, 6]]
+    options = dict(temperatures=[2.0], pad_id=0, samples=4, sample_ids=[5, 6, 7],
+                   vocab_size=VOCAB, target_masks=masks, segments=segments)
+    parts = teacher_hf.teacher_parts(model, family)
+    assert isinstance(parts, ModelParts)
+    whole = _columns(teacher_targets(model, seqs, 8, **options))
+    chunked = _columns(teacher_targets(parts, seqs, 8, **options))
+    for name, values in whole.items():
+        for row, (expected, found) in enumerate(zip(values, chunked[name], strict=True)):
+            assert expected.dtype == found.dtype, name
+            np.testing.assert_array_equal(found, expected, err_msg=f"{name}, row {row}")
+
+
+def test_a_head_that_cannot_be_split_off_runs_whole(
+        teacher: torch.nn.Module, caplog: pytest.LogCaptureFixture) -> None:
+    class Doubled(torch.nn.Module):  # logits the body and head alone do not give
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = model
+            self.config = model.config
+            self.base_model = model.base_model
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.inner.get_output_embeddings()
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.inner.get_input_embeddings()
+
+        def forward(self, **inputs: object) -> object:
+            out = self.inner(**inputs)
+            out.logits = out.logits * 2
+            return out
+
+    doubled = Doubled(teacher).eval()
+    with caplog.at_level("WARNING"):
+        assert teacher_hf.teacher_parts(doubled, "doubled") is doubled
+    assert "computes its logits differently" in caplog.text
+    seq = list(range(2, 14))
+    out = teacher_targets(doubled, [seq], 4, temperatures=[], pad_id=1)[0]
+    with torch.no_grad():
+        logits = 2 * teacher(torch.tensor([seq])).logits[0, :-1].double()
+    np.testing.assert_array_equal(out.topk_ids, logits.topk(4).indices.numpy())

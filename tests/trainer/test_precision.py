@@ -17,16 +17,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdpipe.model_parts import ModelParts
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.schemas.shard_reader import CacheIndex, build_index, columns_for
 from kdpipe.trainer import execution, precision
-from kdpipe.trainer.config import TrainConfig, read_config
+from kdpipe.trainer.config import EvalConfig, TrainConfig, read_config
 from kdpipe.trainer.data import BatchLoader, GlobalBatch
+from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.execution import compile_body, enable_gradient_checkpointing
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.model import StudentParts, open_student, split_student
+from kdpipe.trainer.model import open_student, split_student
 from kdpipe.trainer.objective import StudentObjective
 from kdpipe.trainer.precision import resolve_precision
 from kdpipe.trainer.reliance import StepLambdas
@@ -129,7 +131,7 @@ def index(tiny_cache: Path) -> CacheIndex:
     return build_index(open_cache(tiny_cache))
 
 
-def _parts(student_dir: Path) -> StudentParts:
+def _parts(student_dir: Path) -> ModelParts:
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     model.train()
     return split_student(model, "student")
@@ -142,7 +144,7 @@ def _batch(index: CacheIndex) -> GlobalBatch:
     return batch
 
 
-def _step(parts: StudentParts, batch: GlobalBatch) -> tuple[float, list[torch.Tensor]]:
+def _step(parts: ModelParts, batch: GlobalBatch) -> tuple[float, list[torch.Tensor]]:
     """The loss of one step and its gradients (saved-for-backward bytes in `SAVED`)."""
     parts.model.zero_grad(set_to_none=True)
     result = accumulate_gradients(StudentObjective(parts, VOCAB), batch,
@@ -151,7 +153,7 @@ def _step(parts: StudentParts, batch: GlobalBatch) -> tuple[float, list[torch.Te
     return result["loss"], [p.grad.clone() for p in parts.model.parameters()]
 
 
-def _saved_activation_bytes(parts: StudentParts, batch: GlobalBatch) -> int:
+def _saved_activation_bytes(parts: ModelParts, batch: GlobalBatch) -> int:
     """Bytes autograd keeps for backward over one step, parameters left out: each storage
     once (views of one tensor share it)."""
     params = {p.untyped_storage().data_ptr() for p in parts.model.parameters()}
@@ -240,6 +242,16 @@ def test_the_attention_implementation_reaches_the_config_packing_reads(
         assert student.model.config._attn_implementation == implementation
 
 
+def test_evaluate_takes_the_attention_implementation(tiny_cache: Path, tiny_student_dir: Path
+                                                     ) -> None:
+    options = dict(cache=str(tiny_cache), student=str(tiny_student_dir), device="cpu",
+                   max_samples=8, chunk_size=64)
+    eager = evaluate(EvalConfig.from_options(attn_implementation="eager", **options))
+    sdpa = evaluate(EvalConfig.from_options(attn_implementation="sdpa", **options))
+    for key in ("ce", "kd", "loss"):  # the same attention, by two kernels
+        assert eager[key] == pytest.approx(sdpa[key], rel=1e-4), key
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None,
                     reason="flash-attn is installed")
 def test_flash_attention_without_its_package_is_one_line(tmp_path: Path, tiny_cache: Path
@@ -251,3 +263,6 @@ def test_flash_attention_without_its_package_is_one_line(tmp_path: Path, tiny_ca
         "flash-attn, on a CUDA machine); use sdpa"]
     with pytest.raises(ConfigError, match="flash-attn package"):
         cfg.validate()
+    with pytest.raises(ConfigError, match="flash-attn package"):
+        EvalConfig.from_options(cache=str(tiny_cache), student="s",
+                                attn_implementation="flash_attention_2").validate()

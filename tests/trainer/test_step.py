@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdpipe.model_parts import ModelParts
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.shard_reader import CacheIndex, build_index, columns_for
 from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.model import StudentParts, split_student
+from kdpipe.trainer.model import split_student
 from kdpipe.trainer.objective import StudentObjective
 from kdpipe.trainer.reliance import StepLambdas
 from kdpipe.trainer.train import accumulate_gradients
@@ -22,7 +23,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture()
-def setup(tiny_cache: Path, tiny_student_dir: Path) -> tuple[StudentParts, CacheIndex]:
+def setup(tiny_cache: Path, tiny_student_dir: Path) -> tuple[ModelParts, CacheIndex]:
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32)
     return split_student(model, "student"), build_index(open_cache(tiny_cache))
 
@@ -35,7 +36,7 @@ def _batches(index: CacheIndex, ids: np.ndarray, batch_size: int, grad_accum: in
     return global_batch
 
 
-def _grads(parts: StudentParts, batch: GlobalBatch, lam: np.ndarray, cfg: LossConfig
+def _grads(parts: ModelParts, batch: GlobalBatch, lam: np.ndarray, cfg: LossConfig
            ) -> tuple[dict[str, float], list[torch.Tensor]]:
     parts.model.zero_grad(set_to_none=True)
     result = accumulate_gradients(StudentObjective(parts, 320), batch, StepLambdas(lam), cfg,
@@ -53,7 +54,7 @@ def _assert_same(a: tuple[dict[str, float], list[torch.Tensor]],
 
 
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
-def test_accumulation_split_does_not_change_the_gradient(setup: tuple[StudentParts, CacheIndex],
+def test_accumulation_split_does_not_change_the_gradient(setup: tuple[ModelParts, CacheIndex],
                                                          kind: str) -> None:
     parts, index = setup
     ids = index.sample_ids[:6]
@@ -65,7 +66,7 @@ def test_accumulation_split_does_not_change_the_gradient(setup: tuple[StudentPar
     _assert_same(one, _grads(parts, _batches(index, ids, 4, 2), lam, cfg))  # uneven: 4 + 2
 
 
-def test_padding_and_masked_positions_change_nothing(setup: tuple[StudentParts, CacheIndex]
+def test_padding_and_masked_positions_change_nothing(setup: tuple[ModelParts, CacheIndex]
                                                      ) -> None:
     parts, index = setup
     lengths = index.num_targets
@@ -86,7 +87,7 @@ def test_padding_and_masked_positions_change_nothing(setup: tuple[StudentParts, 
     _assert_same(reference, _grads(parts, garbage, lam, cfg))
 
 
-def test_ce_mode_equals_the_model_own_cross_entropy(setup: tuple[StudentParts, CacheIndex]
+def test_ce_mode_equals_the_model_own_cross_entropy(setup: tuple[ModelParts, CacheIndex]
                                                     ) -> None:
     parts, index = setup
     batch = _batches(index, index.sample_ids[:5], 5, 1, teacher=False)
