@@ -31,7 +31,7 @@ def inspect(
     from kdpipe.schemas.cache import open_cache, summarize
     from kdpipe.schemas.curriculum import is_curriculum_file
 
-    if any(is_curriculum_file(p) for p in paths):
+    if any(is_curriculum_file(p, "kdpipe inspect") for p in paths):
         from kdpipe.curriculum.cli import inspect_curricula
 
         for line in inspect_curricula(paths, as_json):

@@ -92,7 +92,7 @@ def test_the_generated_command_parses_every_kind_of_option(
     typer.main.get_command(app).main(args=runner_args, standalone_mode=False)
     (cfg,) = seen
     assert cfg.data == ("a.jsonl", "b.jsonl") and cfg.tail_temperatures == (2.0, 4.0)
-    assert cfg.add_special_tokens is False and cfg.top_k == 16 and cfg.out == tmp_path / "c"
+    assert cfg.add_special_tokens is False and cfg.top_k == 16 and cfg.out_dir == tmp_path / "c"
     with pytest.raises(SystemExit) as done:
         main(["cache-teacher", "--out", str(tmp_path / "c"), "--teacher", "t", "--data",
               "a.jsonl", "--tail-temperatures", "2,x"])

@@ -144,7 +144,7 @@ def _previous(cfg: BuildCurriculumConfig, settings: dict[str, str], fingerprint:
     out = cfg.out
     if cfg.overwrite or not file_exists(out, "--out"):
         return None
-    if not is_curriculum_file(out):
+    if not is_curriculum_file(out, "--out"):
         raise ConfigError(f"--out {out} exists and is not a curriculum; choose another name "
                           "or pass --overwrite")
     try:

@@ -172,7 +172,7 @@ def _open_remote(store: Store, require_complete: bool, check_shards: bool,
             f"finished: a reader trusts only a cache's manifest); run `kdpipe cache-teacher "
             f"--out {store.url}` first")
     folder = local_folder(store, local_cache)
-    (folder / MANIFEST_NAME).write_bytes(store.read_bytes(MANIFEST_NAME))
+    store.get_file(MANIFEST_NAME, folder / MANIFEST_NAME)  # renamed in: others may read it
     manifest = read_manifest(folder)
     _check_complete(store.url, manifest, require_complete)
     remote = RemoteShards(store=store, local_cache=local_cache)

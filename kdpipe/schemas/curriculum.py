@@ -180,14 +180,14 @@ def write_curriculum(path: str | Path, curriculum: Curriculum) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
-def is_curriculum_file(path: str | Path) -> bool:
+def is_curriculum_file(path: str | Path, flag: str = "--curriculum") -> bool:
     """True for a Parquet file carrying curriculum metadata (whatever its version); a URL is
     read from a temporary copy."""
     if is_url(path):
-        where = file_location(path, "curriculum")
+        where = file_location(path, flag)
         if isinstance(where, Path) or not where[0].is_file(where[1]):
             return False
-        path = local_copy(path, "curriculum")
+        path = local_copy(path, flag)
     path = Path(path)
     if not path.is_file():
         return False

@@ -130,6 +130,9 @@ class RemoteShards:
         target = folder / TOKENIZER_DIR
         for name in names:
             self.store.get_file(f"{TOKENIZER_DIR}/{name}", target / name)
+        for path in target.iterdir() if target.is_dir() else ():  # from an earlier copy
+            if path.is_file() and path.name not in names and ".tmp-" not in path.name:
+                path.unlink()
 
     def mirror(self, folder: Path) -> None:
         """Download every object of the cache into `folder` under its own name (for
