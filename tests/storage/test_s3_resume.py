@@ -115,3 +115,31 @@ def test_workers_commit_parts_and_the_last_merges(
     again = cache_teacher(config(tiny_teacher_dir, corpus_file, out, merge=True,
                                  num_workers=2))
     assert again == merged
+
+
+def test_an_altered_shard_in_the_store_is_never_read(
+        tiny_teacher_dir: Path, corpus_file: Path, fs: s3fs.S3FileSystem, bucket: str,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flipped byte in a listed shard stops a reader, streamed or through --local-cache
+    (where no copy is kept); the writer's resume recomputes the shard."""
+    from ..conftest import run_cli
+
+    cache = f"{bucket}/cache"
+    manifest = cache_teacher(config(tiny_teacher_dir, corpus_file, cache))
+    shard = manifest.shards[1]
+    data = bytearray(fs.cat_file(f"{cache}/{shard.file}"))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(f"{cache}/{shard.file}", bytes(data))
+    node_cache = tmp_path / "node-cache"
+    for extra in ([], ["--local-cache", str(node_cache)]):
+        code, _, err = run_cli(["build-curriculum", "--cache", cache, "--source", "length",
+                                "--out", str(tmp_path / "c.parquet"), *extra], capsys)
+        assert code == 2 and f"{cache}/{shard.file} does not match its checksum" in err, err
+    assert not (node_cache / "shards" / f"{shard.sha256}.parquet").exists()
+    code, out, err = run_cli(["verify", cache], capsys)
+    assert code == 1 and shard.file in err
+
+    resumed = cache_teacher(config(tiny_teacher_dir, corpus_file, cache))
+    assert resumed.shards == manifest.shards
+    assert fs.cat_file(f"{cache}/{shard.file}") != bytes(data)
+    assert run_cli(["verify", cache], capsys)[0] == 0
