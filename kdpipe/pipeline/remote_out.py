@@ -180,11 +180,15 @@ def run_into(cfg: CacheTeacherConfig,
     if remote is None:
         return stage(cfg, lambda: None)
     log.info("--out %s: writing in %s, uploading each finished file", cfg.out, remote.staging)
-    manifest = stage(replace(cfg, out=str(remote.staging)), remote.push)
-    remote.push()
-    if cfg.num_workers > 1 and workers.is_part(manifest):
-        manifest = _merge_if_done(cfg, remote) or manifest
-    return manifest
+    try:
+        manifest = stage(replace(cfg, out=str(remote.staging)), remote.push)
+        remote.push()
+        if cfg.num_workers > 1 and workers.is_part(manifest):
+            manifest = _merge_if_done(cfg, remote) or manifest
+        return manifest
+    finally:
+        if cfg.local_cache is None:  # a temporary folder: the store holds everything
+            shutil.rmtree(remote.staging, ignore_errors=True)
 
 
 def _merge_if_done(cfg: CacheTeacherConfig, remote: RemoteOut) -> CacheManifest | None:
