@@ -24,6 +24,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+from kdpipe.pipeline.corpus_split import remove_shares
 from kdpipe.pipeline.dataset_card import write_dataset_card
 from kdpipe.schemas.cache_verify import describe_files
 from kdpipe.schemas.errors import ConfigError
@@ -231,6 +232,7 @@ def merge_parts(out: Path, num_workers: int | None = None) -> CacheManifest:
                      extra={**extra, "num_workers": str(num_workers)})
     write_manifest(out, merged)
     write_dataset_card(out, merged)
+    remove_shares(out)  # the corpus shares' token ids: every worker has read them
     log.info("merged %d worker parts into %s (%d shards, %d sequences)", num_workers,
              manifest_path(out), len(merged.shards), merged.num_sequences)
     return merged
