@@ -93,27 +93,30 @@ def plan_shares(sources: Sequence[str], num_shares: int) -> list[Share] | None:
     shares: list[Share] = [[] for _ in range(num_shares)]
     offset = 0
     for source, (size, rows) in zip(sources, sizes, strict=True):
-        for j in range(num_shares):
-            lo, hi = max(bounds[j] - offset, 0), min(bounds[j + 1] - offset, size)
-            piece = _piece(source, size, rows, lo, hi, last=j == num_shares - 1)
-            if piece is not None:
-                shares[j].append(piece)
+        if source.lower().endswith(".jsonl") or rows:
+            for j in range(num_shares):
+                piece = _slice(source, size, rows, max(bounds[j] - offset, 0),
+                               min(bounds[j + 1] - offset, size))
+                if piece is not None:
+                    shares[j].append(piece)
+        else:
+            # Indivisible (.txt, .jsonl.zst, a Parquet file without rows): whole, in the share
+            # its first byte falls in (an empty file at the very end: the last share).
+            owner = next((j for j in range(num_shares) if offset < bounds[j + 1]),
+                         num_shares - 1)
+            shares[owner].append(source)
         offset += size
     return shares
 
 
-def _piece(source: str, size: int, rows: int | None, lo: int, hi: int, last: bool
-           ) -> Source | None:
-    """What of `source` lies in its bytes [lo, hi) (clipped to the file): a slice, the whole
-    file (an indivisible file whose first byte is there), or None."""
-    splittable = source.lower().endswith(".jsonl") or bool(rows)
-    if not splittable:  # whole, where its first byte lies (an empty file: in the first share)
-        return source if lo <= 0 < hi or (size == 0 and lo == 0 and (hi > 0 or last)) else None
+def _slice(source: str, size: int, rows: int | None, lo: int, hi: int) -> SourceSlice | None:
+    """The part of a .jsonl (`rows` None) or .parquet file in its bytes [lo, hi), if any."""
     if hi <= lo:
         return None
     if rows is None:
         return SourceSlice(source, lo, hi)
-    start, stop = -(-lo * rows // size), -(-hi * rows // size)  # ceil: row r at r·size/rows
+    # Row r sits at byte r·size/rows: the rows of [lo, hi) start at ceil(lo·rows/size).
+    start, stop = -(-lo * rows // size), -(-hi * rows // size)
     return SourceSlice(source, start, stop) if stop > start else None
 
 
