@@ -23,8 +23,8 @@ A share another worker is tokenizing is waited for: the worker holds a claim fil
 (`share-….claim`, created exclusively) whose modification time it renews every
 `HEARTBEAT_S`. A share nobody claims — its worker has not started, as in a SLURM array run a
 few at a time — is tokenized by whoever needs it first, and so is a share whose claim has not
-been renewed for `STALE_S` (its worker died): a worker never waits for one that is not
-running. The result does not depend on who tokenized what. The merge removes the folder.
+been renewed for `STALE_S` or names a process of this machine that no longer runs (its worker
+died). The result does not depend on who tokenized what. The merge removes the folder.
 
 A corpus with a Hugging Face dataset among its sources cannot be split without reading it:
 every worker then reads the whole corpus, as before.
@@ -58,6 +58,7 @@ STALE_S = 60.0  # a claim not renewed for this long belongs to a worker that die
 POLL_S = 0.5  # how often a waiting worker looks for a share
 _ROWS_PER_GROUP = 1024  # documents per Parquet row group of a share file
 _IDS, _TARGETS = "ids", "targets"
+_FORMAT = 1  # of the share files: a kdpipe that writes them otherwise never reads these
 
 Share = list[Source]  # the sources and slices one worker reads, in corpus order
 Item = Any  # a document's token ids (list[int]), or a conversation (TokenSequence)
@@ -163,6 +164,21 @@ class _Claim:
         self.path.unlink(missing_ok=True)
 
 
+def _holder_gone(claim: Path) -> bool:
+    """Whether the claim names a process of this host that no longer runs (a crashed run of
+    this worker, re-run): no need to wait STALE_S for it."""
+    try:
+        host, pid = claim.read_text(encoding="utf-8").split()
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # unreadable, half-written, or another user's process
+        return False
+    return False
+
+
 class SharedCorpus:
     """The shares (`plan_shares`) of one corpus, kept in `out`, as worker `worker_index` sees
     them.
@@ -179,7 +195,7 @@ class SharedCorpus:
         self.folder = Path(out) / SHARES_DIR
         self.shares, self.worker_index = shares, worker_index
         self.tokenize, self.conversations, self.flags = tokenize, conversations, flags
-        self.key = json_fingerprint({"settings": key, "shares": [
+        self.key = json_fingerprint({"format": _FORMAT, "settings": key, "shares": [
             [asdict(p) if isinstance(p, SourceSlice) else p for p in share]
             for share in shares]})
         self.tokenized: list[int] = []  # the shares this worker tokenized itself
@@ -228,7 +244,7 @@ class SharedCorpus:
                 if len(batch) == _ROWS_PER_GROUP:
                     writer.write_table(self._table(batch, schema))
                     batch = []
-            if batch or not self.shares[index]:
+            if batch:
                 writer.write_table(self._table(batch, schema))
         atomic_write_json(self._path(index, ".json"), {
             "key": self.key, "bytes": path.stat().st_size, "stats": asdict(stats)})
@@ -259,9 +275,9 @@ class SharedCorpus:
             now = time.monotonic()
             if seen is None or seen[0] != mtime:
                 seen = (mtime, now)  # renewed: its worker is alive (clocks may differ)
-            elif now - seen[1] > STALE_S:
-                log.warning("corpus share %d: its claim %s was not renewed for %.0f s; "
-                            "tokenizing it here", index + 1, claim, STALE_S)
+            if now - seen[1] > STALE_S or _holder_gone(claim):
+                log.warning("corpus share %d: the worker that claimed it (%s) stopped; "
+                            "tokenizing it here", index + 1, claim)
                 claim.unlink(missing_ok=True)
                 continue
             if not waited:

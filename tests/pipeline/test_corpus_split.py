@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -212,7 +214,23 @@ def test_a_live_claim_is_waited_for_and_a_dead_one_taken_over(
                          conversations=False, flags="")
     with caplog.at_level("WARNING"):
         list(alone.items(CorpusStats()))
-    assert alone.tokenized == [0, 1] and "was not renewed" in caplog.text
+    assert alone.tokenized == [0, 1] and "stopped; tokenizing it here" in caplog.text
+
+
+def test_a_claim_of_a_process_that_is_gone_is_taken_over_at_once(tmp_path: Path) -> None:
+    sources = mixed_corpus(tmp_path / "corpus")
+    shares = plan_shares(sources, 2)
+    assert shares is not None
+    (tmp_path / "out" / SHARES_DIR).mkdir(parents=True)
+    finished = subprocess.Popen(["true"])  # a crashed run: its pid no longer runs
+    finished.wait()
+    (tmp_path / "out" / SHARES_DIR / "share-00000-of-00002.claim").write_text(
+        f"{socket.gethostname()} {finished.pid}\n")
+    started = time.monotonic()
+    shared = SharedCorpus(tmp_path / "out", shares, 1, "key", counting([], "w1"),
+                          conversations=False, flags="")
+    list(shared.items(CorpusStats()))
+    assert shared.tokenized == [1, 0] and time.monotonic() - started < corpus_split.STALE_S
 
 
 def test_an_empty_corpus_is_refused_once_all_shares_are_read(tmp_path: Path) -> None:
