@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdpipe.embedded.corpus import write_corpus
 from kdpipe.embedded.tokenizer import train_tokenizer
 from kdpipe.pipeline import sequences
@@ -84,7 +86,8 @@ def run_worker(job: dict[str, Any], start: Any = None) -> dict[str, Any]:
     counts["documents"] = counts["tokens"] = 0  # the tokenizer's probe texts, not the corpus
     n = 0
     for seq in stream:
-        digest.update(json.dumps([seq.ids, seq.targets, seq.segments]).encode())
+        for part in (seq.ids, seq.targets or [], seq.segments or [], [-1]):
+            digest.update(np.asarray(part, dtype=np.int64).tobytes())
         n += 1
     return {"worker": job["worker_index"], "mode": job["mode"],
             "documents": counts["documents"],

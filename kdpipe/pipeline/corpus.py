@@ -458,12 +458,15 @@ def _jsonl_values(path: Path, skip: Skips, window: SourceSlice | None = None
 
 
 def _with_fields(values: Iterable[tuple[str, Any]], source: str, fields: Sequence[Field],
-                 skip: Skips, probe: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+                 skip: Skips, window: SourceSlice | None = None
+                 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The values that are objects holding every field; the others are skipped. Raises
-    ConfigError when the source's first records never hold a field (a wrong flag); with
-    `probe` False (a slice after a file's start) they are only skipped, as reading the whole
-    file would once its first records had the field."""
-    probes = [_FieldProbe(source, field) for field in fields] if probe else []
+    ConfigError when the source's first records never hold a field (a wrong flag). Of a
+    `window`, only the one at the file's start can tell, and only once it has seen
+    _FIELD_PROBE records (a short one may end before the first record with the field): the
+    others only skip, as reading the whole file would."""
+    probes = ([_FieldProbe(source, field) for field in fields]
+              if window is None or window.start == 0 else [])
     for where, record in values:
         if not isinstance(record, dict):
             skip(where, "not a JSON object")
@@ -475,7 +478,7 @@ def _with_fields(values: Iterable[tuple[str, Any]], source: str, fields: Sequenc
             skip(where, f"no field {missing[0].name!r}", hint=f" or pass {missing[0].flag}")
             continue
         yield where, record
-    for field_probe in probes:
+    for field_probe in probes if window is None else []:
         field_probe.check()
 
 
@@ -602,8 +605,7 @@ def _read_source(piece: Source, text_field: str, split: str | None, skip: Skips
         if suffix not in (".jsonl", ".jsonl.zst"):
             raise _unsupported(source)
         name, values = str(path), _jsonl_values(path, skip, window)
-    probe = window is None or window.start == 0
-    for where, record in _with_fields(values, name, [field], skip, probe):
+    for where, record in _with_fields(values, name, [field], skip, window):
         text = _record_text(record[text_field], where, text_field, skip)
         if text is not None:
             yield text
@@ -630,7 +632,7 @@ def iter_records(piece: Source, fields: Sequence[Field], split: str | None, skip
         yield from _parquet_rows(path, fields, optional, window)
     elif suffix in (".jsonl", ".jsonl.zst"):
         yield from _with_fields(_jsonl_values(path, skip, window), str(path), fields, skip,
-                                probe=window is None or window.start == 0)
+                                window)
     elif suffix == ".txt":
         raise ConfigError(f"--data {source}: a .txt file holds plain text, without a "
                           f"{fields[0].name!r} field; convert it to .jsonl or .parquet, or "

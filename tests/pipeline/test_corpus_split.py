@@ -123,6 +123,25 @@ def test_a_slice_boundary_on_a_line_start(tmp_path: Path) -> None:
     assert list(iter_documents([SourceSlice(str(path), first, first + 1)])) == ["bb"]
 
 
+def test_a_wrong_field_is_refused_and_a_few_dirty_rows_are_not(tmp_path: Path) -> None:
+    # The first rows lack the field, the rest have it: skipped, in any number of shares.
+    rows = [{"other": i} for i in range(5)] + [{"text": f"row {i}"} for i in range(40)]
+    dirty = write_jsonl(tmp_path / "dirty.jsonl", rows)
+    whole = list(iter_documents([str(dirty)]))
+    for num_shares in (2, 9):
+        shares = plan_shares([str(dirty)], num_shares)
+        assert shares is not None
+        assert [t for share in shares for t in iter_documents(share, allow_empty=True)] == whole
+    # A file that never has it: the share at its start says so, as reading it whole does.
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"other": i} for i in range(2000)])
+    shares = plan_shares([str(wrong)], 2)
+    assert shares is not None
+    with pytest.raises(ConfigError, match="has no field 'text'"):
+        list(iter_documents(shares[0], allow_empty=True))
+    with pytest.raises(ConfigError, match="has no field 'text'"):
+        list(iter_documents([str(wrong)]))
+
+
 def test_a_dataset_is_not_split(tmp_path: Path) -> None:
     assert plan_shares(["hf:someone/dataset"], 4) is None
 
