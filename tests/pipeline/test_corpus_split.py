@@ -197,6 +197,16 @@ def test_a_worker_run_alone_tokenizes_the_shares_no_one_claimed(tmp_path: Path) 
     assert other.tokenized == [0, 1, 2]  # files of other settings are never read
 
 
+def test_more_workers_than_documents(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "two.jsonl", [{"text": "one"}, {"text": "two"}])
+    shares = plan_shares([str(path)], 8)
+    assert shares is not None and len(shares) == 8  # most hold no line start
+    for index in (0, 7):  # a worker whose share has a document, one whose has none
+        shared = SharedCorpus(tmp_path / "out", shares, index, "key", counting([], "w"),
+                              conversations=False, flags="--text-field")
+        assert list(shared.items(CorpusStats())) == [[3, 1], [3, 1]]
+
+
 def test_a_live_claim_is_waited_for_and_a_dead_one_taken_over(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
         ) -> None:
