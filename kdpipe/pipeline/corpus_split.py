@@ -14,8 +14,8 @@ documents in order. Workers split the corpus, not the stream:
    `.corpus-shares/share-{j:05d}-of-{N:05d}.parquet` in `--out`, with a JSON record of the
    share's corpus counters written after it (a share counts as done only then). Token ids
    cost 4 bytes a token, a few percent of what the cache stores per token.
-3. **Every worker assembles the whole stream** from the shares in order — reading the others'
-   files, tokenizing none of them — and cuts it with the same code a single worker uses
+3. **Every worker assembles the whole stream** from the shares in order — reading the files
+   of the shares others tokenized — and cuts it with the same code a single worker uses
    (`sequences.sequences_of_ids`, `sequences.conversation_sequences`), so packing across
    share boundaries, sample ids and shards are those of one worker, bit for bit.
 
@@ -195,9 +195,13 @@ class SharedCorpus:
         self.folder = Path(out) / SHARES_DIR
         self.shares, self.worker_index = shares, worker_index
         self.tokenize, self.conversations, self.flags = tokenize, conversations, flags
-        self.key = json_fingerprint({"format": _FORMAT, "settings": key, "shares": [
-            [asdict(p) if isinstance(p, SourceSlice) else p for p in share]
-            for share in shares]})
+        # The plan by source position, not path: workers may name the corpus differently
+        # (another working folder), as the corpus fingerprint in the settings allows.
+        order = {name: i for i, name in enumerate(dict.fromkeys(
+            source_name(p) for share in shares for p in share))}
+        plan = [[[order[source_name(p)], p.start, p.stop] if isinstance(p, SourceSlice)
+                 else [order[p]] for p in share] for share in shares]
+        self.key = json_fingerprint({"format": _FORMAT, "settings": key, "shares": plan})
         self.tokenized: list[int] = []  # the shares this worker tokenized itself
 
     def _path(self, index: int, suffix: str) -> Path:
