@@ -13,7 +13,7 @@ documents in order. Workers split the corpus, not the stream:
    writes each document's token ids (and, for conversations, their target flags) to
    `.corpus-shares/share-{j:05d}-of-{N:05d}.parquet` in `--out`, with a JSON record of the
    share's corpus counters written after it (a share counts as done only then). Token ids
-   cost 4 bytes a token, a few percent of what the cache stores per token.
+   cost at most 4 bytes a token, a few percent of what the cache stores per token.
 3. **Every worker assembles the whole stream** from the shares in order — reading the files
    of the shares others tokenized — and cuts it with the same code a single worker uses
    (`sequences.sequences_of_ids`, `sequences.conversation_sequences`), so packing across
