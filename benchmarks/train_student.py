@@ -202,7 +202,8 @@ def run_loader(args: argparse.Namespace) -> dict[str, Any]:
     hwm_reset = reset_peak_rss()
     started, process_started = time.perf_counter(), time.process_time()
     with BatchLoader(index, order, columns, args.batch_size, args.grad_accum, pad_id,
-                     prefetch=args.prefetch, cached_groups=args.shuffle_window) as loader:
+                     prefetch=args.prefetch, cached_groups=args.shuffle_window,
+                     workers=args.loader_workers) as loader:
         for batch in loader:
             tokens += batch.num_targets
             batches += 1
@@ -263,7 +264,8 @@ def run_training(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     tracker = TensorMemoryTracker()
     profile_rows = ""
     with BatchLoader(run.index, order, columns, args.batch_size, args.grad_accum, run.pad_id,
-                     prefetch=args.prefetch, cached_groups=args.shuffle_window) as loader:
+                     prefetch=args.prefetch, cached_groups=args.shuffle_window,
+                     workers=args.loader_workers) as loader:
         batches = iter(loader)
         for number in range(1, args.warmup + 1):
             first_steps.append(step(next(batches), number))
@@ -494,6 +496,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-window", type=int, default=16,
                    help="As train-student's: row groups shuffled together and kept decoded.")
     p.add_argument("--prefetch", type=int, default=4, help="As train-student's.")
+    p.add_argument("--loader-workers", type=int, default=0, help="As train-student's.")
     p.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=True,
                    help="Per-sample statistics as train-student collects them by default.")
     p.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")

@@ -16,6 +16,7 @@ from typing import Any
 
 from kdpipe.pipeline import workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
+from kdpipe.pipeline.corpus_split import SHARES_DIR, remove_shares
 from kdpipe.schemas.cache_verify import tokenizer_file_problems, tokens_digest
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_json, remove_stale_temp_files, sha256_file
@@ -102,7 +103,7 @@ def resumable_shards(cfg: CacheTeacherConfig, draft: CacheManifest,
 def _foreign_files(out: Path) -> list[str]:
     """Names in `out` that no kdpipe cache-teacher run writes."""
     ours = {MANIFEST_NAME, CACHE_CONFIG_NAME, TOKENIZER_DIR, DATASET_CARD_NAME,
-            workers.MERGE_LOCK}
+            workers.MERGE_LOCK, SHARES_DIR}
     return [p.name for p in out.iterdir()
             if p.name not in ours and not workers.SHARD_RE.match(p.name)
             and not workers.PART_RE.match(p.name) and ".tmp-" not in p.name]
@@ -170,6 +171,7 @@ def _clear_cache_files(out: Path) -> None:
                  out / DATASET_CARD_NAME]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+    remove_shares(out)
 
 
 def config_json(cfg: CacheTeacherConfig) -> dict[str, Any]:

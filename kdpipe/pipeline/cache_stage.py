@@ -130,7 +130,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, commit: Callable[[], None]) -> Cache
     stats = CorpusStats()
     done = DocumentsDone(stats)
     sequences = _with_targets(cache_sequences(cfg, reading, sources, tokenizer, stats,
-                                              on_done=done.add))
+                                              on_done=done.add, key=draft.settings_fingerprint))
     shard_stream = in_background(with_documents_done(shard_groups(sequences, cfg.shard_size),
                                                      done))
     first_shard = next(shard_stream, None)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.pipeline.corpus import CorpusStats, Skips, iter_records
+from kdpipe.pipeline.corpus import CorpusStats, Skips, Source, iter_records, source_name
 from kdpipe.pipeline.formats import Conversation, DataFormat, Malformed, parse_row
 from kdpipe.pipeline.sequences import TokenSequence, document_end, fast_backend, special_affixes
 from kdpipe.schemas.errors import ConfigError
@@ -242,9 +242,10 @@ def _fit(ids: list[int], flags: list[bool], where: str, options: ChatOptions, sk
     return TokenSequence(ids, targets)
 
 
-def iter_conversations(sources: Sequence[str], fmt: DataFormat, tokenizer: Any,
+def iter_conversations(sources: Sequence[Source], fmt: DataFormat, tokenizer: Any,
                        options: ChatOptions, split: str | None = "train", strict: bool = False,
-                       stats: CorpusStats | None = None) -> Iterator[TokenSequence]:
+                       stats: CorpusStats | None = None, allow_empty: bool = False
+                       ) -> Iterator[TokenSequence]:
     """Yield each conversation of `sources` (rows of format `fmt`, resolved and not text) as
     one sequence of at most `options.max_length` tokens with its targets, in order.
 
@@ -252,14 +253,17 @@ def iter_conversations(sources: Sequence[str], fmt: DataFormat, tokenizer: Any,
     them) are skipped and counted in `stats`, or raise ConfigError naming the file, row and
     field under `strict`; so are (never fatally) conversations longer than `max_length` with
     `overlong="skip"` and conversations with no target token. Raises ConfigError for a corpus
-    with no conversation, or no chat template where one is needed.
+    with no conversation (unless `allow_empty`: a worker's share may hold none), or no chat
+    template where one is needed.
     """
     encoder = ConversationEncoder(tokenizer, options, fmt)  # refuses a slow tokenizer at once
-    return _conversations(sources, fmt, encoder, split, Skips(stats or CorpusStats(), strict))
+    return _conversations(sources, fmt, encoder, split, Skips(stats or CorpusStats(), strict),
+                          allow_empty)
 
 
-def _conversations(sources: Sequence[str], fmt: DataFormat, encoder: ConversationEncoder,
-                   split: str | None, skip: Skips) -> Iterator[TokenSequence]:
+def _conversations(sources: Sequence[Source], fmt: DataFormat, encoder: ConversationEncoder,
+                   split: str | None, skip: Skips, allow_empty: bool
+                   ) -> Iterator[TokenSequence]:
     read = 0
     try:
         for source in sources:
@@ -275,6 +279,8 @@ def _conversations(sources: Sequence[str], fmt: DataFormat, encoder: Conversatio
                     read += 1
                     skip.stats.documents_read += 1
                     yield sequence
-        skip.check_nonempty(read, sources, ", ".join(f.flag for f in fmt.fields()))
+        if not allow_empty:
+            skip.check_nonempty(read, [source_name(s) for s in sources],
+                                ", ".join(f.flag for f in fmt.fields()))
     finally:
         skip.summarise(read)

@@ -44,6 +44,7 @@ _PATHLIKE = (*SUFFIXES, ".zst", ".json", ".gz", ".csv", ".tsv", ".arrow", ".bz2"
 _GLOB_CHARS = re.compile(r"[*?[]")
 _FIELD_PROBE = 1000  # records without the text field before a file is called wrong, not dirty
 _BATCH_ROWS = 1024  # parquet rows per batch
+_SEEK_CHUNK = 1 << 20  # bytes read at a time while counting the lines before a slice
 HUB_PROBE_TIMEOUT_S = 3.0  # one request, no retries: enough to tell "no network" from "slow"
 
 
@@ -61,6 +62,32 @@ class CorpusStats:
     conversations_truncated: int = 0  # cut to --max-length (--overlong truncate), kept
     conversations_too_long: int = 0  # longer than --max-length, skipped (--overlong skip)
     conversations_without_targets: int = 0  # no target token (left after a cut), skipped
+
+
+@dataclass(frozen=True)
+class SourceSlice:
+    """Part of one local source, for a worker reading only its share of the corpus
+    (`corpus_split`): of a .jsonl file the lines that start in bytes [start, stop), of a
+    .parquet file rows [start, stop). Reading the slices of a file in order reads each of its
+    documents once, as reading the whole file does."""
+
+    source: str
+    start: int
+    stop: int
+
+
+Source = str | SourceSlice  # a resolved source (`resolve_sources`) or a slice of one
+
+
+def _unslice(source: Source) -> tuple[str, SourceSlice | None]:
+    if isinstance(source, SourceSlice):
+        return source.source, source
+    return source, None
+
+
+def source_name(source: Source) -> str:
+    """The file or `hf:NAME` a source or slice reads."""
+    return _unslice(source)[0]
 
 
 def _suffix(path: str | Path) -> str | None:
@@ -322,15 +349,14 @@ class _FieldProbe:
         self.records = self.with_field = 0
         self.keys: list[str] = []
 
-    def see(self, record: dict[str, Any]) -> bool:
+    def see(self, record: dict[str, Any]) -> None:
         self.records += 1
         if self.field.name in record:
             self.with_field += 1
-            return True
+            return
         self.keys = self.keys or list(record)
         if self.records >= _FIELD_PROBE:
             self.check()
-        return False
 
     def check(self) -> None:
         if self.records and not self.with_field:
@@ -372,15 +398,51 @@ def _open_lines(path: Path, raw: BinaryIO) -> BinaryIO:
     return io.BufferedReader(reader, buffer_size=1 << 20)
 
 
-def _jsonl_values(path: Path, skip: Skips) -> Iterator[tuple[str, Any]]:
-    """(where, value) of each non-blank line; lines that are not JSON are skipped."""
+def _skip_to_line(raw: BinaryIO, start: int) -> tuple[int, int]:
+    """Move `raw` to the first line starting at or after byte `start`; returns (the lines
+    before it, its byte offset). The lines before are counted so that messages name lines as
+    reading the whole file would."""
+    newlines = position = 0
+    last = b"\n"
+    while position < start:
+        chunk = raw.read(min(_SEEK_CHUNK, start - position))
+        if not chunk:
+            return newlines, position
+        newlines += chunk.count(b"\n")
+        position += len(chunk)
+        last = chunk[-1:]
+    if last != b"\n":  # inside a line: it belongs to the slice where it starts
+        position += len(raw.readline())
+        newlines += 1
+    return newlines, position
+
+
+def _numbered_lines(lines: BinaryIO, window: SourceSlice | None) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, line) of every line, or of the lines starting in the window."""
+    if window is None:
+        yield from enumerate(lines, start=1)
+        return
+    lineno, position = _skip_to_line(lines, window.start)
+    while position < window.stop:
+        line = lines.readline()
+        if not line:
+            return
+        lineno += 1
+        position += len(line)
+        yield lineno, line
+
+
+def _jsonl_values(path: Path, skip: Skips, window: SourceSlice | None = None
+                  ) -> Iterator[tuple[str, Any]]:
+    """(where, value) of each non-blank line (of the window's lines when given); lines that are
+    not JSON are skipped."""
     import zstandard
 
     with open(path, "rb") as raw:
         lines = _open_lines(path, raw)
         lineno = 0
         try:
-            for lineno, line in enumerate(lines, start=1):
+            for lineno, line in _numbered_lines(lines, window):
                 if not line.strip():
                     continue  # blank lines separate nothing in JSON lines
                 where = f"{path} line {lineno}"
@@ -396,21 +458,28 @@ def _jsonl_values(path: Path, skip: Skips) -> Iterator[tuple[str, Any]]:
 
 
 def _with_fields(values: Iterable[tuple[str, Any]], source: str, fields: Sequence[Field],
-                 skip: Skips) -> Iterator[tuple[str, dict[str, Any]]]:
+                 skip: Skips, window: SourceSlice | None = None
+                 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The values that are objects holding every field; the others are skipped. Raises
-    ConfigError when the source's first records never hold a field (a wrong flag)."""
-    probes = [_FieldProbe(source, field) for field in fields]
+    ConfigError when the source's first records never hold a field (a wrong flag). Of a
+    `window`, only the one at the file's start can tell, and only once it has seen
+    _FIELD_PROBE records (a short one may end before the first record with the field): the
+    others only skip, as reading the whole file would."""
+    probes = ([_FieldProbe(source, field) for field in fields]
+              if window is None or window.start == 0 else [])
     for where, record in values:
         if not isinstance(record, dict):
             skip(where, "not a JSON object")
             continue
-        missing = [probe.field for probe in probes if not probe.see(record)]
+        for field_probe in probes:
+            field_probe.see(record)
+        missing = [field for field in fields if field.name not in record]
         if missing:
             skip(where, f"no field {missing[0].name!r}", hint=f" or pass {missing[0].flag}")
             continue
         yield where, record
-    for probe in probes:
-        probe.check()
+    for field_probe in probes if window is None else []:
+        field_probe.check()
 
 
 def _read_txt(path: Path, skip: Skips) -> Iterator[str]:
@@ -423,7 +492,31 @@ def _read_txt(path: Path, skip: Skips) -> Iterator[str]:
         yield text
 
 
-def _read_parquet(path: Path, text_field: str, skip: Skips) -> Iterator[str]:
+def _parquet_batches(pf: Any, columns: list[str], window: SourceSlice | None
+                     ) -> Iterator[tuple[int, Any]]:
+    """(rows before it, batch) of every row of the ParquetFile `pf`, or of the window's rows;
+    only the row groups the window overlaps are read."""
+    groups: list[int] = []
+    row = first = 0  # row: the first row of the first group read
+    for group in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        if window is None or (first + rows > window.start and first < window.stop):
+            row = row if groups else first
+            groups.append(group)
+        first += rows
+    if not groups:
+        return
+    # iter_batches reads one row group at a time: memory stays at a row group's columns.
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns, row_groups=groups):
+        lo = 0 if window is None else max(window.start - row, 0)
+        hi = batch.num_rows if window is None else min(window.stop - row, batch.num_rows)
+        if hi > lo:
+            yield row + lo, batch.slice(lo, hi - lo)
+        row += batch.num_rows
+
+
+def _read_parquet(path: Path, text_field: str, skip: Skips, window: SourceSlice | None = None
+                  ) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -437,9 +530,7 @@ def _read_parquet(path: Path, text_field: str, skip: Skips) -> Iterator[str]:
             or str(kind) == "string_view"):
         raise ConfigError(f"--text-field {text_field}: column {text_field!r} of {path} is {kind}, "
                           f"not text; pass --text-field naming the text column")
-    row = 0
-    # iter_batches reads one row group at a time: memory stays at a row group's text column.
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field]):
+    for row, batch in _parquet_batches(pf, [text_field], window):
         for value in batch.column(0).to_pylist():
             row += 1
             where = f"{path} row {row}"
@@ -456,9 +547,10 @@ def _read_parquet(path: Path, text_field: str, skip: Skips) -> Iterator[str]:
                 yield value
 
 
-def _parquet_rows(path: Path, fields: Sequence[Field], optional: Sequence[str]
-                  ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) with the fields' columns and those of `optional` the file has."""
+def _parquet_rows(path: Path, fields: Sequence[Field], optional: Sequence[str],
+                  window: SourceSlice | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) with the fields' columns and those of `optional` the file has (of the
+    window's rows when given)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -467,8 +559,7 @@ def _parquet_rows(path: Path, fields: Sequence[Field], optional: Sequence[str]
         if field.name not in names:
             raise _missing_field(field, str(path), names)
     columns = [f.name for f in fields] + [name for name in optional if name in names]
-    row = 0
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+    for row, batch in _parquet_batches(pf, columns, window):
         for record in batch.to_pylist():
             row += 1
             yield f"{path} row {row}", record
@@ -497,7 +588,9 @@ def _unsupported(source: str) -> ConfigError:
                        f"{', '.join(SUFFIXES)}")
 
 
-def _read_source(source: str, text_field: str, split: str | None, skip: Skips) -> Iterator[str]:
+def _read_source(piece: Source, text_field: str, split: str | None, skip: Skips
+                 ) -> Iterator[str]:
+    source, window = _unslice(piece)
     field = Field(text_field)
     if source.startswith(HF_PREFIX):
         name, values = _hf_records(source[len(HF_PREFIX):], [field], split)
@@ -507,20 +600,21 @@ def _read_source(source: str, text_field: str, split: str | None, skip: Skips) -
             yield from _read_txt(path, skip)
             return
         if suffix == ".parquet":
-            yield from _read_parquet(path, text_field, skip)
+            yield from _read_parquet(path, text_field, skip, window)
             return
         if suffix not in (".jsonl", ".jsonl.zst"):
             raise _unsupported(source)
-        name, values = str(path), _jsonl_values(path, skip)
-    for where, record in _with_fields(values, name, [field], skip):
+        name, values = str(path), _jsonl_values(path, skip, window)
+    for where, record in _with_fields(values, name, [field], skip, window):
         text = _record_text(record[text_field], where, text_field, skip)
         if text is not None:
             yield text
 
 
-def iter_records(source: str, fields: Sequence[Field], split: str | None, skip: Skips,
+def iter_records(piece: Source, fields: Sequence[Field], split: str | None, skip: Skips,
                  optional: Sequence[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for each record of one source that holds every field of `fields`.
+    """(where, record) for each record of one source (or slice of one) that holds every field
+    of `fields`.
 
     `where` names the file and line (JSON lines), row (Parquet) or record (dataset), for
     messages. Parquet files are read only in the columns of `fields` and of `optional` they
@@ -528,15 +622,17 @@ def iter_records(source: str, fields: Sequence[Field], split: str | None, skip: 
     are not JSON objects, are skipped through `skip`. Raises ConfigError for a missing file, a
     .txt file (plain text has no fields), or a source whose records never hold a field.
     """
+    source, window = _unslice(piece)
     if source.startswith(HF_PREFIX):
         name, values = _hf_records(source[len(HF_PREFIX):], fields, split)
         yield from _with_fields(values, name, fields, skip)
         return
     path, suffix = _local_file(source)
     if suffix == ".parquet":
-        yield from _parquet_rows(path, fields, optional)
+        yield from _parquet_rows(path, fields, optional, window)
     elif suffix in (".jsonl", ".jsonl.zst"):
-        yield from _with_fields(_jsonl_values(path, skip), str(path), fields, skip)
+        yield from _with_fields(_jsonl_values(path, skip, window), str(path), fields, skip,
+                                window)
     elif suffix == ".txt":
         raise ConfigError(f"--data {source}: a .txt file holds plain text, without a "
                           f"{fields[0].name!r} field; convert it to .jsonl or .parquet, or "
@@ -596,13 +692,17 @@ def count_documents(sources: Sequence[str]) -> int | None:
     return total
 
 
-def iter_documents(sources: Sequence[str], text_field: str = "text", split: str | None = "train",
-                   strict: bool = False, stats: CorpusStats | None = None) -> Iterator[str]:
-    """Yield the non-empty text of every document of `sources` (from `resolve_sources`), in order.
+def iter_documents(sources: Sequence[Source], text_field: str = "text",
+                   split: str | None = "train", strict: bool = False,
+                   stats: CorpusStats | None = None, allow_empty: bool = False
+                   ) -> Iterator[str]:
+    """Yield the non-empty text of every document of `sources` (from `resolve_sources`, or
+    slices of them), in order.
 
     Streams: at most one document (or one Parquet batch) is held at a time, so corpus size does
     not matter. Empty, undecodable and non-string documents are skipped and counted in `stats`;
-    a corpus with no document at all is a ConfigError raised once the sources are exhausted.
+    a corpus with no document at all is a ConfigError raised once the sources are exhausted,
+    unless `allow_empty` (one worker's share of a corpus may hold none).
     """
     stats = stats if stats is not None else CorpusStats()
     skip = Skips(stats, strict)
@@ -613,6 +713,7 @@ def iter_documents(sources: Sequence[str], text_field: str = "text", split: str 
                 read += 1
                 stats.documents_read += 1
                 yield text
-        skip.check_nonempty(read, sources, "--text-field")
+        if not allow_empty:
+            skip.check_nonempty(read, [source_name(s) for s in sources], "--text-field")
     finally:
         skip.summarise(read)

@@ -3,7 +3,9 @@
 `resolve_reading` settles everything that can be refused before a row is read (`--format
 auto`'s choice, `--train-on`, the chat template); `cache_sequences` then streams the corpus as
 `TokenSequence`s: plain text through `sequences.iter_sequences` exactly as before, chat data
-through `chat.iter_conversations` and `sequences.conversation_sequences`.
+through `chat.iter_conversations` and `sequences.conversation_sequences`. One of several
+workers tokenizes only its share of the corpus and reads the rest as the other workers
+tokenized it (`corpus_split`): the same stream.
 """
 
 from __future__ import annotations
@@ -20,9 +22,16 @@ from kdpipe.pipeline.chat import (
     read_template,
     template_digest,
 )
-from kdpipe.pipeline.corpus import CorpusStats, iter_documents
+from kdpipe.pipeline.corpus import CorpusStats, Source, iter_documents
+from kdpipe.pipeline.corpus_split import SharedCorpus, plan_shares
 from kdpipe.pipeline.formats import DataFormat, resolve_format, resolve_train_on
-from kdpipe.pipeline.sequences import TokenSequence, conversation_sequences, iter_sequences
+from kdpipe.pipeline.sequences import (
+    TokenSequence,
+    conversation_sequences,
+    iter_sequences,
+    iter_token_ids,
+    sequences_of_ids,
+)
 from kdpipe.schemas.errors import ConfigError
 
 
@@ -76,18 +85,42 @@ def resolve_reading(cfg: CacheTeacherConfig, sources: Sequence[str], tokenizer: 
 
 def cache_sequences(cfg: CacheTeacherConfig, reading: Reading, sources: Sequence[str],
                     tokenizer: Any, stats: CorpusStats,
-                    on_done: Callable[[int], None] | None = None) -> Iterator[TokenSequence]:
+                    on_done: Callable[[int], None] | None = None, key: str = ""
+                    ) -> Iterator[TokenSequence]:
     """The sequence stream of `sources` read as `reading` says, in `cfg.layout`, counting
     documents read and skipped in `stats` (`on_done(n)`: n more documents fully yielded).
-    Raises ConfigError at once for a `--max-length`, layout or tokenizer the layout cannot
-    use; corpus errors come as the stream is read."""
+
+    A worker of several (`cfg.num_workers > 1`) tokenizes only its share, keeping the shares
+    in `cfg.out` under `key` (the cache's settings fingerprint), unless the corpus cannot be
+    split (`corpus_split.plan_shares`). Raises ConfigError at once for a `--max-length`,
+    layout or tokenizer the layout cannot use; corpus errors come as the stream is read."""
+    shares = plan_shares(sources, cfg.num_workers) if cfg.num_workers > 1 else None
     if reading.format.kind == "text":
-        documents = iter_documents(sources, reading.format.text_field, cfg.split, cfg.strict,
-                                   stats)
-        return iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout,
-                              add_special_tokens=cfg.add_special_tokens, on_done=on_done)
+        field = reading.format.text_field
+        if shares is None:
+            documents = iter_documents(sources, field, cfg.split, cfg.strict, stats)
+            return iter_sequences(documents, tokenizer, cfg.max_length, cfg.layout,
+                                  add_special_tokens=cfg.add_special_tokens, on_done=on_done)
+
+        def tokenize_text(share: list[Source], counts: CorpusStats) -> Iterator[list[int]]:
+            return iter_token_ids(iter_documents(share, field, cfg.split, cfg.strict, counts,
+                                                 allow_empty=True), tokenizer)
+
+        shared = SharedCorpus(cfg.out, shares, cfg.worker_index, key, tokenize_text,
+                              conversations=False, flags="--text-field")
+        return sequences_of_ids(shared.items(stats), tokenizer, cfg.max_length, cfg.layout,
+                                cfg.add_special_tokens, on_done)
     options = ChatOptions(reading.train_on, cfg.max_length, reading.overlong,
                           cfg.add_special_tokens, reading.template)
-    conversations = iter_conversations(sources, reading.format, tokenizer, options, cfg.split,
-                                       cfg.strict, stats)
+    if shares is None:
+        conversations = iter_conversations(sources, reading.format, tokenizer, options,
+                                           cfg.split, cfg.strict, stats)
+    else:
+        def tokenize_chat(share: list[Source], counts: CorpusStats) -> Iterator[TokenSequence]:
+            return iter_conversations(share, reading.format, tokenizer, options, cfg.split,
+                                      cfg.strict, counts, allow_empty=True)
+
+        flags = ", ".join(f.flag for f in reading.format.fields())
+        conversations = SharedCorpus(cfg.out, shares, cfg.worker_index, key, tokenize_chat,
+                                     conversations=True, flags=flags).items(stats)
     return conversation_sequences(conversations, cfg.max_length, cfg.layout, on_done)

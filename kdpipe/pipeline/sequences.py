@@ -43,7 +43,7 @@ from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.manifest import LAYOUTS
 
 __all__ = ["LAYOUTS", "TokenSequence", "conversation_sequences", "iter_sequences",
-           "iter_token_ids"]
+           "iter_token_ids", "sequences_of_ids"]
 
 
 @dataclass(frozen=True)
@@ -239,24 +239,30 @@ def iter_sequences(documents: Iterable[str], tokenizer: Any, max_length: int, la
     Raises ConfigError for a `max_length` below 2 (or too short for the tokenizer's prefix),
     an unknown layout, or `packed` without an EOS token.
     """
-    check_max_length(max_length, [])
-    check_layout(layout)
     if batch_size < 1:
         raise ConfigError(f"batch_size {batch_size}: must be at least 1")
+    return sequences_of_ids(iter_token_ids(documents, tokenizer, batch_size), tokenizer,
+                            max_length, layout, add_special_tokens, on_done)
+
+
+def sequences_of_ids(token_ids: Iterable[list[int]], tokenizer: Any, max_length: int,
+                     layout: str, add_special_tokens: bool = True,
+                     on_done: Callable[[int], None] | None = None) -> Iterator[TokenSequence]:
+    """`iter_sequences` of documents already tokenized: `token_ids` are each document's ids
+    without special tokens (`iter_token_ids`), in order. Same sequences, same errors."""
+    check_max_length(max_length, [])
+    check_layout(layout)
     if layout == "packed" and tokenizer.eos_token_id is None:
         raise ConfigError("--pack: the tokenizer has no EOS token to separate packed documents; "
                           "drop --pack to keep one document per sequence, or set an EOS token")
     prefix, suffix = special_affixes(tokenizer) if add_special_tokens else ([], [])
     check_max_length(max_length, prefix)
     end = document_end(tokenizer, suffix)
-    return _generate(documents, tokenizer, max_length, layout, batch_size, prefix, end,
-                     on_done or (lambda n: None))
+    return _generate(token_ids, max_length, layout, prefix, end, on_done or (lambda n: None))
 
 
-def _generate(documents: Iterable[str], tokenizer: Any, max_length: int, layout: str,
-              batch_size: int, prefix: list[int], end: list[int], done: Callable[[int], None]
-              ) -> Iterator[TokenSequence]:
-    token_ids = iter_token_ids(documents, tokenizer, batch_size)
+def _generate(token_ids: Iterable[list[int]], max_length: int, layout: str, prefix: list[int],
+              end: list[int], done: Callable[[int], None]) -> Iterator[TokenSequence]:
     if layout == "packed":
         yield from _packed((prefix + ids + end for ids in token_ids), max_length, done)
         return

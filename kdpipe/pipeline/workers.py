@@ -1,9 +1,10 @@
 """Many workers over one corpus: disjoint shard slices, per-worker manifest parts, one merge.
 
 Shards are fixed groups of `shard_size` consecutive sample ids, so `--num-workers N
---worker-index i` gives worker i the shards whose index is i modulo N: every worker reads and
-tokenizes the whole sequence stream (cheap) but runs the teacher only on its own shards. All
-workers write into the same folder: their shard files never collide, and each records its
+--worker-index i` gives worker i the shards whose index is i modulo N: every worker assembles
+the whole sequence stream, tokenizing only its share of the corpus (`corpus_split`), but runs
+the teacher only on its own shards. All workers write into the same folder: their shard files
+never collide, and each records its
 progress in `manifest.part-{i:03d}-of-{N:03d}.json` (a CacheManifest listing only its shards),
 never in `manifest.json`. Any launcher works (one process per GPU, a SLURM array, Ray tasks):
 nothing but the shared folder connects the workers.
@@ -24,6 +25,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+from kdpipe.pipeline.corpus_split import remove_shares
 from kdpipe.pipeline.dataset_card import write_dataset_card
 from kdpipe.schemas.cache_verify import describe_files
 from kdpipe.schemas.errors import ConfigError
@@ -231,6 +233,7 @@ def merge_parts(out: Path, num_workers: int | None = None) -> CacheManifest:
                      extra={**extra, "num_workers": str(num_workers)})
     write_manifest(out, merged)
     write_dataset_card(out, merged)
+    remove_shares(out)  # the corpus shares' token ids: every worker has read them
     log.info("merged %d worker parts into %s (%d shards, %d sequences)", num_workers,
              manifest_path(out), len(merged.shards), merged.num_sequences)
     return merged

@@ -39,10 +39,11 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that never make a different run: where the run folder now is (moved or copied),
-# where and on how many CPU threads it runs, how it shows progress, whether it re-checks the
-# cache's checksums, and the run-folder flags themselves.
-COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "progress", "verify_reads",
-                   "local_cache", "resume", "overwrite")
+# where and on how many CPU threads (and loader processes) it runs, how it shows progress,
+# whether it re-checks the cache's checksums (and where it keeps a remote one's shards), and
+# the run-folder flags themselves.
+COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "loader_workers", "progress",
+                   "verify_reads", "local_cache", "resume", "overwrite")
 # Fields that may also differ on `--resume`: how long to train, how often to report, and
 # how the body runs (the same computation: checkpointing exactly, compiled up to rounding).
 # Everything else defines the run and must match.
@@ -177,6 +178,9 @@ class TrainConfig:
         16, "Row groups (64 sequences each) shuffled together; larger = closer to a full "
         "shuffle, more memory.", ge=1)
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
+    loader_workers: int = option(
+        0, "Processes that read and decode the cache's row groups ahead of the loader (0: its "
+        "one background thread). For a GPU at tens of thousands of tokens per step: 2-4.", ge=0)
     progress: bool = option(True, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
     local_cache: str | None = option(None, LOCAL_CACHE_HELP)

@@ -23,6 +23,7 @@ import torch
 
 from kdpipe.schemas.shard_reader import CacheIndex, Columns, RowGroup, RowGroupReader
 from kdpipe.trainer.chunked_loss import TeacherTargets
+from kdpipe.trainer.decode_workers import WorkerRowGroupReader
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +183,19 @@ class BatchLoader:
     `prefetch` global batches wait in the queue, and at most `cached_groups` decoded row groups
     are held (LRU), so memory does not grow with the cache. An order that visits row groups in
     windows of at most `cached_groups` (the default sampler's `--shuffle-window`) decodes each
-    row group once per epoch; any other order is still correct, only slower. Use as a context
-    manager so an early stop (e.g. --max-steps mid-epoch) ends the thread.
+    row group once per epoch; any other order is still correct, only slower. With `workers` > 0
+    the row groups are read and decoded by that many processes ahead of the thread
+    (`decode_workers.py`); the batches are the same. Use as a context manager so an early stop
+    (e.g. --max-steps mid-epoch) ends the thread and the workers.
     """
 
     def __init__(self, index: CacheIndex, order: np.ndarray, columns: Columns, batch_size: int,
                  grad_accum: int = 1, pad_id: int = 0, prefetch: int = 4,
-                 cached_groups: int = 16) -> None:
+                 cached_groups: int = 16, workers: int = 0) -> None:
         self.index, self.columns = index, columns
         self.order = np.asarray(order, dtype=np.int64)
         self.batch_size, self.grad_accum, self.pad_id = batch_size, grad_accum, pad_id
-        self.cached_groups = cached_groups
+        self.cached_groups, self.workers = cached_groups, workers
         self.queue: queue.Queue[object] = queue.Queue(maxsize=max(prefetch, 1))
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -241,9 +244,14 @@ class BatchLoader:
         return False
 
     def _produce(self) -> None:
-        reader = RowGroupReader(self.index, self.columns, self.cached_groups)
+        reader: RowGroupReader | WorkerRowGroupReader | None = None
         try:
             positions = self.index.positions(self.order)
+            if self.workers:
+                reader = WorkerRowGroupReader(self.index, self.columns, self.cached_groups,
+                                              self.index.group[positions].tolist(), self.workers)
+            else:
+                reader = RowGroupReader(self.index, self.columns, self.cached_groups)
             per_step = self.batch_size * self.grad_accum
             for start in range(0, self.order.size, per_step):
                 step_pos = positions[start:start + per_step]
@@ -261,4 +269,5 @@ class BatchLoader:
         except Exception as exc:  # handed to the consumer, which re-raises it
             self._put(exc)
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
