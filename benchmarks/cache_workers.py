@@ -71,7 +71,7 @@ def run_worker(job: dict[str, Any], start: Any = None) -> dict[str, Any]:
 
     counts = {"documents": 0, "tokens": 0}
     sequences._encoder = _counting_encoder(counts)  # in this process only
-    cfg = CacheTeacherConfig(teacher="unused", data=(job["data"],), out=Path(job["out"]),
+    cfg = CacheTeacherConfig(teacher="unused", data=(job["data"],), out=job["out"],
                              max_length=job["max_length"], pack=job["pack"],
                              num_workers=job["num_workers"], worker_index=job["worker_index"])
     tokenizer = load_tokenizer(job["tokenizer"], False, "--tokenizer")

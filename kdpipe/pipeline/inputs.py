@@ -106,7 +106,7 @@ def cache_sequences(cfg: CacheTeacherConfig, reading: Reading, sources: Sequence
             return iter_token_ids(iter_documents(share, field, cfg.split, cfg.strict, counts,
                                                  allow_empty=True), tokenizer)
 
-        shared = SharedCorpus(cfg.out, shares, cfg.worker_index, key, tokenize_text,
+        shared = SharedCorpus(cfg.out_dir, shares, cfg.worker_index, key, tokenize_text,
                               conversations=False, flags="--text-field")
         return sequences_of_ids(shared.items(stats), tokenizer, cfg.max_length, cfg.layout,
                                 cfg.add_special_tokens, on_done)
@@ -121,6 +121,6 @@ def cache_sequences(cfg: CacheTeacherConfig, reading: Reading, sources: Sequence
                                       cfg.strict, counts, allow_empty=True)
 
         flags = ", ".join(f.flag for f in reading.format.fields())
-        conversations = SharedCorpus(cfg.out, shares, cfg.worker_index, key, tokenize_chat,
+        conversations = SharedCorpus(cfg.out_dir, shares, cfg.worker_index, key, tokenize_chat,
                                      conversations=True, flags=flags).items(stats)
     return conversation_sequences(conversations, cfg.max_length, cfg.layout, on_done)

@@ -54,6 +54,8 @@ _SMALL = (CACHE_CONFIG_NAME, DATASET_CARD_NAME)
 
 def _ours(name: str) -> bool:
     """Whether `name` (relative to the cache) is a file cache-teacher writes."""
+    if ".tmp-" in name:
+        return False
     return (name in (MANIFEST_NAME, *_SMALL) or name.startswith(TOKENIZER_DIR + "/")
             or workers.SHARD_RE.match(name) is not None
             or workers.PART_RE.match(name) is not None)
@@ -104,8 +106,8 @@ class RemoteOut:
                               f"cache's ({', '.join(foreign[:3])}); choose an empty or new URL")
         wanted = [n for n in listing if not workers.SHARD_RE.match(n)
                   and (everything or self._owned(n))]
-        for path in self.staging.rglob("*"):  # the store is the truth: drop what it lacks
-            if path.is_file() and path.relative_to(self.staging).as_posix() not in listing:
+        for path in _cache_files(self.staging):  # the store is the truth: drop what it lacks
+            if path.relative_to(self.staging).as_posix() not in listing:
                 path.unlink()
         for name in wanted:
             self.store.get_file(name, self.staging / name)
@@ -145,8 +147,7 @@ class RemoteOut:
         """Upload every changed file of the staging folder, the manifest or part last;
         remove from the store the files of ours this run removed locally (a fresh start)."""
         self._record_url()
-        local = {p.relative_to(self.staging).as_posix(): p for p in self.staging.rglob("*")
-                 if p.is_file() and ".tmp-" not in p.name and p.name != workers.MERGE_LOCK}
+        local = {p.relative_to(self.staging).as_posix(): p for p in _cache_files(self.staging)}
         last = [n for n in local if n == MANIFEST_NAME or workers.PART_RE.match(n)]
         for name in [*sorted(set(local) - set(last)), *sorted(last)]:
             sha = self._sha(local[name])
@@ -157,6 +158,14 @@ class RemoteOut:
             if self._owned(name):
                 self.store.remove(name)
                 del self.stored[name]
+
+
+def _cache_files(staging: Path) -> list[Path]:
+    """The files of the cache in the staging folder: not temporaries, locks, or a run's
+    hidden working files (the workers' tokenized corpus shares, `.corpus-shares/`, which
+    stay on the node: workers writing to a URL do not share them)."""
+    return [p for p in staging.rglob("*") if p.is_file() and _ours(
+        p.relative_to(staging).as_posix())]
 
 
 def open_remote_out(cfg: CacheTeacherConfig) -> RemoteOut | None:
@@ -246,5 +255,5 @@ def _data_files(where: Store) -> list[tuple[str, str]]:
 
 
 def _fetch(where: Store, path: str, dest: Path) -> None:
-    root = Store(url=where.url, fs=where.fs, root=path.rsplit("/", 1)[0])
+    root = Store(url=where.url, protocol=where.protocol, root=path.rsplit("/", 1)[0])
     root.get_file(path.rsplit("/", 1)[-1], dest)

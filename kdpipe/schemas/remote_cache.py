@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -44,7 +45,6 @@ PREFETCH_SHARDS = 1  # shards downloaded ahead of the one being read (--local-ca
 
 # (url, expected sha256) of every streamed shard this process has checked
 _verified: set[tuple[str, str]] = set()
-_lock = threading.Lock()
 
 
 def local_folder(store: Store, local_cache: Path | None) -> Path:
@@ -67,6 +67,15 @@ class RemoteShards:
     local_cache: Path | None
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
     _pending: dict[str, Future[Path]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _pid: int = field(default_factory=os.getpid, repr=False)
+
+    def _in_this_process(self) -> None:
+        """Forget the prefetch pool of a parent process: its threads do not survive a fork
+        (the loader's worker processes), and a lock it held would never be released."""
+        if self._pid != os.getpid():
+            self._pid, self._pool, self._pending = os.getpid(), None, {}
+            self._lock = threading.Lock()
 
     def url(self, shard: ShardInfo) -> str:
         return f"{self.store.url}/{shard.file}"
@@ -87,7 +96,8 @@ class RemoteShards:
 
     def fetch(self, shard: ShardInfo) -> Path:
         """`_fetch`, joining a prefetch of the same shard in flight."""
-        with _lock:
+        self._in_this_process()
+        with self._lock:
             pending = self._pending.pop(shard.file, None)
         return pending.result() if pending is not None else self._fetch(shard)
 
@@ -95,7 +105,8 @@ class RemoteShards:
         """Start downloading `shards` in the background (--local-cache only)."""
         if self.local_cache is None:
             return
-        with _lock:
+        self._in_this_process()
+        with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
             for shard in shards:

@@ -64,7 +64,8 @@ def location(value: str | Path, flag: str) -> Path | Store:
     protocol = url.split("://", 1)[0].lower()
     if protocol in ("file", "local"):
         return Path(url.split("://", 1)[1])
-    return Store(url=url, fs=_filesystem(url, protocol, flag), root=_strip(url))
+    _filesystem(url, protocol, flag)  # a missing package is reported here, naming the flag
+    return Store(url=url, protocol=protocol, root=_strip(url))
 
 
 def _strip(url: str) -> str:
@@ -94,14 +95,20 @@ class Store:
     """A folder in a remote file system: `url` as given, `root` its path inside `fs`."""
 
     url: str
-    fs: Any  # an fsspec AbstractFileSystem
+    protocol: str
     root: str
 
     def __str__(self) -> str:
         return self.url
 
-    def child(self, name: str) -> Store:
-        return Store(url=f"{self.url}/{name}", fs=self.fs, root=f"{self.root}/{name}")
+    @property
+    def fs(self) -> Any:
+        """The protocol's fsspec file system in this process. Not held by the Store: s3fs
+        and gcsfs refuse to be used in a forked child (the loader's worker processes), and
+        fsspec's instance cache makes a new one per process and reuses it within one."""
+        import fsspec
+
+        return fsspec.filesystem(self.protocol)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"

@@ -98,7 +98,7 @@ class _RowGroups(Dataset[tuple[int, Shared | CacheFormatError]]):
         path = self.index.cache.shard_path(shard)
         try:
             if shard.file not in self.files:
-                self.files[shard.file] = pq.ParquetFile(path)
+                self.files[shard.file] = self.index.cache.open_shard(shard)  # or a URL's
                 if len(self.files) > OPEN_FILES:
                     self.files.popitem(last=False)[1].close()
             table = self.files[shard.file].read_row_group(rg, columns=self.columns.names)

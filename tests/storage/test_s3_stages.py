@@ -90,3 +90,24 @@ def test_a_url_is_never_a_local_folder(tiny_teacher_dir: Path, corpus_file: Path
                            capsys)
     assert code == 0, err
     assert not (tmp_path / "s3:").exists()
+
+
+def test_loader_worker_processes_stream_a_remote_cache(
+        tiny_teacher_dir: Path, corpus_file: Path, bucket: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--loader-workers decodes in forked processes, where s3fs must not be reused."""
+    cache = f"{bucket}/cache"
+    assert run_cli(cache_args(tiny_teacher_dir, str(corpus_file), cache), capsys)[0] == 0
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(STUDENT))
+    losses = []
+    for workers in ("0", "1"):
+        out = tmp_path / f"run-{workers}"
+        code, _, err = run_cli(["train-student", "--cache", cache, "--student-config",
+                                str(student), "--out", str(out), "--epochs", "1",
+                                "--batch-size", "4", "--loader-workers", workers,
+                                "--no-progress"], capsys)
+        assert code == 0, err
+        losses.append([json.loads(line)["loss"] for line in
+                       (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line])
+    assert losses[0] == losses[1] and losses[0]
