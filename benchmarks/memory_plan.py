@@ -199,11 +199,17 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=1024, help="Tokens per sequence.")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--only", default="", help="Run configurations whose name has this.")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="Build the caches and the student, measure nothing (a cache to "
+                        "point `train-student --dry-run` at).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     caches, student = prepare(out, {"short": args.short, "long": args.long},
                               ModelSize(args.hidden, args.layers, args.heads))
+    if args.prepare_only:
+        print("\n".join(f"{name}: {path}" for name, path in caches.items()))
+        return
     results = []
     for name, which, options in CONFIGS:
         if args.only and args.only not in name:

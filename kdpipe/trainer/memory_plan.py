@@ -300,7 +300,8 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
     (`meta_student`), `world_size` processes, a resolved --precision (fp32, bf16-mixed,
     bf16-master) on a device of `device_type` (cpu: optimizers loop over tensors; cuda:
     foreach kernels). Bytes per process; formulas in the module docstring."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrap = getattr(model, "get_base_model", None)  # a peft model: the transformers one
+    inner: nn.Module = unwrap() if callable(unwrap) else model
     tensors = Tensors.of(model)
     fsdp = cfg.fsdp and world_size > 1
     world = world_size if fsdp else 1
@@ -339,7 +340,7 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
                f"× {tokens:,} tokens ({batch} × {seq_len})")
         layer_backward = block.backward_per_token(matmul_bytes) * tokens
     activations = Part("activations", kept_per_token * tokens, how)
-    head_rows = inner.get_output_embeddings().weight.shape[0]
+    head_rows = inner.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
     chunk = min(cfg.loss.chunk_size, tokens)
     head = Part("KD head chunks", HEAD_CHUNK_COPIES * FLOAT32 * chunk * head_rows,
                 f"{HEAD_CHUNK_COPIES} × {chunk:,} tokens × {head_rows:,} rows × 4 B")
@@ -386,7 +387,7 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
     return MemoryPlan(
         student=f"{cfg.student or cfg.student_config} ({type(inner).__name__})",
         total_params=tensors.total_count, trainable_params=tensors.trainable_count,
-        setup=_setup(cfg, precision, world_size, fsdp), world_size=world_size,
+        setup=_setup(cfg, precision, world_size, fsdp, device_type), world_size=world_size,
         held=tuple(held), gradients=gradients, activations=activations, head_chunks=head,
         other=tuple(other), forward_backward=forward_backward, backward_end=backward_end,
         optimizer_step=optimizer_step,
@@ -418,12 +419,13 @@ def _optimizer_how(cfg: TrainConfig) -> str:
                     else "sgd without momentum: none")}[cfg.optimizer]
 
 
-def _setup(cfg: TrainConfig, precision: str, world_size: int, fsdp: bool) -> str:
+def _setup(cfg: TrainConfig, precision: str, world_size: int, fsdp: bool,
+           device_type: str) -> str:
     adapter = ("no adapters (every weight trains)" if not cfg.adapter.enabled else
                f"--peft-config {cfg.adapter.peft_config}" if cfg.adapter.peft_config else
                f"{'DoRA' if cfg.adapter.use_dora else 'LoRA'} r {cfg.adapter.lora_r}")
     processes = (f"{world_size} processes, " + ("FSDP" if fsdp else "DDP")
-                 if world_size > 1 else "1 process")
+                 if world_size > 1 else "1 process") + f" on {device_type}"
     return (f"--precision {precision}, --optimizer {cfg.optimizer}, {adapter}, gradient "
             f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {processes}")
 
