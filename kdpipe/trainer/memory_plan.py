@@ -50,13 +50,21 @@ the run", works an example):
   (chunk, head rows) tensors (logits, their exp and gradients: measured), with chunk =
   min(--chunk-size, B·T).
 * The **peak**: what is held across steps (weights, buffers, masters, optimizer state) plus
-  the larger of the forward/backward phase (the activations kept, the larger of the head's
-  chunk buffers and one layer's backward, the gradients of earlier micro-batches with
-  --grad-accum > 1, bfloat16 weight copies under `bf16-mixed`) and the optimizer phase (all
-  gradients, and a float32 copy of them for the masters under `bf16-master`, plus the
-  optimizer's temporaries: a float32 copy of the largest tensor on CPU, where torch's
-  optimizers loop over tensors; of every tensor on a GPU, where they use foreach kernels).
+  the largest of three phases. Forward/backward, gradients aside: the activations kept, the
+  target positions' hidden-state gradient (h per token), the larger of the head's chunk
+  buffers and one layer's backward (with checkpointing: its recomputed activations), the
+  gradients of earlier micro-batches with --grad-accum > 1, bfloat16 weight copies under
+  `bf16-mixed`. The end of backward: every gradient, with the first layer's activations and
+  backward. The optimizer step: every gradient (under `bf16-master` their float32 copies on
+  the masters, which replace the bfloat16 ones one by one) and the optimizer's temporaries:
+  CPU_STEP_COPIES float32 copies of the largest tensor on a CPU, where torch's optimizers
+  loop over the tensors (measured); a float32 copy of every trainable value on a GPU, where
+  they use foreach kernels (not measured). A layer's backward adds about one gradient of the
+  MLP's width per token over what it frees (measured).
 
+The parts measured on CPU (head copies, optimizer temporaries, a layer's backward) and the
+whole are checked against the peak of live tensor bytes in benchmarks/memory_plan.py
+(docs/benchmarks.md): within 1% for full, LoRA, SGD, Adafactor and checkpointed fp32 runs.
 Parameters transformers keeps in float32 under `bf16-master` (MoE routers) are counted at
 2 B; they are a few thousand values.
 """
@@ -362,14 +370,16 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
     if fsdp:
         other.append(Part("FSDP gathered parameters", _fsdp_gathered(inner, trainable_bytes),
                           f"root unit + {PREFETCHED_BLOCKS} blocks, unsharded"))
-    master_grads = FLOAT32 * trainable if precision == "bf16-master" else 0
+    if precision == "bf16-master":  # moved onto the masters one by one, the bfloat16 freed
+        other.append(Part("float32 gradients of the masters", FLOAT32 * trainable,
+                          "in the optimizer step, in place of the bfloat16 gradients"))
     largest = max((shard(s, world) for s in tensors.trainable), default=0)
     copies = CPU_STEP_COPIES[cfg.optimizer]
     temporaries = FLOAT32 * (trainable if device_type == "cuda" else copies * largest)
-    other.append(Part("optimizer temporaries", temporaries + master_grads,
-                      ("float32 gradients of the masters + " if master_grads else "")
-                      + ("foreach: a float32 copy of every tensor" if device_type == "cuda"
-                         else f"{copies} float32 copies of the largest tensor")))
+    other.append(Part("optimizer temporaries", temporaries,
+                      "foreach: a float32 copy of every tensor" if device_type == "cuda"
+                      else f"{copies} float32 cop{'y' if copies == 1 else 'ies'} of the "
+                      "largest tensor"))
     extra = {p.name: p.bytes for p in other}
     forward_backward = (activations.bytes + hidden_grad
                         + max(head.bytes, layer_backward)
@@ -380,8 +390,8 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
     backward_end = (gradients.bytes + (layer + block.backward_per_token(matmul_bytes)) * tokens
                     + extra.get("bfloat16 weight copies", 0)
                     + extra.get("FSDP gathered parameters", 0))
-    optimizer_step = (gradients.bytes + extra.get("DDP gradient buckets", 0)
-                      + extra["optimizer temporaries"])
+    optimizer_step = (extra.get("float32 gradients of the masters", gradients.bytes)
+                      + extra.get("DDP gradient buckets", 0) + extra["optimizer temporaries"])
     per_step = cfg.batch_size * cfg.grad_accum * world_size
     steps, steps_how = _steps(cfg, manifest, per_step)
     return MemoryPlan(
@@ -487,8 +497,9 @@ def render(plan: MemoryPlan) -> str:
              f"parameters  {plan.total_params:,}, trainable {plan.trainable_params:,} "
              f"({share:.2f}%)",
              f"setup       {plan.setup}",
-             f"per step    {plan.sequences_per_step:,} sequences, {plan.tokens_per_step:,} "
-             "tokens (at most: padding included)",
+             f"per step    {plan.sequences_per_step:,} sequence"
+             f"{'' if plan.sequences_per_step == 1 else 's'}, {plan.tokens_per_step:,} tokens "
+             "(at most: padding included)",
              f"steps       {plan.steps:,} ({plan.steps_how})",
              "",
              f"{'memory per process':<36}{'bytes':>16}{'GiB':>9}  how"]
