@@ -239,3 +239,12 @@ def test_world_size_comes_from_torchrun_s_environment(monkeypatch: pytest.Monkey
     monkeypatch.setenv("WORLD_SIZE", "eight")
     with pytest.raises(ConfigError, match="WORLD_SIZE='eight' is not an integer"):
         planned_world_size()
+
+
+def test_train_refuses_a_dry_run(tmp_path: Path, tiny_cache: Path,
+                                 tiny_student_dir: Path) -> None:
+    from kdpipe.trainer.train import train
+
+    with pytest.raises(ConfigError, match="--dry-run plans the run without training it"):
+        train(_cfg(tiny_cache, tmp_path / "run", student=str(tiny_student_dir), dry_run=True))
+    assert not (tmp_path / "run").exists()
