@@ -88,6 +88,7 @@ from kdpipe.trainer import adapters
 from kdpipe.trainer.adapter_config import is_adapter_folder
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.model import check_vocab, student_model_config
+from kdpipe.trainer.optimizers import BNB_MIN_8BIT_SIZE  # smaller tensors: float32 moments
 from kdpipe.trainer.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,6 @@ BFLOAT16 = 2
 ADAM_STEP_BYTES = 4  # torch keeps each tensor's step count as a 0-dim float32 tensor
 BNB_BLOCK = 256  # bitsandbytes' blockwise quantization: one float32 scale per 256 values
 BNB_CODEBOOKS = 2 * 256 * FLOAT32  # two 256-entry float32 code books per tensor
-BNB_MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 moments
 # Float32 temporaries of the largest tensor during a CPU optimizer step (torch loops over the
 # tensors there): AdamW's denominator and update, Adafactor's, SGD's weight-decayed gradient.
 CPU_STEP_COPIES = {"adamw": 3, "adamw-8bit": 1, "adafactor": 2, "sgd": 1}

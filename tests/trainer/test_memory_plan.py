@@ -77,6 +77,20 @@ def test_parameter_counts_are_exact(tmp_path: Path, tiny_cache: Path, tiny_stude
     assert _plan(cfg).total_params == sum(p.numel() for p in built.parameters())
 
 
+def test_gpt2_counts_and_its_lora_targets(tmp_path: Path, tiny_cache: Path,
+                                         tiny_gpt2_dir: Path) -> None:
+    """Another architecture: tied head, Conv1D layers, a non-gated MLP."""
+    real = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    plan = _plan(_cfg(tiny_cache, tmp_path / "a", student=str(tiny_gpt2_dir)))
+    assert plan.total_params == sum(p.numel() for p in real.parameters())
+    assert not Block.of(real.config).gated
+    pytest.importorskip("peft")
+    cfg = _cfg(tiny_cache, tmp_path / "b", student=str(tiny_gpt2_dir), lora_r=4)
+    adapted = adapters.new_adapters(real, cfg.adapter, adapters.lora_config(cfg.adapter, real))
+    trainable, _ = adapted.get_nb_trainable_parameters()  # type: ignore[operator]
+    assert _plan(cfg).trainable_params == trainable
+
+
 @pytest.mark.parametrize(("precision", "optimizer", "momentum", "per_param"), [
     ("fp32", "adamw", 0.0, 4 + 4 + 8), ("bf16-mixed", "adamw", 0.0, 4 + 4 + 8),
     ("bf16-master", "adamw", 0.0, 2 + 2 + 4 + 8), ("fp32", "sgd", 0.0, 4 + 4),
