@@ -61,6 +61,11 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("gradient checkpointing", "long", {"gradient_checkpointing": True}),
     ("LoRA r 16", "long", {"lora_r": 16}),
     ("LoRA r 16 + checkpointing", "long", {"lora_r": 16, "gradient_checkpointing": True}),
+    ("bf16-mixed", "short", {"precision": "bf16-mixed"}),
+    ("bf16-master", "short", {"precision": "bf16-master"}),
+    ("bf16-mixed", "long", {"precision": "bf16-mixed"}),
+    ("bf16-mixed + checkpointing", "long", {"precision": "bf16-mixed",
+                                            "gradient_checkpointing": True}),
 ]
 
 
@@ -69,7 +74,7 @@ class PhaseTracker(TensorMemoryTracker):
     the step nor parameter gradients (the activations and the head's buffers), and the
     optimizer step's own peak (split at a pre-step hook: `begin_optimizer_step`)."""
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    def __init__(self, params: list[torch.Tensor]) -> None:
         super().__init__()
         self.params = params
         self.held = 0
@@ -121,9 +126,9 @@ def measure(run: Run) -> dict[str, int]:
         first = next(batches)
         train_step(run, first, StepLambdas.constant(0.5, first.sample_ids.size), None, 1)
         second = next(batches)
-        tracker = PhaseTracker(params)
         masters = ([m for _, m in run.optimizer.pairs]
                    if isinstance(run.optimizer, MasterWeightOptimizer) else [])
+        tracker = PhaseTracker(params + masters)  # bf16-master: gradients move onto masters
         state = [t for s in run.optimizer.state.values() for t in s.values()
                  if isinstance(t, torch.Tensor)]
         for tensor in [*model.parameters(), *model.buffers(), *masters, *state,

@@ -53,18 +53,23 @@ the run", works an example):
   the largest of three phases. Forward/backward, gradients aside: the activations kept, the
   target positions' hidden-state gradient (h per token), the larger of the head's chunk
   buffers and one layer's backward (with checkpointing: its recomputed activations), the
-  gradients of earlier micro-batches with --grad-accum > 1, bfloat16 weight copies under
-  `bf16-mixed`. The end of backward: every gradient, with the first layer's activations and
-  backward. The optimizer step: every gradient (under `bf16-master` their float32 copies on
-  the masters, which replace the bfloat16 ones one by one) and the optimizer's temporaries:
-  CPU_STEP_COPIES float32 copies of the largest tensor on a CPU, where torch's optimizers
-  loop over the tensors (measured); a float32 copy of every trainable value on a GPU, where
-  they use foreach kernels (not measured). A layer's backward adds about one gradient of the
-  MLP's width per token over what it frees (measured).
+  gradients of earlier micro-batches with --grad-accum > 1, and under `bf16-mixed` the
+  bfloat16 weight copies (2 B per value: autocast caches its casts of trainable weights until
+  the forward ends, checkpointed or not; a frozen weight's cast lives only where a matmul
+  saves it for backward: all of them, or one layer's with checkpointing, where the copies
+  are gone before backward recomputes a layer). The end of backward: every gradient, with
+  the first layer's activations and backward. The optimizer step: every gradient (under
+  `bf16-master` their float32 copies on the masters, which replace the bfloat16 ones one by
+  one) and the optimizer's temporaries: CPU_STEP_COPIES float32 copies of the largest tensor
+  on a CPU, where torch's optimizers loop over the tensors (measured); a float32 copy of
+  every trainable value on a GPU, where they use foreach kernels (not measured). A layer's
+  backward adds about one gradient of the MLP's width per token over what it frees
+  (measured).
 
 The parts measured on CPU (head copies, optimizer temporaries, a layer's backward) and the
 whole are checked against the peak of live tensor bytes in benchmarks/memory_plan.py
-(docs/benchmarks.md): within 1% for full, LoRA, SGD, Adafactor and checkpointed fp32 runs.
+(docs/benchmarks.md): within 1% for full, LoRA, SGD, Adafactor, checkpointed, bf16-mixed and
+bf16-master runs on CPU.
 Parameters transformers keeps in float32 under `bf16-master` (MoE routers) are counted at
 2 B; they are a few thousand values.
 """
@@ -359,11 +364,17 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
         other.append(Part("gradients of earlier micro-batches", gradients.bytes,
                           f"--grad-accum {cfg.grad_accum}: held through later forwards"))
     if precision == "bf16-mixed":
-        copies = BFLOAT16 * (tensors.trainable_count + sum(math.prod(s) for s in tensors.frozen))
+        # Autocast caches its casts of trainable weights until the forward ends (checkpointed
+        # or not); a frozen weight's cast is kept only where a matmul saves it for backward.
+        frozen_values = sum(math.prod(s) for s in tensors.frozen)
         if cfg.gradient_checkpointing:
-            copies //= max(block.layers, 1)
-        other.append(Part("bfloat16 weight copies", copies, "autocast's casts, kept for "
-                          "backward" + (" (one layer)" if cfg.gradient_checkpointing else "")))
+            frozen_values //= max(block.layers, 1)
+        other.append(Part("bfloat16 weight copies",
+                          BFLOAT16 * (tensors.trainable_count + frozen_values),
+                          "autocast's casts: trainable weights cached through the forward"
+                          + (", frozen ones kept for backward" if tensors.frozen else "")
+                          + (" (one layer)" if tensors.frozen and cfg.gradient_checkpointing
+                             else "")))
     if world_size > 1 and not fsdp:
         other.append(Part("DDP gradient buckets", gradients.bytes, "a second copy of the "
                           "gradients, all-reduced"))
@@ -381,14 +392,15 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
                       else f"{copies} float32 cop{'y' if copies == 1 else 'ies'} of the "
                       "largest tensor"))
     extra = {p.name: p.bytes for p in other}
-    forward_backward = (activations.bytes + hidden_grad
-                        + max(head.bytes, layer_backward)
+    backward = hidden_grad + max(head.bytes, layer_backward)
+    copies = extra.get("bfloat16 weight copies", 0)
+    # Checkpointed, the copies are freed when the forward ends, before backward recomputes.
+    backward = max(copies, backward) if cfg.gradient_checkpointing else copies + backward
+    forward_backward = (activations.bytes + backward
                         + extra.get("gradients of earlier micro-batches", 0)
-                        + extra.get("bfloat16 weight copies", 0)
                         + extra.get("FSDP gathered parameters", 0))
     # The end of backward: every gradient, and the first layer's activations and backward.
     backward_end = (gradients.bytes + (layer + block.backward_per_token(matmul_bytes)) * tokens
-                    + extra.get("bfloat16 weight copies", 0)
                     + extra.get("FSDP gathered parameters", 0))
     optimizer_step = (extra.get("float32 gradients of the masters", gradients.bytes)
                       + extra.get("DDP gradient buckets", 0) + extra["optimizer temporaries"])
