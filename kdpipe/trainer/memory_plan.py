@@ -156,9 +156,10 @@ def meta_student(cfg: TrainConfig, manifest: CacheManifest) -> nn.Module:
     try:
         with torch.device("meta"):
             model: nn.Module = AutoModelForCausalLM.from_config(config, **kwargs)
-    except (ImportError, ValueError) as exc:
+    except (ImportError, ValueError) as exc:  # e.g. an attention it does not implement
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{name}: {first}") from exc
+        flag = "--student" if cfg.student is not None else "--student-config"
+        raise ConfigError(f"{flag} {name}: {first}") from exc
     check_vocab(model, manifest, name)
     if cfg.adapter.enabled:
         model = adapters.new_adapters(model, cfg.adapter, adapters.lora_config(cfg.adapter,
