@@ -261,13 +261,9 @@ def attach(model: nn.Module, cfg: AdapterConfig, student: str, checkpoint: Path 
             _check_same_settings(checkpoint, config)
             adapted = peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         else:
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    adapted = peft.get_peft_model(model, config)
-            except ValueError as exc:  # e.g. a target peft cannot adapt (a norm, a block)
-                raise ConfigError(f"{_where(cfg)}: peft cannot adapt these modules "
-                                  f"({_first_line(exc)})") from exc
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                adapted = new_adapters(model, cfg, config)
     adapted.peft_config["default"].base_model_name_or_path = record[BASE_MODEL_KEY]
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     total = sum(p.numel() for p in adapted.parameters())
@@ -276,6 +272,20 @@ def attach(model: nn.Module, cfg: AdapterConfig, student: str, checkpoint: Path 
              ",".join(sorted(config.target_modules)) if isinstance(config.target_modules, set)
              else config.target_modules, trainable, total, 100.0 * trainable / max(total, 1))
     return adapted, record
+
+
+def new_adapters(model: nn.Module, cfg: AdapterConfig, config: Any) -> nn.Module:
+    """peft's PeftModel of `model` with new adapters of `config` (`lora_config(cfg, model)`),
+    on whatever device `model` is (the memory plan's is `meta`). Raises ConfigError (one line)
+    where peft refuses a target (a norm, a block)."""
+    peft = require_peft()
+    try:
+        with _quiet_peft():
+            adapted: nn.Module = peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"{_where(cfg)}: peft cannot adapt these modules "
+                          f"({_first_line(exc)})") from exc
+    return adapted
 
 
 @contextlib.contextmanager

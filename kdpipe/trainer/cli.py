@@ -21,6 +21,13 @@ def _train(cfg: TrainConfig) -> None:
     from kdpipe.trainer.train import train
 
     set_threads(cfg.threads)
+    if cfg.dry_run:
+        from kdpipe.trainer.memory_plan import dry_run, render
+
+        plan = dry_run(cfg)
+        if is_main_process():  # every process plans the same: rank 0 prints it
+            typer.echo(render(plan))
+        return
     with library_bars(bars_shown(cfg.progress and is_main_process())):  # "Loading weights"
         final = train(cfg)
     if is_main_process():  # under torchrun, rank 0 speaks for the run

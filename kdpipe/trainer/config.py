@@ -40,10 +40,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that never make a different run: where the run folder now is (moved or copied),
 # where and on how many CPU threads (and loader processes) it runs, how it shows progress,
-# whether it re-checks the cache's checksums (and where it keeps a remote one's shards), and
-# the run-folder flags themselves.
+# whether it re-checks the cache's checksums (and where it keeps a remote one's shards), the
+# run-folder flags themselves, and --dry-run.
 COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "loader_workers", "progress",
-                   "verify_reads", "local_cache", "resume", "overwrite")
+                   "verify_reads", "local_cache", "resume", "overwrite", "dry_run")
 # Fields that may also differ on `--resume`: how long to train, how often to report, and
 # how the body runs (the same computation: checkpointing exactly, compiled up to rounding).
 # Everything else defines the run and must match.
@@ -188,6 +188,12 @@ class TrainConfig:
                           "(exactly).")
     overwrite: bool = option(False, "Delete a previous run in --out and start over.")
     trust_remote_code: bool = option(False, REMOTE_CODE_HELP)
+    dry_run: bool = option(
+        False, "Print the memory plan of one process (parameters, trainable parameters, bytes "
+        "of weights, gradients, optimizer state, activations and the KD head's chunks; tokens "
+        "per step; steps) and exit. Reads the student's config and the cache's manifest only: "
+        "no weights, no cache rows; trains nothing and writes nothing to --out. Plans for "
+        "WORLD_SIZE processes (torchrun sets it). See docs/training.md.")
     fsdp: bool = option(
         False, "Under torchrun: shard parameters, gradients and optimizer state over the "
         "processes (FSDP2) instead of replicating the student (DDP). See docs/distributed.md.")

@@ -33,6 +33,7 @@ from kdpipe.trainer.adapter_config import AdapterConfig, is_adapter_folder
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # from the tokenizer
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -106,7 +107,7 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
     a run is reproducible. `attn_implementation` (sdpa, flash_attention_2, eager; None: the
     model's default) becomes `model.config._attn_implementation`, which packing reads.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
@@ -117,6 +118,27 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
     if student is not None:
         return _pretrained(student, f"--student {student}", kwargs)
     assert student_config is not None
+    config = student_model_config(student_config, manifest, {
+        key: getattr(tokenizer, key) for key in SPECIAL_TOKEN_KEYS})
+    with MODEL_INIT_LOCK:
+        torch.manual_seed(seed)
+        try:
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+        except (ImportError, ValueError) as exc:  # e.g. an attention it does not implement
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--student-config {student_config}: {first}") from exc
+
+
+def student_model_config(student_config: str, manifest: CacheManifest,
+                         specials: dict[str, int | None]) -> Any:
+    """The transformers config of a --student-config JSON file: `vocab_size` defaults to the
+    cache's real vocabulary, and the special token ids (SPECIAL_TOKEN_KEYS) to `specials`.
+
+    Raises ConfigError naming the file when it is not JSON, has no `model_type`, or
+    transformers refuses its settings.
+    """
+    from transformers import AutoConfig
+
     try:
         spec = json.loads(Path(student_config).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -125,20 +147,13 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
         raise ConfigError(f"--student-config {student_config}: needs a JSON object with "
                           "'model_type' (e.g. \"llama\") and the model's settings")
     spec.setdefault("vocab_size", manifest.vocab_size)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        spec.setdefault(key, getattr(tokenizer, key))
+    for key in SPECIAL_TOKEN_KEYS:
+        spec.setdefault(key, specials.get(key))
     model_type = spec.pop("model_type")
     try:
-        config = AutoConfig.for_model(model_type, **spec)
+        return AutoConfig.for_model(model_type, **spec)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--student-config {student_config}: {exc}") from exc
-    with MODEL_INIT_LOCK:
-        torch.manual_seed(seed)
-        try:
-            return AutoModelForCausalLM.from_config(config, **kwargs)
-        except (ImportError, ValueError) as exc:  # e.g. an attention it does not implement
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"--student-config {student_config}: {first}") from exc
 
 
 def _pretrained(name: str, what: str, kwargs: dict[str, Any], hint: str = "") -> nn.Module:

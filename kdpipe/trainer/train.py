@@ -421,6 +421,9 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
     Without them, `--curriculum*`/`--reliance*` options build them (curriculum_config.py).
     Under torchrun every process calls this; see distributed.py for how the work is split.
     """
+    if cfg.dry_run:
+        raise ConfigError("--dry-run plans the run without training it: run `kdpipe "
+                          "train-student ... --dry-run`, or kdpipe.trainer.memory_plan.dry_run")
     cfg = cfg.with_cache_defaults()
     cfg.validate()
     # before any write
