@@ -108,7 +108,7 @@ def prepare(out: Path, lengths: dict[str, int], student: ModelSize) -> tuple[dic
         caches[name] = out / f"cache-{length}"
         if not manifest_path(caches[name]).is_file():
             cache_teacher(CacheTeacherConfig(
-                teacher=str(teacher), data=(str(train_jsonl),), out=caches[name], top_k=8,
+                teacher=str(teacher), data=(str(train_jsonl),), out=str(caches[name]), top_k=8,
                 pack=True, max_length=length, batch_size=8, shard_size=64, device="cpu",
                 progress=False))
     return caches, init_model(tokenizer, out / "student", student, longest)
