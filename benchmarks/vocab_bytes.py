@@ -1,0 +1,409 @@
+"""Benchmark: bytes per stored top-k entry at a real vocabulary (V = 151,936 and 128,256, ids
+above 65,535), and the KL the compact encoding's quantisation costs.
+
+    python benchmarks/vocab_bytes.py --out runs/bench-vocab-bytes
+
+Run by hand (not a test); prints a Markdown report and writes it with the raw numbers to
+`--out`. No model is needed: a synthetic teacher draws, per target position,
+
+* its k candidate ids: the first k distinct draws from a Zipf law over the vocabulary
+  (frequency rank rho has probability proportional to rho^-zipf), mapped to ids roughly in
+  frequency order, as BPE assigns them (the rank's log plus N(0, 1) noise, sorted); so, as in
+  a real LM, frequent tokens are in most top-k lists and the rest of the list is spread over
+  the vocabulary;
+* its distribution over the ranks r = 1..V: log-prob gaps c * log(r / (r - 1)), each scaled
+  by a log-normal factor (sigma `jitter`, mean 1) up to rank k and exact beyond, i.e. a power
+  law p(r) ~ r^-c with an irregular head. The exponent c varies across positions (a
+  log-normal around the teacher's median, drawn from a grid of 256 values so that the tail
+  mass and entropy of every position are exact sums over all V ranks). A larger c is a more
+  confident teacher;
+* the actual next token from that distribution.
+
+The cache is written through kdpipe's own shard writer (`write_shard`: the table `build_table`
+makes, the Parquet options `shard.parquet_options` gives) and read back through its reader
+(`decode_row_group`); the KL is from the exact float32 top-k + tail partition to the decoded
+one, renormalised as the trainer does. Then the same table is written again with other Parquet
+options, keeping kdpipe's everything else: the column encodings of the top-k columns
+(dictionary, BYTE_STREAM_SPLIT, neither, and for the compact encoding the sorted ids
+themselves under Parquet's DELTA_BINARY_PACKED instead of kdpipe's own delta step) and the
+zstd level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdpipe.schemas import shard as cols
+from kdpipe.schemas.shard import ShardLayout, id_dtype_for_vocab, parquet_leaf, parquet_options
+from kdpipe.schemas.shard_reader import Columns, decode_row_group
+from kdpipe.schemas.shard_writer import SequenceTargets, build_table, write_shard
+
+C_GRID = 256  # distinct power-law exponents per teacher (exact tails for each)
+VOCABS = (151_936, 128_256)  # Qwen2/2.5 heads, Llama 3
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """How confident the synthetic teacher is: the median and log-normal spread of its
+    per-position power-law exponent c, the jitter (sigma of log gap factors) on its top ranks,
+    and the Zipf exponent of its candidate ids."""
+
+    c_median: float
+    c_spread: float = 0.3
+    jitter: float = 0.5
+    zipf: float = 1.0
+
+
+TEACHERS = {"confident": Teacher(2.6), "medium": Teacher(1.8), "flat": Teacher(1.3)}
+
+
+@dataclass
+class Positions:
+    """A synthetic teacher's outputs at n target positions."""
+
+    ids: np.ndarray  # (n, k) int64, descending log-prob
+    logprobs: np.ndarray  # (n, k) float32, the "float32 teacher"
+    tail: np.ndarray  # (n,) float32 log mass outside the top-k
+    target_id: np.ndarray  # (n,) int64 the actual next token
+    target_logprob: np.ndarray  # (n,) float32
+    entropy: np.ndarray  # (n,) float64 nats, over all V ranks
+
+
+def frequency_ids(vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """(V,) id of each frequency rank: roughly increasing, as BPE orders its merges."""
+    log_rank = np.log(np.arange(1, vocab + 1))
+    return np.argsort(np.argsort(log_rank + rng.normal(0.0, 1.0, vocab)))
+
+
+def candidate_ids(n: int, k: int, cdf: np.ndarray, id_of_rank: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """(n, k) ids: per position the first k distinct Zipf draws (sampling without
+    replacement, in draw order: frequent ids come first more often)."""
+    out = np.empty((n, k), dtype=np.int64)
+    draws = 4 * k
+    for i in range(n):
+        while True:
+            ranks = np.searchsorted(cdf, rng.random(draws))
+            _, first = np.unique(ranks, return_index=True)
+            if first.size >= k:
+                out[i] = id_of_rank[ranks[np.sort(first)[:k]]]
+                break
+            draws *= 2
+    return out
+
+
+def draw_positions(n: int, k: int, vocab: int, teacher: Teacher, rng: np.random.Generator
+                   ) -> Positions:
+    """n positions of the synthetic teacher (module docstring)."""
+    id_of_rank = frequency_ids(vocab, rng)
+    zipf = np.arange(1, vocab + 1, dtype=np.float64) ** -teacher.zipf
+    cdf = np.cumsum(zipf) / zipf.sum()
+    cdf[-1] = 1.0
+    ids = candidate_ids(n, k, cdf, id_of_rank, rng)  # (n, k) in rank order
+    grid = teacher.c_median * np.exp(teacher.c_spread * normal_grid(C_GRID))
+    which = rng.integers(0, C_GRID, n)
+    c = grid[which]  # (n,)
+    r = np.arange(1, k + 1, dtype=np.float64)
+    gaps = np.log(r[1:] / r[:-1])[None, :] * c[:, None]  # (n, k-1) exact power-law gaps
+    factors = np.exp(teacher.jitter * rng.standard_normal((n, k - 1)) - teacher.jitter ** 2 / 2)
+    z = np.concatenate([np.zeros((n, 1)), -np.cumsum(gaps * factors, axis=1)], axis=1)  # (n, k)
+    # Ranks beyond k: z_r = z_k - c log(r / k), summed exactly over every rank, per grid value.
+    tail_log_sum = np.empty(n)
+    tail_wlogw = np.empty(n)  # sum_r w_r log w_r, w_r = (r / k)^-c, for the entropy
+    tail_rank_u = rng.random(n)
+    tail_rank = np.empty(n, dtype=np.int64)
+    log_ratio = np.log(np.arange(k + 1, vocab + 1, dtype=np.float64) / k)  # (V - k,)
+    for g in np.unique(which):
+        rows = np.flatnonzero(which == g)
+        w = np.exp(-grid[g] * log_ratio)
+        total = w.sum()
+        tail_log_sum[rows] = np.log(total)
+        tail_wlogw[rows] = (w * -grid[g] * log_ratio).sum()
+        tail_rank[rows] = k + 1 + np.searchsorted(np.cumsum(w) / total, tail_rank_u[rows])
+    tail_rank = np.minimum(tail_rank, vocab)
+    log_tail = z[:, -1] + tail_log_sum  # (n,)
+    log_z = np.logaddexp(np.logaddexp.reduce(z, axis=1), log_tail)
+    logprobs = z - log_z[:, None]  # (n, k) float64
+    tail = log_tail - log_z
+    p_k = np.exp(logprobs[:, -1])
+    entropy = (-(np.exp(logprobs) * logprobs).sum(1)
+               - p_k * (np.exp(tail_log_sum) * logprobs[:, -1] + tail_wlogw))
+    # The actual next token: a top-k rank by its probability, else a rank of the tail.
+    u = rng.random(n)
+    cum = np.cumsum(np.exp(logprobs), axis=1)
+    in_top = u < cum[:, -1]
+    rank = np.minimum((cum < u[:, None]).sum(1), k - 1)
+    target_id = ids[np.arange(n), rank]
+    target_lp = logprobs[np.arange(n), rank]
+    tail_rows = np.flatnonzero(~in_top)
+    target_lp[tail_rows] = (logprobs[tail_rows, -1]
+                            - grid[which[tail_rows]] * np.log(tail_rank[tail_rows] / k))
+    for i in tail_rows:  # an id outside the position's top-k
+        while (candidate := int(id_of_rank[np.searchsorted(cdf, rng.random())])) in ids[i]:
+            pass
+        target_id[i] = candidate
+    return Positions(ids, logprobs.astype(np.float32), tail.astype(np.float32), target_id,
+                     target_lp.astype(np.float32), entropy)
+
+
+def normal_grid(m: int) -> np.ndarray:
+    """(m,) standard normal quantiles at the midpoints of m equal-probability bins."""
+    return np.array([NormalDist().inv_cdf((i + 0.5) / m) for i in range(m)])
+
+
+def sequences_of(positions: Positions, length: int, first_ids: np.ndarray
+                 ) -> tuple[list[np.ndarray], list[SequenceTargets]]:
+    """Cut the positions into sequences of `length` tokens (length - 1 targets each)."""
+    per = length - 1
+    seqs, targets = [], []
+    for s in range(positions.ids.shape[0] // per):
+        span = slice(s * per, (s + 1) * per)
+        tokens = np.concatenate([[first_ids[s]], positions.target_id[span]])
+        lp = positions.target_logprob[span]
+        targets.append(SequenceTargets(
+            topk_ids=positions.ids[span], topk_logprobs=positions.logprobs[span],
+            tail_logmass=positions.tail[span], target_logprob=lp, tail_logmass_tempered=None,
+            nll=float(-lp.mean()), entropy=float(positions.entropy[span].mean()),
+            confidence=float(np.exp(lp).mean()),
+            top1=float((positions.ids[span, 0] == positions.target_id[span]).mean())))
+        seqs.append(tokens)
+    return seqs, targets
+
+
+def column_bytes(path: Path) -> dict[str, int]:
+    """Compressed bytes per top-level column of one Parquet file."""
+    meta = pq.ParquetFile(path).metadata
+    sizes: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            chunk = meta.row_group(g).column(c)
+            name = chunk.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0) + chunk.total_compressed_size
+    return sizes
+
+
+TOPK_COLUMNS = {"plain": (cols.TOPK_IDS, cols.TOPK_LOGPROBS),
+                "compact": (cols.TOPK_ID_DELTAS, cols.TOPK_LOGPROB_Q)}
+SORTED_IDS = "topk_ids_sorted"  # benchmark only: the compact ids before kdpipe's delta step
+
+
+def variants(encoding: str) -> dict[str, dict[str, Any]]:
+    """Parquet options to compare for the top-k columns: name -> overrides of
+    `parquet_options` (`ids`/`values`: "dictionary", "byte_stream_split", "plain" or
+    "delta_binary_packed" on the sorted ids)."""
+    out = {f"ids {i}, values {v}": {"ids": i, "values": v}
+           for i in ("dictionary", "byte_stream_split", "plain")
+           for v in ("dictionary", "byte_stream_split", "plain")}
+    if encoding == "compact":
+        for v in ("dictionary", "byte_stream_split"):
+            out[f"sorted ids delta_binary_packed, values {v}"] = {
+                "ids": "delta_binary_packed", "values": v}
+    return out
+
+
+def write_variant(table: pa.Table, path: Path, encoding: str, k: int, ids: str, values: str,
+                  level: int) -> None:
+    """`table` as kdpipe writes it, but with these encodings on the top-k columns and this
+    zstd level; "delta_binary_packed" replaces the id deltas with the sorted ids."""
+    id_col, value_col = TOPK_COLUMNS[encoding]
+    if ids == "delta_binary_packed":
+        deltas = table.column(id_col).combine_chunks()
+        flat = np.cumsum(deltas.flatten().to_numpy().astype(np.int64).reshape(-1, k), axis=1)
+        sorted_ids = pa.ListArray.from_arrays(deltas.offsets, pa.array(
+            flat.reshape(-1).astype(np.uint32), deltas.type.value_type))
+        table = table.set_column(table.schema.get_field_index(id_col), SORTED_IDS, sorted_ids)
+        id_col = SORTED_IDS
+    options = parquet_options(table.column_names)
+    options["compression_level"] = level
+    top = {parquet_leaf(id_col): ids, parquet_leaf(value_col): values}
+    dictionary = [c for c in options["use_dictionary"] if c not in top]
+    split = [c for c in options["use_byte_stream_split"] if c not in top]
+    encodings = {}
+    for leaf, how in top.items():
+        if how == "dictionary":
+            dictionary.append(leaf)
+        elif how == "byte_stream_split":
+            split.append(leaf)
+        elif how == "delta_binary_packed":
+            encodings[leaf] = "DELTA_BINARY_PACKED"
+    options.update(use_dictionary=dictionary, use_byte_stream_split=split)
+    if encodings:
+        options["column_encoding"] = encodings
+    pq.write_table(table, path, row_group_size=cols.ROW_GROUP_SIZE, **options)
+
+
+def distortion(path: Path, encoding: str, k: int, positions: Positions) -> dict[str, float]:
+    """KL(float32 teacher's top-k + tail || what kdpipe's reader decodes), nats per position."""
+    table = pq.read_table(path)
+    group = decode_row_group(table, Columns(teacher=True, top_k=k, encoding=encoding))
+    assert group.topk_ids is not None and group.topk_logprobs is not None
+    n = group.num_targets
+    ids, lp = positions.ids[:n], positions.logprobs[:n].astype(np.float64)
+    dec_ids = group.topk_ids.reshape(n, k).astype(np.int64)
+    dec_lp = group.topk_logprobs.reshape(n, k).astype(np.float64)
+    by_id, dec_by_id = np.argsort(ids, 1), np.argsort(dec_ids, 1)  # align the two orders
+    assert np.array_equal(np.take_along_axis(ids, by_id, 1),
+                          np.take_along_axis(dec_ids, dec_by_id, 1)), "ids must be exact"
+    lp, dec_lp = np.take_along_axis(lp, by_id, 1), np.take_along_axis(dec_lp, dec_by_id, 1)
+    tail = positions.tail[:n, None].astype(np.float64)
+    p = np.concatenate([lp, tail], axis=1)  # (n, k + 1)
+    q = np.concatenate([dec_lp, tail], axis=1)
+    p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
+    q -= np.logaddexp.reduce(q, axis=1, keepdims=True)  # the trainer renormalises
+    kl = (np.exp(p) * (p - q)).sum(1)
+    return {"mean_kl": float(kl.mean()), "p99_kl": float(np.quantile(kl, 0.99)),
+            "max_kl": float(kl.max()), "max_abs_logprob_error": float(np.abs(lp - dec_lp).max())}
+
+
+def measure(vocab: int, name: str, teacher: Teacher, args: argparse.Namespace, tmp: Path
+            ) -> dict[str, Any]:
+    """Both encodings of one synthetic cache: sizes under every variant, distortion."""
+    rng = np.random.default_rng(args.seed)
+    n = args.sequences * (args.length - 1)
+    started = time.perf_counter()
+    positions = draw_positions(n, args.k, vocab, teacher, rng)
+    seqs, targets = sequences_of(positions, args.length, rng.integers(0, vocab, args.sequences))
+    drawn_s = time.perf_counter() - started
+    stats = {"mean_top1_prob": float(np.exp(positions.logprobs[:, 0]).mean()),
+             "mean_topk_mass": float(-np.expm1(positions.tail).mean()),
+             "mean_entropy": float(positions.entropy.mean()),
+             "median_id": float(np.median(positions.ids)),
+             "ids_above_65535": float((positions.ids > 65535).mean())}
+    result: dict[str, Any] = {"vocab": vocab, "teacher": name, "params": asdict(teacher),
+                              "positions": n, "entries": n * args.k, "stats": stats,
+                              "draw_s": drawn_s, "encodings": {}}
+    sample_ids = list(range(len(seqs)))
+    for encoding in ("plain", "compact"):
+        layout = ShardLayout(id_dtype_for_vocab(vocab), "float16", False, encoding)
+        path = tmp / f"{encoding}.parquet"
+        info = write_shard(path, layout, sample_ids, seqs, targets)
+        sizes = column_bytes(path)
+        entries = info.targets * args.k
+        top = sum(sizes[c] for c in TOPK_COLUMNS[encoding])
+        entry: dict[str, Any] = {
+            "kdpipe_bytes_per_entry": info.bytes / entries,
+            "kdpipe_topk_bytes_per_entry": top / entries,
+            "column_bytes_per_entry": {c: b / entries for c, b in sizes.items()},
+            "distortion": distortion(path, encoding, args.k, positions), "variants": {},
+            "levels": {}}
+        table = build_table(layout, sample_ids, seqs, targets)
+        best, best_bytes = "", float("inf")
+        for label, how in variants(encoding).items():
+            out = tmp / "variant.parquet"
+            write_variant(table, out, encoding, args.k, how["ids"], how["values"], args.level)
+            size = out.stat().st_size
+            entry["variants"][label] = {"bytes_per_entry": size / entries, **{
+                f"{c}_bytes_per_entry": b / entries for c, b in column_bytes(out).items()
+                if c in (*TOPK_COLUMNS[encoding], SORTED_IDS)}}
+            if size < best_bytes:
+                best, best_bytes = label, size
+        entry["best_variant"] = best
+        how = variants(encoding)[best]
+        for level in args.levels:
+            out = tmp / "level.parquet"
+            started = time.perf_counter()
+            write_variant(table, out, encoding, args.k, how["ids"], how["values"], level)
+            entry["levels"][str(level)] = {"bytes_per_entry": out.stat().st_size / entries,
+                                           "write_s": time.perf_counter() - started}
+        result["encodings"][encoding] = entry
+    return result
+
+
+def report(results: list[dict[str, Any]], k: int) -> list[str]:
+    """Markdown tables of `results`."""
+    lines = ["| V | teacher | ids Zipf | mean p(top-1) | top-k mass | entropy (nats) | median id | "
+             "plain B/entry | compact B/entry | compact top-k columns | compact mean KL "
+             "(p99, max) | float16 mean KL |", "|---|" + "---|" * 11]
+    for r in results:
+        s, plain, comp = r["stats"], r["encodings"]["plain"], r["encodings"]["compact"]
+        d = comp["distortion"]
+        lines.append(
+            f"| {r['vocab']:,} | {r['teacher']} | {r['params']['zipf']} | "
+            f"{s['mean_top1_prob']:.2f} | "
+            f"{s['mean_topk_mass']:.3f} | {s['mean_entropy']:.2f} | {s['median_id']:,.0f} | "
+            f"{plain['kdpipe_bytes_per_entry']:.3f} | **{comp['kdpipe_bytes_per_entry']:.3f}** | "
+            f"{comp['kdpipe_topk_bytes_per_entry']:.3f} | {d['mean_kl']:.1e} "
+            f"({d['p99_kl']:.1e}, {d['max_kl']:.1e}) | "
+            f"{plain['distortion']['mean_kl']:.1e} |")
+    for encoding in ("plain", "compact"):
+        labels = list(results[0]["encodings"][encoding]["variants"])
+        lines += ["", f"{encoding}: whole-shard bytes per entry (k = {k}) by Parquet encoding of "
+                  "the two top-k columns (ids, values)", "",
+                  "| variant | " + " | ".join(_label(r)
+                                              for r in results) + " |",
+                  "|---|" + "---|" * len(results)]
+        for label in labels:
+            lines.append(f"| {label} | " + " | ".join(
+                f"{r['encodings'][encoding]['variants'][label]['bytes_per_entry']:.3f}"
+                for r in results) + " |")
+        levels = list(results[0]["encodings"][encoding]["levels"])
+        lines += ["", f"{encoding}: zstd level, best variant per cache (bytes per entry; "
+                  "write seconds)", "",
+                  "| level | " + " | ".join(_label(r)
+                                            for r in results) + " |",
+                  "|---|" + "---|" * len(results)]
+        for level in levels:
+            lines.append(f"| {level} | " + " | ".join(
+                f"{r['encodings'][encoding]['levels'][level]['bytes_per_entry']:.3f}; "
+                f"{r['encodings'][encoding]['levels'][level]['write_s']:.2f}"
+                for r in results) + " |")
+    return lines
+
+
+def _label(result: dict[str, Any]) -> str:
+    return f"{result['vocab'] // 1000}k {result['teacher']} z{result['params']['zipf']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-vocab-bytes"))
+    parser.add_argument("--vocabs", default=",".join(map(str, VOCABS)))
+    parser.add_argument("--teachers", default=",".join(TEACHERS))
+    parser.add_argument("--zipfs", default="1.0,1.4",
+                        help="Zipf exponents of the candidate ids: each teacher at each.")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--sequences", type=int, default=64,
+                        help="Sequences per cache: 64 fill one row group.")
+    parser.add_argument("--length", type=int, default=512, help="Tokens per sequence.")
+    parser.add_argument("--level", type=int, default=cols.SHARD_COMPRESSION_LEVEL,
+                        help="zstd level of the encoding variants.")
+    parser.add_argument("--levels", default="3,6,9,12,15,19")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for vocab in (int(v) for v in args.vocabs.split(",")):
+            for zipf in (float(z) for z in args.zipfs.split(",")):
+                for name in args.teachers.split(","):
+                    teacher = replace(TEACHERS[name], zipf=zipf)
+                    results.append(measure(vocab, name, teacher, args, Path(tmp_name)))
+                print(json.dumps({key: results[-1][key] for key in ("vocab", "teacher", "stats")}),
+                      flush=True)
+    lines = report(results, args.k)
+    text = "\n".join(lines)
+    print(text)
+    meta = {"machine": platform.processor() or platform.machine(), "pyarrow": pa.__version__,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                      indent=2))
+    (args.out / "report.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
