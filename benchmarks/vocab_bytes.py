@@ -47,6 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.schemas import shard as cols
+from kdpipe.schemas.cache import open_cache
+from kdpipe.schemas.encoding import LOGPROB_STEP, encode_topk
 from kdpipe.schemas.shard import ShardLayout, id_dtype_for_vocab, parquet_leaf, parquet_options
 from kdpipe.schemas.shard_reader import Columns, decode_row_group
 from kdpipe.schemas.shard_writer import SequenceTargets, build_table, write_shard
@@ -165,7 +167,7 @@ def normal_grid(m: int) -> np.ndarray:
 
 
 def sequences_of(positions: Positions, length: int, first_ids: np.ndarray
-                 ) -> tuple[list[np.ndarray], list[SequenceTargets]]:
+                 ) -> tuple[list[list[int]], list[SequenceTargets]]:
     """Cut the positions into sequences of `length` tokens (length - 1 targets each)."""
     per = length - 1
     seqs, targets = [], []
@@ -179,7 +181,7 @@ def sequences_of(positions: Positions, length: int, first_ids: np.ndarray
             nll=float(-lp.mean()), entropy=float(positions.entropy[span].mean()),
             confidence=float(np.exp(lp).mean()),
             top1=float((positions.ids[span, 0] == positions.target_id[span]).mean())))
-        seqs.append(tokens)
+        seqs.append(tokens.tolist())
     return seqs, targets
 
 
@@ -245,6 +247,18 @@ def write_variant(table: pa.Table, path: Path, encoding: str, k: int, ids: str, 
     pq.write_table(table, path, row_group_size=cols.ROW_GROUP_SIZE, **options)
 
 
+def partition_kl(lp: np.ndarray, decoded: np.ndarray, tail: np.ndarray) -> dict[str, float]:
+    """KL(exact top-k + tail || decoded top-k + the same tail, renormalised as the trainer
+    does), nats per position: lp and decoded (n, k) aligned entry by entry, tail (n,)."""
+    p = np.concatenate([lp, tail[:, None]], axis=1).astype(np.float64)  # (n, k + 1)
+    q = np.concatenate([decoded, tail[:, None]], axis=1).astype(np.float64)
+    p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
+    q -= np.logaddexp.reduce(q, axis=1, keepdims=True)
+    kl = (np.exp(p) * (p - q)).sum(1)
+    return {"mean_kl": float(kl.mean()), "p99_kl": float(np.quantile(kl, 0.99)),
+            "max_kl": float(kl.max()), "max_abs_logprob_error": float(np.abs(lp - decoded).max())}
+
+
 def distortion(path: Path, encoding: str, k: int, positions: Positions) -> dict[str, float]:
     """KL(float32 teacher's top-k + tail || what kdpipe's reader decodes), nats per position."""
     table = pq.read_table(path)
@@ -257,15 +271,30 @@ def distortion(path: Path, encoding: str, k: int, positions: Positions) -> dict[
     by_id, dec_by_id = np.argsort(ids, 1), np.argsort(dec_ids, 1)  # align the two orders
     assert np.array_equal(np.take_along_axis(ids, by_id, 1),
                           np.take_along_axis(dec_ids, dec_by_id, 1)), "ids must be exact"
-    lp, dec_lp = np.take_along_axis(lp, by_id, 1), np.take_along_axis(dec_lp, dec_by_id, 1)
-    tail = positions.tail[:n, None].astype(np.float64)
-    p = np.concatenate([lp, tail], axis=1)  # (n, k + 1)
-    q = np.concatenate([dec_lp, tail], axis=1)
-    p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
-    q -= np.logaddexp.reduce(q, axis=1, keepdims=True)  # the trainer renormalises
-    kl = (np.exp(p) * (p - q)).sum(1)
-    return {"mean_kl": float(kl.mean()), "p99_kl": float(np.quantile(kl, 0.99)),
-            "max_kl": float(kl.max()), "max_abs_logprob_error": float(np.abs(lp - dec_lp).max())}
+    return partition_kl(np.take_along_axis(lp, by_id, 1), np.take_along_axis(dec_lp, dec_by_id, 1),
+                        positions.tail[:n])
+
+
+COARSER_STEPS = (1 / 8, 1 / 4)  # nats; kdpipe's compact encoding uses LOGPROB_STEP = 1/16
+
+
+def coarser_step(table: pa.Table, positions: Positions, step: float, path: Path
+                 ) -> dict[str, Any]:
+    """What the compact encoding would cost and distort with quantisation step `step` (not a
+    kdpipe option): its `topk_logprob_q` recomputed, everything else as kdpipe writes it."""
+    lp = positions.logprobs.astype(np.float64)
+    _, levels = encode_topk(positions.ids, lp * (LOGPROB_STEP / step))  # round(-l / step)
+    column = table.column(cols.TOPK_LOGPROB_Q).combine_chunks()
+    levels_column = pa.ListArray.from_arrays(column.offsets,
+                                             pa.array(levels.reshape(-1), pa.uint16()))
+    table = table.set_column(table.schema.get_field_index(cols.TOPK_LOGPROB_Q),
+                             cols.TOPK_LOGPROB_Q, levels_column)
+    pq.write_table(table, path, row_group_size=cols.ROW_GROUP_SIZE,
+                   **parquet_options(table.column_names))
+    decoded = -np.rint(-lp / step) * step
+    entries = positions.ids.size
+    return {"step": step, "bytes_per_entry": path.stat().st_size / entries,
+            "distortion": partition_kl(lp, decoded, positions.tail)}
 
 
 def measure(vocab: int, name: str, teacher: Teacher, args: argparse.Namespace, tmp: Path
@@ -273,37 +302,79 @@ def measure(vocab: int, name: str, teacher: Teacher, args: argparse.Namespace, t
     """Both encodings of one synthetic cache: sizes under every variant, distortion."""
     rng = np.random.default_rng(args.seed)
     n = args.sequences * (args.length - 1)
-    started = time.perf_counter()
     positions = draw_positions(n, args.k, vocab, teacher, rng)
     seqs, targets = sequences_of(positions, args.length, rng.integers(0, vocab, args.sequences))
-    drawn_s = time.perf_counter() - started
+    header = {"vocab": vocab, "teacher": name, "params": asdict(teacher)}
+    return measure_targets(header, positions, seqs, targets, "float16", args, tmp)
+
+
+def read_cache(root: Path) -> tuple[dict[str, Any], Positions, list[list[int]],
+                                    list[SequenceTargets], str]:
+    """A plain top-k cache's teacher outputs, as `measure_targets` takes them; the float16 or
+    float32 log-probs it stores stand for the teacher (header, positions, sequences, targets,
+    log-prob dtype)."""
+    cache = open_cache(root)
+    m = cache.manifest
+    if m.encoding != "plain" or m.cache_mode != "topk" or m.shard_layout.has_target_mask:
+        raise SystemExit(f"--cache {root}: needs a plain top-k cache with every position a "
+                         "target (the others would be measured against a decoded teacher)")
+    seqs, targets = [], []
+    for table in cache.iter_row_groups():
+        group = decode_row_group(table, Columns(teacher=True, top_k=m.top_k,
+                                                target_logprob=True))
+        assert group.topk_ids is not None and group.topk_logprobs is not None
+        assert group.tail_logmass is not None and group.target_logprob is not None
+        stats = [table.column(c).to_numpy() for c in cols.SEQUENCE_STATS]
+        for row in range(table.num_rows):
+            span = group.target_span(row)
+            seqs.append(group.input_ids[group.offsets[row]:group.offsets[row + 1]].tolist())
+            targets.append(SequenceTargets(
+                group.topk_ids.reshape(-1, m.top_k)[span].astype(np.int64),
+                group.topk_logprobs.reshape(-1, m.top_k)[span].astype(np.float32),
+                group.tail_logmass[span], group.target_logprob[span], None,
+                float(stats[0][row]), float(stats[1][row]), float(stats[2][row]),
+                float(stats[3][row])))
+    ids = np.concatenate([t.topk_ids for t in targets])
+    entropy = np.concatenate([np.full(t.tail_logmass.size, t.entropy) for t in targets])
+    positions = Positions(ids, np.concatenate([t.topk_logprobs for t in targets]),
+                          np.concatenate([t.tail_logmass for t in targets]),
+                          np.concatenate([np.asarray(s[1:]) for s in seqs]),
+                          np.concatenate([t.target_logprob for t in targets]), entropy)
+    header = {"vocab": m.vocab_size, "teacher": f"cache {root}", "params": {"zipf": "-"}}
+    return header, positions, seqs, targets, m.logprob_dtype
+
+
+def measure_targets(header: dict[str, Any], positions: Positions, seqs: list[list[int]],
+                    targets: list[SequenceTargets], logprob_dtype: str,
+                    args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Both encodings of these teacher outputs: sizes under every variant, distortion."""
+    vocab, k = header["vocab"], positions.ids.shape[1]
     stats = {"mean_top1_prob": float(np.exp(positions.logprobs[:, 0]).mean()),
              "mean_topk_mass": float(-np.expm1(positions.tail).mean()),
              "mean_entropy": float(positions.entropy.mean()),
              "median_id": float(np.median(positions.ids)),
              "ids_above_65535": float((positions.ids > 65535).mean())}
-    result: dict[str, Any] = {"vocab": vocab, "teacher": name, "params": asdict(teacher),
-                              "positions": n, "entries": n * args.k, "stats": stats,
-                              "draw_s": drawn_s, "encodings": {}}
+    result: dict[str, Any] = {**header, "k": k, "positions": positions.ids.shape[0],
+                              "entries": positions.ids.size, "stats": stats, "encodings": {}}
     sample_ids = list(range(len(seqs)))
     for encoding in ("plain", "compact"):
-        layout = ShardLayout(id_dtype_for_vocab(vocab), "float16", False, encoding)
+        layout = ShardLayout(id_dtype_for_vocab(vocab), logprob_dtype, False, encoding)
         path = tmp / f"{encoding}.parquet"
         info = write_shard(path, layout, sample_ids, seqs, targets)
         sizes = column_bytes(path)
-        entries = info.targets * args.k
+        entries = info.targets * k
         top = sum(sizes[c] for c in TOPK_COLUMNS[encoding])
         entry: dict[str, Any] = {
             "kdpipe_bytes_per_entry": info.bytes / entries,
             "kdpipe_topk_bytes_per_entry": top / entries,
             "column_bytes_per_entry": {c: b / entries for c, b in sizes.items()},
-            "distortion": distortion(path, encoding, args.k, positions), "variants": {},
+            "distortion": distortion(path, encoding, k, positions), "variants": {},
             "levels": {}}
         table = build_table(layout, sample_ids, seqs, targets)
         best, best_bytes = "", float("inf")
         for label, how in variants(encoding).items():
             out = tmp / "variant.parquet"
-            write_variant(table, out, encoding, args.k, how["ids"], how["values"], args.level)
+            write_variant(table, out, encoding, k, how["ids"], how["values"], args.level)
             size = out.stat().st_size
             entry["variants"][label] = {"bytes_per_entry": size / entries, **{
                 f"{c}_bytes_per_entry": b / entries for c, b in column_bytes(out).items()
@@ -315,14 +386,17 @@ def measure(vocab: int, name: str, teacher: Teacher, args: argparse.Namespace, t
         for level in args.levels:
             out = tmp / "level.parquet"
             started = time.perf_counter()
-            write_variant(table, out, encoding, args.k, how["ids"], how["values"], level)
+            write_variant(table, out, encoding, k, how["ids"], how["values"], level)
             entry["levels"][str(level)] = {"bytes_per_entry": out.stat().st_size / entries,
                                            "write_s": time.perf_counter() - started}
+        if encoding == "compact":
+            entry["coarser_steps"] = [coarser_step(table, positions, step, tmp / "step.parquet")
+                                      for step in COARSER_STEPS]
         result["encodings"][encoding] = entry
     return result
 
 
-def report(results: list[dict[str, Any]], k: int) -> list[str]:
+def report(results: list[dict[str, Any]]) -> list[str]:
     """Markdown tables of `results`."""
     lines = ["| V | teacher | ids Zipf | mean p(top-1) | top-k mass | entropy (nats) | median id | "
              "plain B/entry | compact B/entry | compact top-k columns | compact mean KL "
@@ -338,9 +412,18 @@ def report(results: list[dict[str, Any]], k: int) -> list[str]:
             f"{comp['kdpipe_topk_bytes_per_entry']:.3f} | {d['mean_kl']:.1e} "
             f"({d['p99_kl']:.1e}, {d['max_kl']:.1e}) | "
             f"{plain['distortion']['mean_kl']:.1e} |")
+    lines += ["", "compact with a coarser quantisation step (not a kdpipe option): whole-shard "
+              "bytes per entry; mean KL", "",
+              "| step (nats) | " + " | ".join(_label(r) for r in results) + " |",
+              "|---|" + "---|" * len(results)]
+    for i, step in enumerate(COARSER_STEPS):
+        lines.append(f"| {step:g} | " + " | ".join(
+            f"{r['encodings']['compact']['coarser_steps'][i]['bytes_per_entry']:.3f}; "
+            f"{r['encodings']['compact']['coarser_steps'][i]['distortion']['mean_kl']:.1e}"
+            for r in results) + " |")
     for encoding in ("plain", "compact"):
         labels = list(results[0]["encodings"][encoding]["variants"])
-        lines += ["", f"{encoding}: whole-shard bytes per entry (k = {k}) by Parquet encoding of "
+        lines += ["", f"{encoding}: whole-shard bytes per entry by Parquet encoding of "
                   "the two top-k columns (ids, values)", "",
                   "| variant | " + " | ".join(_label(r)
                                               for r in results) + " |",
@@ -364,17 +447,23 @@ def report(results: list[dict[str, Any]], k: int) -> list[str]:
 
 
 def _label(result: dict[str, Any]) -> str:
+    if result["teacher"].startswith("cache"):
+        return f"{result['teacher']} (V {result['vocab']:,}, k {result['k']})"
     return f"{result['vocab'] // 1000}k {result['teacher']} z{result['params']['zipf']}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-vocab-bytes"))
-    parser.add_argument("--vocabs", default=",".join(map(str, VOCABS)))
+    parser.add_argument("--vocabs", default=",".join(map(str, VOCABS)),
+                        help="Synthetic teachers' vocabulary sizes ('' for none).")
     parser.add_argument("--teachers", default=",".join(TEACHERS))
     parser.add_argument("--zipfs", default="1.0,1.4",
                         help="Zipf exponents of the candidate ids: each teacher at each.")
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--cache", type=Path, action="append", default=[],
+                        help="Also measure this plain top-k cache's own shards (repeatable); "
+                        "its stored log-probs stand for the teacher.")
     parser.add_argument("--sequences", type=int, default=64,
                         help="Sequences per cache: 64 fill one row group.")
     parser.add_argument("--length", type=int, default=512, help="Tokens per sequence.")
@@ -386,16 +475,23 @@ def main() -> None:
     args.levels = [int(x) for x in args.levels.split(",")]
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def done(result: dict[str, Any]) -> None:
+        results.append(result)
+        print(json.dumps({key: result[key] for key in ("vocab", "teacher", "stats")}),
+              flush=True)
+
     with tempfile.TemporaryDirectory() as tmp_name:
-        for vocab in (int(v) for v in args.vocabs.split(",")):
+        for vocab in (int(v) for v in args.vocabs.split(",") if v):
             for zipf in (float(z) for z in args.zipfs.split(",")):
                 for name in args.teachers.split(","):
                     teacher = replace(TEACHERS[name], zipf=zipf)
-                    results.append(measure(vocab, name, teacher, args, Path(tmp_name)))
-                print(json.dumps({key: results[-1][key] for key in ("vocab", "teacher", "stats")}),
-                      flush=True)
-    lines = report(results, args.k)
+                    done(measure(vocab, name, teacher, args, Path(tmp_name)))
+        for root in args.cache:
+            header, positions, seqs, targets, dtype = read_cache(root)
+            done(measure_targets(header, positions, seqs, targets, dtype, args, Path(tmp_name)))
+    lines = report(results)
     text = "\n".join(lines)
     print(text)
     meta = {"machine": platform.processor() or platform.machine(), "pyarrow": pa.__version__,
