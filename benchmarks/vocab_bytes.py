@@ -259,10 +259,13 @@ def partition_kl(lp: np.ndarray, decoded: np.ndarray, tail: np.ndarray) -> dict[
             "max_kl": float(kl.max()), "max_abs_logprob_error": float(np.abs(lp - decoded).max())}
 
 
-def distortion(path: Path, encoding: str, k: int, positions: Positions) -> dict[str, float]:
+def distortion(path: Path, layout: ShardLayout, k: int, positions: Positions
+               ) -> dict[str, float]:
     """KL(float32 teacher's top-k + tail || what kdpipe's reader decodes), nats per position."""
     table = pq.read_table(path)
-    group = decode_row_group(table, Columns(teacher=True, top_k=k, encoding=encoding))
+    group = decode_row_group(table, Columns(teacher=True, top_k=k, encoding=layout.encoding,
+                                            target_mask=layout.has_target_mask,
+                                            segments=layout.has_segments))
     assert group.topk_ids is not None and group.topk_logprobs is not None
     n = group.num_targets
     ids, lp = positions.ids[:n], positions.logprobs[:n].astype(np.float64)
@@ -305,29 +308,56 @@ def measure(vocab: int, name: str, teacher: Teacher, args: argparse.Namespace, t
     positions = draw_positions(n, args.k, vocab, teacher, rng)
     seqs, targets = sequences_of(positions, args.length, rng.integers(0, vocab, args.sequences))
     header = {"vocab": vocab, "teacher": name, "params": asdict(teacher)}
-    return measure_targets(header, positions, seqs, targets, "float16", args, tmp)
+    return measure_targets(header, positions, Rows(seqs, targets), args, tmp)
 
 
-def read_cache(root: Path) -> tuple[dict[str, Any], Positions, list[list[int]],
-                                    list[SequenceTargets], str]:
+@dataclass
+class Rows:
+    """What a shard is written from: sequences, their teacher targets, and for a cache read
+    back its log-prob type, target masks and packed documents' segments."""
+
+    seqs: list[list[int]]
+    targets: list[SequenceTargets]
+    logprob_dtype: str = "float16"
+    target_masks: list[np.ndarray] | None = None
+    segments: list[list[int]] | None = None
+
+    def layout(self, vocab: int, encoding: str) -> ShardLayout:
+        return ShardLayout(id_dtype_for_vocab(vocab), self.logprob_dtype, False, encoding,
+                           has_target_mask=self.target_masks is not None,
+                           has_segments=self.segments is not None)
+
+
+def read_cache(root: Path) -> tuple[dict[str, Any], Positions, Rows]:
     """A plain top-k cache's teacher outputs, as `measure_targets` takes them; the float16 or
-    float32 log-probs it stores stand for the teacher (header, positions, sequences, targets,
-    log-prob dtype)."""
+    float32 log-probs it stores stand for the teacher."""
     cache = open_cache(root)
     m = cache.manifest
-    if m.encoding != "plain" or m.cache_mode != "topk" or m.shard_layout.has_target_mask:
-        raise SystemExit(f"--cache {root}: needs a plain top-k cache with every position a "
-                         "target (the others would be measured against a decoded teacher)")
-    seqs, targets = [], []
-    for table in cache.iter_row_groups():
-        group = decode_row_group(table, Columns(teacher=True, top_k=m.top_k,
-                                                target_logprob=True))
+    if m.encoding != "plain" or m.cache_mode != "topk":
+        raise SystemExit(f"--cache {root}: needs a plain top-k cache (a compact one would be "
+                         "measured against its own decoded log-probs)")
+    shard_layout = m.shard_layout
+    columns = Columns(teacher=True, top_k=m.top_k, target_logprob=True,
+                      target_mask=shard_layout.has_target_mask,
+                      segments=shard_layout.has_segments)
+    seqs, targets, next_ids = [], [], []
+    masks: list[np.ndarray] | None = [] if shard_layout.has_target_mask else None
+    segments: list[list[int]] | None = [] if shard_layout.has_segments else None
+    for table in cache.iter_row_groups(columns.names + list(cols.SEQUENCE_STATS)):
+        group = decode_row_group(table, columns)
         assert group.topk_ids is not None and group.topk_logprobs is not None
         assert group.tail_logmass is not None and group.target_logprob is not None
         stats = [table.column(c).to_numpy() for c in cols.SEQUENCE_STATS]
         for row in range(table.num_rows):
             span = group.target_span(row)
-            seqs.append(group.input_ids[group.offsets[row]:group.offsets[row + 1]].tolist())
+            tokens = group.input_ids[group.offsets[row]:group.offsets[row + 1]]
+            seqs.append(tokens.tolist())
+            where = group.positions_of(row)
+            next_ids.append(tokens[1:][where])
+            if masks is not None:
+                masks.append(where)
+            if segments is not None:
+                segments.append(group.segments_of(row) or [len(tokens)])
             targets.append(SequenceTargets(
                 group.topk_ids.reshape(-1, m.top_k)[span].astype(np.int64),
                 group.topk_logprobs.reshape(-1, m.top_k)[span].astype(np.float32),
@@ -338,14 +368,13 @@ def read_cache(root: Path) -> tuple[dict[str, Any], Positions, list[list[int]],
     entropy = np.concatenate([np.full(t.tail_logmass.size, t.entropy) for t in targets])
     positions = Positions(ids, np.concatenate([t.topk_logprobs for t in targets]),
                           np.concatenate([t.tail_logmass for t in targets]),
-                          np.concatenate([np.asarray(s[1:]) for s in seqs]),
+                          np.concatenate(next_ids).astype(np.int64),
                           np.concatenate([t.target_logprob for t in targets]), entropy)
     header = {"vocab": m.vocab_size, "teacher": f"cache {root}", "params": {"zipf": "-"}}
-    return header, positions, seqs, targets, m.logprob_dtype
+    return header, positions, Rows(seqs, targets, m.logprob_dtype, masks, segments)
 
 
-def measure_targets(header: dict[str, Any], positions: Positions, seqs: list[list[int]],
-                    targets: list[SequenceTargets], logprob_dtype: str,
+def measure_targets(header: dict[str, Any], positions: Positions, rows: Rows,
                     args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Both encodings of these teacher outputs: sizes under every variant, distortion."""
     vocab, k = header["vocab"], positions.ids.shape[1]
@@ -356,11 +385,12 @@ def measure_targets(header: dict[str, Any], positions: Positions, seqs: list[lis
              "ids_above_65535": float((positions.ids > 65535).mean())}
     result: dict[str, Any] = {**header, "k": k, "positions": positions.ids.shape[0],
                               "entries": positions.ids.size, "stats": stats, "encodings": {}}
-    sample_ids = list(range(len(seqs)))
+    sample_ids = list(range(len(rows.seqs)))
     for encoding in ("plain", "compact"):
-        layout = ShardLayout(id_dtype_for_vocab(vocab), logprob_dtype, False, encoding)
+        layout = rows.layout(vocab, encoding)
         path = tmp / f"{encoding}.parquet"
-        info = write_shard(path, layout, sample_ids, seqs, targets)
+        info = write_shard(path, layout, sample_ids, rows.seqs, rows.targets, rows.target_masks,
+                           rows.segments)
         sizes = column_bytes(path)
         entries = info.targets * k
         top = sum(sizes[c] for c in TOPK_COLUMNS[encoding])
@@ -368,9 +398,10 @@ def measure_targets(header: dict[str, Any], positions: Positions, seqs: list[lis
             "kdpipe_bytes_per_entry": info.bytes / entries,
             "kdpipe_topk_bytes_per_entry": top / entries,
             "column_bytes_per_entry": {c: b / entries for c, b in sizes.items()},
-            "distortion": distortion(path, encoding, k, positions), "variants": {},
+            "distortion": distortion(path, layout, k, positions), "variants": {},
             "levels": {}}
-        table = build_table(layout, sample_ids, seqs, targets)
+        table = build_table(layout, sample_ids, rows.seqs, rows.targets, rows.target_masks,
+                            rows.segments)
         best, best_bytes = "", float("inf")
         for label, how in variants(encoding).items():
             out = tmp / "variant.parquet"
@@ -489,15 +520,15 @@ def main() -> None:
                     teacher = replace(TEACHERS[name], zipf=zipf)
                     done(measure(vocab, name, teacher, args, Path(tmp_name)))
         for root in args.cache:
-            header, positions, seqs, targets, dtype = read_cache(root)
-            done(measure_targets(header, positions, seqs, targets, dtype, args, Path(tmp_name)))
+            header, positions, rows = read_cache(root)
+            done(measure_targets(header, positions, rows, args, Path(tmp_name)))
     lines = report(results)
     text = "\n".join(lines)
     print(text)
     meta = {"machine": platform.processor() or platform.machine(), "pyarrow": pa.__version__,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+            "args": vars(args)}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results},
-                                                      indent=2))
+                                                      indent=2, default=str))
     (args.out / "report.md").write_text(text + "\n")
 
 
