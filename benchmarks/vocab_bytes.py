@@ -483,7 +483,8 @@ def _label(result: dict[str, Any]) -> str:
     return f"{result['vocab'] // 1000}k {result['teacher']} z{result['params']['zipf']}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; the results as written to `--out`/results.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-vocab-bytes"))
     parser.add_argument("--vocabs", default=",".join(map(str, VOCABS)),
@@ -502,7 +503,7 @@ def main() -> None:
                         help="zstd level of the encoding variants.")
     parser.add_argument("--levels", default="3,6,9,12,15,19")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -527,9 +528,10 @@ def main() -> None:
     print(text)
     meta = {"machine": platform.processor() or platform.machine(), "pyarrow": pa.__version__,
             "args": vars(args)}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results},
-                                                      indent=2, default=str))
+    everything = {"meta": meta, "results": results}
+    (args.out / "results.json").write_text(json.dumps(everything, indent=2, default=str))
     (args.out / "report.md").write_text(text + "\n")
+    return everything
 
 
 if __name__ == "__main__":
