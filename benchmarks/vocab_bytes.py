@@ -27,6 +27,10 @@ options, keeping kdpipe's everything else: the column encodings of the top-k col
 (dictionary, BYTE_STREAM_SPLIT, neither, and for the compact encoding the sorted ids
 themselves under Parquet's DELTA_BINARY_PACKED instead of kdpipe's own delta step) and the
 zstd level.
+
+`--cache DIR` (repeatable; `--vocabs ''` for no synthetic teacher) measures a real teacher's
+plain top-k cache the same way: its stored log-probs stand for the teacher, so make it with
+`cache-teacher --logprob-dtype float32` to measure float16's distortion as well.
 """
 
 from __future__ import annotations
@@ -314,23 +318,24 @@ def measure(vocab: int, name: str, teacher: Teacher, args: argparse.Namespace, t
 @dataclass
 class Rows:
     """What a shard is written from: sequences, their teacher targets, and for a cache read
-    back its log-prob type, target masks and packed documents' segments."""
+    back its target masks and packed documents' segments. Plain shards store float16
+    log-probs, kdpipe's default."""
 
     seqs: list[list[int]]
     targets: list[SequenceTargets]
-    logprob_dtype: str = "float16"
     target_masks: list[np.ndarray] | None = None
     segments: list[list[int]] | None = None
 
     def layout(self, vocab: int, encoding: str) -> ShardLayout:
-        return ShardLayout(id_dtype_for_vocab(vocab), self.logprob_dtype, False, encoding,
+        return ShardLayout(id_dtype_for_vocab(vocab), "float16", False, encoding,
                            has_target_mask=self.target_masks is not None,
                            has_segments=self.segments is not None)
 
 
 def read_cache(root: Path) -> tuple[dict[str, Any], Positions, Rows]:
     """A plain top-k cache's teacher outputs, as `measure_targets` takes them; the float16 or
-    float32 log-probs it stores stand for the teacher."""
+    float32 log-probs it stores stand for the teacher (`--logprob-dtype float32` caches make
+    the distortion of float16 measurable)."""
     cache = open_cache(root)
     m = cache.manifest
     if m.encoding != "plain" or m.cache_mode != "topk":
@@ -371,7 +376,7 @@ def read_cache(root: Path) -> tuple[dict[str, Any], Positions, Rows]:
                           np.concatenate(next_ids).astype(np.int64),
                           np.concatenate([t.target_logprob for t in targets]), entropy)
     header = {"vocab": m.vocab_size, "teacher": f"cache {root}", "params": {"zipf": "-"}}
-    return header, positions, Rows(seqs, targets, m.logprob_dtype, masks, segments)
+    return header, positions, Rows(seqs, targets, masks, segments)
 
 
 def measure_targets(header: dict[str, Any], positions: Positions, rows: Rows,
@@ -495,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--cache", type=Path, action="append", default=[],
                         help="Also measure this plain top-k cache's own shards (repeatable); "
-                        "its stored log-probs stand for the teacher.")
+                        "its stored log-probs stand for the teacher: make it with "
+                        "--logprob-dtype float32 to measure float16's distortion too.")
     parser.add_argument("--sequences", type=int, default=64,
                         help="Sequences per cache: 64 fill one row group.")
     parser.add_argument("--length", type=int, default=512, help="Tokens per sequence.")
