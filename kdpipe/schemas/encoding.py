@@ -7,7 +7,7 @@ Per target position the k (id, log-prob) pairs are stored in ascending id order:
   of one position are close together, so the deltas are small. Parquet's own delta encoding
   (DELTA_BINARY_PACKED on the sorted ids) cannot replace this step: its blocks span
   positions, and each position's restart at a small id widens every block's bit width
-  (measured ~1 byte per entry larger; docs/benchmarks.md).
+  (measured 0.6-1.1 bytes per entry larger; docs/benchmarks.md).
 * `topk_logprob_q`: Q_j = round(-l_j / LOGPROB_STEP) as uint16 (saturating at 65535, i.e.
   l < -4096 nats, mass below e^-4096, which the model cannot tell from zero).
 
