@@ -20,10 +20,13 @@ def vocab_bytes(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.mark.parametrize("teacher", ["confident", "flat"])
-def test_the_synthetic_teacher_is_a_distribution(vocab_bytes: ModuleType, teacher: str) -> None:
+def test_the_synthetic_teacher_is_a_distribution(monkeypatch: pytest.MonkeyPatch,
+                                                 teacher: str) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    synthetic = importlib.import_module("synthetic_teacher")
     vocab, k = 151_936, 16
-    pos = vocab_bytes.draw_positions(300, k, vocab, vocab_bytes.TEACHERS[teacher],
-                                     np.random.default_rng(0))
+    pos = synthetic.draw_positions(300, k, vocab, synthetic.TEACHERS[teacher],
+                                   np.random.default_rng(0))
     assert pos.ids.shape == (300, k) and pos.ids.min() >= 0 and pos.ids.max() < vocab
     assert (pos.ids > 65535).any()  # stored as uint32
     assert all(np.unique(row).size == k for row in pos.ids)
