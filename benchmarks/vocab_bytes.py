@@ -250,6 +250,19 @@ def read_cache(root: Path) -> tuple[dict[str, Any], Positions, Rows]:
     return header, positions, Rows(seqs, targets, masks, segments)
 
 
+def order0_bytes(positions: Positions) -> dict[str, float]:
+    """Order-0 entropy of the compact encoding's symbols, bytes per entry: the size an ideal
+    coder of independent symbols reaches (deltas after each position's first id; levels)."""
+    deltas, levels = encode_topk(positions.ids, positions.logprobs)
+
+    def entropy(symbols: np.ndarray) -> float:
+        _, counts = np.unique(symbols, return_counts=True)
+        p = counts / counts.sum()
+        return float(-(p * np.log2(p)).sum() / 8)
+
+    return {"id_deltas": entropy(deltas[:, 1:]), "levels": entropy(levels)}
+
+
 def measure_targets(header: dict[str, Any], positions: Positions, rows: Rows,
                     args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Both encodings of these teacher outputs: sizes under every variant, distortion."""
@@ -258,7 +271,8 @@ def measure_targets(header: dict[str, Any], positions: Positions, rows: Rows,
              "mean_topk_mass": float(-np.expm1(positions.tail).mean()),
              "mean_entropy": float(positions.entropy.mean()),
              "median_id": float(np.median(positions.ids)),
-             "ids_above_65535": float((positions.ids > 65535).mean())}
+             "ids_above_65535": float((positions.ids > 65535).mean()),
+             "order0_bytes_per_entry": order0_bytes(positions)}
     result: dict[str, Any] = {**header, "k": k, "positions": positions.ids.shape[0],
                               "entries": positions.ids.size, "stats": stats, "encodings": {}}
     sample_ids = list(range(len(rows.seqs)))
