@@ -85,9 +85,11 @@ class CacheTeacherConfig:
         "float16", "Storage type of top-k log-probs: float16 (default; error measured in "
         "docs/cache-format.md) or float32.", choices=tuple(LOGPROB_DTYPES))
     encoding: str = option(
-        "plain", "Top-k storage: plain (ids + float log-probs) or compact (delta-coded ids, "
-        "log-probs quantised to 1/16 nat: about half the size, KL <= 5e-4; "
-        "docs/cache-format.md).", choices=ENCODINGS)
+        "plain", "Top-k storage: plain (ids + float log-probs) or compact (sorted, "
+        "delta-coded ids and log-probs quantised to 1/16 nat, KL <= 4.9e-4 nats per "
+        "position). Measured at k = 64: compact is 22-32% smaller than plain at a 152k "
+        "vocabulary (synthetic teachers) and 47% at a 2k one (a trained teacher); "
+        "docs/cache-format.md.", choices=ENCODINGS)
     cache_mode: str = option(
         "topk", "topk (top-k log-probs + tail mass) or sampled (--samples draws per position "
         "from the teacher, stored as unique ids with counts; train with --loss sampled).",

@@ -4,16 +4,18 @@ log-probs with a bounded error. Numpy only, so both the writer and the trainer u
 Per target position the k (id, log-prob) pairs are stored in ascending id order:
 
 * `topk_id_deltas`: the first id, then id_j - id_{j-1} (>= 1, ids are distinct). Sorted ids
-  of one position are close together, so the deltas are small and pack to ~0.34 bytes per
-  entry (dictionary + zstd), where the same ids in probability order cost ~1.1.
+  of one position are close together, so the deltas are small. Parquet's own delta encoding
+  (DELTA_BINARY_PACKED on the sorted ids) cannot replace this step: its blocks span
+  positions, and each position's restart at a small id widens every block's bit width
+  (measured 0.6-1.1 bytes per entry larger; docs/benchmarks.md).
 * `topk_logprob_q`: Q_j = round(-l_j / LOGPROB_STEP) as uint16 (saturating at 65535, i.e.
   l < -4096 nats, mass below e^-4096, which the model cannot tell from zero).
 
 Decoding gives l_j = -Q_j * LOGPROB_STEP, so every log-prob is off by at most STEP / 2 =
 1/32 nats. The trainer renormalises the (k + 1)-point partition, and by Hoeffding's lemma
 KL(exact || decoded) = log E_p[e^ε] - E_p[ε] <= (max ε - min ε)² / 8 <= STEP² / 8 ≈ 4.9e-4
-nats per position whatever the distribution (measured mean: 8.7e-5, 1.21 bytes per entry at
-k = 64 against 2.48 for plain float16; docs/cache-format.md). The decoder returns the
+nats per position whatever the distribution (measured means ~1e-4; sizes in
+docs/cache-format.md, "Which encoding to choose"). The decoder returns the
 pairs in descending log-prob order (ties: ascending id), the order of the plain encoding.
 docs/cache-format.md ("Compact encoding") specifies the bytes.
 """

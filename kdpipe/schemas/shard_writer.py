@@ -182,15 +182,8 @@ def write_shard(path: Path, layout: ShardLayout, sample_ids: Sequence[int],
     """Write a complete shard atomically and describe it for the manifest (`build_table`)."""
     table = build_table(layout, sample_ids, sequences, targets, target_masks, segments)
     with atomic_path(path) as tmp:
-        names = set(table.column_names)
         pq.write_table(table, tmp, row_group_size=cols.ROW_GROUP_SIZE,
-                       compression=cols.SHARD_COMPRESSION,
-                       compression_level=cols.SHARD_COMPRESSION_LEVEL,
-                       use_dictionary=[cols.parquet_leaf(c) for c in cols.DICTIONARY_COLUMNS
-                                       if c in names],
-                       use_byte_stream_split=[cols.parquet_leaf(c)
-                                              for c in cols.BYTE_STREAM_SPLIT_COLUMNS
-                                              if c in names])
+                       **cols.parquet_options(table.column_names))
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
     tokens = sum(len(s) for s in sequences)
