@@ -1,7 +1,7 @@
 """vLLM's prompt log-prob structures, built on CPU exactly as vLLM builds them.
 
 With vLLM installed the real `FlatLogprobs` / `Logprob` classes are used; otherwise local
-mirrors with the same fields (vllm/logprobs.py: `FlatLogprobs` holds `start_indices`,
+mirrors with the same fields (test_vllm_real.py checks they agree with vLLM 0.33) (vllm/logprobs.py: `FlatLogprobs` holds `start_indices`,
 `end_indices`, `token_ids`, `logprobs`, `ranks`, `decoded_tokens`; `Logprob` holds `logprob`,
 `rank`, `decoded_token`). Rows come from the same computation as vLLM's sampler
 (`Sampler.gather_logprobs`): float32 log_softmax, `torch.topk`, the prompt token's log-prob
@@ -42,9 +42,9 @@ class MirrorFlatLogprobs:
     ranks: list[int | None] = field(default_factory=list)
     decoded_tokens: list[str | None] = field(default_factory=list)
 
-    def append(self, position: dict[int, Any] | None) -> None:
+    def append(self, logprobs_one_position: dict[int, Any] | None) -> None:
         self.start_indices.append(len(self.logprobs))
-        for token_id, lp in (position or {}).items():
+        for token_id, lp in (logprobs_one_position or {}).items():
             self.token_ids.append(token_id)
             self.logprobs.append(lp.logprob)
             self.ranks.append(lp.rank)
