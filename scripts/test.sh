@@ -12,7 +12,7 @@ BASETEMP=$(mktemp -d -t kdpipe-tests-XXXXXX)
 trap 'rm -rf "$BASETEMP"' EXIT
 "$BIN/python" -m pytest -q --basetemp "$BASETEMP" "$@"
 # The vLLM backend against the real vllm package (CPU-only install, cached between runs; its
-# first build downloads ~340 MB). Only on a full run; KDPIPE_VLLM_TESTS=0 skips it.
+# first build downloads ~370 MB). Only on a full run; KDPIPE_VLLM_TESTS=0 skips it.
 if [ $# -eq 0 ] && [ "${KDPIPE_VLLM_TESTS:-1}" != 0 ]; then
   VLLM_ENV=$(bash scripts/vllm_cpu_env.sh "$BIN/python")
   PYTHONPATH="$VLLM_ENV" "$BIN/python" -m pytest -q --basetemp "$BASETEMP/vllm" \
