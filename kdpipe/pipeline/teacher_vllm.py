@@ -315,19 +315,37 @@ def sampling_params(vllm: Any, top_k: int) -> Any:
         return vllm.SamplingParams(**settings)
 
 
-def load_vllm_teacher(name_or_path: str, *, top_k: int, vocab_size: int, max_length: int,
-                      position_limit: int | None, dtype: str, tensor_parallel_size: int,
-                      gpu_memory_utilization: float, trust_remote_code: bool) -> VllmTeacher:
-    """Start a vLLM engine for the teacher (no tokenizer: prompts arrive as token ids)."""
-    vllm = require_vllm()
-    engine_args: dict[str, Any] = dict(
+def engine_arguments(name_or_path: str, *, top_k: int, max_length: int,
+                     position_limit: int | None, dtype: str, tensor_parallel_size: int,
+                     gpu_memory_utilization: float, trust_remote_code: bool) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` (and so of `vllm.EngineArgs`) for the teacher.
+
+    Raw log-probs (`logprobs_mode`, vLLM >= 0.10.2), `max_logprobs` = K so a request for K
+    prompt log-probs passes vLLM's check, no prefix caching (a cached prefix has no prompt
+    log-probs; vLLM 0.33 skips the cache for such requests itself, older releases need it off)
+    and no tokenizer (prompts arrive as token ids). Checked by vLLM's own `EngineArgs` in
+    tests/pipeline/test_vllm_real.py.
+    """
+    args: dict[str, Any] = dict(
         model=name_or_path, dtype=dtype, max_logprobs=top_k, logprobs_mode="raw_logprobs",
         enable_prefix_caching=False, skip_tokenizer_init=True,
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
     # Each prompt also generates one token; a short context keeps more KV blocks in memory.
     if position_limit is not None and max_length + 1 <= position_limit:
-        engine_args["max_model_len"] = max_length + 1
+        args["max_model_len"] = max_length + 1
+    return args
+
+
+def load_vllm_teacher(name_or_path: str, *, top_k: int, vocab_size: int, max_length: int,
+                      position_limit: int | None, dtype: str, tensor_parallel_size: int,
+                      gpu_memory_utilization: float, trust_remote_code: bool) -> VllmTeacher:
+    """Start a vLLM engine for the teacher (no tokenizer: prompts arrive as token ids)."""
+    vllm = require_vllm()
+    engine_args = engine_arguments(
+        name_or_path, top_k=top_k, max_length=max_length, position_limit=position_limit,
+        dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
     try:
         llm = vllm.LLM(**engine_args)
     except TypeError as exc:

@@ -3,10 +3,11 @@
 With vLLM installed the real `FlatLogprobs` / `Logprob` classes are used; otherwise local
 mirrors with the same fields (vllm/logprobs.py: `FlatLogprobs` holds `start_indices`,
 `end_indices`, `token_ids`, `logprobs`, `ranks`, `decoded_tokens`; `Logprob` holds `logprob`,
-`rank`, `decoded_token`). Rows come from the same computation as vLLM's sampler
-(`Sampler.gather_logprobs`): float32 log_softmax, `torch.topk`, the prompt token's log-prob
-concatenated first, its rank = number of ids with a log-prob >= its own; positions are appended
-as `append_logprobs_for_next_position` appends them (ranks: the token's, then 1..K).
+`rank`, `decoded_token`; test_vllm_real.py checks that they agree with vLLM's).
+Rows come from the same computation as vLLM's sampler (`Sampler.gather_logprobs`): float32
+log_softmax, `torch.topk`, the prompt token's log-prob concatenated first, its rank = number of
+ids with a log-prob >= its own; positions are appended as `append_logprobs_for_next_position`
+appends them (ranks: the token's, then 1..K).
 
 `FakeVllm` stands in for the `vllm` module (LLM, SamplingParams, TokensPrompt) with a
 transformers model underneath, so the whole vLLM code path of cache-teacher runs on CPU.
@@ -42,9 +43,9 @@ class MirrorFlatLogprobs:
     ranks: list[int | None] = field(default_factory=list)
     decoded_tokens: list[str | None] = field(default_factory=list)
 
-    def append(self, position: dict[int, Any] | None) -> None:
+    def append(self, logprobs_one_position: dict[int, Any] | None) -> None:
         self.start_indices.append(len(self.logprobs))
-        for token_id, lp in (position or {}).items():
+        for token_id, lp in (logprobs_one_position or {}).items():
             self.token_ids.append(token_id)
             self.logprobs.append(lp.logprob)
             self.ranks.append(lp.rank)
