@@ -20,6 +20,7 @@ head matmul per chunk in backward (the head's forward recomputed: +1/3 of its FL
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.trainer.fused_head import FusedTargets, fused_head_loss, fused_unsupported
 from kdpipe.trainer.loss_config import SAMPLED, LossConfig
 from kdpipe.trainer.losses import (
     divergence,
@@ -36,6 +38,8 @@ from kdpipe.trainer.losses import (
     student_partition,
     teacher_partition,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -194,6 +198,12 @@ def chunked_distill_loss(
     """
     n = hidden.shape[0]
     kind = _checked_kind(hidden, head, labels, lam_per_token, cfg, teacher, vocab_size)
+    if torch.is_grad_enabled():
+        top_k = teacher.topk_ids.shape[1] if teacher is not None else None
+        reason = fused_unsupported(head, cfg, kind, vocab_size, top_k, logit_transform)
+        if reason is None:
+            return _fused(hidden, head, labels, lam_per_token, cfg, teacher, vocab_size, kind)
+        _log_autograd_path(reason)
     kd_mode = cfg.mode == "kd"
     # Per-token inputs of the chunk function; teacher columns only where they are used.
     ids = teacher.topk_ids.long() if teacher is not None else None  # (N, k)
@@ -208,7 +218,7 @@ def chunked_distill_loss(
     chunk_fn = functools.partial(_chunk_loss, head=head, cfg=cfg, kind=kind,
                                  vocab_size=vocab_size, logit_transform=logit_transform)
 
-    use_checkpoint = torch.is_grad_enabled()
+    use_checkpoint = torch.is_grad_enabled()  # here: a head or loss the fused path lacks
     totals: list[Tensor] = []
     ce_tokens: list[Tensor] = []
     kd_sum = torch.zeros((), device=hidden.device)
@@ -229,3 +239,34 @@ def chunked_distill_loss(
     ce_per_token = torch.cat(ce_tokens) if ce_tokens else hidden.new_zeros(0, dtype=torch.float32)
     return LossSums(total=total, ce=ce_per_token.sum(), kd=kd_sum, correct_top1=correct,
                     tokens=n, ce_per_token=ce_per_token)
+
+
+@functools.cache
+def _log_autograd_path(reason: str) -> None:
+    """Say once per reason that the output head runs on the checkpointed autograd path."""
+    log.info("output head and loss: checkpointed autograd path (%s); the fused path covers "
+             "CE, forward KL on the top-k + tail partition and the sampled loss with a plain "
+             "linear head", reason)
+
+
+def _fused(hidden: Tensor, head: torch.nn.Module | Tensor, labels: Tensor,
+           lam_per_token: Tensor | None, cfg: LossConfig, teacher: TeacherTargets | None,
+           vocab_size: int, kind: str) -> LossSums:
+    """chunked_distill_loss on the fused path (fused_head.py), inputs already checked."""
+    targets = FusedTargets(labels, ids=None if teacher is None else teacher.topk_ids.long())
+    if cfg.mode == "kd" and teacher is not None:
+        targets.lam = lam_per_token
+        if teacher.is_sampled:
+            assert teacher.sampled_ids is not None
+            targets.sampled_ids = teacher.sampled_ids.long()
+            targets.sampled_weights = teacher.sampled_weights
+        else:
+            tempered = teacher.tempered_tail_logmass if cfg.temperature != 1.0 else None
+            # (N, k + 1) values, computed once for all chunks.
+            targets.log_p, targets.log_p_tail = teacher_partition(
+                teacher.topk_logprobs, teacher.tail_logmass, cfg.temperature, vocab_size,
+                tempered)
+    total, ce_per_token, kd, correct = fused_head_loss(hidden, head, targets, cfg, kind,
+                                                       vocab_size)
+    return LossSums(total=total, ce=ce_per_token.sum(), kd=kd, correct_top1=correct,
+                    tokens=hidden.shape[0], ce_per_token=ce_per_token)
