@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdpipe.trainer.loss_config import SAMPLED, LossConfig
-from kdpipe.trainer.losses import divergence, sampled_cross_entropy, teacher_partition
+from kdpipe.trainer.losses import divergence, sampled_cross_entropy
 
 FUSED_KINDS = ("forward", SAMPLED)  # the divergences with a closed-form gradient here
 
@@ -98,7 +98,13 @@ class FusedTargets:
     sampled_weights: Tensor | None = None
 
     def rows(self, sl: slice) -> FusedTargets:
-        return FusedTargets(*(None if t is None else t[sl] for t in vars(self).values()))
+        """The same inputs for the tokens `sl` (views, no copies)."""
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[sl]
+
+        return FusedTargets(self.labels[sl], cut(self.lam), cut(self.ids), cut(self.log_p),
+                            cut(self.log_p_tail), cut(self.sampled_ids),
+                            cut(self.sampled_weights))
 
 
 def _shifted_exp(x: Tensor, ids: Tensor | None
