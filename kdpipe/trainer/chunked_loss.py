@@ -2,19 +2,30 @@
 
 For a student with a large vocabulary the (N, V) float32 logits are by far the largest
 tensor of a training step (8k tokens × 128k vocab × 4 bytes = 4 GiB, plus the same again for
-their log-softmax and gradient). Here the head runs on `chunk_size` tokens at a time and each
-chunk is wrapped in `torch.utils.checkpoint` (use_reentrant=False): only the chunk's input
-hidden states are kept for backward, and the chunk's logits are recomputed there, one chunk
-at a time. Peak extra memory is O(chunk_size × V), not O(N × V): measured on CPU at about
-6-7 float32 (chunk_size, V) tensors (logits, masked copy, their gradients), so with a 128k
-vocabulary chunk_size=1024 costs ~3.5 GiB and 256 under 1 GiB.
+their log-softmax and gradient). Here the head runs on `chunk_size` tokens at a time, on one
+of two paths, chosen automatically per call:
 
-Why checkpointing and not a fused "compute the gradients in forward" autograd.Function
-(Liger's fused linear cross-entropy): gradients stay autograd's, so every divergence in
-`losses.py`, any head module (bias, tied weights, wrapped/sharded layers) and any
-`logit_transform` get exact gradients with no hand-written backward to keep in sync, and no
-(V, H) float32 gradient buffer is held between forward and backward. The price is one extra
-head matmul per chunk in backward (the head's forward recomputed: +1/3 of its FLOPs).
+* **fused** (`fused_head.py`), for mode ce, `--loss forward` on a top-k cache (k < V) and
+  `--loss sampled`, with a plain `nn.Linear` head (or a weight tensor; tied embeddings and a
+  padded head included) and no logit transform. Each chunk's loss and its gradient with
+  respect to the chunk's hidden states and the head's weight and bias come from closed forms
+  in the forward pass, as in Liger's fused linear cross-entropy: nothing is recomputed in
+  backward, and no (N, V) tensor lives beyond its chunk. It holds the head's (V_s, H)
+  float32 gradient from forward to backward instead.
+* **checkpointed autograd**, for everything else: the other divergences (zero, reverse,
+  jsd, skew, tvd), a logit transform (soft-capping, logit scaling), a head that is not a
+  plain `nn.Linear` (a peft adapter on the head, a subclass, a module with hooks or sharded
+  parameters) and a cache whose top-k covers the whole vocabulary. Each chunk is wrapped in
+  `torch.utils.checkpoint` (use_reentrant=False): only its input hidden states are kept and
+  its logits are recomputed in backward, so every loss and head gets autograd's exact
+  gradients with no hand-written backward, at the price of one extra head matmul per chunk
+  (+1/3 of the head's FLOPs) and every element-wise op run twice. Which path runs, and why,
+  is logged once per reason.
+
+Without gradients (evaluation), both reduce to the same forward and the plain one is run.
+Peak extra memory is O(chunk_size × V) either way: measured on CPU at about 6-7 float32
+(chunk_size, V) tensors on the autograd path, 2-3 on the fused one, so with a 128k vocabulary
+chunk_size=1024 costs ~3.5 GiB and 256 under 1 GiB on the autograd path.
 """
 
 from __future__ import annotations

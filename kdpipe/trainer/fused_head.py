@@ -264,6 +264,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                     _add_matmul(grad_weight[:vocab_size], g_cd.t(), h)
                 if grad_bias is not None:
                     grad_bias[:vocab_size] += g_cd.sum(dim=0)
+                del g_cd  # before the next chunk's logits: one (n_c, V) tensor at a time
         ce_per_token = torch.cat(ce_tokens) if ce_tokens else hidden.new_zeros(
             0, dtype=float_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
