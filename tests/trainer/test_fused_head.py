@@ -308,3 +308,33 @@ def test_no_grad_evaluation_uses_the_plain_forward():
     fused = chunked_distill_loss(hidden, head, labels, lam, cfg, teacher, V)
     assert plain.total.grad_fn is None
     torch.testing.assert_close(plain.total, fused.total.detach(), rtol=1e-6, atol=1e-5)
+
+
+def test_a_tied_llama_student_gets_the_same_gradients_on_both_paths():
+    """Through a real model: the head is the input embedding (tie_word_embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdpipe.trainer.model import split_student
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=V_HEAD, hidden_size=H, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    parts = split_student(model, "student")
+    assert parts.head.weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    teacher = teacher_targets(3 * 9, V, K, seed=2, temperature=2.0)
+    lam = torch.rand(3 * 9, generator=torch.Generator().manual_seed(3))
+    cfg = LossConfig(temperature=2.0, chunk_size=10)
+
+    def grads(transform: object) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        hidden = parts.hidden_states(ids, mask)[:, :-1].reshape(-1, H)  # (27, H)
+        sums = chunked_distill_loss(hidden, parts.head, ids[:, 1:].reshape(-1), lam, cfg,
+                                    teacher, V, transform)  # type: ignore[arg-type]
+        (sums.total / 27).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(None), grads(lambda z: z), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
