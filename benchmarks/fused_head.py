@@ -94,7 +94,7 @@ def measure(args: argparse.Namespace, device: torch.device, cfg: LossConfig, fus
     return {"seconds": best, "tokens_per_s": args.tokens / best, "peak_extra_mib": peak / MIB}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2040)
     p.add_argument("--hidden", type=int, default=128)
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="Also write the results as JSON here.")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -113,7 +113,8 @@ def main() -> None:
              "forward τ=2": LossConfig(temperature=2.0, chunk_size=args.chunk_size),
              "sampled": LossConfig(kind=SAMPLED, chunk_size=args.chunk_size)}
     results: dict[str, Any] = {}
-    lines = [f"`python benchmarks/fused_head.py {' '.join(sys.argv[1:])}` ({device.type})", "",
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"`python benchmarks/fused_head.py {command}` ({device.type})", "",
              "| loss | fused tokens/s | checkpointed tokens/s | fused / checkpointed "
              "| fused peak MiB | checkpointed peak MiB |", "|---|---:|---:|---:|---:|---:|"]
     for name, cfg in cases.items():

@@ -26,7 +26,7 @@ from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
 from kdpipe.schemas.cache import open_cache
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--vocab", type=int, default=4096, help="Tokenizer (and cache) ids.")
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256, help="Tokens per packed sequence.")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # The tokenizer learns from the larger split; the smaller one is cached.
     train_jsonl, cached_jsonl = write_corpus(args.out / "corpus", args.tokenizer_chars,
