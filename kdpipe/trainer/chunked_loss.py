@@ -206,6 +206,8 @@ def chunked_distill_loss(
     mode). vocab_size: manifest.vocab_size, the tokenizer's real ids: both CE and KD use the
     softmax over the head's first `vocab_size` rows (the rest of a padded head is left out;
     docs/training.md). logit_transform: applied to each chunk's logits (e.g. soft-capping).
+    With gradients on, the fused path runs whenever `fused_unsupported` finds nothing against
+    it, else the checkpointed autograd path (module docstring); both give the same sums.
     """
     n = hidden.shape[0]
     kind = _checked_kind(hidden, head, labels, lam_per_token, cfg, teacher, vocab_size)
