@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdpipe.trainer.chunked_loss import TeacherTargets, chunked_distill_loss
 from kdpipe.trainer.fused_head import FusedTargets, fused_head_loss, fused_unsupported
@@ -338,3 +339,32 @@ def test_a_tied_llama_student_gets_the_same_gradients_on_both_paths():
 
     for a, b in zip(grads(None), grads(lambda z: z), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor any op produces, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize(("kind", "temperature"), [("forward", 1.0), ("forward", 2.0),
+                                                   (SAMPLED, 1.0)])
+def test_no_tensor_larger_than_one_chunk_of_logits_or_the_head(kind, temperature):
+    n, chunk = 96, 8
+    hidden, head, labels, teacher, lam = make(n=n, sampled=kind == SAMPLED,
+                                              temperature=temperature)
+    cfg = LossConfig(kind=kind, temperature=temperature, chunk_size=chunk)
+    legit = max(chunk * V_HEAD, V_HEAD * H, n * H, n * (K + 1), n * S)
+    assert legit < n * V
+    with LargestTensor() as probe:
+        chunked_distill_loss(hidden, head, labels, lam, cfg, teacher, V).total.backward()
+    assert probe.largest <= legit
