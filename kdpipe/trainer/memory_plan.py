@@ -45,10 +45,13 @@ the run", works an example):
   bfloat16 under autocast (`bf16-*`: an estimate not checked against a measurement).
   With `--gradient-checkpointing` a layer keeps only its input (h per token), and backward
   recomputes one layer at a time.
-* **The chunked KD head** (`chunked_loss.py`) keeps only its chunks' input hidden states for
-  backward; while it recomputes a chunk it holds about HEAD_CHUNK_COPIES float32
-  (chunk, head rows) tensors (logits, their exp and gradients: measured), with chunk =
-  min(--chunk-size, B·T).
+* **The chunked KD head** (`chunked_loss.py`), chunk = min(--chunk-size, B·T), on the path
+  the run will take (`fused_head.fused_unsupported`). Checkpointed: it keeps only its chunks'
+  input hidden states for backward; while it recomputes a chunk it holds about
+  HEAD_CHUNK_COPIES float32 (chunk, head rows) tensors (logits, their exp and gradients:
+  measured). Fused: FUSED_CHUNK_COPIES float32 (chunk, V) tensors (one more at τ ≠ 1 for
+  forward KL, and a bfloat16 copy under autocast: estimated), and the head weight's float32
+  gradient (when it trains), formed in the forward and held through backward.
 * The **peak**: what is held across steps (weights, buffers, masters, optimizer state) plus
   the largest of three phases. Forward/backward, gradients aside: the activations kept, the
   target positions' hidden-state gradient (h per token), the larger of the head's chunk
@@ -86,12 +89,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdpipe.model_parts import known_transform
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.manifest import CacheManifest, read_manifest
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import adapters
 from kdpipe.trainer.adapter_config import is_adapter_folder
 from kdpipe.trainer.config import TrainConfig
+from kdpipe.trainer.fused_head import fused_unsupported
 from kdpipe.trainer.model import check_vocab, student_model_config
 from kdpipe.trainer.optimizers import BNB_MIN_8BIT_SIZE  # smaller tensors: float32 moments
 from kdpipe.trainer.precision import resolve_precision
@@ -107,6 +112,7 @@ BNB_CODEBOOKS = 2 * 256 * FLOAT32  # two 256-entry float32 code books per tensor
 # tensors there): AdamW's denominator and update, Adafactor's, SGD's weight-decayed gradient.
 CPU_STEP_COPIES = {"adamw": 3, "adamw-8bit": 1, "adafactor": 2, "sgd": 1}
 HEAD_CHUNK_COPIES = 6  # float32 (chunk, V) tensors while a head chunk is recomputed: measured
+FUSED_CHUNK_COPIES = 1  # float32 (chunk, V) tensors of a fused head chunk at τ = 1: measured
 PREFETCHED_BLOCKS = 2  # FSDP: the block computing and the next one, gathered
 # Architectures whose MLP is fc → activation → fc (2i kept per token) rather than gated (4i).
 PLAIN_MLP = ("gpt2", "gpt_neox", "phi", "starcoder2", "gpt_bigcode", "opt", "bloom", "falcon")
@@ -354,10 +360,8 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
                f"× {tokens:,} tokens ({batch} × {seq_len})")
         layer_backward = block.backward_per_token(matmul_bytes) * tokens
     activations = Part("activations", kept_per_token * tokens, how)
-    head_rows = inner.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
-    chunk = min(cfg.loss.chunk_size, tokens)
-    head = Part("KD head chunks", HEAD_CHUNK_COPIES * FLOAT32 * chunk * head_rows,
-                f"{HEAD_CHUNK_COPIES} × {chunk:,} tokens × {head_rows:,} rows × 4 B")
+    head, head_held = _head_part(inner, cfg, manifest, min(cfg.loss.chunk_size, tokens),
+                                 autocast)
     hidden_grad = FLOAT32 * block.hidden * tokens  # d loss / d hidden of the target positions
 
     other = []
@@ -393,7 +397,7 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
                       else f"{copies} float32 cop{'y' if copies == 1 else 'ies'} of the "
                       "largest tensor"))
     extra = {p.name: p.bytes for p in other}
-    backward = hidden_grad + max(head.bytes, layer_backward)
+    backward = hidden_grad + head_held + max(head.bytes - head_held, layer_backward)
     copies = extra.get("bfloat16 weight copies", 0)
     # Checkpointed, the copies are freed when the forward ends, before backward recomputes.
     backward = max(copies, backward) if cfg.gradient_checkpointing else copies + backward
@@ -416,6 +420,32 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
         optimizer_step=optimizer_step,
         sequences_per_step=per_step, tokens_per_step=per_step * seq_len, steps=steps,
         steps_how=steps_how)
+
+
+def _head_part(model: nn.Module, cfg: TrainConfig, manifest: CacheManifest, chunk: int,
+               autocast: bool) -> tuple[Part, int]:
+    """The head's transient buffers on the path the run takes, and the part of them held
+    from the head's forward through the whole backward (the fused head's weight gradient)."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    rows, hidden = head.weight.shape
+    sampled = manifest.cache_mode == "sampled"
+    kind = cfg.loss.resolved(sampled)
+    transform, _ = known_transform(model.config)
+    if fused_unsupported(head, cfg.loss, kind, manifest.vocab_size, manifest.top_k,
+                         transform) is not None:
+        return Part("KD head chunks", HEAD_CHUNK_COPIES * FLOAT32 * chunk * rows,
+                    f"checkpointed: {HEAD_CHUNK_COPIES} × {chunk:,} tokens × {rows:,} rows "
+                    "× 4 B"), 0
+    copies = FUSED_CHUNK_COPIES + (cfg.loss.mode == "kd" and kind == "forward"
+                                   and cfg.loss.temperature != 1.0)
+    chunks = (copies * FLOAT32 + (BFLOAT16 if autocast else 0)) * chunk * manifest.vocab_size
+    params = [p for p in (head.weight, head.bias) if p is not None and p.requires_grad]
+    held = FLOAT32 * sum(p.numel() for p in params)
+    return Part("KD head chunks", chunks + held,
+                f"fused: {copies} × {chunk:,} tokens × {manifest.vocab_size:,} ids × 4 B"
+                + (" + a bfloat16 copy" if autocast else "")
+                + (f" + the head's float32 gradient ({rows:,} × {hidden:,})" if held else "")
+                ), held
 
 
 def _fsdp_gathered(model: nn.Module, trainable_bytes: int) -> int:

@@ -262,3 +262,25 @@ def test_train_refuses_a_dry_run(tmp_path: Path, tiny_cache: Path,
     with pytest.raises(ConfigError, match="--dry-run plans the run without training it"):
         train(_cfg(tiny_cache, tmp_path / "run", student=str(tiny_student_dir), dry_run=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_head_part_follows_the_path_the_run_takes(tmp_path: Path, tiny_cache: Path,
+                                                  tiny_student_dir: Path) -> None:
+    """Fused (forward KL, CE): one (chunk, V) float32 buffer (two at τ ≠ 1) and the head's
+    gradient held through backward; checkpointed (other divergences): six buffers."""
+    manifest = read_manifest(tiny_cache)
+    head_rows, hidden = 320, 32  # the tiny student's head, untied
+    chunk = min(64, manifest.max_length)
+
+    def head(**options: Any) -> tuple[int, str]:
+        cfg = _cfg(tiny_cache, tmp_path / "run", student=str(tiny_student_dir), chunk_size=64,
+                   **options)
+        part = _plan(cfg).head_chunks
+        return part.bytes, part.how
+
+    held = FLOAT32 * head_rows * hidden
+    assert head() == (FLOAT32 * chunk * manifest.vocab_size + held, head()[1])
+    assert "fused" in head()[1] and "fused" in head(mode="ce")[1]
+    assert head(temperature=2.0)[0] == 2 * FLOAT32 * chunk * manifest.vocab_size + held
+    jsd_bytes, jsd_how = head(loss="jsd")
+    assert jsd_bytes == 6 * FLOAT32 * chunk * head_rows and "checkpointed" in jsd_how
