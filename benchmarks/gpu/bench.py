@@ -14,7 +14,7 @@ benchmarks/train_student.py's, `--hidden 768 --layers 8`). Then, in bf16 on CUDA
   (benchmarks/train_student.py's ce and kd arms, each in its own process);
 * the loader alone at 32 sequences per step with `--loader-workers`, against the 262,144
   tokens/s a GPU consumes at 32 × 4,096 tokens per step and 2 steps/s;
-* the fused KD head against the checkpointed autograd path, where the trainer has one;
+* the fused KD head against the checkpointed autograd path (benchmarks/fused_head.py);
 * the GPU-marked tests (`pytest -m gpu`).
 
 Writes gpu_bench.json and gpu_bench.md to --out, and each step's own files beside them.
@@ -199,6 +199,22 @@ def train_student_step(sizes: Sizes, work: Path, device: torch.device, arms: str
             "goals": report["goals"]}
 
 
+def fused_step(sizes: Sizes, work: Path, device: torch.device) -> dict[str, Any]:
+    """benchmarks/fused_head.py: the head and loss alone, fused against the checkpointed
+    autograd path, at the student's width and the cache's vocabulary."""
+    out = work / "fused"
+    tokens = 16 * sizes.seq_len if device.type == "cuda" else 4 * sizes.seq_len
+    command = [sys.executable, str(ROOT / "benchmarks" / "fused_head.py"),
+               "--device", device.type, "--vocab", str(sizes.vocab),
+               "--hidden", str(sizes.student_hidden), "--top-k", str(sizes.top_k),
+               "--tokens", str(tokens), "--out", str(out)]
+    subprocess.run(command, check=True, cwd=ROOT)
+    results = json.loads((out / "fused_head.json").read_text(encoding="utf-8"))["results"]
+    return {"command": " ".join(command[1:]), "results": results,
+            "speedup": {loss: r["fused"]["tokens_per_s"] / r["checkpointed"]["tokens_per_s"]
+                        for loss, r in results.items()}}
+
+
 def gpu_tests(work: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                "--basetemp", str(work / "pytest"), "tests/test_packing.py",
@@ -251,6 +267,9 @@ def markdown(results: dict[str, Any]) -> str:
          or get("train", "summary", "kd", "tracked_peak_mib_vs_ce")),
         ("loader target tokens/s", get("loader", "summary", "loader", "tokens_per_s")),
         ("loader / GPU rate (goal ≥ 5)", get("loader_vs_gpu_rate")),
+        ("fused / checkpointed head, forward KL τ=1 (tokens/s)",
+         get("fused", "speedup", "forward τ=1")),
+        ("fused / checkpointed head, CE (tokens/s)", get("fused", "speedup", "ce")),
         ("GPU-marked tests", get("gpu_tests", "summary")),
     ]
     env = results["environment"]
@@ -293,6 +312,7 @@ def main() -> None:
         ["--loader-workers", "4" if mode == "gpu" else "1", "--loader-epochs", "2"]))
     rate = results.get("loader", {}).get("summary", {}).get("loader", {}).get("tokens_per_s")
     results["loader_vs_gpu_rate"] = rate / GPU_STEP_TOKENS_PER_S if rate else None
+    run_step(results, "fused", lambda: fused_step(sizes, work, device))
     run_step(results, "gpu_tests", lambda: gpu_tests(work))
     (out / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str) + "\n",
                                         encoding="utf-8")

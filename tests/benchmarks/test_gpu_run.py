@@ -33,6 +33,7 @@ def test_the_gpu_benchmark_runs_every_step_on_cpu(tmp_path: Path) -> None:
     assert results["cache"]["P1_stage_over_forward"] > 0
     assert {"ce", "kd"} <= set(results["train"]["summary"])
     assert results["loader"]["summary"]["loader"]["tokens_per_s"] > 0
+    assert results["fused"]["speedup"]["forward τ=1"] > 0
     assert results["gpu_tests"]["returncode"] == 0  # on CPU every GPU test skips
     table = (tmp_path / "bench" / "gpu_bench.md").read_text()
     assert "P1 cache-teacher / bare forward" in table and "–" not in table.split("|---|")[1]
