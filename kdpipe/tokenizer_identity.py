@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from kdpipe.hf_errors import refusal_reason, refusals
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.cache_verify import describe_files
 from kdpipe.schemas.errors import CacheFormatError, ConfigError
@@ -35,9 +36,9 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool, flag: str)
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as exc:  # KeyError: JSON of another shape
-        raise ConfigError(f"{flag} {name_or_path}: cannot load a tokenizer ({first_line(exc)})"
-                          ) from exc
+    except refusals() as exc:  # KeyError: JSON of another shape; a config it refuses
+        raise ConfigError(f"{flag} {name_or_path}: cannot load a tokenizer "
+                          f"({refusal_reason(exc)})") from exc
 
 
 def save_tokenizer(tokenizer: Any, cache_dir: Path) -> tuple[FileInfo, ...]:

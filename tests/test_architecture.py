@@ -14,18 +14,19 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdpipe"
 SHARED = {"schemas", "options", "tokenizer_identity", "torch_runtime", "extras", "progress",
-          "packing", "model_parts"}
+          "packing", "model_parts", "hf_errors"}
 # Package (or top-level module) -> the kdpipe packages it may import, besides itself and the
 # root `kdpipe` (its version).
 ALLOWED: dict[str, set[str]] = {
     "schemas": set(),
     "options": {"schemas"},
-    "tokenizer_identity": {"schemas"},
+    "tokenizer_identity": {"schemas", "hf_errors"},
     "torch_runtime": {"schemas"},
     "extras": {"schemas"},
     "progress": set(),
     "packing": {"schemas"},  # packed documents kept apart, in the teacher's pass and the student's
     "model_parts": {"packing"},  # body and head, each side computing the head in chunks
+    "hf_errors": set(),  # transformers' refusals as one line, for every loader
     "pipeline": SHARED,
     "trainer": SHARED,
     "curriculum": SHARED | {"trainer"},  # a student's scoring pass over the cache

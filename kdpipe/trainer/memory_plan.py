@@ -89,9 +89,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdpipe.hf_errors import refusal_reason, refusals
 from kdpipe.model_parts import known_transform
+from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.schemas.manifest import CacheManifest, read_manifest
+from kdpipe.schemas.manifest import CacheManifest
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import adapters
 from kdpipe.trainer.adapter_config import is_adapter_folder
@@ -140,9 +142,9 @@ def student_config(cfg: TrainConfig, manifest: CacheManifest) -> Any:
         name, what = base, f"{what}: its base {base}"
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{what}: cannot read a model config ({first})") from exc
+    except refusals() as exc:
+        raise ConfigError(f"{what}: cannot read a model config ({refusal_reason(exc)})"
+                          ) from exc
 
 
 def meta_student(cfg: TrainConfig, manifest: CacheManifest) -> nn.Module:
@@ -162,10 +164,9 @@ def meta_student(cfg: TrainConfig, manifest: CacheManifest) -> nn.Module:
     try:
         with torch.device("meta"):
             model: nn.Module = AutoModelForCausalLM.from_config(config, **kwargs)
-    except (ImportError, ValueError) as exc:  # e.g. an attention it does not implement
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    except refusals() as exc:  # e.g. an attention it does not implement
         flag = "--student" if cfg.student is not None else "--student-config"
-        raise ConfigError(f"{flag} {name}: {first}") from exc
+        raise ConfigError(f"{flag} {name}: {refusal_reason(exc)}") from exc
     check_vocab(model, manifest, name)
     if cfg.adapter.enabled:
         model = adapters.new_adapters(model, cfg.adapter, adapters.lora_config(cfg.adapter,
@@ -524,7 +525,8 @@ def dry_run(cfg: TrainConfig) -> MemoryPlan:
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device).name
-    manifest = read_manifest(cfg.cache)
+    # the manifest alone, from a folder or a URL (no shard is opened; no --local-cache copy)
+    manifest = open_cache(cfg.cache, check_shards=False).manifest
     model = meta_student(cfg, manifest)
     return plan_memory(cfg, manifest, model, planned_world_size(), precision, device.type)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdpipe import tokenizer_identity as identity
+from kdpipe.hf_errors import refusal_reason, refusals
 from kdpipe.model_parts import ModelParts, SplitError, split_model
 from kdpipe.packing import check_packing
 from kdpipe.schemas.cache import Cache
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # from the tokenizer
+
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -124,9 +126,9 @@ def load_student(student: str | None, student_config: str | None, manifest: Cach
         torch.manual_seed(seed)
         try:
             return AutoModelForCausalLM.from_config(config, **kwargs)
-        except (ImportError, ValueError) as exc:  # e.g. an attention it does not implement
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"--student-config {student_config}: {first}") from exc
+        except refusals() as exc:  # e.g. an attention it does not implement
+            raise ConfigError(f"--student-config {student_config}: {refusal_reason(exc)}"
+                              ) from exc
 
 
 def student_model_config(student_config: str, manifest: CacheManifest,
@@ -152,8 +154,8 @@ def student_model_config(student_config: str, manifest: CacheManifest,
     model_type = spec.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **spec)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--student-config {student_config}: {exc}") from exc
+    except refusals() as exc:
+        raise ConfigError(f"--student-config {student_config}: {refusal_reason(exc)}") from exc
 
 
 def _pretrained(name: str, what: str, kwargs: dict[str, Any], hint: str = "") -> nn.Module:
@@ -164,9 +166,9 @@ def _pretrained(name: str, what: str, kwargs: dict[str, Any], hint: str = "") ->
     try:
         with MODEL_INIT_LOCK:
             return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ImportError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{what}: cannot load a causal LM ({first}){hint}") from exc
+    except refusals() as exc:
+        raise ConfigError(f"{what}: cannot load a causal LM ({refusal_reason(exc)}){hint}"
+                          ) from exc
 
 
 def _load_merged(folder: str, base: str | None, kwargs: dict[str, Any]) -> nn.Module:

@@ -66,6 +66,10 @@ def test_three_stages_inspect_and_verify_on_s3(
 
     student = tmp_path / "student.json"
     student.write_text(json.dumps(STUDENT))
+    code, out, err = run_cli(["train-student", "--cache", cache, "--student-config", str(student),
+                              "--out", str(tmp_path / "planned"), "--dry-run"], capsys)
+    assert code == 0 and "memory per process" in out, err  # the plan reads the manifest only
+    assert not (tmp_path / "planned").exists()
     node_cache = tmp_path / "node-cache"
     code, _, err = run_cli(["train-student", "--cache", cache, "--student-config", str(student),
                             "--out", str(tmp_path / "run"), "--curriculum", curriculum,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,20 @@ def test_unknown_head_transform_is_refused(tiny_student_dir: Path) -> None:
     model.forward = doubled
     with pytest.raises(ConfigError, match="computes its logits differently"):
         split_student(model, "doubled")
+
+
+def test_a_config_transformers_validators_refuse_is_one_line(tiny_cache: Path, tmp_path: Path
+                                                             ) -> None:
+    # transformers' config validators raise huggingface_hub's StrictDataclassError (no
+    # ValueError), whose first line only names the validator.
+    bad = {"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps(bad))
+    folder = tmp_path / "badmodel"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(bad))
+    reason = "The hidden size (30) is not a multiple of the number of attention heads (4)"
+    for where in (dict(student_config=str(config)), dict(student=str(folder))):
+        with pytest.raises(ConfigError, match=re.escape(reason)) as caught:
+            train(small_config(tiny_cache, tmp_path / "run", **where))
+        assert "\n" not in str(caught.value)
