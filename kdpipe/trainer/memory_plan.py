@@ -102,6 +102,7 @@ from kdpipe.trainer.fused_head import fused_unsupported
 from kdpipe.trainer.model import check_vocab, student_model_config
 from kdpipe.trainer.optimizers import BNB_MIN_8BIT_SIZE  # smaller tensors: float32 moments
 from kdpipe.trainer.precision import resolve_precision
+from kdpipe.trainer.run_dir import plan_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -523,6 +524,7 @@ def dry_run(cfg: TrainConfig) -> MemoryPlan:
     manifest only; writes nothing. Raises ConfigError (one line) for bad input."""
     cfg = cfg.with_cache_defaults()
     cfg.validate()
+    plan_run_dir(cfg, planned_world_size())  # --out as a real run would find it (reads only)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device).name
     # the manifest alone, from a folder or a URL (no shard is opened; no --local-cache copy)

@@ -284,3 +284,20 @@ def test_head_part_follows_the_path_the_run_takes(tmp_path: Path, tiny_cache: Pa
     assert head(temperature=2.0)[0] == 2 * FLOAT32 * chunk * manifest.vocab_size + held
     jsd_bytes, jsd_how = head(loss="jsd")
     assert jsd_bytes == 6 * FLOAT32 * chunk * head_rows and "checkpointed" in jsd_how
+
+
+def test_dry_run_refuses_an_out_a_real_run_refuses(tmp_path: Path, tiny_cache: Path,
+                                                   tiny_student_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from kdpipe.trainer.train import train
+
+    run = tmp_path / "run"
+    train(_cfg(tiny_cache, run, student=str(tiny_student_dir), max_steps=1))
+    before = sorted(p.name for p in run.rglob("*"))
+    capsys.readouterr()  # the training run's own output
+    code, _, err = run_cli(["train-student", "--cache", str(tiny_cache), "--out", str(run),
+                            "--student", str(tiny_student_dir), "--device", "cpu",
+                            "--max-steps", "1", "--lr", "1", "--dry-run"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "different" in lines[0], err
+    assert sorted(p.name for p in run.rglob("*")) == before
