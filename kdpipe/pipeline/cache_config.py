@@ -162,7 +162,7 @@ class CacheTeacherConfig:
         if self.backend == "vllm" and self.device not in ("auto", "cuda"):
             found.append(f"--device {self.device} with --backend vllm: vLLM uses the GPUs "
                          "CUDA_VISIBLE_DEVICES shows; leave --device at auto")
-        if self.worker_index >= self.num_workers:
+        if self.worker_index >= self.num_workers >= 1:  # --num-workers 0 has its own line
             found.append(f"--worker-index must be in 0..{self.num_workers - 1} for "
                          f"--num-workers {self.num_workers} (got {self.worker_index})")
         if self.cache_mode == "sampled":

@@ -252,8 +252,8 @@ class SharedCorpus:
                 writer.write_table(self._table(batch, schema))
         atomic_write_json(self._path(index, ".json"), {
             "key": self.key, "bytes": path.stat().st_size, "stats": asdict(stats)})
-        log.info("tokenized corpus share %d of %d (%d documents)", index + 1, len(self.shares),
-                 stats.documents_read)
+        log.info("tokenized corpus share %d of shares 0..%d (%d documents)", index,
+                 len(self.shares) - 1, stats.documents_read)
 
     def _table(self, items: list[Item], schema: Any) -> Any:
         import pyarrow as pa
@@ -285,8 +285,8 @@ class SharedCorpus:
                 claim.unlink(missing_ok=True)
                 continue
             if not waited:
-                log.info("waiting for another worker to tokenize corpus share %d of %d",
-                         index + 1, len(self.shares))
+                log.info("waiting for another worker to tokenize corpus share %d of shares 0..%d",
+                         index, len(self.shares) - 1)
                 waited = True
             time.sleep(POLL_S)
         return record
