@@ -23,12 +23,10 @@ non-empty local folder is.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +35,7 @@ from kdpipe.pipeline import workers
 from kdpipe.pipeline.cache_config import CacheTeacherConfig
 from kdpipe.pipeline.cache_dir import CACHE_CONFIG_NAME
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.schemas.io import atomic_write_json
+from kdpipe.schemas.io import atomic_write_json, sha256_file
 from kdpipe.schemas.manifest import (
     DATASET_CARD_NAME,
     MANIFEST_NAME,
@@ -45,7 +43,7 @@ from kdpipe.schemas.manifest import (
     CacheManifest,
     read_manifest_file,
 )
-from kdpipe.schemas.storage import Store, is_url, location, sha256_of
+from kdpipe.schemas.storage import Store, is_url, location, node_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +57,6 @@ def _ours(name: str) -> bool:
     return (name in (MANIFEST_NAME, *_SMALL) or name.startswith(TOKENIZER_DIR + "/")
             or workers.SHARD_RE.match(name) is not None
             or workers.PART_RE.match(name) is not None)
-
-
-def _staging(store: Store, local_cache: str | None) -> Path:
-    if local_cache is None:
-        folder = Path(tempfile.mkdtemp(prefix="kdpipe-out-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        return folder
-    key = hashlib.sha256(store.url.encode()).hexdigest()[:16]
-    folder = Path(local_cache) / "out" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @dataclass
@@ -132,7 +119,7 @@ class RemoteOut:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._hashed:
-            self._hashed[key] = sha256_of(path)
+            self._hashed[key] = sha256_file(path)
         return self._hashed[key]
 
     def _record_url(self) -> None:
@@ -175,7 +162,8 @@ def open_remote_out(cfg: CacheTeacherConfig) -> RemoteOut | None:
         return None
     where.check_bucket("--out")
     worker = (0, 1) if cfg.merge else (cfg.worker_index, cfg.num_workers)
-    remote = RemoteOut(store=where, staging=_staging(where, cfg.local_cache), worker=worker)
+    remote = RemoteOut(store=where, staging=node_folder(where, cfg.local_cache, "out"),
+                       worker=worker)
     remote.pull(everything=cfg.merge)
     return remote
 

@@ -16,11 +16,8 @@ against the manifest as a local cache's are.
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -37,7 +34,7 @@ from kdpipe.schemas.manifest import (
     ShardInfo,
     read_manifest_file,
 )
-from kdpipe.schemas.storage import Store, location
+from kdpipe.schemas.storage import Store, location, node_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +46,7 @@ _verified: set[tuple[str, str]] = set()
 
 def local_folder(store: Store, local_cache: Path | None) -> Path:
     """Where the manifest and tokenizer of the cache at `store` are copied on this node."""
-    if local_cache is None:
-        folder = Path(tempfile.mkdtemp(prefix="kdpipe-cache-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        return folder
-    key = hashlib.sha256(store.url.encode()).hexdigest()[:16]
-    folder = local_cache / "caches" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return node_folder(store, local_cache, "caches")
 
 
 @dataclass

@@ -13,28 +13,19 @@ which a training run is long; `--no-verify-reads` skips it for caches already ch
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kdpipe.schemas.errors import CacheFormatError
+from kdpipe.schemas.io import sha256_file
 from kdpipe.schemas.manifest import MANIFEST_NAME, ShardInfo
 
-BLOCK_BYTES = 4 << 20  # hashlib releases the GIL on large blocks: threads hash in parallel
 HASH_THREADS = 4  # shards hashed at once when an index first opens a whole cache
 
 # (resolved path, size, mtime_ns, expected sha256) of every shard this process has checked
 _verified: set[tuple[str, int, int, str]] = set()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_shard(root: Path, shard: ShardInfo) -> None:
@@ -48,7 +39,7 @@ def check_shard(root: Path, shard: ShardInfo) -> None:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, shard.sha256)
     if key in _verified:
         return
-    if stat.st_size != shard.bytes or _sha256(path) != shard.sha256:
+    if stat.st_size != shard.bytes or sha256_file(path) != shard.sha256:
         raise CacheFormatError(
             f"cache shard {path} does not match its checksum in {MANIFEST_NAME} (corrupted "
             f"or edited); run `kdpipe verify {root}`, or re-create the cache")

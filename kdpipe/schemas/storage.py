@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kdpipe.schemas.errors import ConfigError, KdpipeError, StorageError
+from kdpipe.schemas.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class Store:
         and it is listed only after this check. Raises StorageError when the copy differs."""
         with store_errors(self):
             self.fs.put_file(str(local), self.path(name))
-        if self.sha256(name) != sha256_of(local):
+        if self.sha256(name) != sha256_file(local):
             raise StorageError(f"{self.url}/{name}: the uploaded object differs from "
                                f"{local}; re-run the same command to rewrite it")
 
@@ -204,14 +205,6 @@ class Store:
             raise StorageError(
                 f"{flag} {self.url}: bucket {bucket!r} does not exist (or these credentials "
                 "cannot see it); create it first or fix the URL") from None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _kind(exc: BaseException) -> str | None:
@@ -276,6 +269,24 @@ def file_location(value: str | Path, flag: str) -> Path | tuple[Store, str]:
     return folder, name
 
 
+def node_folder(store: Store, local_cache: str | Path | None, kind: str) -> Path:
+    """A node-local folder for what this process keeps of `store`: `LOCAL_CACHE/kind/<16 hex
+    digits of the URL's sha256>`, shared by the processes of the node; or, without
+    --local-cache, a temporary folder of this process, removed when it ends."""
+    if local_cache is None:
+        return temporary_folder(f"kdpipe-{kind}-")
+    folder = Path(local_cache) / kind / hashlib.sha256(store.url.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def temporary_folder(prefix: str) -> Path:
+    """A new temporary folder, removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def local_copy(value: str | Path, flag: str) -> Path:
     """A local file to read `value` from: the path itself, or for a URL a verified download
     into a temporary folder removed when the process ends (curricula: one row per
@@ -286,8 +297,7 @@ def local_copy(value: str | Path, flag: str) -> Path:
     store, name = where
     if not store.is_file(name):
         raise FileNotFoundError(f"{flag} {value}: no such object")
-    folder = Path(tempfile.mkdtemp(prefix="kdpipe-file-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder = temporary_folder("kdpipe-file-")
     store.get_file(name, folder / name)
     return folder / name
 
