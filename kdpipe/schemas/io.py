@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +28,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def temp_path_for(path: Path) -> Path:
-    """A temporary sibling of `path` that no reader will mistake for the real file."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """A temporary sibling of `path` that no reader will mistake for the real file, unique to
+    this call: two writers of one file never share it, whether threads of one process or
+    processes of one pid on two machines sharing the folder."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 @contextmanager
@@ -75,7 +78,7 @@ def nonfinite_as_null(obj: Any) -> Any:
 
 
 def remove_stale_temp_files(folder: Path) -> int:
-    """Delete temporaries left by a crashed writer (`.<name>.tmp-<pid>`, files or folders);
+    """Delete temporaries left by a crashed writer (`.<name>.tmp-<pid>-<id>`, files or folders);
     returns how many."""
     removed = 0
     for stale in folder.glob(".*.tmp-*"):
