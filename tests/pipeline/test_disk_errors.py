@@ -44,9 +44,10 @@ def test_a_full_disk_stops_cache_teacher_in_one_line_and_the_same_command_resume
     monkeypatch.setattr(pq, "write_table", full_at_the_second_shard)
     code, _, err = run_cli(args, capsys)
     assert code == 2
-    assert kdpipe_error(err) == (
-        f"kdpipe: error: no space left on device writing {out}/.shard-00001.parquet.tmp-"
-        f"{os.getpid()}; free space or choose another --out {RESUME}")
+    assert re.fullmatch(  # the temporary's name: the process id, then a per-write id
+        rf"kdpipe: error: no space left on device writing {re.escape(str(out))}/"
+        rf"\.shard-00001\.parquet\.tmp-{os.getpid()}-[0-9a-f]+; free space or choose another "
+        rf"--out {re.escape(RESUME)}", kdpipe_error(err))
     assert sorted(p.name for p in out.iterdir()) == [
         "cache_config.json", "manifest.json", "shard-00000.parquet", "tokenizer"]
     manifest = read_manifest(out)
@@ -88,7 +89,8 @@ def test_cache_teacher_on_a_small_tmpfs(tiny_teacher_dir: Path, small_corpus: Pa
     assert run.code == 2
     line = kdpipe_error(run.err)
     assert re.fullmatch(rf"kdpipe: error: no space left on device writing {cache}/\S+\.tmp-"
-                        rf"\d+; free space or choose another --out {re.escape(RESUME)}", line), line
+                        rf"\d+-[0-9a-f]+; free space or choose another --out "
+                        rf"{re.escape(RESUME)}", line), line
     assert not [f for f in files if ".tmp-" in f], files
     # What is left is whole: listed shards verify; a shard finished after the last manifest
     # that fitted is complete too, only unlisted (a re-run writes it again).

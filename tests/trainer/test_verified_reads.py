@@ -110,13 +110,13 @@ def test_each_shard_is_hashed_once_per_process_until_it_changes(
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)
     hashed: list[str] = []
-    real = shard_checksum._sha256
+    real = shard_checksum.sha256_file
 
     def counting(path: Path) -> str:
         hashed.append(path.name)
         return real(path)
 
-    monkeypatch.setattr(shard_checksum, "_sha256", counting)
+    monkeypatch.setattr(shard_checksum, "sha256_file", counting)
     opened = open_cache(cache)
     shards = opened.manifest.shards
     index = build_index(opened)
