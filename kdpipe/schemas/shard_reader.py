@@ -106,6 +106,7 @@ class Columns:
     samples: int = 0  # sampled: draws per position (the counts' denominator)
     target_mask: bool = False  # the cache stores targets at masked positions only
     segments: bool = False  # the cache records packed documents' lengths
+    vocab_size: int | None = None  # the cache's real ids: any id read must be below it
 
     @property
     def names(self) -> list[str]:
@@ -141,7 +142,8 @@ def columns_for(cache: Cache, teacher: bool, temperature: float,
                    encoding=cache.manifest.encoding, cache_mode=cache.manifest.cache_mode,
                    samples=cache.manifest.samples,
                    target_mask=cache.manifest.shard_layout.has_target_mask,
-                   segments=cache.manifest.shard_layout.has_segments)
+                   segments=cache.manifest.shard_layout.has_segments,
+                   vocab_size=cache.manifest.vocab_size)
 
 
 def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -259,6 +261,16 @@ def decode_row_group(table: pa.Table, columns: Columns) -> RowGroup:
         if group.target_logprob.size != targets:
             raise CacheFormatError("target_logprob does not match input_ids lengths; run "
                                    "`kdpipe verify` on the cache")
+    # An id outside the vocabulary (a shard altered and read with --no-verify-reads) would
+    # stop an embedding or gather with an index error deep in torch: name it here instead.
+    for name, ids in ((cols.INPUT_IDS, group.input_ids), (cols.TOPK_IDS, group.topk_ids),
+                      (cols.SAMPLED_ID_DELTAS, group.sampled_ids)):
+        if columns.vocab_size is not None and ids is not None and ids.size and (
+                int(ids.max()) >= columns.vocab_size or int(ids.min()) < 0):
+            wrong = int(ids.max()) if int(ids.max()) >= columns.vocab_size else int(ids.min())
+            raise CacheFormatError(f"{name} holds the id {wrong}, outside the cache's "
+                                   f"{columns.vocab_size} token ids; run `kdpipe verify` on "
+                                   "the cache, or re-create it")
     # A NaN log-prob would silently zero its token's KD term: refuse it before training on it.
     for name, values in ((cols.TOPK_LOGPROBS, group.topk_logprobs),
                          (cols.TAIL_LOGMASS, group.tail_logmass),

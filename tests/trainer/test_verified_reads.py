@@ -160,3 +160,28 @@ def test_an_edited_shard_reads_without_error_until_checked(
     with pytest.raises(CacheFormatError, match=shard.name):
         build_index(open_cache(cache))
     assert len(build_index(open_cache(cache, verify_reads=False))) > 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_id_outside_the_vocabulary_is_one_line_without_verified_reads(
+        tiny_cache: Path, tiny_student_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], workers: int) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    shard = cache / open_cache(cache).manifest.shards[EDITED_SHARD].file
+    table = pq.read_table(shard)
+    ids = table.column(cols.TOPK_IDS).combine_chunks()
+    values = ids.values.to_numpy().copy()
+    values[3] = open_cache(cache).manifest.vocab_size + 7  # a flipped high bit, say
+    changed = pa.ListArray.from_arrays(ids.offsets, pa.array(values, ids.type.value_type))
+    index = table.schema.get_field_index(cols.TOPK_IDS)
+    pq.write_table(table.set_column(index, table.field(index), changed), shard,
+                   row_group_size=cols.ROW_GROUP_SIZE, compression=cols.SHARD_COMPRESSION)
+    code, _, err = run_cli(["train-student", "--cache", str(cache), "--student",
+                            str(tiny_student_dir), "--out", str(tmp_path / "run"),
+                            "--device", "cpu", "--no-progress", "--no-verify-reads",
+                            "--loader-workers", str(workers), "--shuffle-window", "64"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"kdpipe: error: {shard} row group 0: topk_ids holds the id "), last
+    assert "outside the cache's" in last and "kdpipe verify" in last
