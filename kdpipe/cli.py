@@ -13,9 +13,11 @@ columns.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -100,6 +102,21 @@ def cli() -> TyperGroup:
     return group
 
 
+def _exit(code: int) -> NoReturn:
+    """sys.exit, except in a process torchrun started: there, tearing the interpreter down
+    after a finished run can destroy torch.distributed's C++ threads while they are still
+    joinable, and the process aborts ("terminate called without an active exception",
+    SIGABRT) instead of exiting with `code`. So run the exit handlers, flush, and leave
+    without the teardown; every file kdpipe writes is closed (and synced) by then."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # e.g. temporary folders of remote caches
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors and exit code 2 for input the user can fix (a run
     stopped by SIGINT/SIGTERM after saving: 128 + the signal's number, as shells report it)."""
@@ -112,19 +129,19 @@ def main(argv: list[str] | None = None) -> None:
             code = cli().main(args=args, prog_name="kdpipe", standalone_mode=False)
     except USER_ERRORS as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))  # a run stopped by a signal: 128 + its number
+        _exit(getattr(exc, "exit_code", 2))  # a run stopped by a signal: 128 + its number
     except USAGE_ERROR as exc:  # an unknown option or command, a value of the wrong type
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `kdpipe`: the help itself
             exc.show()
-            sys.exit(exc.exit_code)
+            _exit(exc.exit_code)
         command = exc.ctx.command_path if exc.ctx is not None else "kdpipe"
         print(f"kdpipe: error: {exc.format_message().rstrip('.')} (see '{command} --help')",
               file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code)
     except typer.Abort:  # end of input at a prompt
         print("kdpipe: aborted", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)  # `Exit(n)`: e.g. 130 after Ctrl-C
+        _exit(1)
+    _exit(code if isinstance(code, int) else 0)  # `Exit(n)`: e.g. 130 after Ctrl-C
 
 
 @app.callback(invoke_without_command=True)

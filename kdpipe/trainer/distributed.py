@@ -164,20 +164,11 @@ class Distributed:
             raise ConfigError(value)
         return value
 
-    def close(self, synchronize: bool = False) -> None:
-        """Destroy the process group this launch made (a no-op the second time).
-
-        `synchronize`: first wait until every rank gets here, on the path where all of them
-        do (success). A rank that tears its gloo connections down while a peer is still
-        finishing its last collective can abort in C++ ("terminate called without an active
-        exception") instead of exiting 0. Never on an error path: a dead peer would hang it.
-        """
+    def close(self) -> None:
         if self.owns_group:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                if synchronize:
-                    dist.barrier()
                 dist.destroy_process_group()
 
 

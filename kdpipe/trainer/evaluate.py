@@ -127,7 +127,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     try:
         with library_bars(bars_shown(cfg.progress and dist.is_main)):  # "Loading weights"
             result = _evaluate(cfg, dist)
-        dist.close(synchronize=True)
     finally:
         dist.close()
     result.update({"student": cfg.student, "cache": str(cfg.cache), "loss_kind": cfg.loss.kind,

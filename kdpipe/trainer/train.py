@@ -438,9 +438,7 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
             return start.finished
         run = setup(cfg, dist, start, sampler, lambda_fn)  # every check before any write
         dist.on_main(lambda: claim_run_dir(cfg, start))
-        result = _loop(run)
-        dist.close(synchronize=True)
-        return result
+        return _loop(run)
     except NonFiniteError as exc:
         latest = ckpt.latest_checkpoint(Path(cfg.out))
         kept = (f"the last good checkpoint, {latest}, is kept: start a new run from its "
