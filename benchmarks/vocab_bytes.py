@@ -41,6 +41,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,25 @@ def measure_targets(header: dict[str, Any], positions: Positions, rows: Rows,
     return result
 
 
+def _coarser(result: dict[str, Any], i: int) -> dict[str, Any]:
+    return result["encodings"]["compact"]["coarser_steps"][i]
+
+
+def _entry(result: dict[str, Any], key: tuple[str, str, Any]) -> dict[str, Any]:
+    encoding, table, name = key
+    return result["encodings"][encoding][table][name]
+
+
+def _grid(results: list[dict[str, Any]], title: str, head: str, rows: dict[str, Any],
+          cell: Callable[[dict[str, Any], Any], str]) -> list[str]:
+    """A titled Markdown table: one row per `rows` item (shown name -> key), one column per
+    result, `cell(result, key)` in each."""
+    return ["", title, "", f"| {head} | " + " | ".join(_label(r) for r in results) + " |",
+            "|---|" + "---|" * len(results)] + [
+        f"| {shown} | " + " | ".join(cell(r, key) for r in results) + " |"
+        for shown, key in rows.items()]
+
+
 def report(results: list[dict[str, Any]]) -> list[str]:
     """Markdown tables of `results`."""
     lines = ["| V | teacher | ids Zipf | mean p(top-1) | top-k mass | entropy (nats) | median id | "
@@ -333,37 +353,22 @@ def report(results: list[dict[str, Any]]) -> list[str]:
             f"{comp['kdpipe_topk_bytes_per_entry']:.3f} | {d['mean_kl']:.1e} "
             f"({d['p99_kl']:.1e}, {d['max_kl']:.1e}) | "
             f"{plain['distortion']['mean_kl']:.1e} |")
-    lines += ["", "compact with a coarser quantisation step (not a kdpipe option): whole-shard "
-              "bytes per entry; mean KL", "",
-              "| step (nats) | " + " | ".join(_label(r) for r in results) + " |",
-              "|---|" + "---|" * len(results)]
-    for i, step in enumerate(COARSER_STEPS):
-        lines.append(f"| {step:g} | " + " | ".join(
-            f"{r['encodings']['compact']['coarser_steps'][i]['bytes_per_entry']:.3f}; "
-            f"{r['encodings']['compact']['coarser_steps'][i]['distortion']['mean_kl']:.1e}"
-            for r in results) + " |")
+    lines += _grid(results, "compact with a coarser quantisation step (not a kdpipe option): "
+                   "whole-shard bytes per entry; mean KL", "step (nats)",
+                   {f"{step:g}": i for i, step in enumerate(COARSER_STEPS)},
+                   lambda r, i: f"{_coarser(r, i)['bytes_per_entry']:.3f}; "
+                                f"{_coarser(r, i)['distortion']['mean_kl']:.1e}")
     for encoding in ("plain", "compact"):
-        labels = list(results[0]["encodings"][encoding]["variants"])
-        lines += ["", f"{encoding}: whole-shard bytes per entry by Parquet encoding of "
-                  "the two top-k columns (ids, values)", "",
-                  "| variant | " + " | ".join(_label(r)
-                                              for r in results) + " |",
-                  "|---|" + "---|" * len(results)]
-        for label in labels:
-            lines.append(f"| {label} | " + " | ".join(
-                f"{r['encodings'][encoding]['variants'][label]['bytes_per_entry']:.3f}"
-                for r in results) + " |")
-        levels = list(results[0]["encodings"][encoding]["levels"])
-        lines += ["", f"{encoding}: zstd level, best variant per cache (bytes per entry; "
-                  "write seconds)", "",
-                  "| level | " + " | ".join(_label(r)
-                                            for r in results) + " |",
-                  "|---|" + "---|" * len(results)]
-        for level in levels:
-            lines.append(f"| {level} | " + " | ".join(
-                f"{r['encodings'][encoding]['levels'][level]['bytes_per_entry']:.3f}; "
-                f"{r['encodings'][encoding]['levels'][level]['write_s']:.2f}"
-                for r in results) + " |")
+        first = results[0]["encodings"][encoding]
+        lines += _grid(results, f"{encoding}: whole-shard bytes per entry by Parquet encoding "
+                       "of the two top-k columns (ids, values)", "variant",
+                       {label: (encoding, "variants", label) for label in first["variants"]},
+                       lambda r, k: f"{_entry(r, k)['bytes_per_entry']:.3f}")
+        lines += _grid(results, f"{encoding}: zstd level, best variant per cache (bytes per "
+                       "entry; write seconds)", "level",
+                       {level: (encoding, "levels", level) for level in first["levels"]},
+                       lambda r, k: f"{_entry(r, k)['bytes_per_entry']:.3f}; "
+                                    f"{_entry(r, k)['write_s']:.2f}")
     return lines
 
 
