@@ -85,7 +85,8 @@ def load_view(root: Path) -> ExperimentView:
         record["run_dir"] = str(root)
         return ExperimentView(root=root, name=root.name, arms=[root.name], seeds=[cfg.seed],
                               baseline=None, metric="eval_ce", records=[record],
-                              inputs={"cache": cfg.cache, "eval_cache": cfg.eval_cache})
+                              inputs={"cache": ", ".join(cfg.cache),
+                                      "eval_cache": ", ".join(cfg.eval_cache) or None})
     raise ConfigError(f"{root}: neither an experiment folder ({EXPERIMENT_NAME}; run `kdpipe "
                       "experiment` or `kdpipe demo`) nor a train-student run folder")
 
@@ -191,9 +192,9 @@ def _pool_trace(cfg: Any, cl: Any, folder: Path) -> PoolTrace | None:
     from kdpipe.trainer.curriculum_sampler import Ranking
     from kdpipe.trainer.sampler import holdout_mask
 
-    if not Path(cfg.cache).is_dir():
+    if not Path(cfg.cache[0]).is_dir():  # the curriculum follows the first cache
         return None
-    ids = open_cache(cfg.cache).read_column(SAMPLE_ID).to_numpy().astype(np.int64)
+    ids = open_cache(cfg.cache[0]).read_column(SAMPLE_ID).to_numpy().astype(np.int64)
     train_ids = np.sort(ids[~holdout_mask(ids, cfg.eval_fraction)])
     n = int(train_ids.size)
     order = _jsonl(RunLayout(folder).order)
