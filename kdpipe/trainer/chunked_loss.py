@@ -22,6 +22,10 @@ of two paths, chosen automatically per call:
   (+1/3 of the head's FLOPs) and every element-wise op run twice. Which path runs, and why,
   is logged once per reason.
 
+Several teachers (`teachers.py`): each token's KD is Σ_j w_j KD_j over the teachers' targets,
+each on its own partition; both paths take them (the fused one sums the teachers' closed-form
+gradients, holding 3 (chunk_size, V) tensors instead of 1).
+
 Without gradients (evaluation), both reduce to the same forward and the plain one is run.
 Peak extra memory is O(chunk_size × V) either way, measured on CPU in float32 (chunk_size, V)
 tensors: about 5 on the autograd path (CE or forward KL), 1 on the fused path (2 at τ ≠ 1),

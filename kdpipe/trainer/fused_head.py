@@ -24,7 +24,11 @@ head's extra rows get zero gradient), y the label, λ the token's KD weight, τ 
   τ² KL has d(τ² KL)/dz = τ (S q - t).
 * sampled = -Σ_j w_j log p_{s_j} (τ = 1):  d/dz = (Σ_j w_j) p - Σ_j w_j onehot(s_j).
 
-The token's gradient is (1 - λ) dCE/dz + λ τ² dKD/dz (mode ce: dCE/dz).
+The token's gradient is (1 - λ) dCE/dz + λ τ² dKD/dz (mode ce: dCE/dz). With J teachers
+(one FusedTargets each, weights w_j summing to 1) it is (1 - λ) dCE/dz + λ τ² Σ_j w_j dKD_j/dz,
+each KD_j on teacher j's own partition: the one-teacher gradient of teacher 1 with λ w_1,
+plus those of teachers 2..J with λ w_j and no CE term, each from its own copy of the chunk's
+logits (3 (chunk, V) tensors alive instead of 1; J times the element-wise work).
 
 Every softmax is shifted by the max over the *non-cached* logits, so that the tail's sum
 is ≥ 1 and its log never underflows, however confident the student is on K; the k cached
