@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import signal
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -209,11 +209,12 @@ def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice 
 
 # --- setup ------------------------------------------------------------------------------------
 
-def split_data(cfg: TrainConfig, index: CacheIndex
+def split_data(cfg: TrainConfig, index: CacheIndex, others: Sequence[CacheIndex] = ()
                ) -> tuple[np.ndarray, CacheIndex | None, np.ndarray, tuple[CacheIndex, ...]]:
     """(train ids, eval index or None, eval ids, the other teachers' eval indexes):
-    --eval-cache (one per --cache, checked to align with each other), or --eval-fraction by
-    hash (the other teachers' held-out rows are then in their training caches)."""
+    --eval-cache (one per --cache, checked to align with each other and to come from the
+    same teachers as `others`, teachers 2..J's training caches), or --eval-fraction by hash
+    (the other teachers' held-out rows are then in their training caches)."""
     ids = index.sample_ids
     held = holdout_mask(ids, cfg.eval_fraction)
     train_ids = ids[~held]
@@ -232,6 +233,8 @@ def split_data(cfg: TrainConfig, index: CacheIndex
         eval_ids = eval_index.sample_ids
         eval_others = open_teachers(cfg.eval_cache, eval_index, "--eval-cache",
                                     verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
+        _check_eval_teachers(cfg, [index.cache, *(i.cache for i in others)],
+                             [eval_index.cache, *(i.cache for i in eval_others)])
     elif cfg.eval_fraction > 0:
         eval_index, eval_ids = index, ids[held]
     else:
@@ -243,6 +246,21 @@ def split_data(cfg: TrainConfig, index: CacheIndex
         raise ConfigError(f"--eval-fraction {cfg.eval_fraction} holds out no sample of "
                           f"{len(index)}; raise it or use --eval-cache")
     return train_ids, eval_index, eval_ids[:cfg.eval_max_samples], eval_others
+
+
+def _check_eval_teachers(cfg: TrainConfig, train: Sequence[Cache], held: Sequence[Cache]
+                         ) -> None:
+    """Several teachers: --eval-cache j must come from --cache j's teacher (the same weights
+    fingerprint), so that kd_teacher_j means one teacher in training and evaluation."""
+    if len(train) < 2:
+        return
+    for j, (cache, eval_cache) in enumerate(zip(train, held, strict=True), start=1):
+        ours, theirs = cache.manifest.teacher, eval_cache.manifest.teacher
+        if ours.fingerprint != theirs.fingerprint:
+            raise ConfigError(f"--eval-cache {cfg.eval_cache[j - 1]} was made by teacher "
+                              f"{theirs.name_or_path}, but --cache {cfg.cache[j - 1]} (teacher "
+                              f"{j}) by {ours.name_or_path}: give one --eval-cache per --cache, "
+                              "from the same teacher, in the same order")
 
 
 def seed_everything(seed: int) -> None:
@@ -283,7 +301,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     objective = wrap(StudentObjective(student.parts, cache.manifest.vocab_size), dist,
                      cfg.fsdp and dist.enabled, device)
 
-    train_ids, eval_index, eval_ids, eval_others = split_data(cfg, index)
+    train_ids, eval_index, eval_ids, eval_others = split_data(cfg, index, other_indexes)
     per_step = cfg.batch_size * cfg.grad_accum * dist.world_size  # the global batch
     epoch_size = sampler.epoch_size if sampler is not None else lambda epoch: train_ids.size
     total_steps = cfg.max_steps or sum(-(-epoch_size(e) // per_step)

@@ -24,6 +24,7 @@ from kdpipe.schemas.shard_reader import build_index, columns_for
 from kdpipe.trainer.config import EvalConfig, TrainConfig, read_config, write_config
 from kdpipe.trainer.data import BatchLoader
 from kdpipe.trainer.evaluate import evaluate
+from kdpipe.trainer.memory_plan import dry_run
 from kdpipe.trainer.preemption import Interrupted
 from kdpipe.trainer.sampler import ShuffleSampler
 from kdpipe.trainer.train import train
@@ -153,9 +154,25 @@ def test_options_of_several_caches_are_checked(tmp_path: Path, tiny_cache: Path,
     with pytest.raises(ConfigError, match="give one --eval-cache per --cache"):
         train(_config(both, tmp_path / "c", student=str(tiny_student_dir),
                       eval_cache=str(cache_b)))
+    with pytest.raises(ConfigError, match=f"--eval-cache {cache_b} was made by teacher .*, but "
+                                          f"--cache {tiny_cache} \\(teacher 1\\) by "):
+        train(_config(both, tmp_path / "e", student=str(tiny_student_dir),
+                      eval_cache=(str(cache_b), str(tiny_cache))))
+    assert not (tmp_path / "e").exists()
     with pytest.raises(ConfigError, match="give --cache PATH"):
         train(replace(small_config(tiny_cache, tmp_path / "d", student=str(tiny_student_dir)),
                       cache=()))
+
+
+def test_dry_run_plans_the_fused_head_of_several_teachers(tmp_path: Path, tiny_cache: Path,
+                                                         cache_b: Path,
+                                                         tiny_student_dir: Path) -> None:
+    one = dry_run(small_config(tiny_cache, tmp_path / "a", student=str(tiny_student_dir)))
+    both = dry_run(_config((tiny_cache, cache_b), tmp_path / "a",
+                           student=str(tiny_student_dir)))
+    assert one.head_chunks.how.startswith("fused: 1 ×")
+    assert both.head_chunks.how.startswith("fused: 3 ×")  # the logits and the running sum
+    assert not (tmp_path / "a").exists()
 
 
 def _decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, int]]:
