@@ -30,21 +30,28 @@ from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
 from kdpipe.tokenizer_identity import cache_tokenizer
 
 if TYPE_CHECKING:
-    from kdpipe.trainer.data import Batch
+    from kdpipe.trainer.data import Batch, GlobalBatch
 
 
 class TeacherWeightsFn(Protocol):
     """The (J, N) weights of the teachers' KD terms for one micro-batch.
 
-    Called once per micro-batch (training) with the batch on its device: `batch.sample_ids`
-    (B,), `batch.target_row` (N,) the batch row of each target, and `batch.teachers[j]` with
-    teacher j's targets, whose `target_logprob` (N,) (log p_T(y_t)) is read when
-    `target_logprob` is True. Returns float32 (J, N) on the batch's device, each column
-    summing to 1 (`per_token` expands per-sample (J, B) weights). It must be a deterministic
-    function of (batch, step) for --resume to be exact.
+    `start_step` is called once per optimizer step on every process, before its
+    micro-batches, with this process's share of the global batch (a hook for weights that
+    depend on the whole step, e.g. a control matching a step's mean weight per teacher; it
+    may use collectives, as every rank calls it alike). Then the function is called once per
+    micro-batch with the batch on its device: `batch.sample_ids` (B,), `batch.target_row`
+    (N,) the batch row of each target, and `batch.teachers[j]` with teacher j's targets,
+    whose `target_logprob` (N,) (log p_T(y_t)) is read when `target_logprob` is True. It
+    returns float32 (J, N) on the batch's device, each column summing to 1 (`per_token`
+    expands per-sample (J, B) weights). Both must be deterministic in (batch, step) for
+    --resume to be exact.
     """
 
     target_logprob: bool  # whether the loader must read each teacher's target_logprob
+
+    def start_step(self, batch: GlobalBatch, step: int) -> None:
+        ...
 
     def __call__(self, batch: Batch, step: int) -> torch.Tensor:
         ...
@@ -57,6 +64,9 @@ class FixedTeacherWeights:
 
     def __init__(self, weights: Sequence[float]) -> None:
         self.weights = torch.tensor(list(weights), dtype=torch.float32)  # (J,)
+
+    def start_step(self, batch: GlobalBatch, step: int) -> None:
+        """Nothing to prepare: the weights never change."""
 
     def __call__(self, batch: Batch, step: int) -> torch.Tensor:
         weights = self.weights.to(batch.labels.device)

@@ -140,8 +140,9 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
     """
     dist = dist or Distributed()
     teachers = len(batch.micro[0].teachers)
-    if teachers > 1 and teacher_weights is None:
-        teacher_weights = FixedTeacherWeights(loss_cfg.teacher_mix(teachers))
+    if teachers > 1:
+        teacher_weights = teacher_weights or FixedTeacherWeights(loss_cfg.teacher_mix(teachers))
+        teacher_weights.start_step(batch, step)
     real = share is None or share.real
     tokens = max(int(dist.sum([batch.num_targets if real else 0], device)[0]), 1)
     # (micro-batch, weight 1 or 0); padded to the micro-batch count every rank runs.
@@ -283,8 +284,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     index = build_index(cache)
     other_indexes = open_teachers(cfg.cache, index, verify_reads=cfg.verify_reads,
                                   local_cache=cfg.local_cache)
-    if other_indexes and teacher_weights is None:
-        teacher_weights = FixedTeacherWeights(cfg.loss.teacher_mix(len(cfg.cache)))
+
     checkpoint = start.checkpoint if start is not None else None
     precision = resolve_precision(cfg.precision, device)
     student = open_student(cache, device, student=cfg.student,
@@ -317,6 +317,8 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
                         or ConstantLambda(cfg.loss.kd_weight), plugins.per_token,
                         gather=lambda values: (np.concatenate(dist.gather(values))
                                                if dist.enabled else values))
+    if other_indexes and teacher_weights is None:  # several teachers: --teacher-weight
+        teacher_weights = FixedTeacherWeights(cfg.loss.teacher_mix(len(cfg.cache)))
     weights_read_logprob = teacher_weights is not None and teacher_weights.target_logprob
     columns = columns_for(cache, teacher=cfg.loss.mode == "kd",
                           temperature=cfg.loss.temperature,

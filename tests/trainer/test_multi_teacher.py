@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn import functional as F
 from transformers import PreTrainedTokenizerFast
 
 from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
@@ -27,6 +28,7 @@ from kdpipe.trainer.evaluate import evaluate
 from kdpipe.trainer.memory_plan import dry_run
 from kdpipe.trainer.preemption import Interrupted
 from kdpipe.trainer.sampler import ShuffleSampler
+from kdpipe.trainer.teachers import per_token
 from kdpipe.trainer.train import train
 
 from ..conftest import save_tiny_llama, train_tiny_tokenizer
@@ -319,3 +321,41 @@ def test_two_teachers_on_two_processes_train_like_one(tmp_path: Path, tiny_cache
     assert_same_training(one, many, rel=1e-5)
     assert "kd_teacher_2" in _metrics(many)[-1]
     shutil.rmtree(many)
+
+
+class MostConfident:
+    """Per sample, all weight on the teacher with the highest mean log p_T(y): a per-sample
+    TeacherWeightsFn reading each teacher's target_logprob, as reliance across teachers
+    would."""
+
+    target_logprob = True
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.samples: list[int] = []
+
+    def start_step(self, batch: Any, step: int) -> None:
+        self.steps.append(step)
+
+    def __call__(self, batch: Any, step: int) -> torch.Tensor:
+        rows = batch.sample_ids.numel()
+        scores = []
+        for teacher in batch.teachers:
+            assert teacher.target_logprob is not None
+            sums = torch.zeros(rows).index_add_(0, batch.target_row, teacher.target_logprob)
+            scores.append(sums / torch.bincount(batch.target_row, minlength=rows).clamp(min=1))
+        best = torch.stack(scores).argmax(0)  # (B,)
+        per_sample = F.one_hot(best, len(scores)).t().float()  # (J, B)
+        self.samples += batch.sample_ids.tolist()
+        return per_token(per_sample, batch.target_row)
+
+
+def test_a_teacher_weights_function_plugs_in(tmp_path: Path, tiny_cache: Path, cache_b: Path,
+                                             tiny_student_dir: Path) -> None:
+    weights = MostConfident()
+    cfg = _config((tiny_cache, cache_b), tmp_path / "run", student=str(tiny_student_dir),
+                  max_steps=3, grad_accum=2)
+    final = train(cfg, teacher_weights=weights)
+    assert weights.steps == [1, 2, 3] and len(weights.samples) == 3 * 2 * 4
+    assert final["train_kd"] != pytest.approx(0.5 * final["train_kd_teacher_1"]
+                                              + 0.5 * final["train_kd_teacher_2"], rel=1e-4)
