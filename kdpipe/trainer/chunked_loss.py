@@ -24,7 +24,7 @@ of two paths, chosen automatically per call:
 
 Several teachers (`teachers.py`): each token's KD is Σ_j w_j KD_j over the teachers' targets,
 each on its own partition; both paths take them (the fused one sums the teachers' closed-form
-gradients, holding 3 (chunk_size, V) tensors instead of 1).
+gradients, holding 2 (chunk_size, V) tensors instead of 1 with two teachers, 3 with more).
 
 Without gradients (evaluation), both reduce to the same forward and the plain one is run.
 Peak extra memory is O(chunk_size × V) either way, measured on CPU in float32 (chunk_size, V)

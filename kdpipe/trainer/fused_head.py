@@ -28,7 +28,8 @@ The token's gradient is (1 - λ) dCE/dz + λ τ² dKD/dz (mode ce: dCE/dz). With
 (one FusedTargets each, weights w_j summing to 1) it is (1 - λ) dCE/dz + λ τ² Σ_j w_j dKD_j/dz,
 each KD_j on teacher j's own partition: the one-teacher gradient of teacher 1 with λ w_1,
 plus those of teachers 2..J with λ w_j and no CE term, each from its own copy of the chunk's
-logits (3 (chunk, V) tensors alive instead of 1; J times the element-wise work).
+logits (2 (chunk, V) tensors alive instead of 1 with two teachers, 3 with more: the kept
+logits, the running sum and the term being formed; J times the element-wise work).
 
 Every softmax is shifted by the max over the *non-cached* logits, so that the tail's sum
 is ≥ 1 and its log never underflows, however confident the student is on K; the k cached

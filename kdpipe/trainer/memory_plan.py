@@ -431,7 +431,8 @@ def _head_part(model: nn.Module, cfg: TrainConfig, manifests: Sequence[CacheMani
     """The head's transient buffers on the path the run takes, and the part of them held
     from the head's forward through the whole backward (the fused head's weight gradient).
     `manifests`: one per teacher; several teachers add, on the fused path, the kept logits
-    and the gradient's running sum (2 more (chunk, V) tensors), and on the autograd path
+    while another teacher's term is formed (1 more (chunk, V) tensor with 2 teachers, 2 with
+    more: the gradient's running sum too), and on the autograd path
     one more at τ ≠ 1 for each teacher after the first (its tempered softmax)."""
     manifest = manifests[0]
     head = model.get_output_embeddings()  # type: ignore[operator]
@@ -449,7 +450,7 @@ def _head_part(model: nn.Module, cfg: TrainConfig, manifests: Sequence[CacheMani
                     f"checkpointed: {copies} × {chunk:,} tokens × {rows:,} rows "
                     "× 4 B"), 0
     copies = FUSED_CHUNK_COPIES + (cfg.loss.mode == "kd" and kind == "forward"
-                                   and cfg.loss.temperature != 1.0) + (2 if several else 0)
+                                   and cfg.loss.temperature != 1.0) + (min(len(manifests) - 1, 2) if several else 0)
     chunks = (copies * FLOAT32 + (BFLOAT16 if autocast else 0)) * chunk * manifest.vocab_size
     params = [p for p in (head.weight, head.bias) if p is not None and p.requires_grad]
     held = FLOAT32 * sum(p.numel() for p in params)

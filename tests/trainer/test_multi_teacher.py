@@ -173,7 +173,7 @@ def test_dry_run_plans_the_fused_head_of_several_teachers(tmp_path: Path, tiny_c
     both = dry_run(_config((tiny_cache, cache_b), tmp_path / "a",
                            student=str(tiny_student_dir)))
     assert one.head_chunks.how.startswith("fused: 1 ×")
-    assert both.head_chunks.how.startswith("fused: 3 ×")  # the logits and the running sum
+    assert both.head_chunks.how.startswith("fused: 2 ×")  # the logits kept for teacher 2
     assert not (tmp_path / "a").exists()
 
 
