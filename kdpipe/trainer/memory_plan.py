@@ -450,7 +450,8 @@ def _head_part(model: nn.Module, cfg: TrainConfig, manifests: Sequence[CacheMani
                     f"checkpointed: {copies} × {chunk:,} tokens × {rows:,} rows "
                     "× 4 B"), 0
     copies = FUSED_CHUNK_COPIES + (cfg.loss.mode == "kd" and kind == "forward"
-                                   and cfg.loss.temperature != 1.0) + (min(len(manifests) - 1, 2) if several else 0)
+                                   and cfg.loss.temperature != 1.0)
+    copies += min(len(manifests) - 1, 2) if several else 0
     chunks = (copies * FLOAT32 + (BFLOAT16 if autocast else 0)) * chunk * manifest.vocab_size
     params = [p for p in (head.weight, head.bias) if p is not None and p.requires_grad]
     held = FLOAT32 * sum(p.numel() for p in params)
