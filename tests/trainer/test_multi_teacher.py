@@ -31,7 +31,7 @@ from kdpipe.trainer.sampler import ShuffleSampler
 from kdpipe.trainer.teachers import per_token
 from kdpipe.trainer.train import train
 
-from ..conftest import save_tiny_llama, train_tiny_tokenizer
+from ..conftest import run_cli, save_tiny_llama, train_tiny_tokenizer
 from .conftest import CORPUS_MODULES, STDLIB, TAIL_TEMPERATURE, small_config
 from .test_distributed import _flags, assert_same_training, torchrun
 from .test_preemption import SignalAtStep
@@ -359,3 +359,22 @@ def test_a_teacher_weights_function_plugs_in(tmp_path: Path, tiny_cache: Path, c
     assert weights.steps == [1, 2, 3] and len(weights.samples) == 3 * 2 * 4
     assert final["train_kd"] != pytest.approx(0.5 * final["train_kd_teacher_1"]
                                               + 0.5 * final["train_kd_teacher_2"], rel=1e-4)
+
+
+def test_the_commands_take_several_caches(tmp_path: Path, tiny_cache: Path, cache_b: Path,
+                                          tiny_student_dir: Path, misaligned: dict[str, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train-student", "--cache", str(tiny_cache), "--cache",
+                            str(misaligned["input_ids"]), "--student", str(tiny_student_dir),
+                            "--out", str(out), "--device", "cpu", "--no-progress"], capsys)
+    assert code != 0 and "does not cover the same sequences" in err
+    assert len([line for line in err.splitlines() if "sequences" in line]) == 1
+    assert not out.exists()
+    code, stdout, _ = run_cli(["evaluate", "--student", str(tiny_student_dir), "--cache",
+                               str(tiny_cache), "--cache", str(cache_b), "--teacher-weight",
+                               "1", "--teacher-weight", "3", "--device", "cpu"], capsys)
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["kd"] == pytest.approx(0.25 * result["kd_teacher_1"]
+                                         + 0.75 * result["kd_teacher_2"], rel=1e-5)
