@@ -40,6 +40,7 @@ from kdpipe.experiments.plan import (
     run_state,
 )
 from kdpipe.experiments.summary import summarize, summary_markdown
+from kdpipe.log_setup import configure_logging
 from kdpipe.options import flat_values
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text, nonfinite_as_null
@@ -97,8 +98,7 @@ def _train_in_worker(config: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def _worker_init() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%H:%M:%S")
+    configure_logging(logging.WARNING)
 
 
 class Results:
