@@ -62,8 +62,11 @@ def teacher_weights(nll: np.ndarray, prior: np.ndarray, mode: str, temperature: 
     if mode == "fixed" or nll.shape[1] == 0:
         return np.broadcast_to(prior[:, None], nll.shape).copy()
     if mode == "softmax":
+        # NLL relative to the least allowed one, so that a tiny T makes the others' logits
+        # -inf (weight 0), never inf - inf = NaN.
+        excess = (nll - nll[allowed].min(axis=0, keepdims=True)) / temperature  # (J, M)
         with np.errstate(divide="ignore"):  # log 0 = -inf: a teacher the prior excludes
-            logits = np.log(prior)[:, None] - nll / temperature  # (J, M)
+            logits = np.log(prior)[:, None] - excess
         logits -= logits[allowed].max(axis=0, keepdims=True)  # the largest term is exp(0) = 1
         weights = np.exp(logits)
     elif mode == "best":
@@ -161,7 +164,7 @@ class TeacherReliance:
 
     mode: fixed, softmax or best; level: sample or token; temperature: T > 0 of softmax;
     prior: (J,) the --teacher-weight values (normalised here); control: none, shuffled or
-    matched. `shuffled` needs `train_ids` (the training split); level `sample` needs
+    matched. `shuffled` at level `sample` needs `train_ids` (the training split); `sample` needs
     `sample_nll` (`read_sample_nll`). `sum_across` sums a list of floats over processes (a
     collective; identity on one process): `for_tokens` calls it exactly once per call, in
     every mode, so every process must call `for_tokens` once per step (a padding rank with
@@ -191,7 +194,7 @@ class TeacherReliance:
                          sample_nll.sample_ids)
         self.sample_nll = sample_nll
         self.ids = self.partners = None
-        if control == "shuffled":
+        if control == "shuffled" and level == "sample":
             if train_ids is None:
                 raise ValueError("the shuffled control needs the training split's sample ids")
             self.ids, self.partners = partner_map(train_ids, seed, stream=_PARTNER_STREAM)
