@@ -28,7 +28,8 @@ Controls, in the style of `reliance.py`'s for λ:
   (`token`, summed with `sum_across`). Same mean weight per teacher per step, no selectivity.
 
 Every function is deterministic in (seed, step). The formulas run in float64 numpy; results
-are float32.
+are float32. docs/curriculum.md gives the sources (Du et al. 2020 on competing teachers; Zhang,
+Chen and Wang 2022 on confidence-weighted teachers; Bayesian model averaging).
 """
 
 from __future__ import annotations
@@ -167,8 +168,10 @@ class TeacherReliance:
     matched. `shuffled` at level `sample` needs `train_ids` (the training split); `sample` needs
     `sample_nll` (`read_sample_nll`). `sum_across` sums a list of floats over processes (a
     collective; identity on one process): `for_tokens` calls it exactly once per call, in
-    every mode, so every process must call `for_tokens` once per step (a padding rank with
-    no micro-batch). `names`: the teachers as messages name them (default "teacher 1", ...).
+    every mode, and `for_step` calls `for_tokens` once at the token level of softmax and best,
+    so every process must call `for_step` once per step (a padding rank too). `names`: the
+    teachers as messages name them (default "teacher 1", ...). Raises ConfigError for a
+    prior or temperature the options would refuse, NonFiniteError for a non-finite NLL.
     """
 
     def __init__(self, mode: str, level: str, temperature: float,
