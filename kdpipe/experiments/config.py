@@ -1,4 +1,4 @@
-"""`ExperimentConfig`: a grid of arms × seeds over shared caches, read from YAML and checked at once.
+"""`ExperimentConfig`: a grid of arms × seeds over shared caches, read from YAML and checked.
 
     name: seed-question
     out: runs/seed-question            # --out overrides
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdpipe.experiments.stats import CORRECTIONS
 from kdpipe.options import convert_value, did_you_mean, flags
 from kdpipe.schemas.errors import ConfigError, choice_problems
 
@@ -56,7 +57,6 @@ SECOND_TEACHERS = ("half", "small")  # `prepare(..., second_teacher=...)`'s choi
 EMBEDDED_TEACHERS = ("a", "b")  # names of the embedded setup's teachers
 ARM_KEYS = ("teachers",)  # keys of an arm that are the runner's, not train-student options
 SWEEP_KEYS = ("sizes", "arms", "comparisons")
-CORRECTIONS = ("none", "holm", "bonferroni")  # stats.adjust_p_values
 SUMMARY_METRICS = ("eval_ce", "eval_ppl", "eval_top1_agreement", "eval_kd", "eval_loss",
                    "train_loss", "train_tokens_per_s", "wall_s", "tokens_seen")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -87,7 +87,9 @@ def resolve_inputs(exp: ExperimentConfig, out: Path, clock: StageClock, device: 
         a, b = EMBEDDED_TEACHERS
         caches, eval_caches = {a: str(prepared.cache)}, {a: str(prepared.heldout_cache)}
         if exp.setup.second_teacher is not None:
-            caches[b], eval_caches[b] = str(prepared.cache_b), str(prepared.heldout_b)
+            # (Prepared.cache_b / heldout_b: the second embedded teacher's caches)
+            caches[b] = str(prepared.cache_b)  # type: ignore[attr-defined]
+            eval_caches[b] = str(prepared.heldout_b)  # type: ignore[attr-defined]
         return Inputs(cache=caches[a], eval_cache=eval_caches[a],
                       student_config=str(prepared.student_config), teacher=str(prepared.teacher),
                       setup_dir=str(prepared.root), caches=caches, eval_caches=eval_caches)
