@@ -498,7 +498,7 @@ def teacher_problems(exp: ExperimentConfig) -> list[str]:
         teachers = exp.arm_teachers(arm)
         if weights and len(weights) != len(teachers):
             problems.append(f"{where}.teacher_weight: {len(weights)} weight(s) for "
-                            f"{len(teachers)} teacher(s) ({', '.join(teachers)}); give one per "
+                            f"{len(teachers)} teacher(s) ({', '.join(teachers)}): give one per "
                             "teacher, in the order of teachers")
     return list(dict.fromkeys(problems))  # a sweep family's problem once, not once per size
 
