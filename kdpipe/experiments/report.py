@@ -42,8 +42,7 @@ NO_CORRECTION = ("No correction for comparing several arms is applied: with many
                  "about one in twenty intervals to exclude 0 by chance.")
 CORRECTED = ("The comparisons are one family: each p (two-sided, from the interval's own t "
              "statistic) is corrected by {name} over the {m} of them, and a comparison counts "
-             "(better or worse) only when its corrected p is below {alpha}; the differences "
-             "from the baseline are not corrected.")
+             "(better or worse) only when its corrected p is below {alpha}.")
 
 
 def _runs_table(view: data.ExperimentView) -> list[str]:
@@ -164,7 +163,8 @@ def render_report(root: Path, plots: bool = True, out: Path | None = None) -> Pa
     lines += summary_markdown(summary, view.arms, view.labels, metrics)
     correction = NO_CORRECTION if view.correction == "none" else CORRECTED.format(
         name=CORRECTION_NAMES[view.correction], m=len(view.comparisons),
-        alpha=fmt(1.0 - LEVEL, 2))
+        alpha=fmt(1.0 - LEVEL, 2)) + (" The differences from the baseline are not "
+                                       "corrected." if view.baseline else "")
     lines += ["", METHOD.format(level=level, correction=correction), "", "## Runs", "",
               *_runs_table(view), ""]
     families, differences = data.capacity_gap(view, view.metric)

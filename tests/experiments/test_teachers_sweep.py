@@ -233,10 +233,10 @@ def _synthetic_experiment(root: Path) -> None:
     for i, (size, params) in enumerate(sizes.items()):
         for seed in range(5):
             noise = 0.01 * ((seed * 7) % 5 - 2)
-            for family, gain in (("ce", 0.0), ("kd", 0.02 * (i + 1))):
+            for family, gain, own in (("ce", 0.0, 0.0), ("kd", 0.02 * (i + 1), 0.004)):
                 records.append({"arm": f"{family}-{size}", "seed": seed, "status": "ran",
                                 "run_dir": str(root / "runs" / f"{family}-{size}"),
-                                "eval_ce": 5.5 - 0.2 * i - gain + noise + 0.003 * seed * i,
+                                "eval_ce": 5.5 - 0.2 * i - gain + noise + own * (seed % 2),
                                 "student_parameters": params})
     sweep = {"sizes": list(sizes), "families": ["ce", "kd"], "comparisons": [["kd", "ce"]]}
     comparisons = [[f"kd-{s}", f"ce-{s}"] for s in sizes]
@@ -263,7 +263,8 @@ def test_capacity_gap_table_without_matplotlib(tmp_path: Path) -> None:
     text = render_report(tmp_path, plots=False, out=tmp_path / "md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| kd − ce | m |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[3]) == pytest.approx(-0.06, abs=1e-9)  # KD's gain at the largest size
+    # KD's gain at the largest size: −0.06, and 0.004 on seeds 1 and 3
+    assert float(cells[3]) == pytest.approx(-0.06 + 0.004 * 2 / 5, abs=1e-4)
     assert cells[5] == "5"
     assert not list((tmp_path / "md").glob("*.png"))
 
