@@ -150,8 +150,12 @@ def render_report(root: Path, plots: bool = True, out: Path | None = None) -> Pa
     if view.command:
         lines += [f"Command: `{view.command}`", ""]
     facts = [f"arms: {len(view.arms)}", f"seeds: {', '.join(str(s) for s in view.seeds)}"]
+    caches = view.inputs.get("caches") or {}
+    if len(caches) > 1:  # several teachers: each one's cache, by name
+        facts.append("teachers' caches: " + ", ".join(f"{name} `{path}`"
+                                                     for name, path in caches.items()))
     for key in ("cache", "eval_cache", "teacher"):
-        if view.inputs.get(key):
+        if view.inputs.get(key) and not (len(caches) > 1 and key != "teacher"):
             facts.append(f"{key.replace('_', ' ')}: `{view.inputs[key]}`")
     if view.baseline:
         facts.append(f"baseline: {view.label(view.baseline)}")

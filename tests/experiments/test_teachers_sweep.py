@@ -243,7 +243,7 @@ def _synthetic_experiment(root: Path) -> None:
     (root / "experiment.json").write_text(json.dumps({
         "name": "gap", "arms": arms, "seeds": list(range(5)), "baseline": None,
         "metric": "eval_ce", "comparisons": comparisons, "correction": "holm",
-        "sweep": sweep}))
+        "sweep": sweep, "inputs": {"cache": "/c/a", "caches": {"a": "/c/a", "b": "/c/b"}}}))
     (root / "results.json").write_text(json.dumps(records))
 
 
@@ -266,6 +266,7 @@ def test_capacity_gap_table_without_matplotlib(tmp_path: Path) -> None:
     # KD's gain at the largest size: −0.06, and 0.004 on seeds 1 and 3
     assert float(cells[3]) == pytest.approx(-0.06 + 0.004 * 2 / 5, abs=1e-4)
     assert cells[5] == "5"
+    assert "teachers' caches: a `/c/a`, b `/c/b`" in text
     assert not list((tmp_path / "md").glob("*.png"))
 
 
