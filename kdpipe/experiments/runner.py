@@ -66,6 +66,23 @@ def mean_train_throughput(folder: Path) -> float:
     return sum(rates) / len(rates) if rates else math.nan
 
 
+def student_parameters(folder: Path) -> int | None:
+    """Weights of the run's trained student (RUN/final), counted from the safetensors headers
+    (no tensor is read; tied weights are stored, and counted, once); None before the run has
+    finished or when `final/` holds no safetensors file."""
+    from safetensors import safe_open
+
+    files = sorted(RunLayout(folder).final.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
 def run_record(run: PlannedRun, status: str, metrics: dict[str, Any] | None,
                wall_s: float | None, cpu_s: float | None, error: str | None = None
                ) -> dict[str, Any]:
@@ -78,6 +95,7 @@ def run_record(run: PlannedRun, status: str, metrics: dict[str, Any] | None,
             if key in metrics:
                 record[key] = metrics[key]
         record["train_tokens_per_s"] = mean_train_throughput(Path(run.config.out))
+        record["student_parameters"] = student_parameters(Path(run.config.out))
     if error is not None:
         record["error"] = error
     return record
@@ -237,7 +255,8 @@ def write_summary(exp: ExperimentConfig, records: list[dict[str, Any]], out: Pat
                   labels: dict[str, str] | None = None) -> dict[str, Any]:
     """summary.json and summary.md from the run records."""
     arms = [a.name for a in exp.arms]
-    summary = summarize(records, arms, exp.baseline, comparisons=exp.comparisons)
+    summary = summarize(records, arms, exp.baseline, comparisons=exp.comparisons,
+                        correction=exp.correction)
     summary["metric"] = exp.metric
     atomic_write_json(out / SUMMARY_NAME, nonfinite_as_null(summary))
     metrics = (exp.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")
