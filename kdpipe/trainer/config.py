@@ -263,7 +263,8 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Checks across options (each option's own checks are declared with it)."""
-        found = self.loss.problems() + self.curriculum.problems(self.loss.mode, self.snapshots)
+        found = self.loss.problems() + self.curriculum.problems(self.loss.mode, self.snapshots,
+                                                                len(self.cache))
         if (self.student is None) == (self.student_config is None):
             found.append("give exactly one of --student PATH and --student-config JSON")
         found += options.path_problems("--student-config", self.student_config, "file")

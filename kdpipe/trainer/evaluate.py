@@ -85,7 +85,7 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
         nonlocal tokens
         batch = cpu_batch.to(device)
         lam = torch.full((batch.num_targets,), objective_weight, device=device)  # (N,)
-        weights = None if mix is None else mix(batch, 0)  # (J, N)
+        weights = None if mix is None else mix.tokens(0, 0, batch.target_row)  # (J, N)
         with autocast(device, amp_dtype):
             out = call(objective, batch, lam, kd_cfg, weights)
         if real:

@@ -5,9 +5,9 @@
 with KD_j the --loss divergence on teacher j's own top-k + tail partition (or its sampled
 ids), one cache per teacher (`--cache A --cache B ...`, teacher 1 the first). Per target
 token the mixture weights form a (J, N) tensor whose columns sum to 1; a `TeacherWeightsFn`
-gives it for each micro-batch. `FixedTeacherWeights` broadcasts --teacher-weight;
-selective reliance across teachers (per sample or per token, from each teacher's cached
-confidence) plugs in as another `TeacherWeightsFn`.
+gives it for each step's micro-batches. `FixedTeacherWeights` broadcasts --teacher-weight;
+`RelianceTeacherWeights` is --teacher-reliance softmax|best (`teacher_reliance.py`: per
+sample or per token, from each teacher's cached confidence, with its controls).
 
 The first cache supplies the inputs (token ids, masks, the student's tokenizer and every
 default that follows from a cache); the others only their teacher targets, read in lockstep
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from kdpipe.schemas.cache import Cache, open_cache
@@ -30,30 +31,37 @@ from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
 from kdpipe.tokenizer_identity import cache_tokenizer
 
 if TYPE_CHECKING:
-    from kdpipe.trainer.data import Batch, GlobalBatch
+    from kdpipe.trainer.data import GlobalBatch
+    from kdpipe.trainer.distributed import RankSlice
+    from kdpipe.trainer.teacher_reliance import TeacherReliance
+
+
+class StepWeights(Protocol):
+    """The teachers' weights of one optimizer step, for this process's micro-batches."""
+
+    def tokens(self, micro: int, first_row: int, target_row: torch.Tensor) -> torch.Tensor:
+        """(J, N) float32 weights of each target token of micro-batch `micro`, whose rows
+        start at sample `first_row` of this process's share; `target_row` (N,) is each
+        token's batch row. Each column sums to 1."""
+        ...
 
 
 class TeacherWeightsFn(Protocol):
-    """The (J, N) weights of the teachers' KD terms for one micro-batch.
+    """Where the (J, N) weights of the teachers' KD terms come from, step by step.
 
-    `start_step` is called once per optimizer step on every process, before its
-    micro-batches, with this process's share of the global batch (a hook for weights that
-    depend on the whole step, e.g. a control matching a step's mean weight per teacher; it
-    may use collectives, as every rank calls it alike). Then the function is called once per
-    micro-batch with the batch on its device: `batch.sample_ids` (B,), `batch.target_row`
-    (N,) the batch row of each target, and `batch.teachers[j]` with teacher j's targets,
-    whose `target_logprob` (N,) (log p_T(y_t)) is read when `target_logprob` is True. It
-    returns float32 (J, N) on the batch's device, each column summing to 1 (`per_token`
-    expands per-sample (J, B) weights). Both must be deterministic in (batch, step) for
-    --resume to be exact.
+    Called like `reliance.Reliance` for λ: once per optimizer step on every process (a
+    padding rank too, so a control may use collectives), with the global batch's sample ids
+    (S,), the step, this process's batch and its `share` (None: one process). The batch's
+    micro-batches hold each teacher's targets (`Batch.teachers`), with their cached
+    `target_logprob` (N,) when `target_logprob` is True, so per-sample and per-token
+    reliance across teachers fit (`per_token` expands per-sample (J, B) weights). It must be
+    deterministic in (sample ids, step, batch) for --resume to be exact.
     """
 
     target_logprob: bool  # whether the loader must read each teacher's target_logprob
 
-    def start_step(self, batch: GlobalBatch, step: int) -> None:
-        ...
-
-    def __call__(self, batch: Batch, step: int) -> torch.Tensor:
+    def for_step(self, global_ids: np.ndarray, step: int, batch: GlobalBatch,
+                 share: RankSlice | None = None) -> StepWeights:
         ...
 
 
@@ -65,12 +73,36 @@ class FixedTeacherWeights:
     def __init__(self, weights: Sequence[float]) -> None:
         self.weights = torch.tensor(list(weights), dtype=torch.float32)  # (J,)
 
-    def start_step(self, batch: GlobalBatch, step: int) -> None:
-        """Nothing to prepare: the weights never change."""
+    def for_step(self, global_ids: np.ndarray, step: int, batch: GlobalBatch,
+                 share: RankSlice | None = None) -> FixedTeacherWeights:
+        return self
 
-    def __call__(self, batch: Batch, step: int) -> torch.Tensor:
-        weights = self.weights.to(batch.labels.device)
-        return weights[:, None].expand(-1, batch.num_targets)  # (J, N)
+    def tokens(self, micro: int, first_row: int, target_row: torch.Tensor) -> torch.Tensor:
+        weights = self.weights.to(target_row.device)
+        return weights[:, None].expand(-1, target_row.numel())  # (J, N)
+
+
+class RelianceTeacherWeights:
+    """--teacher-reliance softmax|best (`teacher_reliance.TeacherReliance`) as a
+    TeacherWeightsFn: at the token level it hands over each micro-batch's (J, N) cached
+    target log-probs."""
+
+    def __init__(self, reliance: TeacherReliance) -> None:
+        self.reliance = reliance
+        self.target_logprob = reliance.level == "token" and reliance.mode != "fixed"
+
+    def for_step(self, global_ids: np.ndarray, step: int, batch: GlobalBatch,
+                 share: RankSlice | None = None) -> StepWeights:
+        micro = []
+        if self.target_logprob:
+            for mb in batch.micro:
+                logprobs = [t.target_logprob for t in mb.teachers]
+                if any(lp is None for lp in logprobs):
+                    raise ValueError("token-level teacher reliance needs every teacher's "
+                                     "target_logprob; build the loader's Columns with "
+                                     "target_logprob=True")
+                micro.append(torch.stack(logprobs))  # type: ignore[arg-type]  # (J, N_m)
+        return self.reliance.for_step(global_ids, step, micro, share)
 
 
 def per_token(weights: torch.Tensor, target_row: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import signal
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,11 @@ from kdpipe.schemas.shard_reader import CacheIndex, Columns, build_index, column
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.config import TrainConfig
-from kdpipe.trainer.curriculum_config import check_curriculum_file, setup_curriculum
+from kdpipe.trainer.curriculum_config import (
+    check_curriculum_file,
+    setup_curriculum,
+    setup_teacher_reliance,
+)
 from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.distributed import (
     Distributed,
@@ -65,6 +69,8 @@ from kdpipe.trainer.run_dir import RunStart, claim_run_dir, plan_run_dir, rewind
 from kdpipe.trainer.sampler import Sampler, ShuffleSampler, holdout_mask
 from kdpipe.trainer.teachers import (
     FixedTeacherWeights,
+    RelianceTeacherWeights,
+    StepWeights,
     TeacherWeightsFn,
     mapping_detail,
     open_teachers,
@@ -125,7 +131,7 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
                          loss_cfg: LossConfig, device: torch.device,
                          amp_dtype: torch.dtype | None, *, dist: Distributed | None = None,
                          share: RankSlice | None = None, stats: SampleStats | None = None,
-                         step: int = 0, teacher_weights: TeacherWeightsFn | None = None
+                         step: int = 0, teacher_weights: StepWeights | None = None
                          ) -> dict[str, float]:
     """Forward + backward over the micro-batches of one global batch; returns per-token means.
 
@@ -135,14 +141,14 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
     those of one big batch's token mean however the batch is split. Distributed: `share` is
     this rank's slice (its micro-batch count, and whether it is real: placeholders and
     padding micro-batches run with weight 0 so every rank makes the same passes). Several
-    teachers (`batch.micro[m].other_teachers`): `teacher_weights` gives each micro-batch's
-    (J, N) weights (default: equal), and `kd_teacher_j` (1-based) is each teacher's mean KD.
+    teachers (`batch.micro[m].other_teachers`): `teacher_weights` gives the step's (J, N)
+    weights per micro-batch (default: --teacher-weight), and `kd_teacher_j` (1-based) is each
+    teacher's mean KD.
     """
     dist = dist or Distributed()
     teachers = len(batch.micro[0].teachers)
-    if teachers > 1:
-        teacher_weights = teacher_weights or FixedTeacherWeights(loss_cfg.teacher_mix(teachers))
-        teacher_weights.start_step(batch, step)
+    if teachers > 1 and teacher_weights is None:
+        teacher_weights = FixedTeacherWeights(loss_cfg.teacher_mix(teachers))
     real = share is None or share.real
     tokens = max(int(dist.sum([batch.num_targets if real else 0], device)[0]), 1)
     # (micro-batch, weight 1 or 0); padded to the micro-batch count every rank runs.
@@ -157,9 +163,11 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
         mb = cpu_batch.to(device)
         lam_tokens = (lam.tokens(m, first, mb.target_row) if weight else
                       torch.zeros(mb.num_targets, device=device))  # (N,)
+        mix = None  # (J, N); a zero-weight micro-batch takes equal weights
+        if teacher_weights is not None and teachers > 1:
+            mix = (teacher_weights.tokens(m, first, mb.target_row) if weight else
+                   torch.full((teachers, mb.num_targets), 1.0 / teachers, device=device))
         first += cpu_batch.sample_ids.numel()
-        mix = teacher_weights(mb, step) if teacher_weights is not None and teachers > 1 \
-            else None  # (J, N)
         with no_grad_sync(objective, skip=m < len(runs) - 1):
             with autocast(device, amp_dtype):
                 out = call(objective, mb, lam_tokens, loss_cfg, mix)
@@ -183,7 +191,7 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
 
 
 def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice | None,
-               step: int) -> dict[str, float]:
+               step: int, mix: StepWeights | None = None) -> dict[str, float]:
     """One optimizer step: accumulate gradients, clip, --optimizer, advance the LR schedule.
 
     Raises NonFiniteError, before the optimizer changes any weight, when the loss or the
@@ -191,7 +199,7 @@ def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice 
     """
     result = accumulate_gradients(run.objective, batch, lam, run.cfg.loss, run.device,
                                   run.amp_dtype, dist=run.dist, share=share, stats=run.stats,
-                                  step=step, teacher_weights=run.teacher_weights)
+                                  step=step, teacher_weights=mix)
     params = gradient_params(run.optimizer, run.objective)  # bf16-master: the fp32 masters
     clip = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -317,8 +325,9 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
                         or ConstantLambda(cfg.loss.kd_weight), plugins.per_token,
                         gather=lambda values: (np.concatenate(dist.gather(values))
                                                if dist.enabled else values))
-    if other_indexes and teacher_weights is None:  # several teachers: --teacher-weight
-        teacher_weights = FixedTeacherWeights(cfg.loss.teacher_mix(len(cfg.cache)))
+    if other_indexes and teacher_weights is None:  # several teachers
+        teacher_weights = _teacher_weights(cfg, [cache, *(i.cache for i in other_indexes)],
+                                           train_ids, lambda v: dist.sum(v, device))
     weights_read_logprob = teacher_weights is not None and teacher_weights.target_logprob
     columns = columns_for(cache, teacher=cfg.loss.mode == "kd",
                           temperature=cfg.loss.temperature,
@@ -344,6 +353,16 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     if checkpoint is not None:
         _resume(run, checkpoint)
     return run
+
+
+def _teacher_weights(cfg: TrainConfig, caches: Sequence[Cache], train_ids: np.ndarray,
+                     sum_across: Callable[[list[float]], list[float]]) -> TeacherWeightsFn:
+    """--teacher-weight as it is, or reshaped by --teacher-reliance softmax|best."""
+    if cfg.curriculum.teacher_reliance == "fixed":
+        return FixedTeacherWeights(cfg.loss.teacher_mix(len(caches)))
+    return RelianceTeacherWeights(setup_teacher_reliance(
+        cfg.curriculum, caches, train_ids, cfg.loss.teacher_weights, seed=cfg.seed,
+        sum_across=sum_across))
 
 
 def _resume(run: Run, checkpoint: Path) -> None:
@@ -545,8 +564,11 @@ def _loop(run: Run) -> dict[str, Any]:
             step = run.state.step + 1
             # λ of every sample (or token) this rank trains on, the same on every rank.
             lam = run.reliance.for_step(global_ids, step, batch, share)
+            # Several teachers: the weight of each (collective under a matched control).
+            mix = (run.teacher_weights.for_step(global_ids, step, batch, share)
+                   if run.teacher_weights is not None else None)
             # Step.
-            result = train_step(run, batch, lam, share, step)
+            result = train_step(run, batch, lam, share, step, mix)
             run.state = replace(
                 run.state, step=step, batches_in_epoch=run.state.batches_in_epoch + 1,
                 tokens_seen=run.state.tokens_seen + int(result["tokens"]),

@@ -326,7 +326,7 @@ def test_two_teachers_on_two_processes_train_like_one(tmp_path: Path, tiny_cache
 class MostConfident:
     """Per sample, all weight on the teacher with the highest mean log p_T(y): a per-sample
     TeacherWeightsFn reading each teacher's target_logprob, as reliance across teachers
-    would."""
+    does."""
 
     target_logprob = True
 
@@ -334,20 +334,29 @@ class MostConfident:
         self.steps: list[int] = []
         self.samples: list[int] = []
 
-    def start_step(self, batch: Any, step: int) -> None:
+    def for_step(self, global_ids: Any, step: int, batch: Any, share: Any = None) -> Any:
         self.steps.append(step)
+        self.samples += [int(i) for mb in batch.micro for i in mb.sample_ids]
+        weights = [self._weights(mb) for mb in batch.micro]
 
-    def __call__(self, batch: Any, step: int) -> torch.Tensor:
-        rows = batch.sample_ids.numel()
+        class Step:
+            def tokens(self, micro: int, first_row: int, target_row: torch.Tensor
+                       ) -> torch.Tensor:
+                return weights[micro].to(target_row.device)
+
+        return Step()
+
+    @staticmethod
+    def _weights(mb: Any) -> torch.Tensor:
+        rows = mb.sample_ids.numel()
         scores = []
-        for teacher in batch.teachers:
+        for teacher in mb.teachers:
             assert teacher.target_logprob is not None
-            sums = torch.zeros(rows).index_add_(0, batch.target_row, teacher.target_logprob)
-            scores.append(sums / torch.bincount(batch.target_row, minlength=rows).clamp(min=1))
+            sums = torch.zeros(rows).index_add_(0, mb.target_row, teacher.target_logprob)
+            scores.append(sums / torch.bincount(mb.target_row, minlength=rows).clamp(min=1))
         best = torch.stack(scores).argmax(0)  # (B,)
         per_sample = F.one_hot(best, len(scores)).t().float()  # (J, B)
-        self.samples += batch.sample_ids.tolist()
-        return per_token(per_sample, batch.target_row)
+        return per_token(per_sample, mb.target_row)
 
 
 def test_a_teacher_weights_function_plugs_in(tmp_path: Path, tiny_cache: Path, cache_b: Path,
@@ -359,6 +368,23 @@ def test_a_teacher_weights_function_plugs_in(tmp_path: Path, tiny_cache: Path, c
     assert weights.steps == [1, 2, 3] and len(weights.samples) == 3 * 2 * 4
     assert final["train_kd"] != pytest.approx(0.5 * final["train_kd_teacher_1"]
                                               + 0.5 * final["train_kd_teacher_2"], rel=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    dict(teacher_reliance="best", teacher_reliance_level="token"),
+    dict(teacher_reliance="softmax", teacher_reliance_control="shuffled"),
+])
+def test_teacher_reliance_options_weigh_the_teachers(tmp_path: Path, tiny_cache: Path,
+                                                     cache_b: Path, tiny_student_dir: Path,
+                                                     options: dict[str, Any]) -> None:
+    fixed = train(_config((tiny_cache, cache_b), tmp_path / "fixed",
+                          student=str(tiny_student_dir), max_steps=3))
+    relied = train(_config((tiny_cache, cache_b), tmp_path / "relied",
+                           student=str(tiny_student_dir), max_steps=3, **options))
+    assert relied["train_loss"] != pytest.approx(fixed["train_loss"], rel=1e-6)
+    for r in _metrics(tmp_path / "relied"):  # no longer the equal mix of the teachers' KD
+        assert r["kd"] != pytest.approx(0.5 * (r["kd_teacher_1"] + r["kd_teacher_2"]),
+                                        rel=1e-6)
 
 
 def test_the_commands_take_several_caches(tmp_path: Path, tiny_cache: Path, cache_b: Path,
