@@ -306,18 +306,25 @@ def test_two_teachers_resume_exactly_after_a_kill(tmp_path: Path, tiny_cache: Pa
     assert strip(Path(stopped.out)) == strip(Path(cfg.out))
 
 
+@pytest.mark.parametrize("options", [
+    {"teacher_weight": (0.3, 0.7)},
+    {"teacher_reliance": "softmax", "teacher_reliance_level": "token",
+     "teacher_reliance_control": "matched"},  # a collective per step
+], ids=["fixed", "token-matched"])
 def test_two_teachers_on_two_processes_train_like_one(tmp_path: Path, tiny_cache: Path,
-                                                      cache_b: Path,
-                                                      tiny_student_dir: Path) -> None:
+                                                      cache_b: Path, tiny_student_dir: Path,
+                                                      options: dict[str, Any]) -> None:
     one = tmp_path / "one"
     train(_config((tiny_cache, cache_b), one, student=str(tiny_student_dir), batch_size=4,
-                  max_steps=None, epochs=1, eval_fraction=0.2, eval_every=4,
-                  teacher_weight=(0.3, 0.7)))
+                  max_steps=None, epochs=1, eval_fraction=0.2, eval_every=4, **options))
     many = tmp_path / "many"
+    flags = {k: v for k, v in options.items() if k != "teacher_weight"}
     args = _flags(tiny_cache, many, tiny_student_dir, batch_size=1, grad_accum=2, epochs=1,
-                  eval_every=4)
-    torchrun([*args, "--cache", str(cache_b), "--teacher-weight", "0.3",
-              "--teacher-weight", "0.7"])
+                  eval_every=4, **flags)
+    args += ["--cache", str(cache_b)]
+    for weight in options.get("teacher_weight", ()):
+        args += ["--teacher-weight", str(weight)]
+    torchrun(args)
     assert_same_training(one, many, rel=1e-5)
     assert "kd_teacher_2" in _metrics(many)[-1]
     shutil.rmtree(many)
