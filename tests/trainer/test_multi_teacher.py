@@ -327,6 +327,7 @@ def test_two_teachers_on_two_processes_train_like_one(tmp_path: Path, tiny_cache
     torchrun(args)
     assert_same_training(one, many, rel=1e-5)
     assert "kd_teacher_2" in _metrics(many)[-1]
+    assert json.loads(RunLayout(many).final_metrics.read_text())["world_size"] == 2
     shutil.rmtree(many)
 
 
