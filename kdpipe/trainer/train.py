@@ -142,8 +142,8 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
     this rank's slice (its micro-batch count, and whether it is real: placeholders and
     padding micro-batches run with weight 0 so every rank makes the same passes). Several
     teachers (`batch.micro[m].other_teachers`): `teacher_weights` gives the step's (J, N)
-    weights per micro-batch (default: --teacher-weight), and `kd_teacher_j` (1-based) is each
-    teacher's mean KD.
+    weights per micro-batch (default: --teacher-weight); `kd_teacher_j` (1-based) is each
+    teacher's mean KD and `teacher_weight_j` its mean weight per token.
     """
     dist = dist or Distributed()
     teachers = len(batch.micro[0].teachers)
@@ -155,8 +155,9 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
     runs = [(mb, 1.0 if real else 0.0) for mb in batch.micro]
     planned = share.micro_batches if share is not None else len(runs)
     runs += [(batch.micro[0], 0.0)] * (planned - len(runs))
-    # total, ce, kd, correct, then KD against each teacher (several teachers)
-    sums = torch.zeros(4 + (teachers if teachers > 1 else 0), dtype=torch.float64,
+    # total, ce, kd, correct, then KD against each teacher and each teacher's summed weight
+    # (several teachers)
+    sums = torch.zeros(4 + (2 * teachers if teachers > 1 else 0), dtype=torch.float64,
                        device=device)
     first = 0
     for m, (cpu_batch, weight) in enumerate(runs):
@@ -179,15 +180,19 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
         values = [out.total.detach().double(), out.ce.double(), out.kd.double(),
                   out.correct_top1.double()]
         if teachers > 1:
-            assert out.kd_per_teacher is not None
+            assert out.kd_per_teacher is not None and mix is not None
             values += list(out.kd_per_teacher.double().unbind())
+            values += list(mix.double().sum(dim=1).unbind())
         sums += torch.stack(values)
         if stats is not None:
             stats.add(cpu_batch.sample_ids, mb.target_row, out.ce_per_token, step)
     total, ce_sum, kd_sum, correct, *per_teacher = (
         s / tokens for s in dist.sum(sums.tolist(), device))
+    kd_teachers, weights = per_teacher[:len(per_teacher) // 2], per_teacher[len(per_teacher) // 2:]
     return {"loss": total, "ce": ce_sum, "kd": kd_sum, "top1_agreement": correct,
-            **teacher_metrics(per_teacher), "tokens": tokens}
+            **teacher_metrics(kd_teachers),
+            **{f"teacher_weight_{j}": w for j, w in enumerate(weights, start=1)},
+            "tokens": tokens}
 
 
 def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice | None,

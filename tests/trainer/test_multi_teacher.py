@@ -248,6 +248,8 @@ def test_two_teachers_train_with_per_teacher_metrics(
     for r in records:  # KD is the weighted mean of the teachers' KD (fixed weights)
         assert r["kd"] == pytest.approx(0.7 * r["kd_teacher_1"] + 0.3 * r["kd_teacher_2"],
                                         rel=1e-5)
+        if r["split"] == "train":
+            assert (r["teacher_weight_1"], r["teacher_weight_2"]) == pytest.approx((0.7, 0.3))
         assert r["kd_teacher_1"] != pytest.approx(r["kd_teacher_2"], rel=1e-3)
     assert "eval_kd_teacher_2" in final and "train_kd_teacher_1" in final
     assert read_config(tmp_path / "mix").cache == both
@@ -393,6 +395,8 @@ def test_teacher_reliance_options_weigh_the_teachers(tmp_path: Path, tiny_cache:
     for r in _metrics(tmp_path / "relied"):  # no longer the equal mix of the teachers' KD
         assert r["kd"] != pytest.approx(0.5 * (r["kd_teacher_1"] + r["kd_teacher_2"]),
                                         rel=1e-6)
+        assert r["teacher_weight_1"] + r["teacher_weight_2"] == pytest.approx(1.0)
+        assert r["teacher_weight_1"] != pytest.approx(0.5, abs=1e-6)
 
 
 def test_the_commands_take_several_caches(tmp_path: Path, tiny_cache: Path, cache_b: Path,
