@@ -9,7 +9,10 @@
    train split at k = 1 — only its token ids are used (`--mode ce` reads no teacher column);
 4. teacher: a small Llama trained by `train(TrainConfig.from_options(mode="ce"))`, the student
    trainer itself;
-5. caches: `cache_teacher` with the trained teacher over train and held-out, at the preset's k.
+5. caches: `cache_teacher` with the trained teacher over train and held-out, at the preset's k;
+6. with `second_teacher`, a teacher B (`second_teacher.py`): its own token cache when it
+   learns from half the train split, its training, and its caches over the same train and
+   held-out sequences as A's, under OUT/teacher-b/.
 
 Chat presets cache conversations (`--format messages`, packed: conversations are short)
 with assistant-only targets (`--train-on assistant`), so the students and the held-out
@@ -24,13 +27,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 from kdpipe.embedded.chat import write_chat_corpus
 from kdpipe.embedded.corpus import write_corpus
 from kdpipe.embedded.models import ModelSize, init_model, write_spec
 from kdpipe.embedded.presets import Preset
+from kdpipe.embedded.second_teacher import (
+    SecondTeacher,
+    check_second_teacher,
+    leading_documents,
+    second_teacher_spec,
+)
 from kdpipe.embedded.timing import TIMINGS_NAME, StageClock
 from kdpipe.embedded.tokenizer import train_tokenizer
 from kdpipe.schemas.errors import ConfigError
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 
 READER = ModelSize(hidden=16, layers=1, heads=1)  # the token cache's throw-away model
 TEACHER_RUN = "teacher-run"
+TEACHER_B = "teacher-b"  # everything of the second teacher
 PRESET_NAME = "preset.json"  # the preset a folder was prepared with
 # The chat teacher learns every token of the rendered conversations, user turns too: they are
 # all the text a teacher trained from scratch ever sees (a real one was pretrained on far more
@@ -64,6 +74,11 @@ class Prepared:
     cache: Path  # train split, top-k
     heldout_cache: Path  # held-out split, top-k
     student_config: Path  # the preset's student shape (--student-config)
+    # The second teacher and its caches, aligned with `cache` and `heldout_cache` sample for
+    # sample; None without `second_teacher`.
+    teacher_b: Path | None = None
+    cache_b: Path | None = None
+    heldout_b: Path | None = None
 
 
 def cache_complete(path: Path) -> bool:
@@ -78,9 +93,16 @@ def _defaults() -> dict[str, object]:
     return {f.name: f.default for f in fields(Preset) if f.default is not MISSING}
 
 
-def check_preset(root: Path, preset: Preset) -> None:
+def check_preset(root: Path, preset: Preset, second: SecondTeacher | None = None) -> None:
     """One preset per folder: stages skip work whose output exists, so mixing two would mix
-    a tokenizer or teacher of one preset with the corpus of another."""
+    a tokenizer or teacher of one preset with the corpus of another. Likewise one second
+    teacher (`check_second_teacher`), when `second` is given. ConfigError otherwise."""
+    _check_preset(root, preset)
+    if second is not None:
+        check_second_teacher(root, second)
+
+
+def _check_preset(root: Path, preset: Preset) -> None:
     recorded = root / PRESET_NAME
     if recorded.is_file():
         # A field added since the folder was prepared held its default value then.
@@ -97,13 +119,16 @@ def check_preset(root: Path, preset: Preset) -> None:
 
 
 def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device: str = "auto",
-            progress: bool = True) -> Prepared:
-    """Run (or find finished) stages 1-5 of the module docstring under `root`."""
+            progress: bool = True, second_teacher: str | None = None) -> Prepared:
+    """Run (or find finished) stages 1-5 of the module docstring under `root`, and stage 6
+    with `second_teacher` ("half" or "small"). ConfigError when `root` was prepared with
+    another preset or second teacher."""
     from kdpipe.pipeline.cache_stage import CacheTeacherConfig, cache_teacher
     from kdpipe.trainer.config import TrainConfig
     from kdpipe.trainer.train import train
 
-    check_preset(root, preset)
+    second = None if second_teacher is None else second_teacher_spec(preset, second_teacher)
+    check_preset(root, preset, second)
     clock = clock or StageClock(root)
     chat = preset.corpus == "chat"
     corpus_dir, tokenizer_dir = root / "corpus", root / "tokenizer"
@@ -122,26 +147,32 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
                                          progress=progress, **chat_options))  # type: ignore[arg-type]
         return out
 
+    def train_teacher(stage: str, tokens: Path, shape: ModelSize, init: Path, run: Path
+                      ) -> Path:
+        """Train a teacher of `shape` on the token cache `tokens`: the final model."""
+        finished = RunLayout(run).final_metrics.is_file()
+        with clock.stage(stage, done=finished):
+            teacher_init = init_model(tokenizer_dir, init, shape, preset.max_length)
+            steps = preset.teacher_steps
+            cfg = TrainConfig.from_options(
+                cache=str(tokens), out=str(run), student=str(teacher_init), mode="ce",
+                lr=preset.teacher_lr, warmup_steps=max(1, steps // 10),
+                batch_size=preset.teacher_batch_size, max_steps=steps,
+                save_every=max(1, steps // 3), keep_last=1, snapshots=False, device=device,
+                progress=progress, resume=RunLayout(run).config.is_file() and not finished)
+            if not finished:  # (the folder records its preset: a finished run is this one)
+                train(cfg)
+        return RunLayout(run).final
+
+    def reader() -> Path:
+        return init_model(tokenizer_dir, root / "models" / "token-reader", READER,
+                          preset.max_length)
+
     token_cache = root / "token-cache"
     with clock.stage("token cache", done=cache_complete(token_cache)):
-        reader = init_model(tokenizer_dir, root / "models" / "token-reader", READER,
-                            preset.max_length)
-        cache(reader, train_jsonl, token_cache, top_k=1, train_on=CHAT_TEACHER_TRAIN_ON)
-    teacher_run = root / TEACHER_RUN
-    finished = RunLayout(teacher_run).final_metrics.is_file()
-    with clock.stage("teacher training", done=finished):
-        teacher_init = init_model(tokenizer_dir, root / "models" / "teacher-init", preset.teacher,
-                                  preset.max_length)
-        steps = preset.teacher_steps
-        teacher_cfg = TrainConfig.from_options(
-            cache=str(token_cache), out=str(teacher_run), student=str(teacher_init), mode="ce",
-            lr=preset.teacher_lr, warmup_steps=max(1, steps // 10),
-            batch_size=preset.teacher_batch_size, max_steps=steps, save_every=max(1, steps // 3),
-            keep_last=1, snapshots=False, device=device, progress=progress,
-            resume=RunLayout(teacher_run).config.is_file() and not finished)
-        if not finished:  # (the demo folder records its preset: a finished run is this one)
-            train(teacher_cfg)
-    teacher = RunLayout(teacher_run).final
+        cache(reader(), train_jsonl, token_cache, top_k=1, train_on=CHAT_TEACHER_TRAIN_ON)
+    teacher = train_teacher("teacher training", token_cache, preset.teacher,
+                            root / "models" / "teacher-init", root / TEACHER_RUN)
     cache_dir, heldout_dir = root / "cache", root / "heldout-cache"
     with clock.stage("teacher cache (train)", done=cache_complete(cache_dir)):
         cache(teacher, train_jsonl, cache_dir, preset.top_k)
@@ -149,6 +180,24 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
         cache(teacher, heldout_jsonl, heldout_dir, preset.top_k)
     student_config = write_spec(root / "models" / "student.json", preset.student,
                                 preset.max_length)
-    return Prepared(root=root, train_corpus=train_jsonl, heldout_corpus=heldout_jsonl,
-                    tokenizer=tokenizer_dir, teacher=teacher, cache=cache_dir,
-                    heldout_cache=heldout_dir, student_config=student_config)
+    prepared = Prepared(root=root, train_corpus=train_jsonl, heldout_corpus=heldout_jsonl,
+                        tokenizer=tokenizer_dir, teacher=teacher, cache=cache_dir,
+                        heldout_cache=heldout_dir, student_config=student_config)
+    if second is None:
+        return prepared
+    b_root = root / TEACHER_B
+    b_tokens = token_cache
+    if second.train_share < 1:
+        b_tokens = b_root / "token-cache"
+        with clock.stage("teacher B token cache", done=cache_complete(b_tokens)):
+            b_train = leading_documents(train_jsonl, b_root / "train-leading.jsonl",
+                                        second.train_share)
+            cache(reader(), b_train, b_tokens, top_k=1, train_on=CHAT_TEACHER_TRAIN_ON)
+    teacher_b = train_teacher("teacher B training", b_tokens, second.shape, b_root / "init",
+                              b_root / "run")
+    cache_b, heldout_b = b_root / "cache", b_root / "heldout-cache"
+    with clock.stage("teacher B cache (train)", done=cache_complete(cache_b)):
+        cache(teacher_b, train_jsonl, cache_b, preset.top_k)
+    with clock.stage("teacher B cache (held-out)", done=cache_complete(heldout_b)):
+        cache(teacher_b, heldout_jsonl, heldout_b, preset.top_k)
+    return replace(prepared, teacher_b=teacher_b, cache_b=cache_b, heldout_b=heldout_b)

@@ -68,6 +68,14 @@ PRESETS = {
 }
 DEFAULT_PRESET = "small"
 
+# The `--second-teacher small` shape of each preset: between the student and teacher A, so it is
+# clearly weaker than A and still stronger than the students (docs/experiments.md measures
+# both). Kept apart from `Preset` so that folders prepared before it existed keep their
+# preset.json; the second teacher's own record (`second_teacher.py`) holds it.
+SMALL_TEACHERS = {"tiny": ModelSize(48, 1, 2), "small": ModelSize(96, 2, 2),
+                  "full": ModelSize(192, 2, 3), "chat": ModelSize(96, 2, 2),
+                  "chat-tiny": ModelSize(48, 1, 2)}
+
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
