@@ -26,10 +26,14 @@ def demo(
     )] = True,
     overwrite: Annotated[bool, typer.Option(
         help="Delete a previous demo in --out and start over.")] = False,
+    second_teacher: Annotated[str | None, typer.Option(
+        help="Also make a teacher B, cached over the same sequences as the teacher, and a "
+        "student distilled from it: half (the teacher's shape, trained on the leading half "
+        "of the train split) or small (a smaller shape trained on all of it).")] = None,
 ) -> None:
     """Run every stage on the Python stdlib's source; compare CE/KD/KD-CL/KD-CL-SR students
     (chat presets: CE and KD on conversations answered by the stdlib's docstrings)."""
     from kdpipe.demo.run import TABLE_MD, run_demo
 
-    run_demo(out, preset, threads or None, device, progress, overwrite)
+    run_demo(out, preset, threads or None, device, progress, overwrite, second_teacher)
     typer.echo((out / TABLE_MD).read_text(encoding="utf-8"))

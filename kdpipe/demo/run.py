@@ -10,6 +10,12 @@ A chat preset (`--preset chat`) prepares conversations cached with assistant-onl
 trains only the CE-only and KD students (`CHAT_ARMS`): the question there is whether the
 teacher helps on the assistant's replies; its held-out numbers count assistant tokens only.
 
+With `--second-teacher half|small` the setup also makes a teacher B (`embedded/second_teacher.py`)
+cached over the same sequences, and one more student, KD from teacher B with the `kd` arm's
+options, is its own one-arm experiment in OUT/students-b/. The table gains rows for teacher B
+and that student, and how much the two teachers disagree on the held-out split
+(`embedded/teacher_agreement.py`). Every row's top-1 agreement is with teacher A.
+
 The students are one `kdpipe experiment` (one seed) run by the same runner, so
 `kdpipe report OUT` draws the plots. One seed measures nothing about which arm is better; the
 table says so, and `experiments/seed-question.yaml` asks the question with seeds and intervals.
@@ -21,12 +27,14 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from kdpipe.embedded.prepare import PRESET_NAME, Prepared, check_preset, prepare
+from kdpipe.embedded.prepare import PRESET_NAME, TEACHER_B, Prepared, check_preset, prepare
 from kdpipe.embedded.presets import Preset, get_preset
+from kdpipe.embedded.second_teacher import SecondTeacher, second_teacher_spec
+from kdpipe.embedded.teacher_agreement import compare_teachers
 from kdpipe.embedded.timing import StageClock
 from kdpipe.experiments.config import ArmSpec, CurriculumSpec, ExperimentConfig, Setup
 from kdpipe.experiments.runner import Inputs, run_experiment
@@ -52,6 +60,8 @@ ARMS = (ArmSpec("ce", {"mode": "ce"}),
         # Not experiments/seed-question.yaml's `kd-cl-sr`, which follows the teacher's ranking.
         ArmSpec("kd-cl-sr-student", {"curriculum": "ce-snapshot", "reliance": "threshold"}))
 CHAT_ARMS = ARMS[:2]
+STUDENTS_B = "students-b"  # the student of teacher B: an experiment of its own (one cache each)
+ARM_B, LABEL_B = ArmSpec("kd-teacher-b", {}), "KD from teacher B"
 
 
 def demo_arms(preset: Preset) -> tuple[tuple[ArmSpec, ...], tuple[CurriculumSpec, ...]]:
@@ -59,26 +69,43 @@ def demo_arms(preset: Preset) -> tuple[tuple[ArmSpec, ...], tuple[CurriculumSpec
     return (CHAT_ARMS, ()) if preset.corpus == "chat" else (ARMS, CURRICULA)
 
 
-def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
-    """The demo's students as an experiment: one seed, the same token budget for every arm."""
+def _train_options(preset: Preset, prepared: Prepared) -> dict[str, Any]:
+    """Options every demo student shares: one seed, the same token budget for every arm."""
     from kdpipe.schemas.cache import open_cache
 
     sequences = open_cache(prepared.cache).manifest.num_sequences
     steps = preset.student_epochs * -(-sequences // preset.student_batch_size)
-    train = {"epochs": preset.student_epochs, "batch_size": preset.student_batch_size,
-             "lr": preset.student_lr, "warmup_steps": max(1, steps // 20),
-             "eval_every": max(1, steps // preset.evals_per_run), "log_every": 5,
-             "student_config": str(prepared.student_config)}
+    return {"epochs": preset.student_epochs, "batch_size": preset.student_batch_size,
+            "lr": preset.student_lr, "warmup_steps": max(1, steps // 20),
+            "eval_every": max(1, steps // preset.evals_per_run), "log_every": 5,
+            "student_config": str(prepared.student_config)}
+
+
+def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
+    """The demo's students as an experiment: one seed, the same token budget for every arm."""
     arms, curricula = demo_arms(preset)
     return ExperimentConfig(name=f"demo-{preset.name}", out=str(out),
                             setup=Setup(cache=str(prepared.cache),
                                         eval_cache=str(prepared.heldout_cache)),
-                            seeds=(0,), arms=arms, curricula=curricula, train=train,
-                            baseline="kd", metric="eval_ce",
-                            description=f"kdpipe demo --preset {preset.name}")
+                            seeds=(0,), arms=arms, curricula=curricula,
+                            train=_train_options(preset, prepared), baseline="kd",
+                            metric="eval_ce", description=f"kdpipe demo --preset {preset.name}")
 
 
-def _check_out(out: Path, preset: Preset, overwrite: bool) -> None:
+def teacher_b_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
+    """The student of teacher B (the `kd` arm's options on B's train cache), evaluated on
+    teacher A's held-out cache like every other student, in OUT/students-b."""
+    assert prepared.cache_b is not None
+    return ExperimentConfig(name=f"demo-{preset.name}-teacher-b", out=str(out / STUDENTS_B),
+                            setup=Setup(cache=str(prepared.cache_b),
+                                        eval_cache=str(prepared.heldout_cache)),
+                            seeds=(0,), arms=(ARM_B,), train=_train_options(preset, prepared),
+                            baseline=ARM_B.name, metric="eval_ce",
+                            description=f"kdpipe demo --preset {preset.name}: KD from teacher B")
+
+
+def _check_out(out: Path, preset: Preset, overwrite: bool, second: SecondTeacher | None
+               ) -> None:
     """One demo per folder: a different preset into an existing demo is refused."""
     recorded = out / PRESET_NAME
     if overwrite and out.exists():
@@ -90,7 +117,7 @@ def _check_out(out: Path, preset: Preset, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} exists and is not a kdpipe demo folder; choose a new "
                           "or empty folder")
     try:
-        check_preset(out, preset)
+        check_preset(out, preset, second)
     except ConfigError as exc:
         raise ConfigError(f"--out {exc}; or pass --overwrite to replace it") from exc
 
@@ -111,14 +138,23 @@ def _num(value: Any, digits: int = 2) -> str:
 
 
 def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
-               threads: int) -> dict[str, Any]:
+               threads: int, second: SecondTeacher | None = None) -> dict[str, Any]:
     """OUT/demo.md + OUT/demo.json from the results; returns the JSON object."""
     from kdpipe.experiments.runner import RESULTS_NAME
     from kdpipe.schemas.cache import open_cache
 
     records = json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
+    teachers = [teacher_row(prepared)]
+    pair: dict[str, Any] | None = None
+    if second is not None:
+        assert prepared.heldout_b is not None
+        pair = asdict(compare_teachers(prepared.heldout_cache, prepared.heldout_b))
+        teachers.append({"arm": "teacher-b", "eval_ce": pair["nll_b"],
+                         "eval_ppl": math.exp(pair["nll_b"]),
+                         "eval_top1_agreement": pair["top1_agreement"]})
+        records += json.loads((out / STUDENTS_B / RESULTS_NAME).read_text(encoding="utf-8"))
     vocab = open_cache(prepared.cache).manifest.vocab_size
-    rows = [teacher_row(prepared)] + [
+    rows = teachers + [
         {"arm": r["arm"], **{k: r.get(k) for k in ("eval_ce", "eval_ppl", "eval_top1_agreement",
                                                    "train_tokens_per_s", "wall_s", "cpu_s",
                                                    "tokens_seen")}} for r in records]
@@ -132,7 +168,16 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
              f"{params['student'] / 1e6:.2f}M, vocabulary {vocab}, top-{preset.top_k} cache, "
              f"{threads} torch thread(s). Every student trained on as many sequences: "
              f"{preset.student_epochs} epoch(s) of the train split, about "
-             f"{_num(rows[1].get('tokens_seen'), 0)}{targets} tokens.", ""]
+             f"{_num(rows[len(teachers)].get('tokens_seen'), 0)}{targets} tokens.", ""]
+    if second is not None and pair is not None:
+        data = ("the leading half of the train split" if second.train_share < 1 else
+                "all of the train split")
+        lines += [f"Teacher B (`--second-teacher {second.choice}`): "
+                  f"{second.shape.parameters(vocab) / 1e6:.2f}M parameters, trained on {data}, "
+                  "cached over the same sequences as teacher A. On the held-out split the two "
+                  f"agree on the top-1 token at {pair['top1_agreement']:.3f} of positions, "
+                  f"KL(A‖B) {pair['kl_a_b']:.3f} nats/token (A's top-k + tail). Every top-1 "
+                  "agreement below is with teacher A.", ""]
     if chat:
         lines += ["Chat data: questions about the standard library answered by its docstrings, "
                   "cached with assistant-only targets. Students train on, and held-out "
@@ -141,10 +186,11 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
               "| CPU s |", "|---|---|---|---|---|---|---|"]
     teacher_time = stages.get("teacher training", {})
     for row in rows:
-        label = "teacher (reference)" if row["arm"] == "teacher" else \
-            ARM_LABELS.get(row["arm"], row["arm"])
-        wall = teacher_time.get("wall_s") if row["arm"] == "teacher" else row.get("wall_s")
-        cpu = teacher_time.get("cpu_s") if row["arm"] == "teacher" else row.get("cpu_s")
+        label = {"teacher": "teacher (reference)", "teacher-b": "teacher B (reference)",
+                 ARM_B.name: LABEL_B}.get(row["arm"]) or ARM_LABELS.get(row["arm"], row["arm"])
+        own = {"teacher": teacher_time, "teacher-b": stages.get("teacher B training", {})}.get(
+            row["arm"], row)
+        wall, cpu = own.get("wall_s"), own.get("cpu_s")
         lines.append(f"| {label} | {_num(row.get('eval_ce'), 3)} | {_num(row.get('eval_ppl'))} | "
                      f"{_num(row.get('eval_top1_agreement'), 3)} | "
                      f"{_num(row.get('train_tokens_per_s'), 0)} | {_num(wall, 1)} | "
@@ -166,35 +212,46 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
             lines.append(f"| student {r['arm']} | {_num(r['wall_s'], 1)} | "
                          f"{_num(r.get('cpu_s'), 1)} |")
     folders = "corpus/, tokenizer/, teacher-run/, cache/, heldout-cache/, " + \
-        ("runs/" if chat else "curricula/, runs/")
+        ("runs/" if chat else "curricula/, runs/") + \
+        ("" if second is None else f", {TEACHER_B}/, {STUDENTS_B}/")
     lines += [f"| **total** | {_num(total, 1)} | |", "",
               f"Artifacts: `{out}` ({folders}). Plots: `kdpipe report {out}`.", ""]
     table = {"preset": asdict(preset), "threads": threads, "rows": rows, "stages": stages,
              "total_wall_s": total}
+    if second is not None:
+        table["second_teacher"] = {**asdict(second), "heldout_agreement": pair}
     atomic_write_json(out / TABLE_JSON, table)
     atomic_write_text(out / TABLE_MD, "\n".join(lines))
     return table
 
 
 def run_demo(out: Path, preset_name: str = "small", threads: int | None = None,
-             device: str = "auto", progress: bool = True, overwrite: bool = False
-             ) -> dict[str, Any]:
+             device: str = "auto", progress: bool = True, overwrite: bool = False,
+             second_teacher: str | None = None) -> dict[str, Any]:
     """Everything `kdpipe demo` does; returns the table (also OUT/demo.json and demo.md).
+    `second_teacher` ("half" or "small"): teacher B and its student too (module docstring).
 
     Bars only with `progress` on a terminal: a captured log gets each stage's periodic
     status lines instead (`kdpipe.progress`), not thousands of redraws."""
     preset = get_preset(preset_name)
     threads = resolve_threads(threads or 0)
-    _check_out(out, preset, overwrite)
+    second = None if second_teacher is None else second_teacher_spec(preset, second_teacher)
+    _check_out(out, preset, overwrite, second)
     clock = StageClock(out)
     bars = bars_shown(progress)
     with library_bars(bars):
         with torch_threads(threads):
-            prepared = prepare(preset, out, clock, device, bars)
+            prepared = prepare(preset, out, clock, device, bars, second_teacher)
         exp = demo_experiment(preset, out, prepared)
         inputs = Inputs(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache),
                         student_config=str(prepared.student_config),
                         teacher=str(prepared.teacher), setup_dir=str(out))
         run_experiment(exp, parallel=1, threads=threads, device=device, progress=bars,
                        inputs=inputs, clock=clock, labels=ARM_LABELS)
-    return demo_table(preset, prepared, out, clock, threads)
+        if prepared.cache_b is not None:
+            inputs_b = replace(inputs, cache=str(prepared.cache_b),
+                               teacher=str(prepared.teacher_b))
+            run_experiment(teacher_b_experiment(preset, out, prepared), parallel=1,
+                           threads=threads, device=device, progress=bars, inputs=inputs_b,
+                           clock=clock, labels={ARM_B.name: LABEL_B})
+    return demo_table(preset, prepared, out, clock, threads, second)
