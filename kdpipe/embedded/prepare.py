@@ -160,7 +160,8 @@ def prepare(preset: Preset, root: Path, clock: StageClock | None = None, device:
                 batch_size=preset.teacher_batch_size, max_steps=steps,
                 save_every=max(1, steps // 3), keep_last=1, snapshots=False, device=device,
                 progress=progress, resume=RunLayout(run).config.is_file() and not finished)
-            if not finished:  # (the folder records its preset: a finished run is this one)
+            # The folder records its preset and second teacher: a finished run is this one.
+            if not finished:
                 train(cfg)
         return RunLayout(run).final
 
