@@ -39,7 +39,7 @@ class SecondTeacher:
 
     choice: str
     shape: ModelSize
-    train_share: float  # leading share of the train split's characters (1: all of it)
+    train_share: float  # leading share of the train split (its JSON lines' characters; 1: all)
 
 
 def second_teacher_spec(preset: Preset, choice: str) -> SecondTeacher:
