@@ -27,6 +27,7 @@ import numpy as np
 
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
+from kdpipe.schemas.shard import SAMPLE_ID
 from kdpipe.schemas.shard_reader import RowGroup, columns_for, decode_row_group
 
 TINY = 1e-30  # floor of a probability under a log: a bin B gives no mass costs log(1/TINY)
@@ -84,9 +85,9 @@ def compare_teachers(cache_a: Path, cache_b: Path,
     count = 0
     for table_a, table_b in zip(a.iter_row_groups(cols_a.names), b.iter_row_groups(cols_b.names),
                                 strict=True):
-        ids = table_a.column("sample_id").to_numpy()
+        ids = table_a.column(SAMPLE_ID).to_numpy()
         ga, gb = decode_row_group(table_a, cols_a), decode_row_group(table_b, cols_b)
-        if not (np.array_equal(ids, table_b.column("sample_id").to_numpy())
+        if not (np.array_equal(ids, table_b.column(SAMPLE_ID).to_numpy())
                 and np.array_equal(ga.input_ids, gb.input_ids)
                 and np.array_equal(ga.target_offsets, gb.target_offsets)):
             raise ConfigError(f"{cache_a} and {cache_b} hold different sequences (sample ids "
