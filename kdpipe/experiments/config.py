@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdpipe.embedded.second_teacher import SECOND_TEACHERS
 from kdpipe.experiments.stats import CORRECTIONS
 from kdpipe.options import convert_value, did_you_mean, flags
 from kdpipe.schemas.errors import ConfigError, choice_problems
@@ -53,7 +54,6 @@ RUNNER_CURRICULUM_OPTIONS = ("cache", "out", "overwrite", "threads")
 TOP_LEVEL_KEYS = ("name", "description", "out", "setup", "seeds", "baseline", "comparisons",
                   "correction", "metric", "train", "curricula", "arms", "sweep")
 SETUP_KEYS = ("embedded", "second_teacher", "cache", "eval_cache", "caches", "eval_caches")
-SECOND_TEACHERS = ("half", "small")  # `prepare(..., second_teacher=...)`'s choices
 EMBEDDED_TEACHERS = ("a", "b")  # names of the embedded setup's teachers
 ARM_KEYS = ("teachers",)  # keys of an arm that are the runner's, not train-student options
 SWEEP_KEYS = ("sizes", "arms", "comparisons")

@@ -80,16 +80,12 @@ def resolve_inputs(exp: ExperimentConfig, out: Path, clock: StageClock, device: 
         from kdpipe.embedded.prepare import prepare
         from kdpipe.embedded.presets import get_preset
 
-        second = {} if exp.setup.second_teacher is None else \
-            {"second_teacher": exp.setup.second_teacher}
         prepared = prepare(get_preset(exp.setup.embedded), out / "setup", clock, device,
-                           progress, **second)
+                           progress, second_teacher=exp.setup.second_teacher)
         a, b = EMBEDDED_TEACHERS
         caches, eval_caches = {a: str(prepared.cache)}, {a: str(prepared.heldout_cache)}
-        if exp.setup.second_teacher is not None:
-            # (Prepared.cache_b / heldout_b: the second embedded teacher's caches)
-            caches[b] = str(prepared.cache_b)  # type: ignore[attr-defined]
-            eval_caches[b] = str(prepared.heldout_b)  # type: ignore[attr-defined]
+        if prepared.cache_b is not None and prepared.heldout_b is not None:
+            caches[b], eval_caches[b] = str(prepared.cache_b), str(prepared.heldout_b)
         return Inputs(cache=caches[a], eval_cache=eval_caches[a],
                       student_config=str(prepared.student_config), teacher=str(prepared.teacher),
                       setup_dir=str(prepared.root), caches=caches, eval_caches=eval_caches)
