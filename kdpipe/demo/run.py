@@ -11,10 +11,11 @@ trains only the CE-only and KD students (`CHAT_ARMS`): the question there is whe
 teacher helps on the assistant's replies; its held-out numbers count assistant tokens only.
 
 With `--second-teacher half|small` the setup also makes a teacher B (`embedded/second_teacher.py`)
-cached over the same sequences, and one more student, KD from teacher B with the `kd` arm's
-options, is its own one-arm experiment in OUT/students-b/. The table gains rows for teacher B
-and that student, and how much the two teachers disagree on the held-out split
-(`embedded/teacher_agreement.py`). Every row's top-1 agreement is with teacher A.
+cached over the same sequences, and two more students with the `kd` arm's options: KD from
+teacher B alone, and from teachers A and B with equal weights (`ARMS_B`). The table gains
+rows for teacher B and those students, and how much the two teachers disagree on the held-out
+split (`embedded/teacher_agreement.py`). Top-1 agreement is with teacher A, except for the
+student of B alone (evaluated on B's held-out cache, so with B).
 
 The students are one `kdpipe experiment` (one seed) run by the same runner, so
 `kdpipe report OUT` draws the plots. One seed measures nothing about which arm is better; the
@@ -60,8 +61,9 @@ ARMS = (ArmSpec("ce", {"mode": "ce"}),
         # Not experiments/seed-question.yaml's `kd-cl-sr`, which follows the teacher's ranking.
         ArmSpec("kd-cl-sr-student", {"curriculum": "ce-snapshot", "reliance": "threshold"}))
 CHAT_ARMS = ARMS[:2]
-STUDENTS_B = "students-b"  # the student of teacher B: an experiment of its own (one cache each)
-ARM_B, LABEL_B = ArmSpec("kd-teacher-b", {}), "KD from teacher B"
+TEACHERS = ("a", "b")  # the experiment's names of teachers A and B
+ARMS_B = (ArmSpec("kd-teacher-b", {}, teachers=("b",)), ArmSpec("kd-ab", {}, teachers=TEACHERS))
+LABELS_B = {"kd-teacher-b": "KD from teacher B", "kd-ab": "KD from teachers A and B"}
 
 
 def demo_arms(preset: Preset) -> tuple[tuple[ArmSpec, ...], tuple[CurriculumSpec, ...]]:
@@ -81,27 +83,28 @@ def _train_options(preset: Preset, prepared: Prepared) -> dict[str, Any]:
             "student_config": str(prepared.student_config)}
 
 
+def demo_caches(prepared: Prepared) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, held-out) caches by teacher name: A's, and B's when prepared."""
+    a, b = TEACHERS
+    caches, held = {a: str(prepared.cache)}, {a: str(prepared.heldout_cache)}
+    if prepared.cache_b is not None and prepared.heldout_b is not None:
+        caches[b], held[b] = str(prepared.cache_b), str(prepared.heldout_b)
+    return caches, held
+
+
 def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
-    """The demo's students as an experiment: one seed, the same token budget for every arm."""
+    """The demo's students as an experiment: one seed, the same token budget for every arm;
+    with a teacher B, its students too (`ARMS_B`)."""
     arms, curricula = demo_arms(preset)
-    return ExperimentConfig(name=f"demo-{preset.name}", out=str(out),
-                            setup=Setup(cache=str(prepared.cache),
-                                        eval_cache=str(prepared.heldout_cache)),
+    setup = Setup(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache))
+    if prepared.cache_b is not None:
+        caches, held = demo_caches(prepared)
+        setup, arms = Setup(caches=tuple(caches.items()), eval_caches=tuple(held.items())), \
+            arms + ARMS_B
+    return ExperimentConfig(name=f"demo-{preset.name}", out=str(out), setup=setup,
                             seeds=(0,), arms=arms, curricula=curricula,
                             train=_train_options(preset, prepared), baseline="kd",
                             metric="eval_ce", description=f"kdpipe demo --preset {preset.name}")
-
-
-def teacher_b_experiment(preset: Preset, out: Path, prepared: Prepared) -> ExperimentConfig:
-    """The student of teacher B (the `kd` arm's options on B's train cache), evaluated on
-    teacher A's held-out cache like every other student, in OUT/students-b."""
-    assert prepared.cache_b is not None
-    return ExperimentConfig(name=f"demo-{preset.name}-teacher-b", out=str(out / STUDENTS_B),
-                            setup=Setup(cache=str(prepared.cache_b),
-                                        eval_cache=str(prepared.heldout_cache)),
-                            seeds=(0,), arms=(ARM_B,), train=_train_options(preset, prepared),
-                            baseline=ARM_B.name, metric="eval_ce",
-                            description=f"kdpipe demo --preset {preset.name}: KD from teacher B")
 
 
 def _check_out(out: Path, preset: Preset, overwrite: bool, second: SecondTeacher | None
@@ -152,7 +155,6 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
         teachers.append({"arm": "teacher-b", "eval_ce": pair["nll_b"],
                          "eval_ppl": math.exp(pair["nll_b"]),
                          "eval_top1_agreement": pair["top1_agreement"]})
-        records += json.loads((out / STUDENTS_B / RESULTS_NAME).read_text(encoding="utf-8"))
     vocab = open_cache(prepared.cache).manifest.vocab_size
     rows = teachers + [
         {"arm": r["arm"], **{k: r.get(k) for k in ("eval_ce", "eval_ppl", "eval_top1_agreement",
@@ -176,8 +178,9 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
                   f"{second.shape.parameters(vocab) / 1e6:.2f}M parameters, trained on {data}, "
                   "cached over the same sequences as teacher A. On the held-out split the two "
                   f"agree on the top-1 token at {pair['top1_agreement']:.3f} of positions, "
-                  f"KL(A‖B) {pair['kl_a_b']:.3f} nats/token (A's top-k + tail). Every top-1 "
-                  "agreement below is with teacher A.", ""]
+                  f"KL(A‖B) {pair['kl_a_b']:.3f} nats/token (A's top-k + tail). Top-1 "
+                  "agreement below is with teacher A, except for the student of B alone (with "
+                  "B).", ""]
     if chat:
         lines += ["Chat data: questions about the standard library answered by its docstrings, "
                   "cached with assistant-only targets. Students train on, and held-out "
@@ -187,7 +190,7 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
     teacher_time = stages.get("teacher training", {})
     for row in rows:
         label = {"teacher": "teacher (reference)", "teacher-b": "teacher B (reference)",
-                 ARM_B.name: LABEL_B}.get(row["arm"]) or ARM_LABELS.get(row["arm"], row["arm"])
+                 **LABELS_B}.get(row["arm"]) or ARM_LABELS.get(row["arm"], row["arm"])
         own = {"teacher": teacher_time, "teacher-b": stages.get("teacher B training", {})}.get(
             row["arm"], row)
         wall, cpu = own.get("wall_s"), own.get("cpu_s")
@@ -213,7 +216,7 @@ def demo_table(preset: Preset, prepared: Prepared, out: Path, clock: StageClock,
                          f"{_num(r.get('cpu_s'), 1)} |")
     folders = "corpus/, tokenizer/, teacher-run/, cache/, heldout-cache/, " + \
         ("runs/" if chat else "curricula/, runs/") + \
-        ("" if second is None else f", {TEACHER_B}/, {STUDENTS_B}/")
+        ("" if second is None else f", {TEACHER_B}/")
     lines += [f"| **total** | {_num(total, 1)} | |", "",
               f"Artifacts: `{out}` ({folders}). Plots: `kdpipe report {out}`.", ""]
     table = {"preset": asdict(preset), "threads": threads, "rows": rows, "stages": stages,
@@ -246,12 +249,11 @@ def run_demo(out: Path, preset_name: str = "small", threads: int | None = None,
         inputs = Inputs(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache),
                         student_config=str(prepared.student_config),
                         teacher=str(prepared.teacher), setup_dir=str(out))
-        run_experiment(exp, parallel=1, threads=threads, device=device, progress=bars,
-                       inputs=inputs, clock=clock, labels=ARM_LABELS)
+        labels = ARM_LABELS
         if prepared.cache_b is not None:
-            inputs_b = replace(inputs, cache=str(prepared.cache_b),
-                               teacher=str(prepared.teacher_b))
-            run_experiment(teacher_b_experiment(preset, out, prepared), parallel=1,
-                           threads=threads, device=device, progress=bars, inputs=inputs_b,
-                           clock=clock, labels={ARM_B.name: LABEL_B})
+            caches, held = demo_caches(prepared)
+            inputs = replace(inputs, caches=caches, eval_caches=held)
+            labels = {**ARM_LABELS, **LABELS_B}
+        run_experiment(exp, parallel=1, threads=threads, device=device, progress=bars,
+                       inputs=inputs, clock=clock, labels=labels)
     return demo_table(preset, prepared, out, clock, threads, second)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kdpipe.demo.run import ARM_B, LABEL_B, run_demo
+from kdpipe.demo.run import ARMS_B, LABELS_B, run_demo
 from kdpipe.embedded.prepare import Prepared, prepare
 from kdpipe.embedded.presets import PRESETS, SMALL_TEACHERS, get_preset
 from kdpipe.embedded.second_teacher import (
@@ -131,19 +131,25 @@ def test_finished_stages_are_skipped_and_the_choice_is_kept(
 
 @pytest.mark.slow
 def test_demo_with_a_second_teacher(half: Prepared, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The demo over the prepared folder, with only the KD arm besides teacher B's student."""
+    """The demo over the prepared folder, with only the KD arm besides teacher B's students."""
     monkeypatch.setattr("kdpipe.demo.run.demo_arms",
                         lambda preset: ((ArmSpec("kd", {}),), ()))
     table = run_demo(half.root, "tiny", threads=1, device="cpu", progress=False,
                      second_teacher="half")
     rows = {row["arm"]: row for row in table["rows"]}
-    assert set(rows) == {"teacher", "teacher-b", "kd", ARM_B.name}
+    assert set(rows) == {"teacher", "teacher-b", "kd", *(arm.name for arm in ARMS_B)}
     for arm, row in rows.items():
         assert math.isfinite(row["eval_ce"]) and 0 < row["eval_top1_agreement"] <= 1, arm
     pair = table["second_teacher"]["heldout_agreement"]
     assert rows["teacher-b"]["eval_top1_agreement"] == pair["top1_agreement"]
     markdown = (half.root / "demo.md").read_text()
-    assert f"| {LABEL_B} |" in markdown and "| teacher B (reference) |" in markdown
+    assert "| teacher B (reference) |" in markdown
+    assert all(f"| {label} |" in markdown for label in LABELS_B.values())
+    runs = half.root / "runs"
+    caches = [json.loads((runs / arm / "seed-0" / "config.json").read_text())["cache"]
+              for arm in ("kd", "kd-teacher-b", "kd-ab")]
+    assert caches == [[str(half.cache)], [str(half.cache_b)], [str(half.cache),
+                                                               str(half.cache_b)]]
     assert "--second-teacher half" in markdown
     with pytest.raises(ConfigError, match="--out .* --second-teacher half"):
         run_demo(half.root, "tiny", threads=1, device="cpu", progress=False,
