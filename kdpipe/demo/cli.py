@@ -27,9 +27,10 @@ def demo(
     overwrite: Annotated[bool, typer.Option(
         help="Delete a previous demo in --out and start over.")] = False,
     second_teacher: Annotated[str | None, typer.Option(
-        help="Also make a teacher B, cached over the same sequences as the teacher, and a "
-        "student distilled from it: half (the teacher's shape, trained on the leading half "
-        "of the train split) or small (a smaller shape trained on all of it).")] = None,
+        help="Also make a teacher B, cached over the same sequences as the teacher, and "
+        "students of B alone and of both teachers: half (the teacher's shape, trained on the "
+        "leading half of the train split) or small (a smaller shape trained on all of it).")
+    ] = None,
 ) -> None:
     """Run every stage on the Python stdlib's source; compare CE/KD/KD-CL/KD-CL-SR students
     (chat presets: CE and KD on conversations answered by the stdlib's docstrings)."""
