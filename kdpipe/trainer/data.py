@@ -21,9 +21,9 @@ from types import TracebackType
 import numpy as np
 import torch
 
-from kdpipe.schemas.shard_reader import CacheIndex, Columns, RowGroup, RowGroupReader
+from kdpipe.schemas.shard_reader import CacheIndex, Columns, RowGroup
 from kdpipe.trainer.chunked_loss import TeacherTargets
-from kdpipe.trainer.decode_workers import WorkerRowGroupReader
+from kdpipe.trainer.read_ahead import DEFAULT_BUDGET, ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +191,12 @@ class BatchLoader:
 
     def __init__(self, index: CacheIndex, order: np.ndarray, columns: Columns, batch_size: int,
                  grad_accum: int = 1, pad_id: int = 0, prefetch: int = 4,
-                 cached_groups: int = 16, workers: int = 0) -> None:
+                 cached_groups: int = 16, workers: int = 0,
+                 read_ahead: int = DEFAULT_BUDGET) -> None:
         self.index, self.columns = index, columns
         self.order = np.asarray(order, dtype=np.int64)
         self.batch_size, self.grad_accum, self.pad_id = batch_size, grad_accum, pad_id
-        self.cached_groups, self.workers = cached_groups, workers
+        self.cached_groups, self.workers, self.read_ahead = cached_groups, workers, read_ahead
         self.queue: queue.Queue[object] = queue.Queue(maxsize=max(prefetch, 1))
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -244,23 +245,20 @@ class BatchLoader:
         return False
 
     def _produce(self) -> None:
-        reader: RowGroupReader | WorkerRowGroupReader | None = None
+        ahead: ReadAhead | None = None
         try:
             positions = self.index.positions(self.order)
-            if self.workers:
-                reader = WorkerRowGroupReader(self.index, self.columns, self.cached_groups,
-                                              self.index.group[positions].tolist(), self.workers)
-            else:
-                reader = RowGroupReader(self.index, self.columns, self.cached_groups)
+            ahead = ReadAhead(self.index, self.columns, positions, self.cached_groups,
+                              self.workers, self.read_ahead)
+            rows = iter(ahead)  # (row group, row) of each position, in order
             per_step = self.batch_size * self.grad_accum
             for start in range(0, self.order.size, per_step):
                 step_pos = positions[start:start + per_step]
                 micro = []
                 for m in range(0, step_pos.size, self.batch_size):
-                    rows = [(int(self.index.sample_ids[p]),
-                             reader.get(int(self.index.group[p])), int(self.index.row[p]))
-                            for p in step_pos[m:m + self.batch_size]]
-                    micro.append(collate(rows, self.columns, self.pad_id))
+                    micro.append(collate([(int(self.index.sample_ids[p]), *next(rows))
+                                          for p in step_pos[m:m + self.batch_size]],
+                                         self.columns, self.pad_id))
                 batch = GlobalBatch(micro, self.order[start:start + per_step],
                                     int(self.index.num_targets[step_pos].sum()))
                 if not self._put(batch):
@@ -269,5 +267,5 @@ class BatchLoader:
         except Exception as exc:  # handed to the consumer, which re-raises it
             self._put(exc)
         finally:
-            if reader is not None:
-                reader.close()
+            if ahead is not None:
+                ahead.close()
