@@ -3,9 +3,9 @@ background loader thread that reads ahead.
 
 Rows come from `schemas.shard_reader` (the cache's index and row-group decoding). The cache is
 opened read-only and read one Parquet row group at a time, so any number of runs can share it
-and memory stays bounded by the loader's row-group cache and prefetch queue, never by the size
-of the cache. The order of samples comes from a sampler (`sampler.py`): the loader follows any
-order of sample ids it is given.
+and memory stays bounded by the loader's read-ahead, row-group cache and prefetch queue, never
+by the size of the cache. The order of samples comes from a sampler (`sampler.py`): the loader
+follows any order of sample ids it is given.
 """
 
 from __future__ import annotations
@@ -180,13 +180,17 @@ class BatchLoader:
 
     `order` is cut into global batches of `batch_size * grad_accum` samples, each split into
     micro-batches of `batch_size`; the last global batch of an epoch may be smaller. At most
-    `prefetch` global batches wait in the queue, and at most `cached_groups` decoded row groups
-    are held (LRU), so memory does not grow with the cache. An order that visits row groups in
-    windows of at most `cached_groups` (the default sampler's `--shuffle-window`) decodes each
-    row group once per epoch; any other order is still correct, only slower. With `workers` > 0
-    the row groups are read and decoded by that many processes ahead of the thread
-    (`decode_workers.py`); the batches are the same. Use as a context manager so an early stop
-    (e.g. --max-steps mid-epoch) ends the thread and the workers.
+    `prefetch` global batches wait in the queue. Rows come from a `ReadAhead`
+    (`read_ahead.py`): the order is read in horizons of at most `read_ahead` target tokens,
+    each row group a horizon touches decoded once and only the rows the horizon uses kept, on
+    top of an LRU of `cached_groups` whole decoded row groups; so memory does not grow with the
+    cache, and any order, a curriculum's included, costs at most one decode per row group per
+    horizon (an order within windows of `cached_groups` row groups, the default sampler's
+    `--shuffle-window`, one per row group per epoch). With `workers` > 0 the row groups are
+    read and decoded by that many processes ahead of the thread (`decode_workers.py`). The
+    batches are the same bits whatever `read_ahead`, `cached_groups` and `workers`. Use as a
+    context manager so an early stop (e.g. --max-steps mid-epoch) ends the thread and the
+    workers.
     """
 
     def __init__(self, index: CacheIndex, order: np.ndarray, columns: Columns, batch_size: int,
