@@ -21,9 +21,9 @@ from types import TracebackType
 import numpy as np
 import torch
 
-from kdpipe.schemas.shard_reader import CacheIndex, Columns, RowGroup
+from kdpipe.schemas.shard_reader import READ_AHEAD_TARGETS, CacheIndex, Columns, RowGroup
 from kdpipe.trainer.chunked_loss import TeacherTargets
-from kdpipe.trainer.read_ahead import DEFAULT_BUDGET, ReadAhead
+from kdpipe.trainer.read_ahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class BatchLoader:
     def __init__(self, index: CacheIndex, order: np.ndarray, columns: Columns, batch_size: int,
                  grad_accum: int = 1, pad_id: int = 0, prefetch: int = 4,
                  cached_groups: int = 16, workers: int = 0,
-                 read_ahead: int = DEFAULT_BUDGET) -> None:
+                 read_ahead: int = READ_AHEAD_TARGETS) -> None:
         self.index, self.columns = index, columns
         self.order = np.asarray(order, dtype=np.int64)
         self.batch_size, self.grad_accum, self.pad_id = batch_size, grad_accum, pad_id

@@ -27,17 +27,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from kdpipe.schemas.shard_reader import CacheIndex, Columns, RowGroup, RowGroupReader
+from kdpipe.schemas.shard_reader import (
+    READ_AHEAD_TARGETS,
+    CacheIndex,
+    Columns,
+    RowGroup,
+    RowGroupReader,
+)
 from kdpipe.trainer.decode_workers import WorkerRowGroupReader
 
 log = logging.getLogger(__name__)
-
-# Target tokens one horizon may hold when the caller gives no budget: ~270 MB of decoded
-# rows at k = 64 with 16-bit ids and float16 log-probs (k x 4 bytes + a few per target). On a
-# cache of 128-token rows it is ~8,300 rows, enough for a pool spread over ~170 row groups to
-# use ~50 rows per decode (docs/benchmarks.md, "Curriculum order at scale").
-DEFAULT_BUDGET = 1 << 20
-
 
 def _spans(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(new offsets (len(rows)+1,), flat indices) of the ragged spans `rows` of `offsets`.
@@ -131,7 +130,7 @@ class ReadAhead:
     """
 
     def __init__(self, index: CacheIndex, columns: Columns, positions: np.ndarray,
-                 cached_groups: int, workers: int = 0, budget: int = DEFAULT_BUDGET) -> None:
+                 cached_groups: int, workers: int = 0, budget: int = READ_AHEAD_TARGETS) -> None:
         if budget < 1:
             raise ValueError(f"the read-ahead budget must be >= 1 target token, not {budget}")
         self.index, self.columns = index, columns

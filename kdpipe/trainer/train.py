@@ -464,7 +464,7 @@ def _steps(run: Run) -> Generator[tuple[GlobalBatch, RankSlice, np.ndarray, int]
                                    cfg.batch_size)
         with BatchLoader(run.index, local, run.columns, cfg.batch_size, cfg.grad_accum,
                          run.pad_id, cfg.prefetch, cached_groups=cfg.shuffle_window,
-                         workers=cfg.loader_workers) as loader:
+                         workers=cfg.loader_workers, read_ahead=cfg.read_ahead) as loader:
             for b, batch in enumerate(loader):
                 yield batch, shares[b], remaining[b * per_step:(b + 1) * per_step], batches
 
