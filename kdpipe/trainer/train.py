@@ -265,7 +265,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     plugins = setup_curriculum(cfg.curriculum, cache, index.sample_ids, train_ids,
                                seed=cfg.seed, per_step=per_step, total_steps=total_steps,
                                kd_weight=cfg.loss.kd_weight, run_dir=cfg.out,
-                               loader_groups=cfg.shuffle_window,
+                               loader_groups=cfg.shuffle_window, read_ahead=cfg.read_ahead,
                                sum_across=lambda v: dist.sum(v, device))
     sampler = sampler or plugins.sampler or ShuffleSampler(index, train_ids, cfg.seed,
                                                            cfg.shuffle_window)

@@ -4,6 +4,7 @@ budget; the rows held never exceed the budget; a row group revisited later is re
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from kdpipe.schemas.shard_reader import (
     build_index,
     columns_for,
 )
+from kdpipe.trainer.curriculum_config import _warn_about_random_access
 from kdpipe.trainer.curriculum_sampler import CurriculumSampler, Ranking
 from kdpipe.trainer.data import Batch, BatchLoader, GlobalBatch, collate
 from kdpipe.trainer.pacing import Pacing
@@ -201,3 +203,13 @@ def test_compact_rows_keeps_every_field_of_every_row() -> None:
     for i, r in enumerate(rows.tolist()):
         for x, y in zip(row_arrays(group, r), row_arrays(copy, i), strict=True):
             assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+def test_a_read_ahead_too_small_for_the_cache_is_warned_about(
+        tiny_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = open_cache(tiny_cache)
+    with caplog.at_level(logging.WARNING):
+        _warn_about_random_access(cache, loader_groups=1, read_ahead=1 << 20)
+        assert not caplog.records
+        _warn_about_random_access(cache, loader_groups=1, read_ahead=100)
+    assert len(caplog.records) == 1 and "--read-ahead 100 " in caplog.records[0].message
