@@ -64,8 +64,9 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
     sums = [0.0, 0.0, 0.0, 0.0]  # total, ce, kd, correct top-1
     tokens = 0
     started = time.perf_counter()
+    # Storage order: one row group after another, which the LRU alone reads once each.
     loader = BatchLoader(index, share.sample_ids, columns, batch_size, 1, pad_id, prefetch,
-                         cached_groups=2)  # storage order: one row group after another
+                         cached_groups=2, read_ahead=1)
     bar = Progress("eval", len(loader), unit="batch", progress=progress, report=dist.is_main,
                    leave=False)
 
