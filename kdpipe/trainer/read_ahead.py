@@ -110,12 +110,10 @@ def fetch_sequence(groups: np.ndarray, bounds: np.ndarray) -> list[int]:
     """The row groups `ReadAhead` asks its reader for, in order: per horizon (`groups` is the
     row group of each sample in order, `bounds` the horizons' limits), its distinct groups in
     the order they first appear."""
-    fetches: list[int] = []
-    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        part = groups[start:stop]
-        _, first = np.unique(part, return_index=True)
-        fetches += part[np.sort(first)].tolist()
-    return fetches
+    horizon = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))  # (n,) of each sample
+    key = horizon * (int(groups.max(initial=0)) + 1) + groups  # (horizon, group) pairs
+    _, first = np.unique(key, return_index=True)
+    return groups[np.sort(first)].tolist()
 
 
 class ReadAhead:
