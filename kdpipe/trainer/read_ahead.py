@@ -56,14 +56,23 @@ def _take(values: np.ndarray | None, indices: np.ndarray) -> np.ndarray | None:
     return None if values is None else values[indices]
 
 
+def _take_strided(values: np.ndarray | None, indices: np.ndarray, stride: int
+                  ) -> np.ndarray | None:
+    """Entries [i * stride, (i + 1) * stride) of `values` for each i of `indices`, flat."""
+    return None if values is None else values.reshape(-1, stride)[indices].reshape(-1)
+
+
 def compact_rows(group: RowGroup, rows: np.ndarray, top_k: int) -> RowGroup:
     """A RowGroup holding only `rows` of `group`, in that order: row i is `group`'s rows[i].
 
     Every per-token, per-target and per-entry array is gathered (a copy, same dtype), so the
-    result's rows give exactly the arrays `group`'s do, and `group` can be dropped.
+    result's rows give exactly the arrays `group`'s do, and `group` can be dropped; asked for
+    all of its rows in order, `group` itself is returned.
     `top_k`: entries per target of the top-k columns (the cache's k; unused without them).
     """
     rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == group.offsets.size - 1 and np.array_equal(rows, np.arange(rows.size)):
+        return group  # every row, in order (a shuffle's window): nothing to leave out
     offsets, tokens = _spans(group.offsets, rows)
     targets, target_index = _spans(group.target_offsets, rows)
     position_mask = None
@@ -74,7 +83,6 @@ def compact_rows(group: RowGroup, rows: np.ndarray, top_k: int) -> RowGroup:
     if group.segment_offsets is not None and group.segments is not None:
         segment_offsets, segment_index = _spans(group.segment_offsets, rows)
         segments = group.segments[segment_index]
-    topk_index = (target_index[:, None] * top_k + np.arange(top_k)).reshape(-1)
     sampled_offsets = sampled_ids = sampled_counts = None
     if group.sampled_offsets is not None:
         sampled_offsets, entries = _spans(group.sampled_offsets, target_index)
@@ -83,8 +91,8 @@ def compact_rows(group: RowGroup, rows: np.ndarray, top_k: int) -> RowGroup:
     return RowGroup(
         offsets=offsets, input_ids=group.input_ids[tokens], target_offsets=targets,
         position_mask=position_mask, segment_offsets=segment_offsets, segments=segments,
-        topk_ids=_take(group.topk_ids, topk_index),
-        topk_logprobs=_take(group.topk_logprobs, topk_index),
+        topk_ids=_take_strided(group.topk_ids, target_index, top_k),
+        topk_logprobs=_take_strided(group.topk_logprobs, target_index, top_k),
         tail_logmass=_take(group.tail_logmass, target_index),
         tempered=_take(group.tempered, target_index),
         target_logprob=_take(group.target_logprob, target_index),
@@ -148,23 +156,34 @@ class ReadAhead:
             yield from self._horizon(self.positions[start:stop])
 
     def _horizon(self, positions: np.ndarray) -> Iterator[tuple[RowGroup, int]]:
-        """The rows of one horizon: each group fetched once, its used rows copied out."""
+        """The rows of one horizon: each group fetched when its first sample comes up (so in
+        `fetch_sequence`'s order), the rows of it the horizon uses copied out, and the copy
+        let go after its last sample (an order that stays within a few groups, as a shuffle
+        does, then holds little more than the LRU)."""
         # Sorted positions are grouped by row group (storage order), each group's rows ascending.
         distinct, slot = np.unique(positions, return_inverse=True)
         groups = self.index.group[distinct]  # (d,) non-decreasing
-        _, first = np.unique(self.index.group[positions], return_index=True)
-        held = np.empty(distinct.size, dtype=object)  # the copied group of each distinct row
+        first = np.searchsorted(groups, groups)  # (d,) where each one's group starts
+        last = np.searchsorted(groups, groups, "right")
+        owner = first[slot]  # (h,) the group of each sample, by where it starts
+        _, from_end = np.unique(owner[::-1], return_index=True)
+        final = np.zeros(slot.size, dtype=bool)  # the last sample of its group here
+        final[slot.size - 1 - from_end] = True
+        held = np.full(distinct.size, None, dtype=object)  # the copy holding each row
         copied = 0  # target tokens held
-        for group in self.index.group[positions[np.sort(first)]].tolist():
-            lo, hi = np.searchsorted(groups, [group, group + 1])
-            rows = compact_rows(self.reader.get(group), self.index.row[distinct[lo:hi]],
-                                self.columns.top_k)
-            held[lo:hi] = [rows] * (hi - lo)
-            copied += rows.num_targets
-        where = np.arange(distinct.size) - np.searchsorted(groups, groups)  # row in its copy
-        self.peak_targets = max(self.peak_targets, copied)
-        for s in slot.tolist():
-            yield held[s], int(where[s])
+        for i, s in enumerate(slot.tolist()):
+            lo, hi = int(first[s]), int(last[s])
+            rows = held[s]
+            if rows is None:
+                rows = compact_rows(self.reader.get(int(groups[s])),
+                                    self.index.row[distinct[lo:hi]], self.columns.top_k)
+                held[lo:hi] = [rows] * (hi - lo)
+                copied += rows.num_targets
+                self.peak_targets = max(self.peak_targets, copied)
+            if final[i]:
+                held[lo:hi] = None
+                copied -= rows.num_targets
+            yield rows, s - lo
 
     def close(self) -> None:
         self.reader.close()
