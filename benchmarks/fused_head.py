@@ -6,8 +6,10 @@ Times forward + backward of `chunked_distill_loss` on random hidden states, a ra
 head and a random top-k teacher, for CE, forward KL at τ = 1 and τ = 2, and the sampled loss,
 on the fused path and on the checkpointed autograd path (forced by a neutral logit transform,
 which the fused path does not take), and records the peak of live tensor bytes each creates
-(the TensorMemoryTracker of train_student.py). CPU: thread time with one torch thread, best
-of --repeats; CUDA: wall time after synchronising, and max_memory_allocated.
+(the TensorMemoryTracker of train_student.py). With --teachers J > 1 the KD losses are also
+measured against J teachers (equal weights; several --cache). CPU: thread time with one
+torch thread, best of --repeats; CUDA: wall time after synchronising, and
+max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -35,32 +37,40 @@ MIB = 2**20
 def inputs(args: argparse.Namespace, device: torch.device, sampled: bool
            ) -> tuple[torch.Tensor, nn.Linear, torch.Tensor, TeacherTargets, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    n, h, v, k = args.tokens, args.hidden, args.vocab, args.top_k
+    n, h, v = args.tokens, args.hidden, args.vocab
     head = nn.Linear(h, v, bias=False).to(device)
     hidden = torch.randn(n, h, generator=gen).to(device).requires_grad_(True)
     labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    return hidden, head, labels, teacher(args, device, sampled, gen), torch.full(
+        (n,), 0.5, device=device)
+
+
+def teacher(args: argparse.Namespace, device: torch.device, sampled: bool,
+            gen: torch.Generator) -> TeacherTargets:
+    """A random teacher's cached targets for --tokens tokens."""
+    n, v, k = args.tokens, args.vocab, args.top_k
     logp = torch.log_softmax(torch.randn(n, v, generator=gen) * 3, -1)
     vals, ids = logp.topk(k, -1)
     tail = torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-6))
     if sampled:
         drawn = torch.multinomial(logp.exp(), 16, replacement=False, generator=gen)  # (n, 16)
         weights = torch.full(drawn.shape, 1 / 16)
-        teacher = TeacherTargets(drawn[:, :1].to(device), vals[:, :1].half().to(device),
-                                 tail.to(device), None, drawn.to(device), weights.to(device))
-    else:
-        teacher = TeacherTargets(ids.to(device), vals.half().to(device), tail.to(device),
-                                 tail.to(device))
-    return hidden, head, labels, teacher, torch.full((n,), 0.5, device=device)
+        return TeacherTargets(drawn[:, :1].to(device), vals[:, :1].half().to(device),
+                              tail.to(device), None, drawn.to(device), weights.to(device))
+    return TeacherTargets(ids.to(device), vals.half().to(device), tail.to(device),
+                          tail.to(device))
 
 
-def measure(args: argparse.Namespace, device: torch.device, cfg: LossConfig, fused: bool
-            ) -> dict[str, float]:
-    hidden, head, labels, teacher, lam = inputs(args, device, cfg.kind == SAMPLED)
+def measure(args: argparse.Namespace, device: torch.device, cfg: LossConfig, fused: bool,
+            teachers: int = 1) -> dict[str, float]:
+    hidden, head, labels, first, lam = inputs(args, device, cfg.kind == SAMPLED)
+    gen = torch.Generator().manual_seed(1)
+    others = [teacher(args, device, cfg.kind == SAMPLED, gen) for _ in range(teachers - 1)]
     transform = None if fused else (lambda z: z)
 
     def step() -> None:
-        sums = chunked_distill_loss(hidden, head, labels, lam, cfg, teacher, args.vocab,
-                                    transform)
+        sums = chunked_distill_loss(hidden, head, labels, lam, cfg, first, args.vocab,
+                                    transform, other_teachers=others)
         sums.total.backward()
         hidden.grad = head.weight.grad = None
 
@@ -85,7 +95,8 @@ def measure(args: argparse.Namespace, device: torch.device, cfg: LossConfig, fus
     else:
         tracker = TensorMemoryTracker()
         for t in (hidden, head.weight, labels, lam,
-                  *(t for t in vars(teacher).values() if t is not None)):
+                  *(t for tg in (first, *others) for t in vars(tg).values()
+                    if t is not None)):
             tracker.track(t)
         base = tracker.live
         with tracker:
@@ -102,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--teachers", type=int, default=1,
+                   help="Also measure the KD losses against this many teachers.")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="Also write the results as JSON here.")
     args = p.parse_args(argv)
@@ -127,6 +140,21 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", "fused KD / fused CE tokens/s: " + ", ".join(
         f"{name} {r['fused']['tokens_per_s'] / ce:.3f}" for name, r in results.items()
         if name != "ce")]
+    if args.teachers > 1:
+        j = args.teachers
+        lines += ["", f"| {j} teachers | fused tokens/s | checkpointed tokens/s | fused / one "
+                  "teacher fused | fused peak MiB | checkpointed peak MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, cfg in cases.items():
+            if cfg.mode == "ce":
+                continue
+            fused = measure(args, device, cfg, True, j)
+            plain = measure(args, device, cfg, False, j)
+            results[f"{name}, {j} teachers"] = {"fused": fused, "checkpointed": plain}
+            one = results[name]["fused"]["tokens_per_s"]
+            lines.append(f"| {name} | {fused['tokens_per_s']:.0f} "
+                         f"| {plain['tokens_per_s']:.0f} | {fused['tokens_per_s'] / one:.2f} "
+                         f"| {fused['peak_extra_mib']:.1f} | {plain['peak_extra_mib']:.1f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

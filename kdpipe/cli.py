@@ -23,6 +23,7 @@ import typer
 from typer.core import TyperGroup, TyperOption
 
 from kdpipe import __version__
+from kdpipe.log_setup import configure_logging
 from kdpipe.schemas import write_errors
 from kdpipe.schemas.errors import KdpipeError
 
@@ -120,8 +121,7 @@ def _exit(code: int) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors and exit code 2 for input the user can fix (a run
     stopped by SIGINT/SIGTERM after saving: 128 + the signal's number, as shells report it)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     try:
         args = list(sys.argv[1:] if argv is None else argv)
         with write_errors.at_command(args):  # a full or read-only disk: one line, not a trace

@@ -65,3 +65,16 @@ def test_config_file_values_are_converted_strictly(tmp_path: Path,
     config.write_text("gpu_memory_utilization: 5e-1\ntop_k: '4'\n")
     code, err = run([*cache_args(tmp_path), "--config", str(config)], capsys)
     assert code == 2 and "expected" not in err and "d.jsonl" in err  # next problem: the data
+
+
+def test_logging_leaves_out_bitsandbytes_cpu_kernel_warning() -> None:
+    """bitsandbytes' warning about its optional 4-bit CPU kernels (printed on import where the
+    CPU has AVX512-BF16) concerns nothing kdpipe runs; other bitsandbytes warnings still show."""
+    import logging
+
+    from kdpipe.log_setup import configure_logging
+
+    configure_logging()
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert not quiet.isEnabledFor(logging.WARNING) and quiet.isEnabledFor(logging.ERROR)
+    assert logging.getLogger("bitsandbytes").isEnabledFor(logging.WARNING)

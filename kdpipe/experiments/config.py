@@ -1,8 +1,8 @@
-"""`ExperimentConfig`: a grid of arms × seeds over one cache, read from YAML and checked at once.
+"""`ExperimentConfig`: a grid of arms × seeds over shared caches, read from YAML and checked.
 
     name: seed-question
     out: runs/seed-question            # --out overrides
-    setup: {embedded: small}           # or {cache: PATH, eval_cache: PATH}
+    setup: {embedded: small}           # or {cache: PATH, eval_cache: PATH}; teachers below
     seeds: [0, 1, 2]
     baseline: kd                       # differences are arm − baseline
     metric: eval_ce                    # the headline metric of the summary
@@ -14,6 +14,17 @@
       ce: {mode: ce}
       kd: {}
       kd-cl: {curriculum: teacher-nll}
+    sweep:                             # families × student sizes, expanded into arms
+      sizes: {xs: {hidden_size: 32, ...}, s: {hidden_size: 64, ...}}
+      arms: {ce: {mode: ce}, kd: {}}  # arms ce-xs, ce-s, kd-xs, kd-s
+      comparisons: [[kd, ce]]         # kd-xs − ce-xs and kd-s − ce-s
+    correction: holm                   # multiplicity correction over `comparisons`
+
+Teachers have names: the embedded setup's are `a` (and `b` with `second_teacher: half` or
+`small`); an external setup names them as keys of `caches:` (`cache:` alone is teacher `a`).
+An arm picks its teachers with `teachers: [a, b]` (default: the first teacher only), in the
+order of its `teacher_weight` values; the runner turns them into the run's `--cache` and
+`--eval-cache` lists.
 
 Option names are the flags' names (`kd-weight` or `kd_weight`); values are checked and
 converted to each option's type. `curriculum:` in an arm names an entry of `curricula`, is a
@@ -32,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdpipe.experiments.stats import CORRECTIONS
 from kdpipe.options import convert_value, did_you_mean, flags
 from kdpipe.schemas.errors import ConfigError, choice_problems
 
@@ -39,8 +51,12 @@ from kdpipe.schemas.errors import ConfigError, choice_problems
 RUNNER_TRAIN_OPTIONS = ("cache", "out", "seed", "eval_cache", "resume", "overwrite", "threads")
 RUNNER_CURRICULUM_OPTIONS = ("cache", "out", "overwrite", "threads")
 TOP_LEVEL_KEYS = ("name", "description", "out", "setup", "seeds", "baseline", "comparisons",
-                  "metric", "train", "curricula", "arms")
-SETUP_KEYS = ("embedded", "cache", "eval_cache")
+                  "correction", "metric", "train", "curricula", "arms", "sweep")
+SETUP_KEYS = ("embedded", "second_teacher", "cache", "eval_cache", "caches", "eval_caches")
+SECOND_TEACHERS = ("half", "small")  # `prepare(..., second_teacher=...)`'s choices
+EMBEDDED_TEACHERS = ("a", "b")  # names of the embedded setup's teachers
+ARM_KEYS = ("teachers",)  # keys of an arm that are the runner's, not train-student options
+SWEEP_KEYS = ("sizes", "arms", "comparisons")
 SUMMARY_METRICS = ("eval_ce", "eval_ppl", "eval_top1_agreement", "eval_kd", "eval_loss",
                    "train_loss", "train_tokens_per_s", "wall_s", "tokens_seen")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -48,11 +64,35 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class Setup:
-    """Where the cache comes from: the embedded demo stages (a preset) or existing caches."""
+    """Where the caches come from: the embedded demo stages (a preset) or existing caches.
+
+    `caches` / `eval_caches` are (teacher name, path) pairs; `cache` / `eval_cache` alone are
+    teacher `a`'s."""
 
     embedded: str | None = None  # a `kdpipe demo` preset: corpus → tokenizer → teacher → caches
     cache: str | None = None
     eval_cache: str | None = None
+    second_teacher: str | None = None  # embedded only: "half" or "small" (teacher b)
+    caches: tuple[tuple[str, str], ...] = ()
+    eval_caches: tuple[tuple[str, str], ...] = ()
+
+    def teachers(self) -> tuple[str, ...]:
+        """The teachers' names, first = the default teacher of every arm."""
+        if self.embedded is not None:
+            return EMBEDDED_TEACHERS[:2 if self.second_teacher else 1]
+        if self.caches:
+            return tuple(name for name, _ in self.caches)
+        return EMBEDDED_TEACHERS[:1]
+
+    def teacher_caches(self) -> dict[str, str]:
+        """{teacher: train cache} of an external setup."""
+        return dict(self.caches) if self.caches else \
+            ({} if self.cache is None else {EMBEDDED_TEACHERS[0]: self.cache})
+
+    def teacher_eval_caches(self) -> dict[str, str]:
+        """{teacher: held-out cache} of an external setup ({} when none is given)."""
+        return dict(self.eval_caches) if self.eval_caches else \
+            ({} if self.eval_cache is None else {EMBEDDED_TEACHERS[0]: self.eval_cache})
 
 
 @dataclass(frozen=True)
@@ -70,6 +110,22 @@ class ArmSpec:
 
     name: str
     options: dict[str, Any]  # TrainConfig fields (not cache/out/seed/eval_cache)
+    teachers: tuple[str, ...] = ()  # its teachers' names, in --cache order; () = the first
+    family: str | None = None  # a sweep arm: its family (the arm under `sweep.arms`) ...
+    size: str | None = None  # ... and its student size (a key of `sweep.sizes`)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Families × student sizes (`sweep:`), expanded into the arms FAMILY-SIZE."""
+
+    sizes: tuple[str, ...]  # in the file's order
+    families: tuple[str, ...]
+    comparisons: tuple[tuple[str, str], ...] = ()  # family pairs, compared at every size
+
+    @staticmethod
+    def arm_name(family: str, size: str) -> str:
+        return f"{family}-{size}"
 
 
 @dataclass(frozen=True)
@@ -87,6 +143,8 @@ class ExperimentConfig:
     comparisons: tuple[tuple[str, str], ...] = ()  # (A, B): also report A − B, paired by seed
     metric: str = "eval_ce"
     description: str = ""
+    correction: str = "none"  # over the comparisons: none, holm, bonferroni
+    sweep: Sweep | None = None
 
     def arm(self, name: str) -> ArmSpec:
         return next(a for a in self.arms if a.name == name)
@@ -97,6 +155,10 @@ class ExperimentConfig:
     def arm_options(self, arm: ArmSpec) -> dict[str, Any]:
         """The common options overridden by the arm's own."""
         return {**self.train, **arm.options}
+
+    def arm_teachers(self, arm: ArmSpec) -> tuple[str, ...]:
+        """The arm's teachers in --cache order (default: the setup's first teacher)."""
+        return arm.teachers or self.setup.teachers()[:1]
 
     def dependencies(self) -> set[str]:
         """Arms whose runs per-seed curricula are built from (they run first)."""
@@ -175,45 +237,133 @@ def parse_experiment(data: Any, source: str, out: str | None = None) -> Experime
         from_arm = opts.pop("from_arm", None)
         curricula.append(CurriculumSpec(cname, opts, None if from_arm is None else str(from_arm)))
     raw_arms = data.get("arms")
-    arms = []
-    if not isinstance(raw_arms, dict) or not raw_arms:
+    arms: list[ArmSpec] = []
+    if raw_arms is None and data.get("sweep") is not None:
+        raw_arms = {}  # a sweep alone is a grid of arms
+    elif not isinstance(raw_arms, dict) or not raw_arms:
         problems.append("arms must map at least one arm name to train-student "
                         "options")
         raw_arms = {}
     for aname, options in raw_arms.items():
-        aname = _check_name("arm", aname, problems)
-        inline = options.get("curriculum") if isinstance(options, dict) else None
-        if isinstance(inline, dict):  # build-curriculum options of this arm alone
-            if any(c.name == aname for c in curricula):
-                problems.append(f"arms.{aname}.curriculum: an inline curriculum is named after "
-                                f"its arm, and curricula.{aname} exists")
-            opts = convert_options(BuildCurriculumConfig, inline, f"arms.{aname}.curriculum",
-                                   RUNNER_CURRICULUM_OPTIONS, extra=("from_arm",),
-                                   problems=problems)
-            from_arm = opts.pop("from_arm", None)
-            curricula.append(CurriculumSpec(aname, opts,
-                                            None if from_arm is None else str(from_arm)))
-            options = {**options, "curriculum": aname}
-        arms.append(ArmSpec(aname, convert_options(TrainConfig, options, f"arms.{aname}",
-                                                   RUNNER_TRAIN_OPTIONS, problems=problems)))
+        arms.append(_arm(_check_name("arm", aname, problems), options, f"arms.{aname}",
+                         curricula, problems))
+    sweep = _sweep(data.get("sweep"), curricula, arms, problems)
     metric = str(data.get("metric", "eval_ce"))
     problems += choice_problems("metric", metric, SUMMARY_METRICS)
     baseline = data.get("baseline")
+    correction = str(data.get("correction", "none"))
+    problems += choice_problems("correction", correction, CORRECTIONS)
     exp = ExperimentConfig(
         name=name, out=str(out or data.get("out") or Path("runs") / name), setup=setup,
         seeds=seeds, arms=tuple(arms), curricula=tuple(curricula), train=train,
         baseline=None if baseline is None else str(baseline),
-        comparisons=_comparisons(data.get("comparisons"), problems), metric=metric,
-        description=str(data.get("description", "")).strip())
+        comparisons=_comparisons(data.get("comparisons"), "comparisons", problems)
+        + _sweep_comparisons(sweep), metric=metric,
+        description=str(data.get("description", "")).strip(),
+        correction=correction, sweep=sweep)
     problems += reference_problems(exp)
     if problems:
         raise ConfigError(f"invalid experiment {source}: " + "; ".join(problems))
     return exp
 
 
+def _arm(name: str, options: Any, where: str, curricula: list[CurriculumSpec],
+         problems: list[str], family: str | None = None, size: str | None = None) -> ArmSpec:
+    """One arm's train-student options and teachers; an inline curriculum mapping becomes
+    a curriculum named after the arm (appended to `curricula`)."""
+    from kdpipe.curriculum.config import BuildCurriculumConfig
+    from kdpipe.trainer.config import TrainConfig
+
+    inline = options.get("curriculum") if isinstance(options, dict) else None
+    if isinstance(inline, dict):  # build-curriculum options of this arm alone
+        if any(c.name == name for c in curricula):
+            problems.append(f"{where}.curriculum: an inline curriculum is named after its arm, "
+                            f"and curricula.{name} exists")
+        opts = convert_options(BuildCurriculumConfig, inline, f"{where}.curriculum",
+                               RUNNER_CURRICULUM_OPTIONS, extra=("from_arm",),
+                               problems=problems)
+        from_arm = opts.pop("from_arm", None)
+        curricula.append(CurriculumSpec(name, opts, None if from_arm is None else str(from_arm)))
+        options = {**options, "curriculum": name}
+    converted = convert_options(TrainConfig, options, where, RUNNER_TRAIN_OPTIONS,
+                                extra=ARM_KEYS, problems=problems)
+    teachers = converted.pop("teachers", None)
+    if teachers is not None and not (isinstance(teachers, list) and teachers
+                                     and all(isinstance(t, str) for t in teachers)):
+        problems.append(f"{where}.teachers: expected a list of teacher names, e.g. [a, b]")
+        teachers = None
+    return ArmSpec(name, converted, tuple(teachers or ()), family, size)
+
+
+def _sweep(raw: Any, curricula: list[CurriculumSpec], arms: list[ArmSpec],
+           problems: list[str]) -> Sweep | None:
+    """`sweep: {sizes: {SIZE: student_config}, arms: {FAMILY: options}, comparisons: ...}`:
+    appends the arm FAMILY-SIZE for every family and size (the size sets student_config)."""
+    if raw is None:
+        return None
+    shape = ("sweep must be {sizes: {NAME: student_config, ...}, arms: {FAMILY: options, ...}, "
+             "comparisons: [[FAMILY, FAMILY], ...]}")
+    if not isinstance(raw, dict):
+        problems.append(shape)
+        return None
+    problems += [f"sweep.{k}: unknown key{did_you_mean(k, SWEEP_KEYS)} ({shape})"
+                 for k in raw if k not in SWEEP_KEYS]
+    sizes, families = raw.get("sizes"), raw.get("arms")
+    if not isinstance(sizes, dict) or len(sizes) < 2:
+        problems.append("sweep.sizes must map at least two size names to student configs (an "
+                        "inline mapping or a JSON file)")
+        sizes = {}
+    if not isinstance(families, dict) or not families:
+        problems.append("sweep.arms must map at least one family name to train-student options")
+        families = {}
+    for size, student in sizes.items():
+        _check_name("sweep size", size, problems)
+        if not isinstance(student, (dict, str)):
+            problems.append(f"sweep.sizes.{size}: expected a student config (an inline mapping "
+                            "or a JSON file)")
+    existing = {a.name for a in arms}
+    for family, options in families.items():
+        _check_name("sweep family", family, problems)
+        if options is not None and not isinstance(options, dict):
+            problems.append(f"sweep.arms.{family}: expected a mapping of option names to values")
+            continue
+        if isinstance(options, dict) and {"student_config", "student-config",
+                                          "student"} & set(options):
+            problems.append(f"sweep.arms.{family}: the student is the size's (sweep.sizes); "
+                            "drop student/student_config")
+            continue
+        for size, student in sizes.items():
+            name = Sweep.arm_name(str(family), str(size))
+            if name in existing:
+                problems.append(f"sweep: arm {name} (family {family}, size {size}) is also "
+                                "under arms; rename one")
+            existing.add(name)
+            arms.append(_arm(name, {**(options or {}), "student_config": student},
+                             f"sweep.arms.{family}", curricula, problems, str(family),
+                             str(size)))
+    comparisons = _comparisons(raw.get("comparisons"), "sweep.comparisons", problems)
+    for a, b in comparisons:
+        unknown = [n for n in (a, b) if n not in families]
+        if unknown:
+            problems.append(f"sweep.comparisons [{a}, {b}]: {', '.join(map(repr, unknown))} is "
+                            f"not a family under sweep.arms ({', '.join(map(str, families))})")
+    return Sweep(tuple(map(str, sizes)), tuple(map(str, families)), comparisons)
+
+
+def _sweep_comparisons(sweep: Sweep | None) -> tuple[tuple[str, str], ...]:
+    """Each family pair of the sweep, at every size (A-SIZE − B-SIZE)."""
+    if sweep is None:
+        return ()
+    return tuple((Sweep.arm_name(a, size), Sweep.arm_name(b, size))
+                 for a, b in sweep.comparisons for size in sweep.sizes)
+
+
 def _setup(raw: Any, problems: list[str]) -> Setup:
-    """`setup: {embedded: PRESET}` or `{cache: PATH, eval_cache: PATH}`."""
-    shape = "setup must be {embedded: PRESET} or {cache: PATH, eval_cache: PATH}"
+    """`setup: {embedded: PRESET[, second_teacher: half|small]}`, or external caches:
+    `{cache: PATH, eval_cache: PATH}` (teacher a) or `{caches: {NAME: PATH, ...},
+    eval_caches: {NAME: PATH, ...}}`."""
+    shape = ("setup must be {embedded: PRESET, second_teacher: half|small} or {cache: PATH, "
+             "eval_cache: PATH} or {caches: {NAME: PATH, ...}, eval_caches: {NAME: PATH, ...}}")
     if not isinstance(raw, dict):
         problems.append(shape)
         return Setup()
@@ -222,14 +372,47 @@ def _setup(raw: Any, problems: list[str]) -> Setup:
         problems += [f"setup.{k}: unknown key{did_you_mean(k, SETUP_KEYS)} ({shape})"
                      for k in unknown]
         return Setup()
-    setup = Setup(**{k: None if v is None else str(v) for k, v in raw.items()})
-    if (setup.embedded is None) == (setup.cache is None):
-        problems.append("setup needs exactly one of embedded (a demo preset) and cache (a "
-                        "cache folder)")
-    if setup.embedded is not None and setup.eval_cache is not None:
+    scalars = {k: None if raw.get(k) is None else str(raw[k])
+               for k in ("embedded", "second_teacher", "cache", "eval_cache")}
+    caches = _named_caches(raw.get("caches"), "setup.caches", problems)
+    eval_caches = _named_caches(raw.get("eval_caches"), "setup.eval_caches", problems)
+    setup = Setup(**scalars, caches=caches, eval_caches=eval_caches)
+    given = [k for k in ("embedded", "cache", "caches") if raw.get(k) is not None]
+    if len(given) != 1:
+        problems.append("setup needs exactly one of embedded (a demo preset), cache (a cache "
+                        "folder) and caches (teacher names to cache folders)")
+    if setup.embedded is not None and (setup.eval_cache or eval_caches):
         problems.append("setup.eval_cache comes with setup.cache; the embedded setup makes its "
                         "own held-out cache")
+    if setup.second_teacher is not None:
+        if setup.embedded is None:
+            problems.append("setup.second_teacher comes with setup.embedded; name external "
+                            "teachers under setup.caches")
+        problems += choice_problems("setup.second_teacher", setup.second_teacher,
+                                    SECOND_TEACHERS)
+    if eval_caches and setup.cache is not None:
+        problems.append("setup.eval_caches comes with setup.caches (setup.cache takes "
+                        "setup.eval_cache)")
+    if setup.eval_cache is not None and caches:
+        problems.append("setup.eval_cache comes with setup.cache (setup.caches takes "
+                        "setup.eval_caches, one per teacher)")
+    if caches and eval_caches and [n for n, _ in caches] != [n for n, _ in eval_caches]:
+        problems.append(f"setup.eval_caches names teachers {', '.join(n for n, _ in eval_caches)}"
+                        f" but setup.caches {', '.join(n for n, _ in caches)}: give one held-out "
+                        "cache per teacher, in the same order")
     return setup
+
+
+def _named_caches(raw: Any, where: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    """{NAME: PATH, ...} as (name, path) pairs."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw or \
+            not all(isinstance(v, str) and v for v in raw.values()):
+        problems.append(f"{where} must map teacher names to cache folders, e.g. {{a: PATH, "
+                        "b: PATH}")
+        return ()
+    return tuple((_check_name("teacher", name, problems), path) for name, path in raw.items())
 
 
 def _seeds(raw: Any, problems: list[str]) -> tuple[int, ...]:
@@ -243,18 +426,18 @@ def _seeds(raw: Any, problems: list[str]) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _comparisons(raw: Any, problems: list[str]) -> tuple[tuple[str, str], ...]:
+def _comparisons(raw: Any, where: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
     """`comparisons: [[A, B], ...]`: pairs of arm names (checked against the arms later)."""
     if raw is None:
         return ()
     pairs = []
     if not isinstance(raw, list):
-        problems.append("comparisons must be a list of [arm, arm] pairs")
+        problems.append(f"{where} must be a list of [arm, arm] pairs")
         return ()
     for item in raw:
         if not (isinstance(item, list) and len(item) == 2
                 and all(isinstance(a, str) for a in item) and item[0] != item[1]):
-            problems.append(f"comparisons: {item!r} is not a pair of two different arm names "
+            problems.append(f"{where}: {item!r} is not a pair of two different arm names "
                             "([A, B] reports A − B)")
             continue
         pairs.append((item[0], item[1]))
@@ -283,6 +466,7 @@ def reference_problems(exp: ExperimentConfig) -> list[str]:
             problems.append(f"curricula.{spec.name}: from_arm needs source snapshot or student")
         if {"run", "student"} & set(spec.options):
             problems.append(f"curricula.{spec.name}: from_arm sets run/student itself")
+    problems += teacher_problems(exp)
     for arm in exp.arms:
         curriculum = exp.arm_options(arm).get("curriculum")
         used = exp.curriculum(curriculum) if isinstance(curriculum, str) else None
@@ -295,6 +479,28 @@ def reference_problems(exp: ExperimentConfig) -> list[str]:
         if used is not None and used.from_arm == arm.name:
             problems.append(f"arms.{arm.name}: uses a curriculum built from its own runs")
     return problems
+
+
+def teacher_problems(exp: ExperimentConfig) -> list[str]:
+    """Arms naming teachers the setup lacks, or as many `teacher_weight` values as teachers
+    not: one line each."""
+    problems = []
+    known = exp.setup.teachers()
+    for arm in exp.arms:
+        where = f"sweep.arms.{arm.family}" if arm.family is not None else f"arms.{arm.name}"
+        unknown = [t for t in arm.teachers if t not in known]
+        if unknown:
+            problems.append(f"{where}.teachers: {', '.join(map(repr, unknown))} is not a teacher "
+                            f"of the setup ({', '.join(known)})")
+        if len(set(arm.teachers)) != len(arm.teachers):
+            problems.append(f"{where}.teachers: a teacher is named twice")
+        weights = exp.arm_options(arm).get("teacher_weight")
+        teachers = exp.arm_teachers(arm)
+        if weights and len(weights) != len(teachers):
+            problems.append(f"{where}.teacher_weight: {len(weights)} weight(s) for "
+                            f"{len(teachers)} teacher(s) ({', '.join(teachers)}): give one per "
+                            "teacher, in the order of teachers")
+    return list(dict.fromkeys(problems))  # a sweep family's problem once, not once per size
 
 
 def load_experiment(path: str | Path, out: str | None = None) -> ExperimentConfig:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kdpipe.embedded.timing import StageClock
-from kdpipe.experiments.config import ExperimentConfig
+from kdpipe.experiments.config import EMBEDDED_TEACHERS, ArmSpec, ExperimentConfig
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.io import atomic_write_text
 from kdpipe.schemas.run_layout import RunLayout
@@ -29,13 +29,27 @@ MAX_DECODED_BYTES = 1 << 30  # below this the whole cache stays decoded (--shuff
 
 @dataclass(frozen=True)
 class Inputs:
-    """What every run shares: the caches, the default student, and where they came from."""
+    """What every run shares: the caches, the default student, and where they came from.
+
+    `cache` / `eval_cache` / `teacher` are the first teacher's (the one curricula and arms
+    without `teachers:` use); `caches` / `eval_caches` map every teacher's name to its own
+    (empty: the first teacher is the only one, named `a`)."""
 
     cache: str
     eval_cache: str | None
     student_config: str | None = None  # default student when no arm names one
     teacher: str | None = None
     setup_dir: str | None = None
+    caches: dict[str, str] = field(default_factory=dict)
+    eval_caches: dict[str, str] = field(default_factory=dict)
+
+    def teacher_caches(self) -> dict[str, str]:
+        return self.caches or {EMBEDDED_TEACHERS[0]: self.cache}
+
+    def teacher_eval_caches(self) -> dict[str, str]:
+        if self.eval_caches:
+            return self.eval_caches
+        return {} if self.eval_cache is None else {EMBEDDED_TEACHERS[0]: self.eval_cache}
 
 
 @dataclass(frozen=True)
@@ -60,23 +74,35 @@ def curriculum_path(out: Path, name: str, seed: int | None) -> Path:
 
 def resolve_inputs(exp: ExperimentConfig, out: Path, clock: StageClock, device: str,
                    progress: bool) -> Inputs:
-    """Step 1: run the embedded setup, or check the given caches."""
+    """Step 1: run the embedded setup (with its second teacher when asked), or check the
+    given caches."""
     if exp.setup.embedded is not None:
         from kdpipe.embedded.prepare import prepare
         from kdpipe.embedded.presets import get_preset
 
+        second = {} if exp.setup.second_teacher is None else \
+            {"second_teacher": exp.setup.second_teacher}
         prepared = prepare(get_preset(exp.setup.embedded), out / "setup", clock, device,
-                           progress)
-        return Inputs(cache=str(prepared.cache), eval_cache=str(prepared.heldout_cache),
+                           progress, **second)
+        a, b = EMBEDDED_TEACHERS
+        caches, eval_caches = {a: str(prepared.cache)}, {a: str(prepared.heldout_cache)}
+        if exp.setup.second_teacher is not None:
+            # (Prepared.cache_b / heldout_b: the second embedded teacher's caches)
+            caches[b] = str(prepared.cache_b)  # type: ignore[attr-defined]
+            eval_caches[b] = str(prepared.heldout_b)  # type: ignore[attr-defined]
+        return Inputs(cache=caches[a], eval_cache=eval_caches[a],
                       student_config=str(prepared.student_config), teacher=str(prepared.teacher),
-                      setup_dir=str(prepared.root))
-    assert exp.setup.cache is not None
-    for flag, path in (("setup.cache", exp.setup.cache), ("setup.eval_cache",
-                                                          exp.setup.eval_cache)):
-        if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"{flag} {path}: no such cache folder (make one with "
-                                    "`kdpipe cache-teacher`)")
-    return Inputs(cache=exp.setup.cache, eval_cache=exp.setup.eval_cache)
+                      setup_dir=str(prepared.root), caches=caches, eval_caches=eval_caches)
+    caches, eval_caches = exp.setup.teacher_caches(), exp.setup.teacher_eval_caches()
+    for key, named in (("cache", caches), ("eval_cache", eval_caches)):
+        for name, path in named.items():
+            flag = f"setup.{key}s.{name}" if exp.setup.caches else f"setup.{key}"
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"{flag} {path}: no such cache folder (make one with "
+                                        "`kdpipe cache-teacher`)")
+    first = exp.setup.teachers()[0]
+    return Inputs(cache=caches[first], eval_cache=eval_caches.get(first), caches=caches,
+                  eval_caches=eval_caches)
 
 
 def default_shuffle_window(cache: str) -> int | None:
@@ -99,9 +125,51 @@ def _student_file(value: Any, out: Path, label: str) -> Any:
     return str(path)
 
 
+def arm_caches(exp: ExperimentConfig, inputs: Inputs, arm: ArmSpec
+               ) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """(train caches, held-out caches or None) of the arm's teachers, in its teachers' order:
+    the run's --cache and --eval-cache lists. Raises ConfigError when a teacher the arm
+    names has no cache in `inputs`, or only some of its teachers have a held-out cache."""
+    caches, eval_caches = inputs.teacher_caches(), inputs.teacher_eval_caches()
+    teachers = exp.arm_teachers(arm)
+    missing = [t for t in teachers if t not in caches]
+    if missing:
+        raise ConfigError(f"arm {arm.name}: no cache for teacher(s) {', '.join(missing)} (the "
+                          f"setup has {', '.join(caches)})")
+    held = [t for t in teachers if t in eval_caches]
+    if held and len(held) != len(teachers):
+        raise ConfigError(f"arm {arm.name}: held-out caches for {', '.join(held)} only; give "
+                          "one per teacher (setup.eval_caches) or none")
+    return tuple(caches[t] for t in teachers), \
+        (tuple(eval_caches[t] for t in teachers) if held else None)
+
+
+def cache_options(caches: tuple[str, ...], eval_caches: tuple[str, ...] | None,
+                  where: str) -> dict[str, Any]:
+    """{"cache": ..., "eval_cache": ...} as TrainConfig declares them (one path, or a tuple of
+    paths, one per teacher); no eval_cache without held-out caches. ConfigError when
+    train-student takes one --cache and more are given."""
+    from kdpipe.options import convert_value, flags
+    from kdpipe.trainer.config import TrainConfig
+
+    declared = {f.name: f for f in flags(TrainConfig)}
+    values: dict[str, Any] = {}
+    for name, paths in (("cache", caches), ("eval_cache", eval_caches)):
+        if paths is None:
+            continue
+        try:  # a tuple field wraps a single path; a plain one takes no list
+            values[name] = convert_value(declared[name], paths[0] if len(paths) == 1
+                                         else list(paths), f"{where} --{name}")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {len(paths)} teachers, but train-student takes one "
+                              f"--{name.replace('_', '-')} ({exc})") from exc
+    return values
+
+
 def plan_runs(exp: ExperimentConfig, inputs: Inputs, out: Path, device: str, progress: bool
               ) -> list[PlannedRun]:
-    """One TrainConfig per arm × seed (curricula referenced by name become their paths)."""
+    """One TrainConfig per arm × seed (curricula referenced by name become their paths;
+    the arm's teachers become its --cache and --eval-cache lists, `arm_caches`)."""
     from kdpipe.trainer.config import TrainConfig
 
     base: dict[str, Any] = {"device": device, "progress": progress}
@@ -119,6 +187,7 @@ def plan_runs(exp: ExperimentConfig, inputs: Inputs, out: Path, device: str, pro
                 raise ConfigError(f"arm {arm.name}: no student; give train.student_config (a "
                                   "JSON file or mapping) or train.student in the experiment")
             options["student_config"] = inputs.student_config
+        caches = cache_options(*arm_caches(exp, inputs, arm), f"arm {arm.name}")
         for seed in exp.seeds:
             opts = dict(options)
             name = opts.get("curriculum")
@@ -126,9 +195,8 @@ def plan_runs(exp: ExperimentConfig, inputs: Inputs, out: Path, device: str, pro
             if spec is not None:
                 opts["curriculum"] = str(curriculum_path(
                     out, spec.name, seed if spec.from_arm is not None else None))
-            cfg = TrainConfig.from_options(cache=inputs.cache, eval_cache=inputs.eval_cache,
-                                           out=str(run_dir(out, arm.name, seed)), seed=seed,
-                                           **opts).with_cache_defaults()
+            cfg = TrainConfig.from_options(out=str(run_dir(out, arm.name, seed)), seed=seed,
+                                           **caches, **opts).with_cache_defaults()
             planned.append(PlannedRun(arm.name, seed, cfg))
     return planned
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.experiments.report_data import PoolTrace, curve_band
+from kdpipe.experiments.report_data import PoolTrace, SweepPoint, curve_band
 from kdpipe.schemas.errors import ConfigError
 
 
@@ -115,4 +115,45 @@ def pool_figure(traces: dict[str, PoolTrace], labels: dict[str, str], path: Path
     ax.set_title("Curriculum pool size over training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _sweep_lines(ax: Any, lines: dict[str, list[SweepPoint]], labels: dict[str, str]) -> None:
+    """One line per key: estimate against parameters, the interval as error bars."""
+    for name, points in lines.items():
+        points = sorted((p for p in points if np.isfinite(p.parameters)),
+                        key=lambda p: p.parameters)
+        if not points:
+            continue
+        x = np.array([p.parameters for p in points])
+        y = np.array([p.interval["estimate"] for p in points])
+        low = np.array([p.interval["low"] for p in points], dtype=np.float64)
+        high = np.array([p.interval["high"] for p in points], dtype=np.float64)
+        error = np.where(np.isfinite(low), np.vstack([y - low, high - y]), 0.0)
+        ax.errorbar(x, y, yerr=error, marker="o", markersize=4, capsize=3,
+                    label=f"{labels.get(name, name)} (n={points[0].interval['n']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def capacity_gap_figure(families: dict[str, list[SweepPoint]],
+                        differences: dict[str, list[SweepPoint]], labels: dict[str, str],
+                        ylabel: str, level: int, path: Path) -> Path:
+    """The capacity-gap sweep against student size: each family's metric (mean and its
+    interval over seeds), and, when the sweep compares families, their paired differences
+    with a line at 0."""
+    plt = require_matplotlib()
+    panels = 2 if differences else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    _sweep_lines(axes[0, 0], families, labels)
+    axes[0, 0].set_ylabel(ylabel)
+    axes[0, 0].set_title(f"Per family: mean and {level}% interval over seeds")
+    if differences:
+        ax = axes[0, 1]
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        _sweep_lines(ax, differences, {})
+        ax.set_ylabel(f"difference in {ylabel} (A − B)")
+        ax.set_title(f"Paired by seed: A − B and its {level}% interval")
     return _save(fig, path)

@@ -18,7 +18,13 @@ import numpy as np
 
 from kdpipe.experiments import report_data as data
 from kdpipe.experiments.stats import LEVEL
-from kdpipe.experiments.summary import fmt, summarize, summary_markdown
+from kdpipe.experiments.summary import (
+    CORRECTION_NAMES,
+    METRIC_INFO,
+    fmt,
+    summarize,
+    summary_markdown,
+)
 from kdpipe.schemas.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -31,8 +37,12 @@ METHOD = (
     "runs of one seed share initialisation and data order; d_s = arm_s − baseline_s, "
     "mean ± t_(n−1)·s_d/√n), otherwise **Welch's** interval (unequal variances, "
     "Welch–Satterthwaite degrees of freedom). A difference whose interval contains 0 is "
-    "reported as inside the noise. No correction for comparing several arms is applied: with "
-    "many arms, expect about one in twenty intervals to exclude 0 by chance.")
+    "reported as inside the noise. {correction}")
+NO_CORRECTION = ("No correction for comparing several arms is applied: with many arms, expect "
+                 "about one in twenty intervals to exclude 0 by chance.")
+CORRECTED = ("The comparisons are one family: each p (two-sided, from the interval's own t "
+             "statistic) is corrected by {name} over the {m} of them, and a comparison counts "
+             "(better or worse) only when its corrected p is below {alpha}.")
 
 
 def _runs_table(view: data.ExperimentView) -> list[str]:
@@ -84,6 +94,20 @@ def _curricula_section(found: dict[str, Any]) -> tuple[list[str], dict[str, Any]
     return lines, scores
 
 
+def _capacity_table(families: dict[str, list[data.SweepPoint]],
+                    differences: dict[str, list[data.SweepPoint]]) -> list[str]:
+    lines = ["| family or A − B | size | student parameters | value | interval | n |",
+             "|---|---|---|---|---|---|"]
+    for name, points in [*families.items(), *differences.items()]:
+        for p in points:
+            d = p.interval
+            interval = f"[{fmt(d['low'])}, {fmt(d['high'])}]" if math.isfinite(d["low"]) \
+                else "–"
+            lines.append(f"| {name} | {p.size} | {fmt(p.parameters)} | {fmt(d['estimate'])} | "
+                         f"{interval} | {d['n']} |")
+    return lines
+
+
 def _kd_weight_table(weights: dict[str, dict[str, np.ndarray]], view: data.ExperimentView
                      ) -> list[str]:
     lines = ["| arm | draws | mean λ | sd | min | median | max | λ of first step → last |",
@@ -126,18 +150,39 @@ def render_report(root: Path, plots: bool = True, out: Path | None = None) -> Pa
     if view.command:
         lines += [f"Command: `{view.command}`", ""]
     facts = [f"arms: {len(view.arms)}", f"seeds: {', '.join(str(s) for s in view.seeds)}"]
+    caches = view.inputs.get("caches") or {}
+    if len(caches) > 1:  # several teachers: each one's cache, by name
+        facts.append("teachers' caches: " + ", ".join(f"{name} `{path}`"
+                                                     for name, path in caches.items()))
     for key in ("cache", "eval_cache", "teacher"):
-        if view.inputs.get(key):
+        if view.inputs.get(key) and not (len(caches) > 1 and key != "teacher"):
             facts.append(f"{key.replace('_', ' ')}: `{view.inputs[key]}`")
     if view.baseline:
         facts.append(f"baseline: {view.label(view.baseline)}")
     lines += ["; ".join(facts), "", "## Summary", ""]
     summary = summarize(view.records, view.arms, view.baseline,
-                        comparisons=view.comparisons)
+                        comparisons=view.comparisons, correction=view.correction)
     metrics = (view.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")
                                      if m != view.metric)
     lines += summary_markdown(summary, view.arms, view.labels, metrics)
-    lines += ["", METHOD.format(level=level), "", "## Runs", "", *_runs_table(view), ""]
+    correction = NO_CORRECTION if view.correction == "none" else CORRECTED.format(
+        name=CORRECTION_NAMES[view.correction], m=len(view.comparisons),
+        alpha=fmt(1.0 - LEVEL, 2)) + (" The differences from the baseline are not "
+                                       "corrected." if view.baseline else "")
+    lines += ["", METHOD.format(level=level, correction=correction), "", "## Runs", "",
+              *_runs_table(view), ""]
+    families, differences = data.capacity_gap(view, view.metric)
+    if families:
+        label = METRIC_INFO[view.metric][0]
+        lines += ["## Capacity gap: student size", "",
+                  f"{label} against the student's parameter count, per family (mean ± "
+                  f"half-width of the {level}% interval over seeds), and the sweep's family "
+                  "comparisons at every size (paired by seed).", "",
+                  *_capacity_table(families, differences), ""]
+        if plots:
+            figures.capacity_gap_figure(families, differences, view.labels, label, level,
+                                        out / "capacity_gap.png")
+            lines += ["![capacity gap](capacity_gap.png)", ""]
 
     curves = data.eval_curves(view)
     if curves:

@@ -3,6 +3,9 @@
 * eval curves: the `"split": "eval"` records of each run's metrics.jsonl;
 * curricula: every curriculum file under OUT/curricula (their difficulty scores);
 * λ under selective reliance: the per-sample `kd_weight` lists of each run's order.jsonl;
+* the capacity-gap sweep: per family and student size, the metric's interval over seeds
+  against the student's parameter count (from results.json, else counted from each run's
+  `final/`), and each family comparison's paired interval at every size;
 * curriculum pools: m(t), the samples available at step t, from the run's own pacing
   settings (`trainer.pacing`, the formula the sampler uses), and, for a fixed curriculum file
   in easy → hard order, the hardest difficulty percentile actually drawn at each step (from
@@ -23,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from kdpipe.experiments.plan import CURRICULA_DIR, PlannedRun
-from kdpipe.experiments.runner import EXPERIMENT_NAME, RESULTS_NAME, run_record
+from kdpipe.experiments.runner import (
+    EXPERIMENT_NAME,
+    RESULTS_NAME,
+    run_record,
+    student_parameters,
+)
+from kdpipe.experiments.summary import difference_entry, values_by_seed
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.run_layout import RunLayout
 
@@ -44,6 +53,9 @@ class ExperimentView:
     command: str = ""
     inputs: dict[str, Any] = field(default_factory=dict)
     comparisons: list[tuple[str, str]] = field(default_factory=list)
+    correction: str = "none"
+    sweep: dict[str, Any] | None = None  # experiment.json's sweep: sizes, families, comparisons
+    arm_sizes: dict[str, tuple[str, str]] = field(default_factory=dict)  # arm -> (family, size)
 
     def label(self, arm: str) -> str:
         return self.labels.get(arm, arm)
@@ -72,7 +84,10 @@ def load_view(root: Path) -> ExperimentView:
                               labels=exp.get("labels") or {},
                               description=exp.get("description", ""),
                               command=exp.get("command", ""), inputs=exp.get("inputs") or {},
-                              comparisons=[(a, b) for a, b in exp.get("comparisons") or []])
+                              comparisons=[(a, b) for a, b in exp.get("comparisons") or []],
+                              correction=exp.get("correction", "none"), sweep=exp.get("sweep"),
+                              arm_sizes={a["name"]: (a["family"], a["size"]) for a in exp["arms"]
+                                         if a.get("family") is not None})
     if RunLayout(root).config.is_file():  # one train-student run
         from kdpipe.trainer.config import read_config
 
@@ -85,7 +100,8 @@ def load_view(root: Path) -> ExperimentView:
         record["run_dir"] = str(root)
         return ExperimentView(root=root, name=root.name, arms=[root.name], seeds=[cfg.seed],
                               baseline=None, metric="eval_ce", records=[record],
-                              inputs={"cache": cfg.cache, "eval_cache": cfg.eval_cache})
+                              inputs={"cache": ", ".join(cfg.cache),
+                                      "eval_cache": ", ".join(cfg.eval_cache) or None})
     raise ConfigError(f"{root}: neither an experiment folder ({EXPERIMENT_NAME}; run `kdpipe "
                       "experiment` or `kdpipe demo`) nor a train-student run folder")
 
@@ -116,6 +132,62 @@ def curve_band(per_seed: dict[int, tuple[np.ndarray, np.ndarray]]
         return empty, empty, empty, empty
     stack = np.stack([values[np.searchsorted(s, steps)] for s, values in per_seed.values()])
     return steps, stack.mean(0), stack.min(0), stack.max(0)
+
+
+@dataclass
+class SweepPoint:
+    """One student size of a capacity-gap line: its parameter count and an interval dict
+    (`stats.Interval.as_dict`: estimate, low, high, n, ...)."""
+
+    size: str
+    parameters: float  # weights of the student (NaN when no run of the size finished)
+    interval: dict[str, Any]
+
+
+def size_parameters(view: ExperimentView) -> dict[str, float]:
+    """{size: student weights}, from the runs' records (or their `final/` folders)."""
+    found: dict[str, float] = {}
+    for r in view.records:
+        arm = view.arm_sizes.get(r["arm"])
+        if arm is None or arm[1] in found:
+            continue
+        count = r.get("student_parameters")
+        if count is None and Path(r["run_dir"]).is_dir():
+            count = student_parameters(Path(r["run_dir"]))
+        if count is not None:
+            found[arm[1]] = float(count)
+    return found
+
+
+def capacity_gap(view: ExperimentView, metric: str
+                 ) -> tuple[dict[str, list[SweepPoint]], dict[str, list[SweepPoint]]]:
+    """({family: points}, {"A − B": points}) of the sweep, sizes in the file's order: each
+    family's mean interval over seeds, and each of `sweep.comparisons`' paired difference
+    (`stats.difference_interval`) at every size. Empty without a sweep."""
+    from kdpipe.experiments.config import Sweep
+    from kdpipe.experiments.stats import mean_interval
+
+    if not view.sweep:
+        return {}, {}
+    params = size_parameters(view)
+    sizes = list(view.sweep["sizes"])
+    lines: dict[str, list[SweepPoint]] = {}
+    for family in view.sweep["families"]:
+        for size in sizes:
+            values = values_by_seed(view.records, Sweep.arm_name(family, size), metric)
+            if values:
+                lines.setdefault(family, []).append(SweepPoint(
+                    size, params.get(size, math.nan),
+                    mean_interval(list(values.values())).as_dict()))
+    differences: dict[str, list[SweepPoint]] = {}
+    for a, b in view.sweep.get("comparisons") or []:
+        for size in sizes:
+            mine = values_by_seed(view.records, Sweep.arm_name(a, size), metric)
+            theirs = values_by_seed(view.records, Sweep.arm_name(b, size), metric)
+            if mine and theirs:
+                differences.setdefault(f"{a} − {b}", []).append(SweepPoint(
+                    size, params.get(size, math.nan), difference_entry(mine, theirs)))
+    return lines, differences
 
 
 def curricula(view: ExperimentView) -> dict[str, Any]:
@@ -191,9 +263,9 @@ def _pool_trace(cfg: Any, cl: Any, folder: Path) -> PoolTrace | None:
     from kdpipe.trainer.curriculum_sampler import Ranking
     from kdpipe.trainer.sampler import holdout_mask
 
-    if not Path(cfg.cache).is_dir():
+    if not Path(cfg.cache[0]).is_dir():  # the curriculum follows the first cache
         return None
-    ids = open_cache(cfg.cache).read_column(SAMPLE_ID).to_numpy().astype(np.int64)
+    ids = open_cache(cfg.cache[0]).read_column(SAMPLE_ID).to_numpy().astype(np.int64)
     train_ids = np.sort(ids[~holdout_mask(ids, cfg.eval_fraction)])
     n = int(train_ids.size)
     order = _jsonl(RunLayout(folder).order)

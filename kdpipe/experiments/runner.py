@@ -40,6 +40,7 @@ from kdpipe.experiments.plan import (
     run_state,
 )
 from kdpipe.experiments.summary import summarize, summary_markdown
+from kdpipe.log_setup import configure_logging
 from kdpipe.options import flat_values
 from kdpipe.schemas.errors import ConfigError, KdpipeError
 from kdpipe.schemas.io import atomic_write_json, atomic_write_text, nonfinite_as_null
@@ -65,6 +66,23 @@ def mean_train_throughput(folder: Path) -> float:
     return sum(rates) / len(rates) if rates else math.nan
 
 
+def student_parameters(folder: Path) -> int | None:
+    """Weights of the run's trained student (RUN/final), counted from the safetensors headers
+    (no tensor is read; tied weights are stored, and counted, once); None before the run has
+    finished or when `final/` holds no safetensors file."""
+    from safetensors import safe_open
+
+    files = sorted(RunLayout(folder).final.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
 def run_record(run: PlannedRun, status: str, metrics: dict[str, Any] | None,
                wall_s: float | None, cpu_s: float | None, error: str | None = None
                ) -> dict[str, Any]:
@@ -77,6 +95,7 @@ def run_record(run: PlannedRun, status: str, metrics: dict[str, Any] | None,
             if key in metrics:
                 record[key] = metrics[key]
         record["train_tokens_per_s"] = mean_train_throughput(Path(run.config.out))
+        record["student_parameters"] = student_parameters(Path(run.config.out))
     if error is not None:
         record["error"] = error
     return record
@@ -97,8 +116,7 @@ def _train_in_worker(config: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def _worker_init() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%H:%M:%S")
+    configure_logging(logging.WARNING)
 
 
 class Results:
@@ -237,7 +255,8 @@ def write_summary(exp: ExperimentConfig, records: list[dict[str, Any]], out: Pat
                   labels: dict[str, str] | None = None) -> dict[str, Any]:
     """summary.json and summary.md from the run records."""
     arms = [a.name for a in exp.arms]
-    summary = summarize(records, arms, exp.baseline, comparisons=exp.comparisons)
+    summary = summarize(records, arms, exp.baseline, comparisons=exp.comparisons,
+                        correction=exp.correction)
     summary["metric"] = exp.metric
     atomic_write_json(out / SUMMARY_NAME, nonfinite_as_null(summary))
     metrics = (exp.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")

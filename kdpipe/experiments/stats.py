@@ -7,7 +7,15 @@
   noise. Otherwise **Welch's** interval for unpaired samples: (x̄ − ȳ) ± t_{1-α/2, ν} ·
   sqrt(s_x²/n_x + s_y²/n_y), with Welch–Satterthwaite degrees of freedom ν.
 
-Student's t quantiles come from `scipy.stats` (the `experiments` extra).
+* `p_value`: the two-sided p of an interval's estimate against 0, from the same t statistic
+  and degrees of freedom (estimate / se), so p < 1 − level exactly when the interval
+  excludes 0; `ttest_rel` and Welch's `ttest_ind` in scipy.stats give the same numbers.
+* `adjust_p_values`: a multiplicity correction over a family of comparisons. Holm's
+  step-down (Holm 1979, "A simple sequentially rejective multiple test procedure"): sort the
+  m p-values, p_(i) becomes max_{j ≤ i} min(1, (m − j + 1) · p_(j)); it controls the
+  family-wise error rate like Bonferroni (min(1, m · p)) and rejects at least as much.
+
+Student's t quantiles and tails come from `scipy.stats` (the `experiments` extra).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 from kdpipe.extras import require
 
 LEVEL = 0.95
+CORRECTIONS = ("none", "holm", "bonferroni")
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -104,3 +113,36 @@ def difference_interval(arm: dict[int, float], baseline: dict[int, float],
         seeds = sorted(arm)
         return mean_interval([arm[s] - baseline[s] for s in seeds], level, method="paired")
     return welch_interval(list(arm.values()), list(baseline.values()), level)
+
+
+def p_value(interval: Interval) -> float:
+    """Two-sided p of `interval.estimate` = 0 under its own t distribution (scipy.stats.t);
+    NaN without an interval (n < 2). A zero standard error gives 0 for a non-zero estimate
+    and 1 for zero."""
+    if not math.isfinite(interval.se) or not interval.df > 0:
+        return math.nan
+    if interval.se == 0.0:
+        return 1.0 if interval.estimate == 0.0 else 0.0
+    stats = require("scipy.stats", "experiments", "p-values")
+    return float(2.0 * stats.t.sf(abs(interval.estimate) / interval.se, interval.df))
+
+
+def adjust_p_values(p: Sequence[float], method: str) -> list[float]:
+    """The p-values of one family of comparisons, corrected for multiplicity (module
+    docstring): "holm", "bonferroni" or "none". NaN values stay NaN and do not count in m.
+    Raises ValueError for another method."""
+    if method not in CORRECTIONS:
+        raise ValueError(f"correction {method!r} is not one of {', '.join(CORRECTIONS)}")
+    finite = sorted((v, i) for i, v in enumerate(p) if math.isfinite(v))
+    m = len(finite)
+    out = [math.nan] * len(p)
+    running = 0.0
+    for rank, (value, i) in enumerate(finite):
+        if method == "none":
+            out[i] = value
+        elif method == "bonferroni":
+            out[i] = min(1.0, m * value)
+        else:
+            running = max(running, min(1.0, (m - rank) * value))
+            out[i] = running
+    return out

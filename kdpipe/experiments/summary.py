@@ -3,7 +3,9 @@
 Input: the run records of `results.json` (one per arm × seed, flat metrics). Output:
 `summary.json` and the Markdown tables `kdpipe experiment` prints and `kdpipe report` embeds.
 Intervals are Student-t over seeds; differences are paired by seed when the arm and the
-baseline ran the same seeds, Welch otherwise (`stats.py` says why).
+baseline ran the same seeds, Welch otherwise (`stats.py` says why). Every difference carries
+its two-sided p; with a correction (`holm`, `bonferroni`) the `comparisons` are one family
+and each also carries its corrected p, which then decides its verdict.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from kdpipe.experiments.stats import LEVEL, Interval, difference_interval, mean_interval
+from kdpipe.experiments.stats import (
+    LEVEL,
+    Interval,
+    adjust_p_values,
+    difference_interval,
+    mean_interval,
+    p_value,
+)
 
 # metric -> (label, better direction: -1 lower is better, +1 higher, 0 neither)
 METRIC_INFO: dict[str, tuple[str, int]] = {
@@ -41,11 +50,21 @@ def values_by_seed(records: Sequence[dict[str, Any]], arm: str, metric: str
             if r["arm"] == arm and r.get("status") in ("ran", "skipped") and _finite(r.get(metric))}
 
 
+def difference_entry(arm: dict[int, float], baseline: dict[int, float], level: float = LEVEL
+                     ) -> dict[str, Any]:
+    """arm − baseline (values keyed by seed): `stats.difference_interval` as a dict, with its
+    two-sided p (`stats.p_value`)."""
+    interval = difference_interval(arm, baseline, level)
+    return {**interval.as_dict(), "p": p_value(interval)}
+
+
 def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str], baseline: str | None,
               metrics: Sequence[str] = tuple(METRIC_INFO), level: float = LEVEL,
-              comparisons: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
-    """{"arms": {arm: {metric: interval}}, "differences": {arm: {metric: interval}},
-    "comparisons": [{"a": A, "b": B, metric: interval of A − B}], ...}."""
+              comparisons: Sequence[tuple[str, str]] = (), correction: str = "none"
+              ) -> dict[str, Any]:
+    """{"arms": {arm: {metric: interval}}, "differences": {arm: {metric: interval and p}},
+    "comparisons": [{"a": A, "b": B, metric: interval of A − B, its p and, with a
+    `correction`, "p_adjusted" over the comparisons of that metric}], ...}."""
     per_arm: dict[str, dict[str, Any]] = {}
     differences: dict[str, dict[str, Any]] = {}
     for arm in arms:
@@ -63,17 +82,23 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str], baseline: 
             mine, theirs = values_by_seed(records, arm, metric), \
                 values_by_seed(records, baseline, metric)
             if mine and theirs:
-                differences[arm][metric] = difference_interval(mine, theirs, level).as_dict()
+                differences[arm][metric] = difference_entry(mine, theirs, level)
     pairs = []
     for a, b in comparisons:
         entry: dict[str, Any] = {"a": a, "b": b}
         for metric in metrics:
             mine, theirs = values_by_seed(records, a, metric), values_by_seed(records, b, metric)
             if mine and theirs:
-                entry[metric] = difference_interval(mine, theirs, level).as_dict()
+                entry[metric] = difference_entry(mine, theirs, level)
         pairs.append(entry)
+    if correction != "none":
+        for metric in metrics:
+            family = [p[metric] for p in pairs if metric in p]
+            for d, adjusted in zip(family, adjust_p_values([d["p"] for d in family],
+                                                           correction), strict=True):
+                d["p_adjusted"] = adjusted
     return {"level": level, "baseline": baseline, "arms": per_arm, "differences": differences,
-            "comparisons": pairs}
+            "comparisons": pairs, "correction": correction}
 
 
 def fmt(value: float, digits: int = 4) -> str:
@@ -92,13 +117,17 @@ def _interval_text(d: dict[str, Any], digits: int = 4) -> str:
     return f"{fmt(d['estimate'], digits)} ± {fmt(half, digits)}"
 
 
-def verdict(d: dict[str, Any], direction: int) -> str:
-    """Plain words for a difference interval (arm − baseline)."""
+def verdict(d: dict[str, Any], direction: int, level: float = LEVEL) -> str:
+    """Plain words for a difference interval (arm − baseline); with a corrected p
+    (`p_adjusted`) the difference counts when that p is below 1 − level."""
     interval = Interval(d["estimate"], d["low"], d["high"], d["n"], d.get("sd", math.nan),
                         d.get("se", math.nan), d["df"], d["method"])
     if not _finite(d["low"]):
         return "no interval (one seed)"
-    if not interval.excludes_zero():
+    if "p_adjusted" in d:
+        if not (_finite(d["p_adjusted"]) and d["p_adjusted"] < 1.0 - level):
+            return "inside the noise"
+    elif not interval.excludes_zero():
         return "inside the noise"
     if direction == 0:
         return "differs"
@@ -132,19 +161,31 @@ def summary_markdown(summary: dict[str, Any], arms: Sequence[str],
             if d is not None:
                 lines.append(f"| {labels.get(arm, arm)} | {_difference_cells(d, direction)} |")
     pairs = [p for p in summary.get("comparisons", []) if metric in p]
-    if pairs:
+    correction = summary.get("correction", "none")
+    if pairs and correction != "none":
+        lines += ["", f"Comparisons in {label} (A − B; {level}% interval; p two-sided; the "
+                  f"verdict is A's, from p corrected by {CORRECTION_NAMES[correction]} over "
+                  f"these {len(pairs)} comparisons):", "",
+                  f"| A − B | difference | interval | method | p | p ({correction}) | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+    elif pairs:
         lines += ["", f"Comparisons in {label} (A − B; {level}% interval; the verdict is A's):",
                   "", "| A − B | difference | interval | method | verdict |",
                   "|---|---|---|---|---|"]
-        for p in pairs:
-            name = f"{labels.get(p['a'], p['a'])} − {labels.get(p['b'], p['b'])}"
-            lines.append(f"| {name} | {_difference_cells(p[metric], direction)} |")
+    for p in pairs:
+        name = f"{labels.get(p['a'], p['a'])} − {labels.get(p['b'], p['b'])}"
+        lines.append(f"| {name} | {_difference_cells(p[metric], direction)} |")
     return lines
 
 
+CORRECTION_NAMES = {"holm": "Holm's step-down method", "bonferroni": "Bonferroni"}
+
+
 def _difference_cells(d: dict[str, Any], direction: int) -> str:
-    """difference | interval | method | verdict, for one difference interval."""
+    """difference | interval | method | [p | corrected p |] verdict, for one difference."""
     interval = f"[{fmt(d['low'])}, {fmt(d['high'])}]" if _finite(d["low"]) else "–"
     method = {"paired": f"paired by seed (n={d['n']})",
               "welch": f"Welch (ν={fmt(d['df'], 3)})", "t": "t"}[d["method"]]
-    return f"{fmt(d['estimate'])} | {interval} | {method} | {verdict(d, direction)}"
+    p = f" | {fmt(d.get('p', math.nan), 3)} | {fmt(d['p_adjusted'], 3)}" \
+        if "p_adjusted" in d else ""
+    return f"{fmt(d['estimate'])} | {interval} | {method}{p} | {verdict(d, direction)}"

@@ -105,11 +105,54 @@ def loss_cache_problems(loss: LossConfig, cache: str, flag: str = "--cache") -> 
     return []
 
 
+def as_paths(value: str | Path | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """A cache option as a tuple of paths: one path (a string), None (none) or a sequence."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, Path)):
+        return (str(value),)
+    return tuple(str(v) for v in value)
+
+
+def cache_list_problems(caches: tuple[str, ...], eval_caches: tuple[str, ...],
+                        loss: LossConfig) -> list[str]:
+    """Checks of the teacher caches as a list: at least one, each a folder, one --eval-cache
+    and one --teacher-weight per --cache when given, and one kind of cache (top-k or sampled:
+    one --loss serves every teacher). That the caches hold the same sequences is checked when
+    they are opened (`trainer/teachers.py`)."""
+    if not caches:
+        return ["give --cache PATH (one per teacher)"]
+    found = [p for cache in caches for p in options.path_problems("--cache", cache, "dir")]
+    found += [p for cache in eval_caches
+              for p in options.path_problems("--eval-cache", cache, "dir")]
+    if eval_caches and len(eval_caches) != len(caches):
+        found.append(f"give one --eval-cache per --cache, in the same order: {len(caches)} "
+                     f"--cache but {len(eval_caches)} --eval-cache")
+    weights = loss.teacher_weights
+    if weights and len(weights) != len(caches):
+        found.append(f"give one --teacher-weight per --cache, in the same order: "
+                     f"{len(caches)} --cache but {len(weights)} --teacher-weight")
+    elif weights and sum(weights) <= 0:
+        found.append("--teacher-weight: the weights are all 0; give at least one above 0")
+    modes = {cache: m.cache_mode for cache in caches + eval_caches
+             if (m := _cache_manifest(cache)) is not None}
+    if len(set(modes.values())) > 1:
+        sampled = next(c for c, mode in modes.items() if mode == "sampled")
+        topk = next(c for c, mode in modes.items() if mode != "sampled")
+        found.append(f"--cache {sampled} is sampled (--cache-mode sampled) but {topk} holds "
+                     "top-k log-probs: one --loss serves every teacher, so give caches of one "
+                     "kind")
+    return found
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of `kdpipe train-student`; `kdpipe train-student --help` shows them."""
 
-    cache: str = option(help="Teacher cache folder (from `kdpipe cache-teacher`).")
+    cache: tuple[str, ...] = option(
+        help="Teacher cache folder (from `kdpipe cache-teacher`). Repeat it, one per teacher, "
+        "to distil several teachers at once: the caches must hold the same sequences "
+        "(docs/training.md, \"Several teachers\").")
     out: str = option(help="Run folder: config, metrics, checkpoints, final/.")
     student: str | None = option(
         None, "Student to train: local folder or hub name of any causal LM.")
@@ -120,8 +163,9 @@ class TrainConfig:
         None, "Tokenizer path/name; default: the student's own, else the cache's. Must map "
         "every cached id to the same token as the cache's tokenizer.")
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    eval_cache: str | None = option(
-        None, "Held-out cache (same tokenizer) for periodic and final evaluation.")
+    eval_cache: tuple[str, ...] = option(
+        (), "Held-out cache (same tokenizer) for periodic and final evaluation; with several "
+        "--cache, one per --cache, in the same order.")
     eval_fraction: float = option(
         0.0, "Hold out this fraction of --cache, chosen by a hash of sample_id "
         "(deterministic, the same for every run).", ge=0, lt=1)
@@ -210,30 +254,39 @@ class TrainConfig:
         `temperature=2`, `pacing="root"`)."""
         return options.build(cls, values)
 
+    def __post_init__(self) -> None:
+        # `from_options(cache="PATH")` and Python callers give one cache as a string.
+        object.__setattr__(self, "cache", as_paths(self.cache))
+        object.__setattr__(self, "eval_cache", as_paths(self.eval_cache))
+
     def with_cache_defaults(self) -> TrainConfig:
-        """This config with the defaults that follow from --cache filled in (the loss)."""
-        return replace(self, loss=with_cache_loss(self.loss, self.cache))
+        """This config with the defaults that follow from --cache filled in (the loss, from
+        the first cache)."""
+        if not self.cache:
+            return self
+        return replace(self, loss=with_cache_loss(self.loss, self.cache[0]))
 
     def problems(self) -> list[str]:
         """Checks across options (each option's own checks are declared with it)."""
-        found = self.loss.problems() + self.curriculum.problems(self.loss.mode, self.snapshots)
+        found = self.loss.problems() + self.curriculum.problems(self.loss.mode, self.snapshots,
+                                                                len(self.cache))
         if (self.student is None) == (self.student_config is None):
             found.append("give exactly one of --student PATH and --student-config JSON")
         found += options.path_problems("--student-config", self.student_config, "file")
         found += self.adapter.problems(self.student, self.student_config)
-        found += options.path_problems("--cache", self.cache, "dir")
-        found += options.path_problems("--eval-cache", self.eval_cache, "dir")
+        found += cache_list_problems(self.cache, self.eval_cache, self.loss)
         if is_url(self.out):
             found.append(f"--out {self.out}: a run folder is local (checkpoints are replaced in "
                          "place); give a local folder and copy final/ to the store afterwards")
         elif Path(self.out).exists() and not Path(self.out).is_dir():
             found.append(f"--out {self.out} is a file; give a folder for the run")
-        loss = with_cache_loss(self.loss, self.cache)  # --eval-cache must suit it too
+        loss = self.with_cache_defaults().loss  # every --eval-cache must suit it too
         if self.loss.mode == "kd" or self.eval_fraction > 0:  # evaluation reports KD too
-            found += loss_cache_problems(loss, self.cache)
-        if self.eval_cache is not None:
-            found += loss_cache_problems(loss, self.eval_cache, "--eval-cache")
-        if self.eval_cache is not None and self.eval_fraction > 0:
+            for cache in self.cache:
+                found += loss_cache_problems(loss, cache)
+        for cache in self.eval_cache:
+            found += loss_cache_problems(loss, cache, "--eval-cache")
+        if self.eval_cache and self.eval_fraction > 0:
             found.append("give at most one of --eval-cache and --eval-fraction")
         if self.max_steps is not None and self.epochs is not None:
             found.append("give at most one of --max-steps and --epochs")
@@ -285,6 +338,9 @@ def read_config(run_dir: Path) -> TrainConfig:
                 data[new] = values.get(value, value)  # an unknown value fails validation
         if not isinstance(data.get("loss"), dict):
             data = options.nested(TrainConfig, data)
+        for key in ("cache", "eval_cache"):  # one path or null, before several teachers
+            if key in data and (data[key] is None or isinstance(data[key], str)):
+                data[key] = [] if data[key] is None else [data[key]]
     return from_dict(TrainConfig, data, str(path))
 
 
@@ -294,7 +350,9 @@ class EvalConfig:
 
     student: str = option(help="Student folder or hub name (e.g. RUN/final), or a folder of "
                           "LoRA/DoRA adapters (evaluated merged into their base).")
-    cache: str = option(help="Teacher cache folder to evaluate on.")
+    cache: tuple[str, ...] = option(
+        help="Teacher cache folder to evaluate on; repeat it, one per teacher, for the KD to "
+        "each (the caches must hold the same sequences, as for train-student).")
     base: str | None = option(
         None, "Base model of an adapter folder --student, where it is now (default: the one "
         "its adapter_base.json or adapter_config.json names).")
@@ -328,13 +386,20 @@ class EvalConfig:
         """An EvalConfig from flat option names, as on the command line."""
         return options.build(cls, values)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", as_paths(self.cache))  # one cache: a string
+
     def with_cache_defaults(self) -> EvalConfig:
-        """This config with the defaults that follow from --cache filled in (the loss)."""
-        return replace(self, loss=with_cache_loss(self.loss, self.cache))
+        """This config with the defaults that follow from --cache filled in (the loss, from
+        the first cache)."""
+        if not self.cache:
+            return self
+        return replace(self, loss=with_cache_loss(self.loss, self.cache[0]))
 
     def validate(self) -> None:
-        problems = self.loss.problems() + options.path_problems("--cache", self.cache, "dir")
-        problems += loss_cache_problems(self.loss, self.cache)
+        problems = self.loss.problems() + cache_list_problems(self.cache, (), self.loss)
+        for cache in self.cache:
+            problems += loss_cache_problems(self.loss, cache)
         from kdpipe.trainer.execution import attention_problems  # torch: not for --help
         problems += attention_problems(self.attn_implementation)
         if self.base is not None and not is_adapter_folder(self.student):

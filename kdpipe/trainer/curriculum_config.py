@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from kdpipe.trainer.pacing import PACINGS, Pacing
 
 if TYPE_CHECKING:
     from kdpipe.trainer.reliance import LambdaFn, TokenReliance
+    from kdpipe.trainer.teacher_reliance import TeacherReliance
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 RELIANCE_MODES = ("constant", "threshold", "linear", "token")
 RELIANCE_CONTROLS = ("none", "shuffled")
 KD_WEIGHT_SCHEDULES = ("none", "linear", "matched")
+TEACHER_RELIANCE_MODES = ("fixed", "softmax", "best")
+TEACHER_RELIANCE_LEVELS = ("sample", "token")
+TEACHER_RELIANCE_CONTROLS = ("none", "shuffled", "matched")
 
 CURRICULUM_SOURCES = ("file", "snapshot")
 DEFAULT_BUCKETS = 10  # baby-steps buckets when neither --pacing-buckets nor a file gives them
@@ -84,6 +88,21 @@ class CurriculumConfig:
     kd_weight_schedule: str = option(
         "none", "Control: none; linear (λ_lo → λ_hi over steps, all samples alike); matched "
         "(each step's mean selective λ for all its samples).", choices=KD_WEIGHT_SCHEDULES)
+    teacher_reliance: str = option(
+        "fixed", "Weight of each teacher (several --cache): fixed (--teacher-weight); softmax "
+        "(--teacher-weight times exp(-NLL/T), normalised over teachers); best (all on the "
+        "teacher of least NLL).", choices=TEACHER_RELIANCE_MODES)
+    teacher_reliance_level: str = option(
+        "sample", "What NLL softmax and best compare: sample (each teacher's mean NLL of the "
+        "sample, teacher_nll) or token (-target_logprob of each token).",
+        choices=TEACHER_RELIANCE_LEVELS)
+    teacher_reliance_temperature: float = option(
+        1.0, "T of --teacher-reliance softmax (nats): lower leans harder on the most "
+        "confident teacher.", gt=0)
+    teacher_reliance_control: str = option(
+        "none", "Control: none; shuffled (the same teacher weights given to random samples or "
+        "tokens); matched (each step's mean teacher weights for all its samples or tokens).",
+        choices=TEACHER_RELIANCE_CONTROLS)
 
     @property
     def active(self) -> bool:
@@ -95,8 +114,9 @@ class CurriculumConfig:
                       self.pacing_step_length,
                       buckets if self.pacing_buckets is None else self.pacing_buckets)
 
-    def problems(self, mode: str, snapshots: bool) -> list[str]:
-        """Checks across options (TrainConfig.validate reports them with the rest)."""
+    def problems(self, mode: str, snapshots: bool, teachers: int = 1) -> list[str]:
+        """Checks across options (TrainConfig.validate reports them with the rest);
+        `teachers`: the number of --cache given."""
         found = []
         if self.file is not None and not file_exists(self.file, "--curriculum"):
             found.append(f"--curriculum {self.file}: no such file (make one with `kdpipe "
@@ -113,7 +133,7 @@ class CurriculumConfig:
         if self.source == "snapshot" and not snapshots:
             found.append("--curriculum-source snapshot re-ranks from the per-sample snapshots; "
                          "do not pass --no-snapshots")
-        return found + self._reliance_problems(mode)
+        return found + self._reliance_problems(mode) + self._teacher_problems(mode, teachers)
 
     def _reliance_problems(self, mode: str) -> list[str]:
         found = []
@@ -135,6 +155,28 @@ class CurriculumConfig:
         if mode == "ce" and (self.reliance != "constant" or self.kd_weight_schedule != "none"):
             found.append("--reliance and --kd-weight-schedule need --mode kd (λ weighs the KD "
                          "term)")
+        return found
+
+    def _teacher_problems(self, mode: str, teachers: int) -> list[str]:
+        found = []
+        default = CurriculumConfig()
+        chosen = f"--teacher-reliance {self.teacher_reliance}"
+        if self.teacher_reliance == "fixed":
+            changed = [flag for flag, mine, theirs in (
+                ("--teacher-reliance-level", self.teacher_reliance_level,
+                 default.teacher_reliance_level),
+                ("--teacher-reliance-control", self.teacher_reliance_control,
+                 default.teacher_reliance_control)) if mine != theirs]
+            if changed:
+                found.append(f"{', '.join(changed)} need --teacher-reliance softmax or best")
+        elif teachers < 2:
+            found.append(f"{chosen} chooses between teachers: give one --cache per teacher, "
+                         "two or more")
+        if (self.teacher_reliance != "softmax"
+                and self.teacher_reliance_temperature != default.teacher_reliance_temperature):
+            found.append("--teacher-reliance-temperature is the T of --teacher-reliance softmax")
+        if mode == "ce" and self.teacher_reliance != "fixed":
+            found.append(f"{chosen} weighs the teachers' KD terms; it needs --mode kd")
         return found
 
 
@@ -210,6 +252,28 @@ def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
         per_token = TokenReliance(mapping, seed, cl.reliance_control, cl.kd_weight_schedule,
                                   sum_across)
     return CurriculumPlugins(sampler, per_sample, per_token)
+
+
+def setup_teacher_reliance(cl: CurriculumConfig, caches: Sequence[Cache], train_ids: np.ndarray,
+                           prior: Sequence[float], *, seed: int,
+                           sum_across: Callable[[list[float]], list[float]] | None = None
+                           ) -> TeacherReliance:
+    """The per-sample or per-token teacher weights of the --teacher-reliance options.
+
+    caches: one per teacher, --cache order; prior: (J,) the --teacher-weight values (empty:
+    equal); sum_across: sums floats over processes (the token level's step means). Reads each
+    cache's teacher_nll column when the level is `sample` and the mode is not fixed.
+    """
+    from kdpipe.trainer.teacher_reliance import TeacherReliance, read_sample_nll
+
+    selective = cl.teacher_reliance != "fixed"
+    sample_nll = (read_sample_nll(caches)
+                  if selective and cl.teacher_reliance_level == "sample" else None)
+    return TeacherReliance(
+        cl.teacher_reliance, cl.teacher_reliance_level, cl.teacher_reliance_temperature,
+        tuple(prior) or (1.0,) * len(caches), control=cl.teacher_reliance_control,
+        train_ids=train_ids, seed=seed, sample_nll=sample_nll, sum_across=sum_across,
+        names=[str(c.location) for c in caches])
 
 
 def _warn_about_random_access(cache: Cache, loader_groups: int | None,

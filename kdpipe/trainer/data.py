@@ -21,6 +21,7 @@ from types import TracebackType
 import numpy as np
 import torch
 
+from kdpipe.schemas.errors import CacheFormatError
 from kdpipe.schemas.shard_reader import READ_AHEAD_TARGETS, CacheIndex, Columns, RowGroup
 from kdpipe.trainer.chunked_loss import TeacherTargets
 from kdpipe.trainer.read_ahead import ReadAhead
@@ -40,28 +41,23 @@ class Batch:
     target_mask: torch.Tensor
     labels: torch.Tensor  # (N,) int64 true next tokens
     target_row: torch.Tensor  # (N,) int64 batch row of each target
-    teacher: TeacherTargets | None
+    teacher: TeacherTargets | None  # teacher 1's (the first --cache)
     target_logprob: torch.Tensor | None = None  # (N,) float32 teacher log p(label), if read
     segments: list[list[int]] | None = None  # per row: packed documents' lengths (None: one)
+    # Teachers 2..J (the other --cache, in order): the same N targets, each its own partition
+    other_teachers: tuple[TeacherTargets, ...] = ()
 
     @property
     def num_targets(self) -> int:
         return int(self.labels.numel())
 
+    @property
+    def teachers(self) -> tuple[TeacherTargets, ...]:
+        """Every teacher's targets, teacher 1 first; () without teacher columns."""
+        return () if self.teacher is None else (self.teacher, *self.other_teachers)
+
     def to(self, device: torch.device) -> Batch:
-        teacher = None
-        if self.teacher is not None:
-            t = self.teacher
-            teacher = TeacherTargets(
-                topk_ids=t.topk_ids.to(device, non_blocking=True),
-                topk_logprobs=t.topk_logprobs.to(device, non_blocking=True),
-                tail_logmass=t.tail_logmass.to(device, non_blocking=True),
-                tempered_tail_logmass=(None if t.tempered_tail_logmass is None else
-                                       t.tempered_tail_logmass.to(device, non_blocking=True)),
-                sampled_ids=(None if t.sampled_ids is None else
-                             t.sampled_ids.to(device, non_blocking=True)),
-                sampled_weights=(None if t.sampled_weights is None else
-                                 t.sampled_weights.to(device, non_blocking=True)))
+        teacher = None if self.teacher is None else self.teacher.to(device)
         return Batch(sample_ids=self.sample_ids,
                      input_ids=self.input_ids.to(device, non_blocking=True),
                      attention_mask=self.attention_mask.to(device, non_blocking=True),
@@ -70,7 +66,8 @@ class Batch:
                      target_row=self.target_row.to(device, non_blocking=True), teacher=teacher,
                      target_logprob=(None if self.target_logprob is None else
                                      self.target_logprob.to(device, non_blocking=True)),
-                     segments=self.segments)
+                     segments=self.segments,
+                     other_teachers=tuple(t.to(device) for t in self.other_teachers))
 
 
 @dataclass
@@ -82,8 +79,15 @@ class GlobalBatch:
     num_targets: int
 
 
-def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id: int) -> Batch:
-    """Pad samples (sample_id, decoded row group, row) into one right-padded Batch."""
+def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id: int,
+            others: Sequence[tuple[Sequence[tuple[int, RowGroup, int]], Columns]] = ()
+            ) -> Batch:
+    """Pad samples (sample_id, decoded row group, row) into one right-padded Batch.
+
+    `others`: the same samples' rows in the caches of teachers 2..J, with their columns; they
+    supply `other_teachers` only. Raises CacheFormatError where such a row's input_ids or
+    target positions differ from `rows`' (the caches' alignment, checked at setup from the
+    manifests, re-checked here on the decoded rows at the cost of one comparison)."""
     seqs = [g.input_ids[g.offsets[r]:g.offsets[r + 1]] for _, g, r in rows]
     lengths = np.array([s.size for s in seqs], dtype=np.int64)
     width = int(lengths.max())
@@ -100,6 +104,50 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
     if any(g.segments is not None for _, g, _ in rows):
         segments = [g.segments_of(r) or [int(n)] for (_, g, r), n in zip(rows, lengths,
                                                                            strict=True)]
+    teacher = _collate_teacher(rows, columns)
+    target_logprob = None if teacher is None else teacher.target_logprob
+    if teacher is None and columns.target_logprob:
+        target_logprob = _collate_target_logprob(rows)
+    for other_rows, _ in others:
+        _check_same_rows(rows, other_rows)
+    return Batch(
+        sample_ids=torch.tensor([sid for sid, _, _ in rows], dtype=torch.int64),
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention.astype(np.int64)),
+        target_mask=torch.from_numpy(target_mask),
+        labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+        target_row=torch.from_numpy(np.repeat(np.arange(len(rows)), target_mask.sum(axis=1))),
+        teacher=teacher, target_logprob=target_logprob, segments=segments,
+        other_teachers=tuple(t for other_rows, other_columns in others
+                             if (t := _collate_teacher(other_rows, other_columns)) is not None),
+    )
+
+
+def _check_same_rows(rows: Sequence[tuple[int, RowGroup, int]],
+                     other: Sequence[tuple[int, RowGroup, int]]) -> None:
+    """Raise CacheFormatError unless `other` holds the same samples, input_ids and target
+    positions as `rows`."""
+    for (sid, g, r), (other_sid, h, q) in zip(rows, other, strict=True):
+        same = (sid == other_sid and np.array_equal(g.input_ids[g.offsets[r]:g.offsets[r + 1]],
+                                                    h.input_ids[h.offsets[q]:h.offsets[q + 1]])
+                and np.array_equal(g.positions_of(r), h.positions_of(q)))
+        if not same:
+            raise CacheFormatError(f"sample id {sid} has other input_ids or target positions in "
+                                   "another teacher's cache than in the first; the caches "
+                                   "changed since the run checked them: run `kdpipe verify` on "
+                                   "both")
+
+
+def _collate_target_logprob(rows: Sequence[tuple[int, RowGroup, int]]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(
+        [g.target_logprob[g.target_span(r)] for _, g, r in rows]  # type: ignore[index]
+    ).astype(np.float32))  # (N,)
+
+
+def _collate_teacher(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns
+                     ) -> TeacherTargets | None:
+    """The teacher targets of `rows` (N rows, in (row, position) order), None without the
+    teacher columns."""
     teacher = None
     if columns.teacher and columns.cache_mode == "sampled":
         teacher = _collate_sampled(rows, columns.samples)
@@ -123,20 +171,9 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
             tail_logmass=torch.from_numpy(tail.astype(np.float32)),  # (N,)
             tempered_tail_logmass=tempered,  # (N,) or None
         )
-    target_logprob = None
-    if columns.target_logprob:
-        target_logprob = torch.from_numpy(np.concatenate(
-            [g.target_logprob[g.target_span(r)] for _, g, r in rows]  # type: ignore[index]
-        ).astype(np.float32))  # (N,)
-    return Batch(
-        sample_ids=torch.tensor([sid for sid, _, _ in rows], dtype=torch.int64),
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(attention.astype(np.int64)),
-        target_mask=torch.from_numpy(target_mask),
-        labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
-        target_row=torch.from_numpy(np.repeat(np.arange(len(rows)), target_mask.sum(axis=1))),
-        teacher=teacher, target_logprob=target_logprob, segments=segments,
-    )
+    if teacher is not None and columns.target_logprob:
+        teacher.target_logprob = _collate_target_logprob(rows)
+    return teacher
 
 
 def _collate_sampled(rows: Sequence[tuple[int, RowGroup, int]], samples: int) -> TeacherTargets:
@@ -191,13 +228,19 @@ class BatchLoader:
     batches are the same bits whatever `read_ahead`, `cached_groups` and `workers`. Use as a
     context manager so an early stop (e.g. --max-steps mid-epoch) ends the thread and the
     workers.
+
+    `others`: the (index, columns) of teachers 2..J's caches, read in lockstep: each has its
+    own `ReadAhead` over the same order (its own budget of `read_ahead` target tokens, LRU of
+    `cached_groups` and workers), so a row group of any cache is decoded as the first cache's
+    are; they supply each batch's `other_teachers` for the same rows (`collate`).
     """
 
     def __init__(self, index: CacheIndex, order: np.ndarray, columns: Columns, batch_size: int,
                  grad_accum: int = 1, pad_id: int = 0, prefetch: int = 4,
                  cached_groups: int = 16, workers: int = 0,
-                 read_ahead: int = READ_AHEAD_TARGETS) -> None:
-        self.index, self.columns = index, columns
+                 read_ahead: int = READ_AHEAD_TARGETS,
+                 others: Sequence[tuple[CacheIndex, Columns]] = ()) -> None:
+        self.index, self.columns, self.others = index, columns, tuple(others)
         self.order = np.asarray(order, dtype=np.int64)
         self.batch_size, self.grad_accum, self.pad_id = batch_size, grad_accum, pad_id
         self.cached_groups, self.workers, self.read_ahead = cached_groups, workers, read_ahead
@@ -249,20 +292,27 @@ class BatchLoader:
         return False
 
     def _produce(self) -> None:
-        ahead: ReadAhead | None = None
+        # One (index, columns) per cache, first = inputs, each read ahead over the same order.
+        caches = [(self.index, self.columns)] + list(self.others)
+        aheads: list[ReadAhead] = []
         try:
-            positions = self.index.positions(self.order)
-            ahead = ReadAhead(self.index, self.columns, positions, self.cached_groups,
-                              self.workers, self.read_ahead)
-            rows = iter(ahead)  # (row group, row) of each position, in order
+            positions = [index.positions(self.order) for index, _ in caches]
+            for (index, columns), pos in zip(caches, positions, strict=True):
+                aheads.append(ReadAhead(index, columns, pos, self.cached_groups, self.workers,
+                                        self.read_ahead))
+            rows_of = [iter(ahead) for ahead in aheads]  # (row group, row) of each position
             per_step = self.batch_size * self.grad_accum
             for start in range(0, self.order.size, per_step):
-                step_pos = positions[start:start + per_step]
                 micro = []
-                for m in range(0, step_pos.size, self.batch_size):
-                    micro.append(collate([(int(self.index.sample_ids[p]), *next(rows))
-                                          for p in step_pos[m:m + self.batch_size]],
-                                         self.columns, self.pad_id))
+                for m in range(start, min(start + per_step, self.order.size), self.batch_size):
+                    end = min(m + self.batch_size, start + per_step)
+                    rows = [[(int(index.sample_ids[p]), *next(ahead)) for p in pos[m:end]]
+                            for (index, _), pos, ahead in zip(caches, positions, rows_of,
+                                                              strict=True)]
+                    micro.append(collate(rows[0], self.columns, self.pad_id,
+                                         list(zip(rows[1:], [c for _, c in self.others],
+                                                  strict=True))))
+                step_pos = positions[0][start:start + per_step]
                 batch = GlobalBatch(micro, self.order[start:start + per_step],
                                     int(self.index.num_targets[step_pos].sum()))
                 if not self._put(batch):
@@ -271,5 +321,5 @@ class BatchLoader:
         except Exception as exc:  # handed to the consumer, which re-raises it
             self._put(exc)
         finally:
-            if ahead is not None:
+            for ahead in aheads:
                 ahead.close()

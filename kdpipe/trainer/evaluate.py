@@ -3,6 +3,9 @@
 Reports the mean per-token CE of the true next tokens and its perplexity, the mean KD
 divergence to the cached teacher exactly as the trainer defines it (`--loss`, `--temperature`;
 without τ² and λ), top-1 agreement with the teacher and the mixed loss at `--kd-weight`.
+With several caches (one per teacher, aligned as for train-student), `kd` is the
+--teacher-weight mix and `kd_teacher_j` the mean KD against teacher j; top-1 agreement is
+against teacher 1.
 The trainer's periodic eval calls `run_evaluation`, the same code.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,10 +32,11 @@ from kdpipe.trainer.config import EvalConfig
 from kdpipe.trainer.data import Batch, BatchLoader
 from kdpipe.trainer.distributed import Distributed, rank_slice
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.metrics import summarise
+from kdpipe.trainer.metrics import summarise, teacher_metrics
 from kdpipe.trainer.model import autocast, autocast_dtype, open_student
 from kdpipe.trainer.objective import StudentObjective, call
 from kdpipe.trainer.sampler import holdout_mask
+from kdpipe.trainer.teachers import FixedTeacherWeights, open_teachers
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +46,16 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
                    loss_cfg: LossConfig, device: torch.device,
                    amp_dtype: torch.dtype | None, batch_size: int, pad_id: int,
                    prefetch: int = 4, progress: bool = False, *,
-                   objective: nn.Module | None = None, dist: Distributed | None = None
-                   ) -> dict[str, Any]:
+                   objective: nn.Module | None = None, dist: Distributed | None = None,
+                   others: Sequence[CacheIndex] = ()) -> dict[str, Any]:
     """Metrics of `parts` on `sample_ids` of `index` (the model is left in its prior mode).
 
     KD and top-1 agreement are always measured; the reported `loss` is the training
     objective: the λ-mix in mode "kd", plain CE in mode "ce". Distributed (`dist`, with the
     wrapped `objective`): each rank evaluates a contiguous share of `sample_ids` and the sums
-    are reduced, so every rank returns the metrics of the whole set.
+    are reduced, so every rank returns the metrics of the whole set. `others`: the indexes
+    of teachers 2..J's caches holding the same `sample_ids` (read in lockstep), weighted by
+    `loss_cfg.teacher_mix`.
     """
     if sample_ids.size == 0:
         raise ConfigError(f"no samples to evaluate in {index.cache.location} (empty split?)")
@@ -58,15 +65,20 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
     kd_cfg = replace(loss_cfg, mode="kd")  # KD is measured whatever the objective
     columns = columns_for(index.cache, teacher=True, temperature=kd_cfg.temperature)
     objective_weight = loss_cfg.kd_weight if loss_cfg.mode == "kd" else 0.0
+    other_columns = [(other, columns_for(other.cache, teacher=True,
+                                         temperature=kd_cfg.temperature)) for other in others]
+    mix = FixedTeacherWeights(loss_cfg.teacher_mix(len(others) + 1)) if others else None
     share = rank_slice(sample_ids, dist.world_size, dist.rank, batch_size)
     was_training = parts.model.training
     parts.model.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # total, ce, kd, correct top-1
+    # total, ce, kd, correct top-1, then KD against each teacher (several teachers)
+    sums = [0.0] * (4 + (len(others) + 1 if others else 0))
     tokens = 0
     started = time.perf_counter()
-    # Storage order: one row group after another, which the LRU alone reads once each.
+    # Storage order: one row group after another (the other caches' in their own order),
+    # which the LRU alone reads once each: nothing to read ahead.
     loader = BatchLoader(index, share.sample_ids, columns, batch_size, 1, pad_id, prefetch,
-                         cached_groups=2, read_ahead=1)
+                         cached_groups=2, read_ahead=1, others=other_columns)
     bar = Progress("eval", len(loader), unit="batch", progress=progress, report=dist.is_main,
                    leave=False)
 
@@ -74,10 +86,15 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
         nonlocal tokens
         batch = cpu_batch.to(device)
         lam = torch.full((batch.num_targets,), objective_weight, device=device)  # (N,)
+        weights = None if mix is None else mix.tokens(0, 0, batch.target_row)  # (J, N)
         with autocast(device, amp_dtype):
-            out = call(objective, batch, lam, kd_cfg)
+            out = call(objective, batch, lam, kd_cfg, weights)
         if real:
-            for i, value in enumerate((out.total, out.ce, out.kd, out.correct_top1)):
+            values = [out.total, out.ce, out.kd, out.correct_top1]
+            if mix is not None:
+                assert out.kd_per_teacher is not None
+                values += list(out.kd_per_teacher.unbind())
+            for i, value in enumerate(values):
                 sums[i] += float(value)
             tokens += out.tokens
 
@@ -94,7 +111,7 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
         run(first, False)
     bar.close()
     parts.model.train(was_training)
-    total, ce, kd, correct, tokens_all = dist.sum(sums + [float(tokens)], device)
+    total, ce, kd, correct, *per_teacher, tokens_all = dist.sum(sums + [float(tokens)], device)
     n = int(tokens_all)
     if not all(math.isfinite(v) for v in (total, ce, kd)):
         raise NonFiniteError(f"evaluation on {index.cache.location}: the summed loss is "
@@ -102,6 +119,7 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
                              f"(CE {ce:.6g}, KD {kd:.6g}); the student's output is not finite "
                              "(or --loss is infinite for this cache)")
     result = summarise({"total": total, "ce": ce, "kd": kd, "correct_top1": correct}, n)
+    result.update(teacher_metrics([value / max(n, 1) for value in per_teacher]))
     result["loss"] = total / max(n, 1)
     result["samples"] = int(sample_ids.size)
     result["tokens_per_s"] = n / max(time.perf_counter() - started, 1e-9)
@@ -130,20 +148,25 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             result = _evaluate(cfg, dist)
     finally:
         dist.close()
-    result.update({"student": cfg.student, "cache": str(cfg.cache), "loss_kind": cfg.loss.kind,
+    cache = cfg.cache[0] if len(cfg.cache) == 1 else list(cfg.cache)
+    result.update({"student": cfg.student, "cache": cache, "loss_kind": cfg.loss.kind,
                    "temperature": cfg.loss.temperature, "world_size": dist.world_size})
     return result
 
 
 def _evaluate(cfg: EvalConfig, dist: Distributed) -> dict[str, Any]:
-    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
+    cache = open_cache(cfg.cache[0], verify_reads=cfg.verify_reads,
+                       local_cache=cfg.local_cache)
+    index = build_index(cache)
+    others = open_teachers(cfg.cache, index, verify_reads=cfg.verify_reads,
+                           local_cache=cfg.local_cache)  # before the student is loaded
     device = dist.device(resolve_device(cfg.device))
     student = open_student(cache, device, student=cfg.student, tokenizer=cfg.tokenizer,
                            trust_remote_code=cfg.trust_remote_code, base=cfg.base,
                            attn_implementation=cfg.attn_implementation)
-    index = build_index(cache)
     ids = eval_sample_ids(index, cfg.eval_fraction, cfg.max_samples)
     pad_id = cache.manifest.tokenizer.pad_token_id or 0
     return run_evaluation(student.parts, index, ids, cfg.loss, device,
                           autocast_dtype(cfg.dtype, device), cfg.batch_size, pad_id,
-                          cfg.prefetch, cfg.progress and dist.is_main, dist=dist)
+                          cfg.prefetch, cfg.progress and dist.is_main, dist=dist,
+                          others=others)

@@ -24,7 +24,12 @@ head's extra rows get zero gradient), y the label, λ the token's KD weight, τ 
   τ² KL has d(τ² KL)/dz = τ (S q - t).
 * sampled = -Σ_j w_j log p_{s_j} (τ = 1):  d/dz = (Σ_j w_j) p - Σ_j w_j onehot(s_j).
 
-The token's gradient is (1 - λ) dCE/dz + λ τ² dKD/dz (mode ce: dCE/dz).
+The token's gradient is (1 - λ) dCE/dz + λ τ² dKD/dz (mode ce: dCE/dz). With J teachers
+(one FusedTargets each, weights w_j summing to 1) it is (1 - λ) dCE/dz + λ τ² Σ_j w_j dKD_j/dz,
+each KD_j on teacher j's own partition: the one-teacher gradient of teacher 1 with λ w_1,
+plus those of teachers 2..J with λ w_j and no CE term, each from its own copy of the chunk's
+logits (2 (chunk, V) tensors alive instead of 1 with two teachers, 3 with more: the kept
+logits, the running sum and the term being formed; J times the element-wise work).
 
 Every softmax is shifted by the max over the *non-cached* logits, so that the tail's sum
 is ≥ 1 and its log never underflows, however confident the student is on K; the k cached
@@ -87,7 +92,9 @@ class FusedTargets:
 
     labels (N,) int64; lam (N,) λ per token (mode kd); ids (N, k) int64 cached top-k ids
     (top-1 agreement; forward KL); log_p (N, k), log_p_tail (N,): the teacher partition at
-    τ (`losses.teacher_partition`); sampled_ids (N, S) int64, sampled_weights (N, S)."""
+    τ (`losses.teacher_partition`); sampled_ids (N, S) int64, sampled_weights (N, S).
+    Several teachers, one FusedTargets each: teacher_weight (N,) w_j of this teacher's KD
+    term (None: 1); with_ce False for all but teacher 1, so CE counts once."""
 
     labels: Tensor
     lam: Tensor | None = None
@@ -96,6 +103,8 @@ class FusedTargets:
     log_p_tail: Tensor | None = None
     sampled_ids: Tensor | None = None
     sampled_weights: Tensor | None = None
+    teacher_weight: Tensor | None = None
+    with_ce: bool = True
 
     def rows(self, sl: slice) -> FusedTargets:
         """The same inputs for the tokens `sl` (views, no copies)."""
@@ -104,7 +113,7 @@ class FusedTargets:
 
         return FusedTargets(self.labels[sl], cut(self.lam), cut(self.ids), cut(self.log_p),
                             cut(self.log_p_tail), cut(self.sampled_ids),
-                            cut(self.sampled_weights))
+                            cut(self.sampled_weights), cut(self.teacher_weight), self.with_ce)
 
 
 def _shifted_exp(x: Tensor, ids: Tensor | None
@@ -147,8 +156,10 @@ def _tail_share(r: Tensor, shift: Tensor, tail_lse: Tensor) -> Tensor:
 
 def _chunk(z: Tensor, tg: FusedTargets, cfg: LossConfig, kind: str
            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dL/dz (n, V), per-token total (n,), per-token CE (n,), Σ KD, correct top-1) of one
-    chunk. z (n, V): float logits over the real ids, consumed (dL/dz is written into it)."""
+    """(dL/dz (n, V), per-token total (n,), per-token CE (n,), per-token KD (n,), correct
+    top-1) of one chunk and one teacher: total = a CE + λ w τ² KD with a = 1 - λ (0 without
+    `tg.with_ce`) and w = `tg.teacher_weight` (1 when None). z (n, V): float logits over the
+    real ids, consumed (dL/dz is written into it)."""
     kd_mode = cfg.mode == "kd"
     tau = cfg.temperature
     forward_kl = kd_mode and kind == "forward"
@@ -170,10 +181,12 @@ def _chunk(z: Tensor, tg: FusedTargets, cfg: LossConfig, kind: str
     if not kd_mode:
         g = e.mul_(torch.exp(shift - lse).unsqueeze(-1))  # p
         g.scatter_add_(-1, labels, -torch.ones_like(ce).unsqueeze(-1))
-        return g, ce, ce, torch.zeros((), device=z.device), correct
+        return g, ce, ce, torch.zeros_like(ce), correct
     assert tg.lam is not None
     lam = tg.lam.to(ce.dtype)  # (n,)
-    a = 1.0 - lam  # CE's weight
+    a = 1.0 - lam if tg.with_ce else torch.zeros_like(lam)  # CE's weight
+    if tg.teacher_weight is not None:
+        lam = lam * tg.teacher_weight.to(ce.dtype)  # this teacher's share of the KD weight
     if z_sampled is not None:
         assert tg.sampled_ids is not None and tg.sampled_weights is not None
         w = tg.sampled_weights.to(ce.dtype)  # (n, S)
@@ -181,7 +194,7 @@ def _chunk(z: Tensor, tg: FusedTargets, cfg: LossConfig, kind: str
         g.scatter_add_(-1, labels, -a.unsqueeze(-1))
         g.scatter_add_(-1, tg.sampled_ids, -lam.unsqueeze(-1) * w)
         kd = sampled_cross_entropy(z_sampled - lse.unsqueeze(-1), w)  # (n,)
-        return g, a * ce + lam * kd, ce, kd.sum(), correct
+        return g, a * ce + lam * kd, ce, kd, correct
     assert tg.log_p is not None and tg.log_p_tail is not None and tg.ids is not None
     log_p, log_p_tail = tg.log_p.to(ce.dtype), tg.log_p_tail.to(ce.dtype)
     p_t, r = log_p.exp(), log_p_tail.exp()  # (n, k), (n,)
@@ -211,7 +224,7 @@ def _chunk(z: Tensor, tg: FusedTargets, cfg: LossConfig, kind: str
         g.scatter_add_(-1, tg.ids, b.unsqueeze(-1) * (mass.unsqueeze(-1) * q_k - p_t))
         log_q, log_q_tail = u_k - lse_u.unsqueeze(-1), tail_u - lse_u
     kd = divergence("forward", log_p, log_p_tail, log_q, log_q_tail)  # (n,)
-    return g, a * ce + lam * (tau**2) * kd, ce, kd.sum(), correct
+    return g, a * ce + lam * (tau**2) * kd, ce, kd, correct
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -227,8 +240,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                targets: FusedTargets, cfg: LossConfig, kind: str, vocab_size: int
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                targets: list[FusedTargets], cfg: LossConfig, kind: str, vocab_size: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         n = hidden.shape[0]
         cd = _compute_dtype(hidden, weight)
         float_dtype = torch.promote_types(cd, torch.float32)  # the loss: at least float32
@@ -245,17 +258,31 @@ class _FusedHeadLoss(torch.autograd.Function):
                          if bias is not None and bias.requires_grad else None)
             total = torch.zeros((), dtype=float_dtype, device=hidden.device)
             kd_sum = torch.zeros((), dtype=float_dtype, device=hidden.device)
+            per_teacher = torch.zeros(len(targets), dtype=float_dtype, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
             ce_tokens = []
             for start in range(0, n, cfg.chunk_size):
                 sl = slice(start, start + cfg.chunk_size)
                 h = hidden[sl].to(cd)  # (n_c, H)
                 z = F.linear(h, w, b).to(float_dtype)  # (n_c, V), consumed by _chunk
-                g, tot, ce, kd, right = _chunk(z, targets.rows(sl), cfg, kind)
+                g, tot, ce, kd, right = _chunk(z if len(targets) == 1 else z.clone(),
+                                               targets[0].rows(sl), cfg, kind)
                 total += tot.sum()
-                kd_sum += kd
                 correct += right
                 ce_tokens.append(ce)
+                kd_sum += _weighted(kd, targets[0].rows(sl)).sum()
+                per_teacher[0] += kd.sum()
+                # Teachers 2..J: the gradient is a sum over teachers, each term from its own
+                # copy of the logits (a consumed (n_c, V) copy and the sum: 3 such tensors).
+                for j, tg in enumerate(targets[1:], start=1):
+                    last = j == len(targets) - 1
+                    g_j, tot, _, kd, _ = _chunk(z if last else z.clone(), tg.rows(sl), cfg,
+                                                kind)
+                    g += g_j
+                    del g_j
+                    total += tot.sum()
+                    kd_sum += _weighted(kd, tg.rows(sl)).sum()
+                    per_teacher[j] += kd.sum()
                 g_cd = g.to(cd)  # (n_c, V) the matmuls run in the head's dtype, as autograd's
                 del g, z
                 if grad_hidden is not None:
@@ -269,8 +296,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             0, dtype=float_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(ce_per_token, kd_sum, correct)
-        return total, ce_per_token, kd_sum, correct
+        ctx.mark_non_differentiable(ce_per_token, kd_sum, correct, per_teacher)
+        return total, ce_per_token, kd_sum, correct, per_teacher
 
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
@@ -290,6 +317,11 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
+def _weighted(kd: Tensor, tg: FusedTargets) -> Tensor:
+    """(n,) w_j KD_j of one teacher's per-token KD (w_j = 1 when not given)."""
+    return kd if tg.teacher_weight is None else kd * tg.teacher_weight.to(kd.dtype)
+
+
 def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b, in out's dtype (float32 sums of lower-precision products)."""
     if a.dtype == out.dtype and b.dtype == out.dtype:
@@ -298,16 +330,19 @@ def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
         out += (a @ b).to(out.dtype)
 
 
-def fused_head_loss(hidden: Tensor, head: nn.Module | Tensor, targets: FusedTargets,
-                    cfg: LossConfig, kind: str, vocab_size: int
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(total, per-token CE (N,), Σ KD, correct top-1) over N tokens, gradients fused.
+def fused_head_loss(hidden: Tensor, head: nn.Module | Tensor,
+                    targets: FusedTargets | list[FusedTargets], cfg: LossConfig, kind: str,
+                    vocab_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(total, per-token CE (N,), Σ KD, correct top-1, Σ KD_j per teacher (J,)) over N
+    tokens, gradients fused.
 
     hidden (N, H); head: a weight (V_s, H) or an nn.Linear that `head_parameters` accepts
-    (`fused_unsupported` is None); targets: per-token inputs, N rows. total = Σ_n
-    [(1 - λ_n) CE_n + λ_n τ² KD_n] (mode ce: Σ CE_n) is differentiable with respect to
-    hidden and the head's parameters that require grad; the rest are detached. KD is the
-    forward KL on the partition or the sampled loss (module doc for the gradients).
+    (`fused_unsupported` is None); targets: per-token inputs, N rows, one FusedTargets per
+    teacher (teacher 1 first; it alone carries CE). total = Σ_n [(1 - λ_n) CE_n + λ_n τ²
+    Σ_j w_jn KD_jn] (mode ce: Σ CE_n) is differentiable with respect to hidden and the head's
+    parameters that require grad; the rest are detached. KD is the forward KL on each
+    teacher's partition or the sampled loss (module doc for the gradients; with J teachers
+    dL/dz = (1 - λ)(p - y) + λ τ Σ_j w_j (S_j q - t_j), a sum of the one-teacher terms).
     Raises ValueError for a head the fused path cannot run."""
     params = head_parameters(head)
     if params is None:
@@ -316,6 +351,8 @@ def fused_head_loss(hidden: Tensor, head: nn.Module | Tensor, targets: FusedTarg
     if cfg.mode == "kd" and kind not in FUSED_KINDS:
         raise ValueError(f"the fused head computes {', '.join(FUSED_KINDS)}, not {kind!r}")
     weight, bias = params
-    out: tuple[Tensor, Tensor, Tensor, Tensor] = _FusedHeadLoss.apply(
+    if isinstance(targets, FusedTargets):
+        targets = [targets]
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] = _FusedHeadLoss.apply(
         hidden, weight, bias, targets, cfg, kind, vocab_size)
     return out

@@ -1,8 +1,9 @@
 """`LossConfig`: how a student's loss is formed, shared by `train-student` and `evaluate`.
 
-    L = (1 - λ) · CE + λ · τ² · KD        (mode kd; mode ce: L = CE)
+    L = (1 - λ) · CE + λ · τ² · Σ_j w_j KD_j        (mode kd; mode ce: L = CE)
 
-with KD one of `losses.LOSS_KINDS` on the cached partition (docs/training.md, "Losses").
+with KD_j one of `losses.LOSS_KINDS` on teacher j's cached partition (docs/training.md,
+"Losses"; one teacher: w_1 = 1; several: "Several teachers").
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class LossConfig:
         "stores it, else the uniform-tail approximation); 0.05 to 100.", ge=0.05, le=100)
     beta: float = option(0.5, "JSD mixture weight β.", gt=0, lt=1)
     alpha: float = option(0.1, "Skew KL weight α in KL(p || αp + (1-α)q).", ge=0, le=1)
+    teacher_weights: tuple[float, ...] = option(
+        (), "Weight w_j of teacher j's KD term, one per --cache in the same order (repeat the "
+        "flag); normalised to sum 1. Default: equal weights.", flag="teacher_weight", ge=0)
     chunk_size: int = option(1024, "Target tokens per chunk of the output head and loss "
                              "(bounds the logits' memory).", ge=1)
 
@@ -55,6 +59,18 @@ class LossConfig:
     def validate(self) -> None:
         """Raise one ConfigError listing every problem (for a LossConfig used on its own)."""
         raise_problems("loss", field_problems(self) + self.problems())
+
+    def teacher_mix(self, teachers: int) -> tuple[float, ...]:
+        """The J = `teachers` weights w_j of the KD terms, summing to 1: --teacher-weight
+        normalised, or 1/J each. Raises ValueError when their number is not J (the config's
+        checks refuse that first)."""
+        if not self.teacher_weights:
+            return (1.0 / teachers,) * teachers
+        if len(self.teacher_weights) != teachers:
+            raise ValueError(f"{len(self.teacher_weights)} --teacher-weight for {teachers} "
+                             "teachers")
+        total = sum(self.teacher_weights)
+        return tuple(w / total for w in self.teacher_weights)
 
     def resolved(self, sampled_cache: bool) -> str:
         """The divergence to compute: `kind`, or the cache's default."""

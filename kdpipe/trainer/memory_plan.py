@@ -82,7 +82,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +93,7 @@ from kdpipe.hf_errors import refusal_reason, refusals
 from kdpipe.model_parts import known_transform
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.schemas.manifest import CacheManifest
+from kdpipe.schemas.manifest import CacheManifest, same_mapping
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import adapters
 from kdpipe.trainer.adapter_config import is_adapter_folder
@@ -317,11 +317,13 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, world_size: int,
-                precision: str, device_type: str) -> MemoryPlan:
+                precision: str, device_type: str, others: Sequence[CacheManifest] = ()
+                ) -> MemoryPlan:
     """The memory plan of one process of `cfg` (validated) with the meta `model`
     (`meta_student`), `world_size` processes, a resolved --precision (fp32, bf16-mixed,
     bf16-master) on a device of `device_type` (cpu: optimizers loop over tensors; cuda:
-    foreach kernels). Bytes per process; formulas in the module docstring."""
+    foreach kernels). `others`: the manifests of teachers 2..J (several --cache). Bytes per
+    process; formulas in the module docstring."""
     unwrap = getattr(model, "get_base_model", None)  # a peft model: the transformers one
     inner: nn.Module = unwrap() if callable(unwrap) else model
     tensors = Tensors.of(model)
@@ -362,8 +364,8 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
                f"× {tokens:,} tokens ({batch} × {seq_len})")
         layer_backward = block.backward_per_token(matmul_bytes) * tokens
     activations = Part("activations", kept_per_token * tokens, how)
-    head, head_held = _head_part(inner, cfg, manifest, min(cfg.loss.chunk_size, tokens),
-                                 autocast)
+    head, head_held = _head_part(inner, cfg, [manifest, *others],
+                                 min(cfg.loss.chunk_size, tokens), autocast)
     hidden_grad = FLOAT32 * block.hidden * tokens  # d loss / d hidden of the target positions
 
     other = []
@@ -424,22 +426,32 @@ def plan_memory(cfg: TrainConfig, manifest: CacheManifest, model: nn.Module, wor
         steps_how=steps_how)
 
 
-def _head_part(model: nn.Module, cfg: TrainConfig, manifest: CacheManifest, chunk: int,
-               autocast: bool) -> tuple[Part, int]:
+def _head_part(model: nn.Module, cfg: TrainConfig, manifests: Sequence[CacheManifest],
+               chunk: int, autocast: bool) -> tuple[Part, int]:
     """The head's transient buffers on the path the run takes, and the part of them held
-    from the head's forward through the whole backward (the fused head's weight gradient)."""
+    from the head's forward through the whole backward (the fused head's weight gradient).
+    `manifests`: one per teacher; several teachers add, on the fused path, the kept logits
+    while another teacher's term is formed (1 more (chunk, V) tensor with 2 teachers, 2 with
+    more: the gradient's running sum too), and on the autograd path
+    one more at τ ≠ 1 for each teacher after the first (its tempered softmax)."""
+    manifest = manifests[0]
     head = model.get_output_embeddings()  # type: ignore[operator]
     rows, hidden = head.weight.shape
     sampled = manifest.cache_mode == "sampled"
     kind = cfg.loss.resolved(sampled)
     transform, _ = known_transform(model.config)
-    if fused_unsupported(head, cfg.loss, kind, manifest.vocab_size, manifest.top_k,
+    several = cfg.loss.mode == "kd" and len(manifests) > 1
+    top_k = max(m.top_k for m in manifests)
+    if fused_unsupported(head, cfg.loss, kind, manifest.vocab_size, top_k,
                          transform) is not None:
-        return Part("KD head chunks", HEAD_CHUNK_COPIES * FLOAT32 * chunk * rows,
-                    f"checkpointed: {HEAD_CHUNK_COPIES} × {chunk:,} tokens × {rows:,} rows "
+        copies = HEAD_CHUNK_COPIES + (len(manifests) - 1 if several
+                                      and cfg.loss.temperature != 1.0 else 0)
+        return Part("KD head chunks", copies * FLOAT32 * chunk * rows,
+                    f"checkpointed: {copies} × {chunk:,} tokens × {rows:,} rows "
                     "× 4 B"), 0
     copies = FUSED_CHUNK_COPIES + (cfg.loss.mode == "kd" and kind == "forward"
                                    and cfg.loss.temperature != 1.0)
+    copies += min(len(manifests) - 1, 2) if several else 0
     chunks = (copies * FLOAT32 + (BFLOAT16 if autocast else 0)) * chunk * manifest.vocab_size
     params = [p for p in (head.weight, head.bias) if p is not None and p.requires_grad]
     held = FLOAT32 * sum(p.numel() for p in params)
@@ -527,10 +539,15 @@ def dry_run(cfg: TrainConfig) -> MemoryPlan:
     plan_run_dir(cfg, planned_world_size())  # --out as a real run would find it (reads only)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device).name
-    # the manifest alone, from a folder or a URL (no shard is opened; no --local-cache copy)
-    manifest = open_cache(cfg.cache, check_shards=False).manifest
-    model = meta_student(cfg, manifest)
-    return plan_memory(cfg, manifest, model, planned_world_size(), precision, device.type)
+    # the manifests alone, from a folder or a URL (no shard is opened; no --local-cache copy)
+    manifests = [open_cache(cache, check_shards=False).manifest for cache in cfg.cache]
+    for cache, other in zip(cfg.cache[1:], manifests[1:], strict=True):
+        if not same_mapping(manifests[0], other):  # the rest needs the shards: at training
+            raise ConfigError(f"--cache {cache} does not cover the same sequences as --cache "
+                              f"{cfg.cache[0]}: their tokenizers map ids differently")
+    model = meta_student(cfg, manifests[0])
+    return plan_memory(cfg, manifests[0], model, planned_world_size(), precision, device.type,
+                       manifests[1:])
 
 
 def _gib(value: int) -> str:

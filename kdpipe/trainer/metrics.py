@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -219,3 +219,9 @@ def summarise(sums: dict[str, float], tokens: int) -> dict[str, float]:
     ce = sums["ce"] / n
     return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "kd": sums["kd"] / n,
             "top1_agreement": sums["correct_top1"] / n, "tokens": tokens}
+
+
+def teacher_metrics(per_teacher: Sequence[float]) -> dict[str, float]:
+    """{"kd_teacher_1": mean KD against teacher 1, ...} from per-token means, teachers in
+    --cache order ({} for one teacher, whose KD is `kd`)."""
+    return {f"kd_teacher_{j}": value for j, value in enumerate(per_teacher, start=1)}

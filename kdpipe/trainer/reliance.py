@@ -92,10 +92,12 @@ class PercentileSource(Protocol):
         ...
 
 
-def partner_map(train_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted ids, their partners): a seeded random permutation of the training split."""
+def partner_map(train_ids: np.ndarray, seed: int, stream: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, their partners): a seeded random permutation of the training split.
+    `stream` keeps the permutations of different controls independent (λ: 0)."""
     ids = np.sort(np.asarray(train_ids, dtype=np.int64))
-    return ids, np.random.default_rng([seed, _SALT, 0]).permutation(ids)
+    return ids, np.random.default_rng([seed, _SALT, stream]).permutation(ids)
 
 
 class SampleReliance:

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import signal
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,14 @@ from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import same_mapping
 from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.schemas.shard_reader import CacheIndex, Columns, build_index, columns_for
-from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
-from kdpipe.tokenizer_identity import cache_tokenizer
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer.config import TrainConfig
-from kdpipe.trainer.curriculum_config import check_curriculum_file, setup_curriculum
+from kdpipe.trainer.curriculum_config import (
+    check_curriculum_file,
+    setup_curriculum,
+    setup_teacher_reliance,
+)
 from kdpipe.trainer.data import BatchLoader, GlobalBatch
 from kdpipe.trainer.distributed import (
     Distributed,
@@ -51,7 +53,7 @@ from kdpipe.trainer.distributed import (
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.execution import compile_body, enable_gradient_checkpointing
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput
+from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput, teacher_metrics
 from kdpipe.trainer.model import Student, autocast, open_student, write_merged
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
 from kdpipe.trainer.optimizers import build_optimizer
@@ -65,6 +67,14 @@ from kdpipe.trainer.preemption import CheckpointClock, Interrupted, StopRequest,
 from kdpipe.trainer.reliance import ConstantLambda, LambdaFn, Reliance, StepLambdas
 from kdpipe.trainer.run_dir import RunStart, claim_run_dir, plan_run_dir, rewind_logs
 from kdpipe.trainer.sampler import Sampler, ShuffleSampler, holdout_mask
+from kdpipe.trainer.teachers import (
+    FixedTeacherWeights,
+    RelianceTeacherWeights,
+    StepWeights,
+    TeacherWeightsFn,
+    mapping_detail,
+    open_teachers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,11 @@ class Run:
     eval_ids: np.ndarray
     state: ckpt.TrainerState
     stats: SampleStats | None  # this epoch's per-sample statistics (for snapshots)
+    # Several teachers: teachers 2..J's caches (index, columns), their held-out caches'
+    # indexes (with --eval-cache), and the weights of the teachers' KD terms.
+    others: tuple[tuple[CacheIndex, Columns], ...] = ()
+    eval_others: tuple[CacheIndex, ...] = ()
+    teacher_weights: TeacherWeightsFn | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -116,7 +131,8 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
                          loss_cfg: LossConfig, device: torch.device,
                          amp_dtype: torch.dtype | None, *, dist: Distributed | None = None,
                          share: RankSlice | None = None, stats: SampleStats | None = None,
-                         step: int = 0) -> dict[str, float]:
+                         step: int = 0, teacher_weights: StepWeights | None = None
+                         ) -> dict[str, float]:
     """Forward + backward over the micro-batches of one global batch; returns per-token means.
 
     `objective` is a StudentObjective (DDP/FSDP-wrapped when distributed); `lam` the step's λ
@@ -124,41 +140,63 @@ def accumulate_gradients(objective: nn.Module, batch: GlobalBatch, lam: StepLamb
     real target tokens (summed over processes) before backward, so the summed gradients equal
     those of one big batch's token mean however the batch is split. Distributed: `share` is
     this rank's slice (its micro-batch count, and whether it is real: placeholders and
-    padding micro-batches run with weight 0 so every rank makes the same passes).
+    padding micro-batches run with weight 0 so every rank makes the same passes). Several
+    teachers (`batch.micro[m].other_teachers`): `teacher_weights` gives the step's (J, N)
+    weights per micro-batch (default: --teacher-weight); `kd_teacher_j` (1-based) is each
+    teacher's mean KD and `teacher_weight_j` its mean weight per token.
     """
     dist = dist or Distributed()
+    teachers = len(batch.micro[0].teachers)
+    if teachers > 1 and teacher_weights is None:
+        teacher_weights = FixedTeacherWeights(loss_cfg.teacher_mix(teachers))
     real = share is None or share.real
     tokens = max(int(dist.sum([batch.num_targets if real else 0], device)[0]), 1)
     # (micro-batch, weight 1 or 0); padded to the micro-batch count every rank runs.
     runs = [(mb, 1.0 if real else 0.0) for mb in batch.micro]
     planned = share.micro_batches if share is not None else len(runs)
     runs += [(batch.micro[0], 0.0)] * (planned - len(runs))
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # total, ce, kd, correct
+    # total, ce, kd, correct, then KD against each teacher and each teacher's summed weight
+    # (several teachers)
+    sums = torch.zeros(4 + (2 * teachers if teachers > 1 else 0), dtype=torch.float64,
+                       device=device)
     first = 0
     for m, (cpu_batch, weight) in enumerate(runs):
         mb = cpu_batch.to(device)
         lam_tokens = (lam.tokens(m, first, mb.target_row) if weight else
                       torch.zeros(mb.num_targets, device=device))  # (N,)
+        mix = None  # (J, N); a zero-weight micro-batch takes equal weights
+        if teacher_weights is not None and teachers > 1:
+            mix = (teacher_weights.tokens(m, first, mb.target_row) if weight else
+                   torch.full((teachers, mb.num_targets), 1.0 / teachers, device=device))
         first += cpu_batch.sample_ids.numel()
         with no_grad_sync(objective, skip=m < len(runs) - 1):
             with autocast(device, amp_dtype):
-                out = call(objective, mb, lam_tokens, loss_cfg)
+                out = call(objective, mb, lam_tokens, loss_cfg, mix)
             # DDP/FSDP average gradients over ranks; × world size makes that a sum.
             loss = out.total / (tokens / dist.world_size)
             (loss if weight else loss * 0.0).backward()
         if not weight:
             continue
-        sums += torch.stack([out.total.detach().double(), out.ce.double(), out.kd.double(),
-                             out.correct_top1.double()])
+        values = [out.total.detach().double(), out.ce.double(), out.kd.double(),
+                  out.correct_top1.double()]
+        if teachers > 1:
+            assert out.kd_per_teacher is not None and mix is not None
+            values += list(out.kd_per_teacher.double().unbind())
+            values += list(mix.double().sum(dim=1).unbind())
+        sums += torch.stack(values)
         if stats is not None:
             stats.add(cpu_batch.sample_ids, mb.target_row, out.ce_per_token, step)
-    total, ce_sum, kd_sum, correct = (s / tokens for s in dist.sum(sums.tolist(), device))
+    total, ce_sum, kd_sum, correct, *per_teacher = (
+        s / tokens for s in dist.sum(sums.tolist(), device))
+    kd_teachers, weights = per_teacher[:len(per_teacher) // 2], per_teacher[len(per_teacher) // 2:]
     return {"loss": total, "ce": ce_sum, "kd": kd_sum, "top1_agreement": correct,
+            **teacher_metrics(kd_teachers),
+            **{f"teacher_weight_{j}": w for j, w in enumerate(weights, start=1)},
             "tokens": tokens}
 
 
 def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice | None,
-               step: int) -> dict[str, float]:
+               step: int, mix: StepWeights | None = None) -> dict[str, float]:
     """One optimizer step: accumulate gradients, clip, --optimizer, advance the LR schedule.
 
     Raises NonFiniteError, before the optimizer changes any weight, when the loss or the
@@ -166,7 +204,7 @@ def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice 
     """
     result = accumulate_gradients(run.objective, batch, lam, run.cfg.loss, run.device,
                                   run.amp_dtype, dist=run.dist, share=share, stats=run.stats,
-                                  step=step)
+                                  step=step, teacher_weights=mix)
     params = gradient_params(run.optimizer, run.objective)  # bf16-master: the fp32 masters
     clip = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -185,45 +223,58 @@ def train_step(run: Run, batch: GlobalBatch, lam: StepLambdas, share: RankSlice 
 
 # --- setup ------------------------------------------------------------------------------------
 
-def split_data(cfg: TrainConfig, index: CacheIndex
-               ) -> tuple[np.ndarray, CacheIndex | None, np.ndarray]:
-    """(train ids, eval index or None, eval ids): --eval-cache, or --eval-fraction by hash."""
+def split_data(cfg: TrainConfig, index: CacheIndex, others: Sequence[CacheIndex] = ()
+               ) -> tuple[np.ndarray, CacheIndex | None, np.ndarray, tuple[CacheIndex, ...]]:
+    """(train ids, eval index or None, eval ids, the other teachers' eval indexes):
+    --eval-cache (one per --cache, checked to align with each other and to come from the
+    same teachers as `others`, teachers 2..J's training caches), or --eval-fraction by hash
+    (the other teachers' held-out rows are then in their training caches)."""
     ids = index.sample_ids
     held = holdout_mask(ids, cfg.eval_fraction)
     train_ids = ids[~held]
-    if cfg.eval_cache is not None:
-        eval_cache = open_cache(cfg.eval_cache, verify_reads=cfg.verify_reads,
+    eval_others: tuple[CacheIndex, ...] = ()
+    if cfg.eval_cache:
+        eval_cache = open_cache(cfg.eval_cache[0], verify_reads=cfg.verify_reads,
                                 local_cache=cfg.local_cache, flag="--eval-cache")
         if not same_mapping(eval_cache.manifest, index.cache.manifest):
-            raise ConfigError(f"--eval-cache {cfg.eval_cache} was made with a tokenizer that "
-                              f"maps ids differently from --cache {cfg.cache}'s"
-                              f"{_first_difference(index.cache, eval_cache)}; cache both with "
-                              "the same tokenizer")
+            raise ConfigError(f"--eval-cache {cfg.eval_cache[0]} was made with a tokenizer that "
+                              f"maps ids differently from --cache {cfg.cache[0]}'s"
+                              + mapping_detail(index.cache, eval_cache,
+                                               ("--cache", "--eval-cache"))
+                              + "; cache both with the same tokenizer")
         eval_index: CacheIndex | None = build_index(eval_cache)
         assert eval_index is not None
         eval_ids = eval_index.sample_ids
+        eval_others = open_teachers(cfg.eval_cache, eval_index, "--eval-cache",
+                                    verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
+        _check_eval_teachers(cfg, [index.cache, *(i.cache for i in others)],
+                             [eval_index.cache, *(i.cache for i in eval_others)])
     elif cfg.eval_fraction > 0:
         eval_index, eval_ids = index, ids[held]
     else:
         eval_index, eval_ids = None, ids[:0]
     if train_ids.size == 0:
-        raise ConfigError(f"--cache {cfg.cache}: no training samples left after "
+        raise ConfigError(f"--cache {cfg.cache[0]}: no training samples left after "
                           f"--eval-fraction {cfg.eval_fraction}")
     if eval_index is not None and eval_ids.size == 0:
         raise ConfigError(f"--eval-fraction {cfg.eval_fraction} holds out no sample of "
                           f"{len(index)}; raise it or use --eval-cache")
-    return train_ids, eval_index, eval_ids[:cfg.eval_max_samples]
+    return train_ids, eval_index, eval_ids[:cfg.eval_max_samples], eval_others
 
 
-def _first_difference(cache: Cache, other: Cache) -> str:
-    """' (id 17 is 'a' in --cache's tokenizer but 'b' in --eval-cache's)', when both caches
-    still have their tokenizers to compare id by id; else ''."""
-    ours, theirs = cache_tokenizer(cache), cache_tokenizer(other)
-    if ours is None or theirs is None:
-        return ""
-    found = compare_vocab(ours, theirs, real_vocab_size(ours),
-                          ("--cache's tokenizer", "--eval-cache's")).mismatch
-    return f" ({found})" if found else ""
+def _check_eval_teachers(cfg: TrainConfig, train: Sequence[Cache], held: Sequence[Cache]
+                         ) -> None:
+    """Several teachers: --eval-cache j must come from --cache j's teacher (the same weights
+    fingerprint), so that kd_teacher_j means one teacher in training and evaluation."""
+    if len(train) < 2:
+        return
+    for j, (cache, eval_cache) in enumerate(zip(train, held, strict=True), start=1):
+        ours, theirs = cache.manifest.teacher, eval_cache.manifest.teacher
+        if ours.fingerprint != theirs.fingerprint:
+            raise ConfigError(f"--eval-cache {cfg.eval_cache[j - 1]} was made by teacher "
+                              f"{theirs.name_or_path}, but --cache {cfg.cache[j - 1]} (teacher "
+                              f"{j}) by {ours.name_or_path}: give one --eval-cache per --cache, "
+                              "from the same teacher, in the same order")
 
 
 def seed_everything(seed: int) -> None:
@@ -233,13 +284,20 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | None = None,
-          sampler: Sampler | None = None, lambda_fn: LambdaFn | None = None) -> Run:
-    """Build a run: student, data and order, λ source, optimizer and schedule, resumed from
-    `start.checkpoint` when given. `cfg` is validated; the run folder exists (`start`)."""
+          sampler: Sampler | None = None, lambda_fn: LambdaFn | None = None,
+          teacher_weights: TeacherWeightsFn | None = None) -> Run:
+    """Build a run: student, data and order, λ source, teachers' weights, optimizer and
+    schedule, resumed from `start.checkpoint` when given. `cfg` is validated; the run folder
+    exists (`start`). Several --cache are checked to align before anything else is built."""
     dist = dist or Distributed()
     seed_everything(cfg.seed + dist.rank)  # rank 0 as on one process; dropout differs by rank
     device = dist.device(resolve_device(cfg.device))
-    cache = open_cache(cfg.cache, verify_reads=cfg.verify_reads, local_cache=cfg.local_cache)
+    cache = open_cache(cfg.cache[0], verify_reads=cfg.verify_reads,
+                       local_cache=cfg.local_cache)
+    index = build_index(cache)
+    other_indexes = open_teachers(cfg.cache, index, verify_reads=cfg.verify_reads,
+                                  local_cache=cfg.local_cache)
+
     checkpoint = start.checkpoint if start is not None else None
     precision = resolve_precision(cfg.precision, device)
     student = open_student(cache, device, student=cfg.student,
@@ -256,8 +314,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     objective = wrap(StudentObjective(student.parts, cache.manifest.vocab_size), dist,
                      cfg.fsdp and dist.enabled, device)
 
-    index = build_index(cache)
-    train_ids, eval_index, eval_ids = split_data(cfg, index)
+    train_ids, eval_index, eval_ids, eval_others = split_data(cfg, index, other_indexes)
     per_step = cfg.batch_size * cfg.grad_accum * dist.world_size  # the global batch
     epoch_size = sampler.epoch_size if sampler is not None else lambda epoch: train_ids.size
     total_steps = cfg.max_steps or sum(-(-epoch_size(e) // per_step)
@@ -273,9 +330,17 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
                         or ConstantLambda(cfg.loss.kd_weight), plugins.per_token,
                         gather=lambda values: (np.concatenate(dist.gather(values))
                                                if dist.enabled else values))
+    if other_indexes and teacher_weights is None:  # several teachers
+        teacher_weights = _teacher_weights(cfg, [cache, *(i.cache for i in other_indexes)],
+                                           train_ids, lambda v: dist.sum(v, device))
+    weights_read_logprob = teacher_weights is not None and teacher_weights.target_logprob
     columns = columns_for(cache, teacher=cfg.loss.mode == "kd",
                           temperature=cfg.loss.temperature,
-                          target_logprob=plugins.per_token is not None)
+                          target_logprob=plugins.per_token is not None or weights_read_logprob)
+    others = tuple((other, columns_for(other.cache, teacher=cfg.loss.mode == "kd",
+                                       temperature=cfg.loss.temperature,
+                                       target_logprob=weights_read_logprob))
+                   for other in other_indexes)
 
     # After wrapping: FSDP's parameters are shards.
     optimizer = build_optimizer(objective, cfg, device, masters)
@@ -288,10 +353,21 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
                               world_size=dist.world_size)
     run = Run(cfg, dist, device, precision.autocast, cache, index, student,
               objective, optimizer, scheduler, sampler, reliance, columns, per_step,
-              total_steps, eval_index, eval_ids, state, SampleStats() if cfg.snapshots else None)
+              total_steps, eval_index, eval_ids, state, SampleStats() if cfg.snapshots else None,
+              others, eval_others, teacher_weights)
     if checkpoint is not None:
         _resume(run, checkpoint)
     return run
+
+
+def _teacher_weights(cfg: TrainConfig, caches: Sequence[Cache], train_ids: np.ndarray,
+                     sum_across: Callable[[list[float]], list[float]]) -> TeacherWeightsFn:
+    """--teacher-weight as it is, or reshaped by --teacher-reliance softmax|best."""
+    if cfg.curriculum.teacher_reliance == "fixed":
+        return FixedTeacherWeights(cfg.loss.teacher_mix(len(caches)))
+    return RelianceTeacherWeights(setup_teacher_reliance(
+        cfg.curriculum, caches, train_ids, cfg.loss.teacher_weights, seed=cfg.seed,
+        sum_across=sum_across))
 
 
 def _resume(run: Run, checkpoint: Path) -> None:
@@ -370,10 +446,12 @@ def evaluate_now(run: Run) -> dict[str, Any] | None:
     """Metrics on the held-out split (every rank takes part), or None without one."""
     if run.eval_index is None:
         return None
+    # --eval-fraction: the other teachers' held-out rows are in their training caches.
+    others = run.eval_others or tuple(index for index, _ in run.others)
     return run_evaluation(run.student.parts, run.eval_index, run.eval_ids, run.cfg.loss,
                           run.device, run.amp_dtype, run.cfg.batch_size, run.pad_id,
                           run.cfg.prefetch, progress=False, objective=run.objective,
-                          dist=run.dist)
+                          dist=run.dist, others=others)
 
 
 def after_step(run: Run, epoch_done: bool, logger: RunLogger | None, save_now: bool) -> None:
@@ -413,11 +491,13 @@ def should_stop_or_save(run: Run, stop: StopRequest, clock: CheckpointClock
 # --- the loop ---------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, sampler: Sampler | None = None,
-          lambda_fn: LambdaFn | None = None) -> dict[str, Any]:
+          lambda_fn: LambdaFn | None = None,
+          teacher_weights: TeacherWeightsFn | None = None) -> dict[str, Any]:
     """Run `kdpipe train-student`; returns the final metrics (also in RUN/final_metrics.json).
 
     `sampler` and `lambda_fn` replace the seeded shuffle and the constant λ (curricula and
-    selective reliance plug in here); both must be deterministic for --resume to be exact.
+    selective reliance plug in here), `teacher_weights` the fixed --teacher-weight mix of
+    several teachers; all must be deterministic for --resume to be exact.
     Without them, `--curriculum*`/`--reliance*` options build them (curriculum_config.py).
     Under torchrun every process calls this; see distributed.py for how the work is split.
     """
@@ -427,7 +507,7 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
     cfg = cfg.with_cache_defaults()
     cfg.validate()
     # before any write
-    check_curriculum_file(cfg.curriculum, cfg.cache, cfg.verify_reads, cfg.local_cache)
+    check_curriculum_file(cfg.curriculum, cfg.cache[0], cfg.verify_reads, cfg.local_cache)
     dist = Distributed.from_env(cfg.device)
     if cfg.fsdp and not dist.enabled:
         log.warning("--fsdp shards the student over the processes torchrun starts; on one "
@@ -436,7 +516,8 @@ def train(cfg: TrainConfig, sampler: Sampler | None = None,
         start = dist.on_main(lambda: plan_run_dir(cfg, dist.world_size))
         if start.finished is not None:
             return start.finished
-        run = setup(cfg, dist, start, sampler, lambda_fn)  # every check before any write
+        # every check before any write
+        run = setup(cfg, dist, start, sampler, lambda_fn, teacher_weights)
         dist.on_main(lambda: claim_run_dir(cfg, start))
         return _loop(run)
     except NonFiniteError as exc:
@@ -464,7 +545,8 @@ def _steps(run: Run) -> Generator[tuple[GlobalBatch, RankSlice, np.ndarray, int]
                                    cfg.batch_size)
         with BatchLoader(run.index, local, run.columns, cfg.batch_size, cfg.grad_accum,
                          run.pad_id, cfg.prefetch, cached_groups=cfg.shuffle_window,
-                         workers=cfg.loader_workers, read_ahead=cfg.read_ahead) as loader:
+                         workers=cfg.loader_workers, read_ahead=cfg.read_ahead,
+                         others=run.others) as loader:
             for b, batch in enumerate(loader):
                 yield batch, shares[b], remaining[b * per_step:(b + 1) * per_step], batches
 
@@ -488,8 +570,11 @@ def _loop(run: Run) -> dict[str, Any]:
             step = run.state.step + 1
             # λ of every sample (or token) this rank trains on, the same on every rank.
             lam = run.reliance.for_step(global_ids, step, batch, share)
+            # Several teachers: the weight of each (collective under a matched control).
+            mix = (run.teacher_weights.for_step(global_ids, step, batch, share)
+                   if run.teacher_weights is not None else None)
             # Step.
-            result = train_step(run, batch, lam, share, step)
+            result = train_step(run, batch, lam, share, step, mix)
             run.state = replace(
                 run.state, step=step, batches_in_epoch=run.state.batches_in_epoch + 1,
                 tokens_seen=run.state.tokens_seen + int(result["tokens"]),

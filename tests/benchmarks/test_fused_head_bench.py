@@ -16,9 +16,11 @@ def test_fused_head_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     fused_head = importlib.import_module("fused_head")
     fused_head.main(["--tokens", "40", "--hidden", "8", "--vocab", "96", "--top-k", "4",
                      "--chunk-size", "16", "--repeats", "1", "--device", "cpu",
-                     "--out", str(tmp_path)])
+                     "--teachers", "2", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "fused_head.json").read_text())["results"]
-    assert set(results) == {"ce", "forward τ=1", "forward τ=2", "sampled"}
+    assert set(results) == {"ce", "forward τ=1", "forward τ=2", "sampled",
+                            "forward τ=1, 2 teachers", "forward τ=2, 2 teachers",
+                            "sampled, 2 teachers"}
     for row in results.values():
         assert row["fused"]["tokens_per_s"] > 0 and row["checkpointed"]["peak_extra_mib"] > 0
     assert (tmp_path / "fused_head.md").is_file()

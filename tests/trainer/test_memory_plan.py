@@ -40,7 +40,7 @@ def _cfg(cache: Path, out: Path, **options: Any) -> TrainConfig:
 
 
 def _plan(cfg: TrainConfig, world: int = 1, precision: str = "fp32") -> MemoryPlan:
-    manifest = read_manifest(cfg.cache)
+    manifest = read_manifest(cfg.cache[0])
     return plan_memory(cfg, manifest, meta_student(cfg, manifest), world, precision, "cpu")
 
 
