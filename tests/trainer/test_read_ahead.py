@@ -213,3 +213,21 @@ def test_a_read_ahead_too_small_for_the_cache_is_warned_about(
         assert not caplog.records
         _warn_about_random_access(cache, loader_groups=1, read_ahead=100)
     assert len(caplog.records) == 1 and "--read-ahead 100 " in caplog.records[0].message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_caches_in_lockstep_each_read_ahead_over_the_same_order(
+        loaded: tuple[CacheIndex, Columns], workers: int) -> None:
+    index, columns = loaded
+    order = _curriculum_order(index, seed=2)
+    expected = _today(index, order, columns, 2)
+    with BatchLoader(index, order, columns, BATCH, ACCUM, prefetch=2, cached_groups=2,
+                     workers=workers, read_ahead=300, others=[(index, columns)]) as loader:
+        found = list(loader)
+    _assert_same(expected, found)
+    for batch in found:
+        for mb in batch.micro:
+            (other,) = mb.other_teachers
+            assert mb.teacher is not None
+            for x, y in zip(vars(mb.teacher).values(), vars(other).values(), strict=True):
+                assert (x is None and y is None) or torch.equal(x, y)
