@@ -5,24 +5,24 @@ The loader knows its whole epoch order before it starts. A curriculum draws ever
 uniformly from a pool of the easiest samples, which lies scattered over the whole cache, so an
 LRU of `--shuffle-window` decoded row groups misses on almost every sample once the pool spans
 more row groups than that: ~64 rows decoded to use one (docs/curriculum.md, "Cost: random
-access to the cache"). `ReadAhead` instead walks the order in horizons of `horizon` samples.
-For each horizon it finds the distinct row groups the horizon touches, fetches each once from
-the reader (`RowGroupReader`, or `WorkerRowGroupReader` whose processes decode them in exactly
-that sequence), copies out only the rows the horizon uses (`compact_rows`) and lets the group
-go; the horizon's samples are then handed out, in order, from those copies. A row group costs
-one decode per horizon instead of one per sample, and memory holds at most `horizon` copied
-rows on top of the reader's LRU (which still serves an order that stays within a window, such
-as the default shuffle, with no extra decode).
+access to the cache"). `ReadAhead` instead walks the order in horizons of at most `budget`
+target tokens (`--read-ahead`). Within a horizon, each row group it touches is fetched once
+from the reader (`RowGroupReader`, or `WorkerRowGroupReader`, whose processes decode them in
+exactly that sequence, `fetch_sequence`) when its first sample comes up; only the rows the
+horizon uses are copied out (`compact_rows`), the group itself is left to the reader's LRU,
+and the copy is let go after its last sample in the horizon. A row group costs one decode per
+horizon instead of one per sample; memory holds at most `budget` target tokens of copies on
+top of the reader's LRU (which still serves an order that stays within a window, such as the
+default shuffle, with no extra decode).
 
-The rows handed out are the decoded rows themselves (same arrays, same dtypes), so batches
-collated from them are the same bits as from the row groups; nothing about the order changes.
+The rows handed out hold the decoded rows' values in the same dtypes, so batches collated from
+them are the same bits as from the row groups; nothing about the order changes.
 One `ReadAhead` reads one cache: a loader over several caches in lockstep uses one per cache,
 each given the same positions.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,7 +36,6 @@ from kdpipe.schemas.shard_reader import (
 )
 from kdpipe.trainer.decode_workers import WorkerRowGroupReader
 
-log = logging.getLogger(__name__)
 
 def _spans(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(new offsets (len(rows)+1,), flat indices) of the ragged spans `rows` of `offsets`.
