@@ -53,8 +53,9 @@ def score_student(cache: Cache, student: str, tokenizer: str | None = None,
     sums = np.zeros((len(index), 3), dtype=np.float64)  # Σ nll, Σ p, Σ entropy per sample
     tokens = np.zeros(len(index), dtype=np.int64)
     position = {int(s): i for i, s in enumerate(index.sample_ids)}
+    # Storage order: the LRU alone decodes each row group once; nothing to read ahead.
     loader = BatchLoader(index, index.sample_ids, columns, batch_size, 1, pad_id,
-                         cached_groups=2)  # storage order: each row group decoded once
+                         cached_groups=2, read_ahead=1)
     with loader, Progress("score-student", len(loader), unit="batch", progress=progress) as bar:
         for global_batch in loader:
             for cpu_batch in global_batch.micro:

@@ -26,6 +26,10 @@ from kdpipe.schemas.manifest import ShardInfo
 log = logging.getLogger(__name__)
 
 OPEN_FILES = 16  # Parquet files kept open by one loader thread
+# Target tokens the trainer's loader reads ahead by default (`--read-ahead`,
+# trainer/read_ahead.py): ~270 MB of decoded rows at k = 64 with 16-bit ids and float16
+# log-probs (k x 4 bytes and a few more per target); docs/curriculum.md has the trade-off.
+READ_AHEAD_TARGETS = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from kdpipe.schemas.manifest import CacheManifest, manifest_path, read_manifest
 from kdpipe.schemas.records import from_dict, read_json, to_dict
 from kdpipe.schemas.remote_cache import read_remote_manifest
 from kdpipe.schemas.run_layout import RunLayout
+from kdpipe.schemas.shard_reader import READ_AHEAD_TARGETS
 from kdpipe.schemas.storage import is_url
 from kdpipe.trainer.adapter_config import AdapterConfig, is_adapter_folder
 from kdpipe.trainer.choices import ATTN_IMPLEMENTATIONS, FROM_DTYPE, OPTIMIZERS, PRECISIONS
@@ -42,8 +43,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # where and on how many CPU threads (and loader processes) it runs, how it shows progress,
 # whether it re-checks the cache's checksums (and where it keeps a remote one's shards), the
 # run-folder flags themselves, and --dry-run.
-COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "loader_workers", "progress",
-                   "verify_reads", "local_cache", "resume", "overwrite", "dry_run")
+COSMETIC_FIELDS = ("out", "device", "threads", "prefetch", "read_ahead", "loader_workers",
+                   "progress", "verify_reads", "local_cache", "resume", "overwrite", "dry_run")
 # Fields that may also differ on `--resume`: how long to train, how often to report, and
 # how the body runs (the same computation: checkpointing exactly, compiled up to rounding).
 # Everything else defines the run and must match.
@@ -222,6 +223,10 @@ class TrainConfig:
         16, "Row groups (64 sequences each) shuffled together; larger = closer to a full "
         "shuffle, more memory.", ge=1)
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
+    read_ahead: int = option(
+        READ_AHEAD_TARGETS, "Target tokens of upcoming samples the loader reads ahead, each row "
+        "group they touch decoded once and only their rows kept (~k x 4 bytes a token): what "
+        "keeps a curriculum's scattered order fast; same batches at any value.", ge=1)
     loader_workers: int = option(
         0, "Processes that read and decode the cache's row groups ahead of the loader (0: its "
         "one background thread). For a GPU at tens of thousands of tokens per step: 2-4.", ge=0)
@@ -367,6 +372,10 @@ class EvalConfig:
         None, "Attention kernel: sdpa, flash_attention_2, eager (default: the model's own).",
         choices=ATTN_IMPLEMENTATIONS)
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
+    read_ahead: int = option(
+        READ_AHEAD_TARGETS, "Target tokens of upcoming samples the loader reads ahead, each row "
+        "group they touch decoded once and only their rows kept (~k x 4 bytes a token): what "
+        "keeps a curriculum's scattered order fast; same batches at any value.", ge=1)
     progress: bool = option(False, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
     local_cache: str | None = option(None, LOCAL_CACHE_HELP)

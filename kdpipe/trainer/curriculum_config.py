@@ -9,6 +9,7 @@ docs/curriculum.md describes every option.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from kdpipe.options import option
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.curriculum import check_matches_cache, read_curriculum
-from kdpipe.schemas.shard import SAMPLE_ID
+from kdpipe.schemas.shard import ROW_GROUP_SIZE, SAMPLE_ID
 from kdpipe.schemas.storage import file_exists
 from kdpipe.trainer.curriculum_sampler import ORDERS, SNAPSHOT_METRICS, CurriculumSampler, Ranking
 from kdpipe.trainer.pacing import PACINGS, Pacing
@@ -41,6 +42,9 @@ TEACHER_RELIANCE_CONTROLS = ("none", "shuffled", "matched")
 
 CURRICULUM_SOURCES = ("file", "snapshot")
 DEFAULT_BUCKETS = 10  # baby-steps buckets when neither --pacing-buckets nor a file gives them
+# Rows of each decoded row group a curriculum's loader should use: ~11 kept it 20x ahead of a
+# 1.3M student on one CPU thread (docs/benchmarks.md, "Curriculum order at scale").
+USED_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -199,14 +203,15 @@ class CurriculumPlugins:
 def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
                      train_ids: np.ndarray, *, seed: int, per_step: int, total_steps: int,
                      kd_weight: float, run_dir: str | Path, loader_groups: int | None = None,
+                     read_ahead: int | None = None,
                      sum_across: Callable[[list[float]], list[float]] | None = None
                      ) -> CurriculumPlugins:
     """Load and check the curriculum, build the sampler and the λ functions.
 
     cache_ids: (n,) every sample id of the cache; train_ids: the training split; total_steps:
-    the run's (the pacing functions need it before training starts). loader_groups: the
-    loader's row-group cache (--shuffle-window), to warn when a curriculum's random access
-    will thrash it.
+    the run's (the pacing functions need it before training starts). loader_groups and
+    read_ahead: the loader's row-group cache (--shuffle-window) and read-ahead (--read-ahead),
+    to warn when a curriculum's scattered order will still cost many decodes per sample.
     """
     initial, buckets = None, DEFAULT_BUCKETS
     fingerprint = cache.manifest.settings_fingerprint
@@ -221,7 +226,7 @@ def setup_curriculum(cl: CurriculumConfig, cache: Cache, cache_ids: np.ndarray,
                  curriculum.info.source, curriculum.info.metric, len(initial))
     sampler = None
     if cl.active:
-        _warn_about_random_access(cache, loader_groups)
+        _warn_about_random_access(cache, loader_groups, read_ahead)
         sampler = CurriculumSampler(
             train_ids, cl.pacing_for(buckets), per_step, total_steps, seed, initial, cl.order,
             snapshot_run=run_dir if cl.source == "snapshot" else None,
@@ -271,16 +276,24 @@ def setup_teacher_reliance(cl: CurriculumConfig, caches: Sequence[Cache], train_
         names=[str(c.location) for c in caches])
 
 
-def _warn_about_random_access(cache: Cache, loader_groups: int | None) -> None:
-    """A difficulty order visits row groups at random: about one decode per sample unless the
-    loader can keep every row group decoded (measured ~60x slower loading; docs/curriculum.md).
-    """
+def _warn_about_random_access(cache: Cache, loader_groups: int | None,
+                              read_ahead: int | None) -> None:
+    """A difficulty order visits row groups at random. The loader decodes each row group a
+    horizon of `read_ahead` target tokens touches once, so of the 64 rows it decodes it uses
+    about (rows per horizon) / (row groups); warn when that is under `USED_ROWS`
+    (docs/curriculum.md, "Cost: random access to the cache")."""
     manifest = cache.manifest
     groups = manifest.num_row_groups
-    if loader_groups is None or loader_groups >= groups:
+    if loader_groups is None or read_ahead is None or loader_groups >= groups:
         return
-    decoded = manifest.decoded_bytes
-    log.warning("a curriculum reads the cache's %d row groups in difficulty order, not storage "
-                "order, and the loader keeps only %d decoded (--shuffle-window): expect about "
-                "one row-group decode per sample. If %.2f GiB fit in memory, pass "
-                "--shuffle-window %d.", groups, loader_groups, decoded / 2**30, groups)
+    per_row = manifest.num_targets / max(manifest.num_sequences, 1)  # target tokens
+    used = read_ahead / per_row / groups
+    if used >= USED_ROWS:
+        return
+    wanted = math.ceil(USED_ROWS * groups * per_row)
+    log.warning("a curriculum reads the cache's %d row groups in difficulty order: with "
+                "--read-ahead %d the loader uses only ~%.1f rows of each %d-row group it "
+                "decodes, and may load slower than training. --read-ahead %d (~%.2f GiB) "
+                "would use %d.", groups, read_ahead, used, ROW_GROUP_SIZE, wanted,
+                wanted * manifest.decoded_bytes / max(manifest.num_targets, 1) / 2**30,
+                USED_ROWS)

@@ -3,9 +3,9 @@ background loader thread that reads ahead.
 
 Rows come from `schemas.shard_reader` (the cache's index and row-group decoding). The cache is
 opened read-only and read one Parquet row group at a time, so any number of runs can share it
-and memory stays bounded by the loader's row-group cache and prefetch queue, never by the size
-of the cache. The order of samples comes from a sampler (`sampler.py`): the loader follows any
-order of sample ids it is given.
+and memory stays bounded by the loader's read-ahead, row-group cache and prefetch queue, never
+by the size of the cache. The order of samples comes from a sampler (`sampler.py`): the loader
+follows any order of sample ids it is given.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from kdpipe.schemas.errors import CacheFormatError
-from kdpipe.schemas.shard_reader import CacheIndex, Columns, RowGroup, RowGroupReader
+from kdpipe.schemas.shard_reader import READ_AHEAD_TARGETS, CacheIndex, Columns, RowGroup
 from kdpipe.trainer.chunked_loss import TeacherTargets
-from kdpipe.trainer.decode_workers import WorkerRowGroupReader
+from kdpipe.trainer.read_ahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -217,28 +217,33 @@ class BatchLoader:
 
     `order` is cut into global batches of `batch_size * grad_accum` samples, each split into
     micro-batches of `batch_size`; the last global batch of an epoch may be smaller. At most
-    `prefetch` global batches wait in the queue, and at most `cached_groups` decoded row groups
-    are held (LRU), so memory does not grow with the cache. An order that visits row groups in
-    windows of at most `cached_groups` (the default sampler's `--shuffle-window`) decodes each
-    row group once per epoch; any other order is still correct, only slower. With `workers` > 0
-    the row groups are read and decoded by that many processes ahead of the thread
-    (`decode_workers.py`); the batches are the same. Use as a context manager so an early stop
-    (e.g. --max-steps mid-epoch) ends the thread and the workers.
+    `prefetch` global batches wait in the queue. Rows come from a `ReadAhead`
+    (`read_ahead.py`): the order is read in horizons of at most `read_ahead` target tokens,
+    each row group a horizon touches decoded once and only the rows the horizon uses kept, on
+    top of an LRU of `cached_groups` whole decoded row groups; so memory does not grow with the
+    cache, and any order, a curriculum's included, costs at most one decode per row group per
+    horizon (an order within windows of `cached_groups` row groups, the default sampler's
+    `--shuffle-window`, one per row group per epoch). With `workers` > 0 the row groups are
+    read and decoded by that many processes ahead of the thread (`decode_workers.py`). The
+    batches are the same bits whatever `read_ahead`, `cached_groups` and `workers`. Use as a
+    context manager so an early stop (e.g. --max-steps mid-epoch) ends the thread and the
+    workers.
 
     `others`: the (index, columns) of teachers 2..J's caches, read in lockstep: each has its
-    own reader (and LRU of `cached_groups`, and workers), so a row group of any cache is
-    decoded once per window as the first cache's are; they supply each batch's
-    `other_teachers` for the same rows (`collate`).
+    own `ReadAhead` over the same order (its own budget of `read_ahead` target tokens, LRU of
+    `cached_groups` and workers), so a row group of any cache is decoded as the first cache's
+    are; they supply each batch's `other_teachers` for the same rows (`collate`).
     """
 
     def __init__(self, index: CacheIndex, order: np.ndarray, columns: Columns, batch_size: int,
                  grad_accum: int = 1, pad_id: int = 0, prefetch: int = 4,
                  cached_groups: int = 16, workers: int = 0,
+                 read_ahead: int = READ_AHEAD_TARGETS,
                  others: Sequence[tuple[CacheIndex, Columns]] = ()) -> None:
         self.index, self.columns, self.others = index, columns, tuple(others)
         self.order = np.asarray(order, dtype=np.int64)
         self.batch_size, self.grad_accum, self.pad_id = batch_size, grad_accum, pad_id
-        self.cached_groups, self.workers = cached_groups, workers
+        self.cached_groups, self.workers, self.read_ahead = cached_groups, workers, read_ahead
         self.queue: queue.Queue[object] = queue.Queue(maxsize=max(prefetch, 1))
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -286,30 +291,24 @@ class BatchLoader:
                 continue
         return False
 
-    def _reader(self, index: CacheIndex, columns: Columns, positions: np.ndarray
-                ) -> RowGroupReader | WorkerRowGroupReader:
-        if self.workers:
-            return WorkerRowGroupReader(index, columns, self.cached_groups,
-                                        index.group[positions].tolist(), self.workers)
-        return RowGroupReader(index, columns, self.cached_groups)
-
     def _produce(self) -> None:
-        # One (index, columns, storage positions of `order`, reader) per cache, first = inputs.
+        # One (index, columns) per cache, first = inputs, each read ahead over the same order.
         caches = [(self.index, self.columns)] + list(self.others)
-        readers: list[RowGroupReader | WorkerRowGroupReader] = []
+        aheads: list[ReadAhead] = []
         try:
             positions = [index.positions(self.order) for index, _ in caches]
             for (index, columns), pos in zip(caches, positions, strict=True):
-                readers.append(self._reader(index, columns, pos))
+                aheads.append(ReadAhead(index, columns, pos, self.cached_groups, self.workers,
+                                        self.read_ahead))
+            rows_of = [iter(ahead) for ahead in aheads]  # (row group, row) of each position
             per_step = self.batch_size * self.grad_accum
             for start in range(0, self.order.size, per_step):
                 micro = []
                 for m in range(start, min(start + per_step, self.order.size), self.batch_size):
                     end = min(m + self.batch_size, start + per_step)
-                    rows = [[(int(index.sample_ids[p]), reader.get(int(index.group[p])),
-                              int(index.row[p])) for p in pos[m:end]]
-                            for (index, _), pos, reader in zip(caches, positions, readers,
-                                                               strict=True)]
+                    rows = [[(int(index.sample_ids[p]), *next(ahead)) for p in pos[m:end]]
+                            for (index, _), pos, ahead in zip(caches, positions, rows_of,
+                                                              strict=True)]
                     micro.append(collate(rows[0], self.columns, self.pad_id,
                                          list(zip(rows[1:], [c for _, c in self.others],
                                                   strict=True))))
@@ -322,5 +321,5 @@ class BatchLoader:
         except Exception as exc:  # handed to the consumer, which re-raises it
             self._put(exc)
         finally:
-            for reader in readers:
-                reader.close()
+            for ahead in aheads:
+                ahead.close()

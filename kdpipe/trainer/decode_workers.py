@@ -6,7 +6,8 @@ k = 64 (docs/benchmarks.md, "Loader at GPU rates"): less than five times what on
 at 32 × 4,096 tokens per step and two steps per second. With `workers` > 0, torch's
 `DataLoader` runs the Parquet read and `decode_row_group` in that many processes, over a
 map-style dataset whose items are the row groups the loader will miss, in the order it will
-miss them (`load_sequence`: the loads of the loader's LRU over the row groups of its order).
+miss them (`load_sequence`: the loads of the loader's LRU over the row groups its read-ahead
+asks for, `read_ahead.fetch_sequence`).
 The loader thread still collates, so batches are the same bits as without workers, and resume
 stays exact: a resumed run's order gives its own sequence.
 
@@ -110,8 +111,8 @@ class _RowGroups(Dataset[tuple[int, Shared | CacheFormatError]]):
 class WorkerRowGroupReader:
     """`RowGroupReader`'s `get` and `close`, fed by DataLoader workers that decode ahead.
 
-    `groups`: the row group of every sample in the order the loader will ask for them; the
-    loader must then call `get` in exactly that order (it does: it walks the same order).
+    `groups`: the row groups in the order the loader will ask for them; the loader must then
+    call `get` in exactly that order (it does: its `ReadAhead` made the sequence).
     `prefetch`: row groups decoded ahead per worker.
     """
 

@@ -75,9 +75,10 @@ def run_evaluation(parts: ModelParts, index: CacheIndex, sample_ids: np.ndarray,
     sums = [0.0] * (4 + (len(others) + 1 if others else 0))
     tokens = 0
     started = time.perf_counter()
-    # Storage order: one row group after another (the other caches' in their own order).
+    # Storage order: one row group after another (the other caches' in their own order),
+    # which the LRU alone reads once each: nothing to read ahead.
     loader = BatchLoader(index, share.sample_ids, columns, batch_size, 1, pad_id, prefetch,
-                         cached_groups=2, others=other_columns)
+                         cached_groups=2, read_ahead=1, others=other_columns)
     bar = Progress("eval", len(loader), unit="batch", progress=progress, report=dist.is_main,
                    leave=False)
 

@@ -322,7 +322,7 @@ def setup(cfg: TrainConfig, dist: Distributed | None = None, start: RunStart | N
     plugins = setup_curriculum(cfg.curriculum, cache, index.sample_ids, train_ids,
                                seed=cfg.seed, per_step=per_step, total_steps=total_steps,
                                kd_weight=cfg.loss.kd_weight, run_dir=cfg.out,
-                               loader_groups=cfg.shuffle_window,
+                               loader_groups=cfg.shuffle_window, read_ahead=cfg.read_ahead,
                                sum_across=lambda v: dist.sum(v, device))
     sampler = sampler or plugins.sampler or ShuffleSampler(index, train_ids, cfg.seed,
                                                            cfg.shuffle_window)
@@ -545,7 +545,8 @@ def _steps(run: Run) -> Generator[tuple[GlobalBatch, RankSlice, np.ndarray, int]
                                    cfg.batch_size)
         with BatchLoader(run.index, local, run.columns, cfg.batch_size, cfg.grad_accum,
                          run.pad_id, cfg.prefetch, cached_groups=cfg.shuffle_window,
-                         workers=cfg.loader_workers, others=run.others) as loader:
+                         workers=cfg.loader_workers, read_ahead=cfg.read_ahead,
+                         others=run.others) as loader:
             for b, batch in enumerate(loader):
                 yield batch, shares[b], remaining[b * per_step:(b + 1) * per_step], batches
 
