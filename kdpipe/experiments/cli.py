@@ -26,13 +26,14 @@ def experiment(
     from kdpipe.experiments.config import load_experiment
     from kdpipe.experiments.runner import SUMMARY_MD, run_experiment
 
-    exp = load_experiment(config, out)
-    if not progress:
-        from transformers.utils import logging as hf_logging
+    from kdpipe.progress import bars_shown, library_bars
 
-        hf_logging.disable_progress_bar()
-    run_experiment(exp, parallel=parallel, threads=threads or None, device=device,
-                   progress=progress)
+    exp = load_experiment(config, out)
+    # transformers' own bars (loading and saving the setup's models) only where ours are
+    # drawn: a captured log gets status lines, not redraws.
+    with library_bars(bars_shown(progress)):
+        run_experiment(exp, parallel=parallel, threads=threads or None, device=device,
+                       progress=progress)
     typer.echo((Path(exp.out) / SUMMARY_MD).read_text(encoding="utf-8"))
     typer.echo(f"plots and curves: kdpipe report {exp.out}")
 
