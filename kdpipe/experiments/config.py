@@ -288,8 +288,11 @@ def _arm(name: str, options: Any, where: str, curricula: list[CurriculumSpec],
     converted = convert_options(TrainConfig, options, where, RUNNER_TRAIN_OPTIONS,
                                 extra=ARM_KEYS, problems=problems)
     teachers = converted.pop("teachers", None)
-    if teachers is not None and not (isinstance(teachers, list) and teachers
-                                     and all(isinstance(t, str) for t in teachers)):
+    if isinstance(teachers, list) and not teachers:
+        problems.append(f"{where}.teachers: at least one teacher is needed, e.g. [a] (leave "
+                        "teachers out for the setup's first teacher)")
+    elif teachers is not None and not (isinstance(teachers, list)
+                                       and all(isinstance(t, str) for t in teachers)):
         problems.append(f"{where}.teachers: expected a list of teacher names, e.g. [a, b]")
         teachers = None
     return ArmSpec(name, converted, tuple(teachers or ()), family, size)
@@ -341,13 +344,15 @@ def _sweep(raw: Any, curricula: list[CurriculumSpec], arms: list[ArmSpec],
             arms.append(_arm(name, {**(options or {}), "student_config": student},
                              f"sweep.arms.{family}", curricula, problems, str(family),
                              str(size)))
-    comparisons = _comparisons(raw.get("comparisons"), "sweep.comparisons", problems)
-    for a, b in comparisons:
+    comparisons = []
+    for a, b in _comparisons(raw.get("comparisons"), "sweep.comparisons", problems):
         unknown = [n for n in (a, b) if n not in families]
-        if unknown:
+        if unknown:  # reported here once, not again as a missing arm at every size
             problems.append(f"sweep.comparisons [{a}, {b}]: {', '.join(map(repr, unknown))} is "
                             f"not a family under sweep.arms ({', '.join(map(str, families))})")
-    return Sweep(tuple(map(str, sizes)), tuple(map(str, families)), comparisons)
+        else:
+            comparisons.append((a, b))
+    return Sweep(tuple(map(str, sizes)), tuple(map(str, families)), tuple(comparisons))
 
 
 def _sweep_comparisons(sweep: Sweep | None) -> tuple[tuple[str, str], ...]:
@@ -396,10 +401,10 @@ def _setup(raw: Any, problems: list[str]) -> Setup:
     if setup.eval_cache is not None and caches:
         problems.append("setup.eval_cache comes with setup.cache (setup.caches takes "
                         "setup.eval_caches, one per teacher)")
-    if caches and eval_caches and [n for n, _ in caches] != [n for n, _ in eval_caches]:
+    if caches and eval_caches and {n for n, _ in caches} != {n for n, _ in eval_caches}:
         problems.append(f"setup.eval_caches names teachers {', '.join(n for n, _ in eval_caches)}"
                         f" but setup.caches {', '.join(n for n, _ in caches)}: give one held-out "
-                        "cache per teacher, in the same order")
+                        "cache per teacher (matched by name), or none")
     return setup
 
 

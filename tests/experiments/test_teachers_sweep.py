@@ -119,9 +119,12 @@ def test_teacher_names_and_weights_are_refused_one_line_each(multi_teacher: type
         "twice": {"teachers": ["a", "a"]},
         "counts": {"teachers": ["a", "b"], "teacher_weight": [1, 2, 3]},
         "default": {"teacher_weight": [0.5, 0.5]},
-        "shape": {"teachers": "a"}}))
+        "shape": {"teachers": "a"},
+        "none": {"teachers": []}}))
     assert problems == [
         "arms.shape.teachers: expected a list of teacher names, e.g. [a, b]",
+        "arms.none.teachers: at least one teacher is needed, e.g. [a] (leave teachers out for "
+        "the setup's first teacher)",
         "arms.ghost.teachers: 'c' is not a teacher of the setup (a, b)",
         "arms.twice.teachers: a teacher is named twice",
         "arms.counts.teacher_weight: 3 weight(s) for 2 teacher(s) (a, b): give one per teacher, "
@@ -142,8 +145,8 @@ def test_setup_problems(multi_teacher: type) -> None:
                                                            "second_teacher": "half"},
         "setup.second_teacher 'twin' is not one of half, small": {"embedded": "tiny",
                                                                    "second_teacher": "twin"},
-        "setup.eval_caches names teachers b, a but setup.caches a, b": {
-            "caches": {"a": "/a", "b": "/b"}, "eval_caches": {"b": "/hb", "a": "/ha"}},
+        "setup.eval_caches names teachers a but setup.caches a, b": {
+            "caches": {"a": "/a", "b": "/b"}, "eval_caches": {"a": "/ha"}},
         "setup.eval_cache comes with setup.cache (setup.caches takes setup.eval_caches": {
             "caches": {"a": "/a"}, "eval_cache": "/h"},
         "setup.caches must map teacher names to cache folders": {"caches": ["/a", "/b"]},
@@ -151,6 +154,24 @@ def test_setup_problems(multi_teacher: type) -> None:
     for expected, setup in cases.items():
         message = " ".join(_problems({"setup": setup, "arms": {"kd": {}}}))
         assert expected in message, (expected, message)
+
+
+def test_held_out_caches_are_matched_by_name(multi_teacher: type) -> None:
+    spec = _spec()
+    spec["setup"]["eval_caches"] = {"b": "/fake/hb", "a": "/fake/ha"}
+    exp = parse_experiment(spec, "x.yaml")
+    assert exp.setup.teacher_eval_caches() == {"a": "/fake/ha", "b": "/fake/hb"}
+    inputs = Inputs(cache="/fake/a", eval_cache="/fake/ha",
+                    caches=exp.setup.teacher_caches(), eval_caches=exp.setup.teacher_eval_caches())
+    assert arm_caches(exp, inputs, exp.arm("mix")) == (("/fake/b", "/fake/a"),
+                                                       ("/fake/hb", "/fake/ha"))
+
+
+def test_an_unknown_sweep_family_is_reported_once(multi_teacher: type) -> None:
+    spec = _spec(comparisons=[])
+    spec["sweep"]["comparisons"] = [["ce", "ghost"]]
+    assert _problems(spec) == [
+        "sweep.comparisons [ce, ghost]: 'ghost' is not a family under sweep.arms (ce, kd, kd-b)"]
 
 
 def test_sweep_problems(multi_teacher: type) -> None:
