@@ -322,3 +322,54 @@ def test_seed_motivations_yaml(multi_teacher: type) -> None:
         assert exp.arm(a) and exp.arm(b)
     # (b)'s teacher-A arm is the sweep's kd at the preset's student size
     assert ("b-alone", "kd-h64") in exp.comparisons
+
+
+def test_each_curriculum_is_built_on_its_arms_first_teachers_cache(
+        multi_teacher: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A curriculum is ranked on one cache and the trainer takes it only for that first
+    cache: an arm whose first teacher is b gets the build on b's cache (NAME@b)."""
+    from kdpipe.embedded.timing import StageClock
+    from kdpipe.experiments.plan import build_curricula
+
+    monkeypatch.setattr("kdpipe.experiments.plan.default_shuffle_window", lambda cache: None)
+    built: list[tuple[str, str, str | None]] = []
+    monkeypatch.setattr("kdpipe.curriculum.build.build_curriculum", lambda cfg: built.append(
+        (Path(cfg.out).relative_to(tmp_path).as_posix(), cfg.cache, cfg.run)))
+    exp = parse_experiment(_spec(
+        comparisons=[], sweep=None,
+        curricula={"tn": {"source": "teacher", "metric": "nll"},
+                   "snap": {"source": "snapshot", "from_arm": "b-alone"}},
+        arms={"kd": {}, "b-alone": {"teachers": ["b"]},
+              "y": {"teachers": ["b"], "curriculum": "tn"},
+              "z": {"teachers": ["b", "a"], "curriculum": "tn"},
+              "w": {"curriculum": "tn"},
+              "x": {"teachers": ["b"], "curriculum": "snap"}}), "x.yaml")
+    inputs = Inputs(cache="/fake/a", eval_cache="/fake/ha",
+                    caches={"a": "/fake/a", "b": "/fake/b"},
+                    eval_caches={"a": "/fake/ha", "b": "/fake/hb"})
+    runs = {r.arm: r.config for r in plan_runs(exp, inputs, tmp_path, "cpu", False)
+            if r.seed == 0}
+    curricula = tmp_path / "curricula"
+    assert runs["y"].curriculum.file == str(curricula / "tn@b.parquet")
+    assert runs["z"].curriculum.file == str(curricula / "tn@b.parquet")
+    assert runs["w"].curriculum.file == str(curricula / "tn.parquet")
+    assert runs["x"].curriculum.file == str(curricula / "snap@b" / "seed-0.parquet")
+    clock = StageClock(tmp_path)
+    build_curricula(exp, inputs, tmp_path, clock, None, "cpu", False)
+    assert built == [("curricula/tn@b.parquet", "/fake/b", None),
+                     ("curricula/tn.parquet", "/fake/a", None)]
+    built.clear()
+    build_curricula(exp, inputs, tmp_path, clock, (0,), "cpu", False)
+    assert built == [("curricula/snap@b/seed-0.parquet", "/fake/b",
+                      str(tmp_path / "runs" / "b-alone" / "seed-0"))]
+
+
+def test_a_snapshot_curriculum_of_another_first_teacher_is_refused(multi_teacher: type) -> None:
+    spec = _spec(comparisons=[], sweep=None,
+                 curricula={"snap": {"source": "snapshot", "from_arm": "b-alone"}},
+                 arms={"b-alone": {"teachers": ["b"]}, "x": {"curriculum": "snap"},
+                       "ok": {"teachers": ["b", "a"], "curriculum": "snap"}})
+    assert _problems(spec) == [
+        "arms.x.curriculum snap: ranks the snapshots of arm b-alone, made on teacher b's cache, "
+        "but this arm's first teacher is a: give both arms the same first teacher (a curriculum "
+        "follows the first teacher's cache)"]
