@@ -252,6 +252,45 @@ def check_runs(runs: list[PlannedRun], placeholder: Path) -> None:
                     {str(k): sorted(set(v)) for k, v in budgets.items()})
 
 
+def check_teachers_aligned(exp: ExperimentConfig, inputs: Inputs) -> None:
+    """Refuse, before anything trains, arms whose teachers' caches do not cover the same
+    sequences (train-student's own check, `trainer.teachers.check_aligned`, on the train and
+    the held-out caches). Each cache is indexed once; each (first, other) pair checked once.
+    Raises ConfigError naming the arms, their teachers and the first difference."""
+    from kdpipe.schemas.cache import open_cache
+    from kdpipe.schemas.shard_reader import CacheIndex, build_index
+    from kdpipe.trainer.teachers import check_aligned
+
+    indexes: dict[str, CacheIndex] = {}
+
+    def index(path: str) -> CacheIndex:
+        if path not in indexes:
+            indexes[path] = build_index(open_cache(path))
+        return indexes[path]
+
+    pairs: dict[tuple[str, str, str], list[str]] = {}  # (kind, first, other) -> arms
+    for arm in exp.arms:
+        teachers = exp.arm_teachers(arm)
+        for kind, named in (("cache", inputs.teacher_caches()),
+                            ("eval_cache", inputs.teacher_eval_caches())):
+            if all(t in named for t in teachers):
+                for other in teachers[1:]:
+                    pairs.setdefault((kind, teachers[0], other), []).append(arm.name)
+    problems = []
+    for (kind, first, other), arms in pairs.items():
+        named = inputs.teacher_caches() if kind == "cache" else inputs.teacher_eval_caches()
+        label = "train" if kind == "cache" else "held-out"
+        try:
+            check_aligned(index(named[first]), index(named[other]),
+                          (f"teacher {first}'s {label} cache {named[first]}",
+                           f"teacher {other}'s {label} cache {named[other]}"))
+        except ConfigError as exc:
+            problems.append(f"arm{'s' if len(arms) > 1 else ''} {', '.join(arms)} (teachers "
+                            f"{first}, {other}): {exc}")
+    if problems:
+        raise ConfigError("experiment cannot start: " + " | ".join(problems))
+
+
 def build_curricula(exp: ExperimentConfig, inputs: Inputs, out: Path, clock: StageClock,
                     seeds: tuple[int, ...] | None, device: str, progress: bool) -> None:
     """Step 2 (seeds None: curricula without from_arm) or step 3 (per-seed curricula), each

@@ -9,7 +9,8 @@ Order of work, each step skipped when its output already exists (so a re-run res
 
 A finished run (its folder holds `final_metrics.json` and the same config) is not trained
 again; an interrupted one is resumed from its last checkpoint; a run folder made with other
-settings stops the experiment before anything trains. `parallel > 1` trains that many runs at
+settings, or an arm whose teachers' caches do not cover the same sequences, stops the
+experiment before anything trains. `parallel > 1` trains that many runs at
 once in separate processes. Results go to OUT/results.json (one record per run) and
 OUT/summary.json / summary.md (`summary.py`); `kdpipe report OUT` draws the plots.
 """
@@ -35,6 +36,7 @@ from kdpipe.experiments.plan import (
     PlannedRun,
     build_curricula,
     check_runs,
+    check_teachers_aligned,
     plan_runs,
     resolve_inputs,
     run_state,
@@ -227,6 +229,7 @@ def run_experiment(exp: ExperimentConfig, parallel: int = 1, threads: int | None
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     atomic_write_json(out / EXPERIMENT_NAME, record)
     check_runs(runs, out / EXPERIMENT_NAME)
+    check_teachers_aligned(exp, inputs)
     results = Results(out)
     with torch_threads(threads):
         build_curricula(exp, inputs, out, clock, None, device, progress)

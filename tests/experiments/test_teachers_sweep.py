@@ -373,3 +373,33 @@ def test_a_snapshot_curriculum_of_another_first_teacher_is_refused(multi_teacher
         "arms.x.curriculum snap: ranks the snapshots of arm b-alone, made on teacher b's cache, "
         "but this arm's first teacher is a: give both arms the same first teacher (a curriculum "
         "follows the first teacher's cache)"]
+
+
+def test_teachers_that_do_not_align_stop_the_experiment_before_anything_trains(
+        tmp_path: Path, exp_caches: tuple[Path, Path]) -> None:
+    """The held-out cache holds other sequences than the train cache: as teachers a and b
+    of one arm they cannot train together, and the experiment says so before any run."""
+    from kdpipe.experiments.plan import check_teachers_aligned
+    from kdpipe.experiments.runner import run_experiment
+
+    train, heldout = map(str, exp_caches)
+    spec = {"out": str(tmp_path / "out"), "setup": {"caches": {"a": train, "b": heldout}},
+            "train": {"student_config": STUDENT, "max_steps": 1, "device": "cpu"},
+            "arms": {"kd": {}, "b-alone": {"teachers": ["b"]}, "mix": {"teachers": ["a", "b"]},
+                     "mix2": {"teachers": ["a", "b"], "teacher_weight": [0.7, 0.3]}}}
+    exp = parse_experiment(spec, "x.yaml")
+    with pytest.raises(ConfigError) as info:
+        run_experiment(exp, threads=1, device="cpu", progress=False)
+    message = str(info.value)
+    assert message.startswith(f"experiment cannot start: arms mix, mix2 (teachers a, b): "
+                              f"teacher b's train cache {heldout} does not cover the same "
+                              f"sequences as teacher a's train cache {train}: ")
+    assert "\n" not in message
+    assert not (tmp_path / "out" / "runs").exists()
+    # the same cache under two names aligns; one teacher per arm needs no check
+    same = parse_experiment({**spec, "setup": {"caches": {"a": train, "b": train}}}, "y.yaml")
+    inputs = Inputs(cache=train, eval_cache=None, caches={"a": train, "b": train})
+    check_teachers_aligned(same, inputs)
+    alone = parse_experiment({**spec, "arms": {"kd": {}, "b": {"teachers": ["b"]}}}, "z.yaml")
+    check_teachers_aligned(alone, Inputs(cache=train, eval_cache=None,
+                                         caches={"a": train, "b": heldout}))
