@@ -403,3 +403,35 @@ def test_teachers_that_do_not_align_stop_the_experiment_before_anything_trains(
     alone = parse_experiment({**spec, "arms": {"kd": {}, "b": {"teachers": ["b"]}}}, "z.yaml")
     check_teachers_aligned(alone, Inputs(cache=train, eval_cache=None,
                                          caches={"a": train, "b": heldout}))
+
+
+def test_the_summary_names_each_arms_teacher_and_keeps_per_teacher_metrics(
+        multi_teacher: type, tmp_path: Path) -> None:
+    """b-alone's agreement is with b, the others' with a: the tables say so, and results.json
+    keeps every eval_* metric of a run (KL to each teacher of a mix)."""
+    from types import SimpleNamespace
+
+    from kdpipe.experiments.plan import PlannedRun
+    from kdpipe.experiments.runner import run_record, write_summary
+
+    exp = parse_experiment(_spec(sweep=None, comparisons=[], seeds=1), "x.yaml")
+    metrics = {"eval_ce": 5.0, "eval_top1_agreement": 0.3, "eval_kd": 0.5,
+               "eval_kd_teacher_1": 0.4, "eval_kd_teacher_2": 0.7, "train_loss": 5.1, "step": 3}
+    records = [run_record(PlannedRun(arm.name, 0, SimpleNamespace(out=str(tmp_path / arm.name))),
+                          "ran", metrics, 1.0, 1.0) for arm in exp.arms]
+    assert records[2]["eval_kd_teacher_2"] == 0.7 and records[2]["step"] == 3
+    write_summary(exp, records, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    note = ("Top-1 agreement is with each arm's first teacher: teacher a for a-alone; teacher b "
+            "for b-alone, mix.")
+    assert "top-1 agreement with the (first) teacher" in text and note in text
+    record = {**exp.to_json_dict(), "inputs": {}, "labels": {}}
+    (tmp_path / "experiment.json").write_text(json.dumps(record))
+    (tmp_path / "results.json").write_text(json.dumps(records))
+    report = render_report(tmp_path, plots=False, out=tmp_path / "report").read_text()
+    assert note in report
+    # one teacher for every arm: no note
+    single = parse_experiment({"setup": {"cache": "/c"}, "arms": {"kd": {}, "ce": {"mode": "ce"}},
+                               "train": {"student_config": STUDENT}}, "s.yaml")
+    write_summary(single, records[:1], tmp_path)
+    assert "first teacher:" not in (tmp_path / "summary.md").read_text()
