@@ -34,6 +34,7 @@ from typing import Any
 
 from kdpipe.embedded.prepare import PRESET_NAME, TEACHER_B, Prepared, check_preset, prepare
 from kdpipe.embedded.presets import Preset, get_preset
+from kdpipe.embedded.second_teacher import RECORD_NAME as SECOND_RECORD
 from kdpipe.embedded.second_teacher import SecondTeacher, second_teacher_spec
 from kdpipe.embedded.teacher_agreement import compare_teachers
 from kdpipe.embedded.timing import StageClock
@@ -109,7 +110,8 @@ def demo_experiment(preset: Preset, out: Path, prepared: Prepared) -> Experiment
 
 def _check_out(out: Path, preset: Preset, overwrite: bool, second: SecondTeacher | None
                ) -> None:
-    """One demo per folder: a different preset into an existing demo is refused."""
+    """One demo per folder: a different preset or second teacher into an existing demo is
+    refused, and so is none into a demo with a teacher B."""
     recorded = out / PRESET_NAME
     if overwrite and out.exists():
         if not recorded.is_file():
@@ -123,6 +125,12 @@ def _check_out(out: Path, preset: Preset, overwrite: bool, second: SecondTeacher
         check_preset(out, preset, second)
     except ConfigError as exc:
         raise ConfigError(f"--out {exc}; or pass --overwrite to replace it") from exc
+    record = out / SECOND_RECORD
+    if second is None and record.is_file():  # its runs, and so its table, hold B's students
+        choice = json.loads(record.read_text(encoding="utf-8")).get("choice")
+        raise ConfigError(f"--out {out} was prepared with --second-teacher {choice}; pass "
+                          f"--second-teacher {choice} to re-run it, or choose another folder, "
+                          "or pass --overwrite to replace it")
 
 
 def teacher_row(prepared: Prepared) -> dict[str, Any]:

@@ -24,7 +24,8 @@ Teachers have names: the embedded setup's are `a` (and `b` with `second_teacher:
 `small`); an external setup names them as keys of `caches:` (`cache:` alone is teacher `a`).
 An arm picks its teachers with `teachers: [a, b]` (default: the first teacher only), in the
 order of its `teacher_weight` values; the runner turns them into the run's `--cache` and
-`--eval-cache` lists.
+`--eval-cache` lists. A named curriculum is built on the train cache of the first teacher of
+each arm using it (a `source: snapshot` one `from_arm` on that arm's first teacher's cache).
 
 Option names are the flags' names (`kd-weight` or `kd_weight`); values are checked and
 converted to each option's type. `curriculum:` in an arm names an entry of `curricula`, is a
@@ -160,6 +161,19 @@ class ExperimentConfig:
         """The arm's teachers in --cache order (default: the setup's first teacher)."""
         return arm.teachers or self.setup.teachers()[:1]
 
+    def curriculum_teachers(self, spec: CurriculumSpec) -> tuple[str, ...]:
+        """The teachers on whose train caches `spec` is built, once each: the first teachers
+        of the arms that use it, in arm order, since the trainer takes only a curriculum made
+        for its first cache. A snapshot curriculum `from_arm` ranks that arm's snapshots, made
+        on its first teacher's cache, so it is built there alone (`reference_problems` refuses
+        arms with another first teacher); a curriculum no arm uses, on the setup's first."""
+        names = [a.name for a in self.arms]
+        if spec.from_arm in names and spec.options.get("source") == "snapshot":
+            return self.arm_teachers(self.arm(spec.from_arm))[:1]
+        users = [self.arm_teachers(a)[0] for a in self.arms
+                 if self.arm_options(a).get("curriculum") == spec.name]
+        return tuple(dict.fromkeys(users)) or self.setup.teachers()[:1]
+
     def dependencies(self) -> set[str]:
         """Arms whose runs per-seed curricula are built from (they run first)."""
         return {c.from_arm for c in self.curricula if c.from_arm is not None}
@@ -288,8 +302,11 @@ def _arm(name: str, options: Any, where: str, curricula: list[CurriculumSpec],
     converted = convert_options(TrainConfig, options, where, RUNNER_TRAIN_OPTIONS,
                                 extra=ARM_KEYS, problems=problems)
     teachers = converted.pop("teachers", None)
-    if teachers is not None and not (isinstance(teachers, list) and teachers
-                                     and all(isinstance(t, str) for t in teachers)):
+    if isinstance(teachers, list) and not teachers:
+        problems.append(f"{where}.teachers: at least one teacher is needed, e.g. [a] (leave "
+                        "teachers out for the setup's first teacher)")
+    elif teachers is not None and not (isinstance(teachers, list)
+                                       and all(isinstance(t, str) for t in teachers)):
         problems.append(f"{where}.teachers: expected a list of teacher names, e.g. [a, b]")
         teachers = None
     return ArmSpec(name, converted, tuple(teachers or ()), family, size)
@@ -341,13 +358,15 @@ def _sweep(raw: Any, curricula: list[CurriculumSpec], arms: list[ArmSpec],
             arms.append(_arm(name, {**(options or {}), "student_config": student},
                              f"sweep.arms.{family}", curricula, problems, str(family),
                              str(size)))
-    comparisons = _comparisons(raw.get("comparisons"), "sweep.comparisons", problems)
-    for a, b in comparisons:
+    comparisons = []
+    for a, b in _comparisons(raw.get("comparisons"), "sweep.comparisons", problems):
         unknown = [n for n in (a, b) if n not in families]
-        if unknown:
+        if unknown:  # reported here once, not again as a missing arm at every size
             problems.append(f"sweep.comparisons [{a}, {b}]: {', '.join(map(repr, unknown))} is "
                             f"not a family under sweep.arms ({', '.join(map(str, families))})")
-    return Sweep(tuple(map(str, sizes)), tuple(map(str, families)), comparisons)
+        else:
+            comparisons.append((a, b))
+    return Sweep(tuple(map(str, sizes)), tuple(map(str, families)), tuple(comparisons))
 
 
 def _sweep_comparisons(sweep: Sweep | None) -> tuple[tuple[str, str], ...]:
@@ -396,10 +415,10 @@ def _setup(raw: Any, problems: list[str]) -> Setup:
     if setup.eval_cache is not None and caches:
         problems.append("setup.eval_cache comes with setup.cache (setup.caches takes "
                         "setup.eval_caches, one per teacher)")
-    if caches and eval_caches and [n for n, _ in caches] != [n for n, _ in eval_caches]:
+    if caches and eval_caches and {n for n, _ in caches} != {n for n, _ in eval_caches}:
         problems.append(f"setup.eval_caches names teachers {', '.join(n for n, _ in eval_caches)}"
                         f" but setup.caches {', '.join(n for n, _ in caches)}: give one held-out "
-                        "cache per teacher, in the same order")
+                        "cache per teacher (matched by name), or none")
     return setup
 
 
@@ -478,7 +497,17 @@ def reference_problems(exp: ExperimentConfig) -> list[str]:
                             "itself use a per-seed curriculum")
         if used is not None and used.from_arm == arm.name:
             problems.append(f"arms.{arm.name}: uses a curriculum built from its own runs")
-    return problems
+        if used is not None and used.from_arm in arm_names and \
+                used.options.get("source") == "snapshot":
+            mine, theirs = exp.arm_teachers(arm)[0], exp.arm_teachers(exp.arm(used.from_arm))[0]
+            if mine != theirs:
+                where = f"sweep.arms.{arm.family}" if arm.family is not None \
+                    else f"arms.{arm.name}"
+                problems.append(f"{where}.curriculum {used.name}: ranks the snapshots of arm "
+                                f"{used.from_arm}, made on teacher {theirs}'s cache, but this "
+                                f"arm's first teacher is {mine}: give both arms the same first "
+                                "teacher (a curriculum follows the first teacher's cache)")
+    return list(dict.fromkeys(problems))  # a sweep family's problem once, not once per size
 
 
 def teacher_problems(exp: ExperimentConfig) -> list[str]:

@@ -31,8 +31,8 @@ MAX_DECODED_BYTES = 1 << 30  # below this the whole cache stays decoded (--shuff
 class Inputs:
     """What every run shares: the caches, the default student, and where they came from.
 
-    `cache` / `eval_cache` / `teacher` are the first teacher's (the one curricula and arms
-    without `teachers:` use); `caches` / `eval_caches` map every teacher's name to its own
+    `cache` / `eval_cache` / `teacher` are the first teacher's (the one arms without
+    `teachers:` use); `caches` / `eval_caches` map every teacher's name to its own
     (empty: the first teacher is the only one, named `a`)."""
 
     cache: str
@@ -67,9 +67,18 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / RUNS_DIR / arm / f"seed-{seed}"
 
 
-def curriculum_path(out: Path, name: str, seed: int | None) -> Path:
+def curriculum_path(out: Path, name: str, seed: int | None, teacher: str | None = None
+                    ) -> Path:
+    """OUT/curricula/NAME.parquet, or NAME/seed-S.parquet per seed; built on the cache of a
+    teacher other than the setup's first, NAME@TEACHER (`@` is in no name, so no clash)."""
     folder = out / CURRICULA_DIR
-    return folder / f"{name}.parquet" if seed is None else folder / name / f"seed-{seed}.parquet"
+    stem = name if teacher is None else f"{name}@{teacher}"
+    return folder / f"{stem}.parquet" if seed is None else folder / stem / f"seed-{seed}.parquet"
+
+
+def _curriculum_teacher(exp: ExperimentConfig, teacher: str) -> str | None:
+    """The teacher part of a curriculum's path: None for the setup's first teacher."""
+    return None if teacher == exp.setup.teachers()[0] else teacher
 
 
 def resolve_inputs(exp: ExperimentConfig, out: Path, clock: StageClock, device: str,
@@ -188,9 +197,10 @@ def plan_runs(exp: ExperimentConfig, inputs: Inputs, out: Path, device: str, pro
             opts = dict(options)
             name = opts.get("curriculum")
             spec = exp.curriculum(name) if isinstance(name, str) else None
-            if spec is not None:
+            if spec is not None:  # the build on this arm's first teacher's cache
                 opts["curriculum"] = str(curriculum_path(
-                    out, spec.name, seed if spec.from_arm is not None else None))
+                    out, spec.name, seed if spec.from_arm is not None else None,
+                    _curriculum_teacher(exp, exp.arm_teachers(arm)[0])))
             cfg = TrainConfig.from_options(out=str(run_dir(out, arm.name, seed)), seed=seed,
                                            **caches, **opts).with_cache_defaults()
             planned.append(PlannedRun(arm.name, seed, cfg))
@@ -242,16 +252,58 @@ def check_runs(runs: list[PlannedRun], placeholder: Path) -> None:
                     {str(k): sorted(set(v)) for k, v in budgets.items()})
 
 
+def check_teachers_aligned(exp: ExperimentConfig, inputs: Inputs) -> None:
+    """Refuse, before anything trains, arms whose teachers' caches do not cover the same
+    sequences (train-student's own check, `trainer.teachers.check_aligned`, on the train and
+    the held-out caches). Each cache is indexed once; each (first, other) pair checked once.
+    Raises ConfigError naming the arms, their teachers and the first difference."""
+    from kdpipe.schemas.cache import open_cache
+    from kdpipe.schemas.shard_reader import CacheIndex, build_index
+    from kdpipe.trainer.teachers import check_aligned
+
+    indexes: dict[str, CacheIndex] = {}
+
+    def index(path: str) -> CacheIndex:
+        if path not in indexes:
+            indexes[path] = build_index(open_cache(path))
+        return indexes[path]
+
+    pairs: dict[tuple[str, str, str], list[str]] = {}  # (kind, first, other) -> arms
+    for arm in exp.arms:
+        teachers = exp.arm_teachers(arm)
+        for kind, named in (("cache", inputs.teacher_caches()),
+                            ("eval_cache", inputs.teacher_eval_caches())):
+            if all(t in named for t in teachers):
+                for other in teachers[1:]:
+                    pairs.setdefault((kind, teachers[0], other), []).append(arm.name)
+    problems = []
+    for (kind, first, other), arms in pairs.items():
+        named = inputs.teacher_caches() if kind == "cache" else inputs.teacher_eval_caches()
+        label = "train" if kind == "cache" else "held-out"
+        try:
+            check_aligned(index(named[first]), index(named[other]),
+                          (f"teacher {first}'s {label} cache {named[first]}",
+                           f"teacher {other}'s {label} cache {named[other]}"))
+        except ConfigError as exc:
+            problems.append(f"arm{'s' if len(arms) > 1 else ''} {', '.join(arms)} (teachers "
+                            f"{first}, {other}): {exc}")
+    if problems:
+        raise ConfigError("experiment cannot start: " + " | ".join(problems))
+
+
 def build_curricula(exp: ExperimentConfig, inputs: Inputs, out: Path, clock: StageClock,
                     seeds: tuple[int, ...] | None, device: str, progress: bool) -> None:
-    """Step 2 (seeds None: curricula without from_arm) or step 3 (per-seed curricula)."""
+    """Step 2 (seeds None: curricula without from_arm) or step 3 (per-seed curricula), each
+    once per teacher whose cache it ranks (`ExperimentConfig.curriculum_teachers`)."""
     from kdpipe.curriculum.build import build_curriculum
     from kdpipe.curriculum.config import BuildCurriculumConfig
 
+    caches = inputs.teacher_caches()
     for spec in exp.curricula:
         if (spec.from_arm is None) != (seeds is None):
             continue
-        for seed in seeds or (None,):
+        for teacher, seed in ((t, s) for t in exp.curriculum_teachers(spec)
+                              for s in seeds or (None,)):
             options = {"device": device, "progress": progress, **spec.options}
             if spec.from_arm is not None:
                 assert seed is not None
@@ -260,9 +312,11 @@ def build_curricula(exp: ExperimentConfig, inputs: Inputs, out: Path, clock: Sta
                     options["student"] = str(RunLayout(source_run).final)
                 else:
                     options["run"] = str(source_run)
-            path = curriculum_path(out, spec.name, seed)
+            tag = _curriculum_teacher(exp, teacher)
+            path = curriculum_path(out, spec.name, seed, tag)
             path.parent.mkdir(parents=True, exist_ok=True)
-            label = f"curriculum {spec.name}" + ("" if seed is None else f"/seed-{seed}")
+            label = f"curriculum {spec.name}" + ("" if tag is None else f"@{tag}") + \
+                ("" if seed is None else f"/seed-{seed}")
             with clock.stage(label, done=path.is_file()):
                 build_curriculum(BuildCurriculumConfig.from_options(
-                    cache=inputs.cache, out=str(path), **options))
+                    cache=caches[teacher], out=str(path), **options))

@@ -24,6 +24,7 @@ from kdpipe.experiments.summary import (
     fmt,
     summarize,
     summary_markdown,
+    teacher_note,
 )
 from kdpipe.schemas.io import atomic_write_text
 
@@ -165,6 +166,8 @@ def render_report(root: Path, plots: bool = True, out: Path | None = None) -> Pa
     metrics = (view.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")
                                      if m != view.metric)
     lines += summary_markdown(summary, view.arms, view.labels, metrics)
+    note = teacher_note(view.arm_teachers, view.labels)
+    lines += [""] + note if note else []
     correction = NO_CORRECTION if view.correction == "none" else CORRECTED.format(
         name=CORRECTION_NAMES[view.correction], m=len(view.comparisons),
         alpha=fmt(1.0 - LEVEL, 2)) + (" The differences from the baseline are not "

@@ -56,6 +56,7 @@ class ExperimentView:
     correction: str = "none"
     sweep: dict[str, Any] | None = None  # experiment.json's sweep: sizes, families, comparisons
     arm_sizes: dict[str, tuple[str, str]] = field(default_factory=dict)  # arm -> (family, size)
+    arm_teachers: dict[str, list[str]] = field(default_factory=dict)  # arm -> its teachers
 
     def label(self, arm: str) -> str:
         return self.labels.get(arm, arm)
@@ -87,7 +88,8 @@ def load_view(root: Path) -> ExperimentView:
                               comparisons=[(a, b) for a, b in exp.get("comparisons") or []],
                               correction=exp.get("correction", "none"), sweep=exp.get("sweep"),
                               arm_sizes={a["name"]: (a["family"], a["size"]) for a in exp["arms"]
-                                         if a.get("family") is not None})
+                                         if a.get("family") is not None},
+                              arm_teachers=_arm_teachers(exp))
     if RunLayout(root).config.is_file():  # one train-student run
         from kdpipe.trainer.config import read_config
 
@@ -104,6 +106,13 @@ def load_view(root: Path) -> ExperimentView:
                                       "eval_cache": ", ".join(cfg.eval_cache) or None})
     raise ConfigError(f"{root}: neither an experiment folder ({EXPERIMENT_NAME}; run `kdpipe "
                       "experiment` or `kdpipe demo`) nor a train-student run folder")
+
+
+def _arm_teachers(exp: dict[str, Any]) -> dict[str, list[str]]:
+    """{arm: its teachers} from experiment.json; an arm without `teachers` has the setup's
+    first (the first key of `setup.caches`, else `a`)."""
+    caches = (exp.get("setup") or {}).get("caches") or [["a", ""]]
+    return {a["name"]: list(a.get("teachers") or [caches[0][0]]) for a in exp["arms"]}
 
 
 def eval_curves(view: ExperimentView, key: str = "ce"

@@ -9,7 +9,8 @@ Order of work, each step skipped when its output already exists (so a re-run res
 
 A finished run (its folder holds `final_metrics.json` and the same config) is not trained
 again; an interrupted one is resumed from its last checkpoint; a run folder made with other
-settings stops the experiment before anything trains. `parallel > 1` trains that many runs at
+settings, or an arm whose teachers' caches do not cover the same sequences, stops the
+experiment before anything trains. `parallel > 1` trains that many runs at
 once in separate processes. Results go to OUT/results.json (one record per run) and
 OUT/summary.json / summary.md (`summary.py`); `kdpipe report OUT` draws the plots.
 """
@@ -35,11 +36,12 @@ from kdpipe.experiments.plan import (
     PlannedRun,
     build_curricula,
     check_runs,
+    check_teachers_aligned,
     plan_runs,
     resolve_inputs,
     run_state,
 )
-from kdpipe.experiments.summary import summarize, summary_markdown
+from kdpipe.experiments.summary import summarize, summary_markdown, teacher_note
 from kdpipe.log_setup import configure_logging
 from kdpipe.options import flat_values
 from kdpipe.schemas.errors import ConfigError, KdpipeError
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT_NAME = "experiment.json"
 RESULTS_NAME = "results.json"
 SUMMARY_NAME, SUMMARY_MD = "summary.json", "summary.md"
+RECORD_METRICS = ("train_loss", "tokens_seen", "samples_seen", "step", "epoch")  # and eval_*
 
 
 def mean_train_throughput(folder: Path) -> float:
@@ -90,10 +93,9 @@ def run_record(run: PlannedRun, status: str, metrics: dict[str, Any] | None,
     record: dict[str, Any] = {"arm": run.arm, "seed": run.seed, "run_dir": run.config.out,
                               "status": status, "wall_s": wall_s, "cpu_s": cpu_s}
     if metrics:
-        for key in ("eval_ce", "eval_ppl", "eval_top1_agreement", "eval_kd", "eval_loss",
-                    "train_loss", "tokens_seen", "samples_seen", "step", "epoch"):
-            if key in metrics:
-                record[key] = metrics[key]
+        for key, value in metrics.items():  # every eval_* metric: eval_kd_teacher_J too
+            if key.startswith("eval_") or key in RECORD_METRICS:
+                record[key] = value
         record["train_tokens_per_s"] = mean_train_throughput(Path(run.config.out))
         record["student_parameters"] = student_parameters(Path(run.config.out))
     if error is not None:
@@ -227,6 +229,7 @@ def run_experiment(exp: ExperimentConfig, parallel: int = 1, threads: int | None
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     atomic_write_json(out / EXPERIMENT_NAME, record)
     check_runs(runs, out / EXPERIMENT_NAME)
+    check_teachers_aligned(exp, inputs)
     results = Results(out)
     with torch_threads(threads):
         build_curricula(exp, inputs, out, clock, None, device, progress)
@@ -261,6 +264,8 @@ def write_summary(exp: ExperimentConfig, records: list[dict[str, Any]], out: Pat
     atomic_write_json(out / SUMMARY_NAME, nonfinite_as_null(summary))
     metrics = (exp.metric,) + tuple(m for m in ("eval_ce", "eval_ppl", "eval_top1_agreement")
                                     if m != exp.metric)
-    lines = [f"# {exp.name}: summary", "", *summary_markdown(summary, arms, labels, metrics), ""]
+    note = teacher_note({a.name: exp.arm_teachers(a) for a in exp.arms}, labels)
+    lines = [f"# {exp.name}: summary", "", *summary_markdown(summary, arms, labels, metrics),
+             *([""] + note if note else []), ""]
     atomic_write_text(out / SUMMARY_MD, "\n".join(lines))
     return summary

@@ -11,7 +11,7 @@ and each also carries its corrected p, which then decides its verdict.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kdpipe.experiments.stats import (
@@ -27,8 +27,9 @@ from kdpipe.experiments.stats import (
 METRIC_INFO: dict[str, tuple[str, int]] = {
     "eval_ce": ("held-out CE (nats/token)", -1),
     "eval_ppl": ("held-out perplexity", -1),
-    "eval_top1_agreement": ("top-1 agreement with the teacher", +1),
-    "eval_kd": ("held-out KL to the teacher", -1),
+    # with several teachers, each arm's first (`teacher_note` names it per arm)
+    "eval_top1_agreement": ("top-1 agreement with the (first) teacher", +1),
+    "eval_kd": ("held-out KL to the teacher(s)", -1),
     "eval_loss": ("held-out training objective", -1),
     "train_loss": ("final train loss", -1),
     "train_tokens_per_s": ("train tokens/s", +1),
@@ -176,6 +177,23 @@ def summary_markdown(summary: dict[str, Any], arms: Sequence[str],
         name = f"{labels.get(p['a'], p['a'])} − {labels.get(p['b'], p['b'])}"
         lines.append(f"| {name} | {_difference_cells(p[metric], direction)} |")
     return lines
+
+
+def teacher_note(arm_teachers: Mapping[str, Sequence[str]], labels: dict[str, str] | None = None
+                 ) -> list[str]:
+    """A line saying which teacher each arm's top-1 agreement and KL are measured against,
+    when the arms do not all learn from one teacher (else no line): train-student measures
+    agreement against its first --cache's teacher and KL to the --teacher-weight mix."""
+    if len({t for teachers in arm_teachers.values() for t in teachers}) < 2:
+        return []
+    labels = labels or {}
+    by_first: dict[str, list[str]] = {}
+    for arm, teachers in arm_teachers.items():
+        by_first.setdefault(teachers[0], []).append(labels.get(arm, arm))
+    groups = "; ".join(f"teacher {t} for {', '.join(arms)}" for t, arms in by_first.items())
+    return [f"Top-1 agreement is with each arm's first teacher: {groups}. Held-out KL is to the "
+            "arm's teachers, mixed by its teacher weights (`eval_kd_teacher_J` in results.json: "
+            "to its J-th teacher)."]
 
 
 CORRECTION_NAMES = {"holm": "Holm's step-down method", "bonferroni": "Bonferroni"}

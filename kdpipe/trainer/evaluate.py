@@ -4,8 +4,8 @@ Reports the mean per-token CE of the true next tokens and its perplexity, the me
 divergence to the cached teacher exactly as the trainer defines it (`--loss`, `--temperature`;
 without τ² and λ), top-1 agreement with the teacher and the mixed loss at `--kd-weight`.
 With several caches (one per teacher, aligned as for train-student), `kd` is the
---teacher-weight mix and `kd_teacher_j` the mean KD against teacher j; top-1 agreement is
-against teacher 1.
+--teacher-weight mix (its normalised weights are reported as `teacher_weight`) and
+`kd_teacher_j` the mean KD against teacher j; top-1 agreement is against teacher 1.
 The trainer's periodic eval calls `run_evaluation`, the same code.
 """
 
@@ -151,6 +151,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     cache = cfg.cache[0] if len(cfg.cache) == 1 else list(cfg.cache)
     result.update({"student": cfg.student, "cache": cache, "loss_kind": cfg.loss.kind,
                    "temperature": cfg.loss.temperature, "world_size": dist.world_size})
+    if len(cfg.cache) > 1:  # the w_j of `kd` = Σ_j w_j kd_teacher_j, normalised
+        result["teacher_weight"] = list(cfg.loss.teacher_mix(len(cfg.cache)))
     return result
 
 

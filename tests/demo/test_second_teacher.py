@@ -72,6 +72,25 @@ def test_a_folder_keeps_its_second_teacher(tmp_path: Path) -> None:
     assert record["choice"] == "half" and record["train_share"] == 0.5
 
 
+def test_a_demo_with_teacher_b_is_not_rerun_without_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its runs, and so its table, hold teacher B's students: without --second-teacher the
+    demo would show them without teacher B's row and notes. Refused before any work."""
+    from kdpipe.embedded.prepare import check_preset
+
+    check_preset(tmp_path, PRESETS["tiny"], second_teacher_spec(PRESETS["tiny"], "half"))
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo started")
+
+    monkeypatch.setattr("kdpipe.demo.run.prepare", no_work)
+    with pytest.raises(ConfigError) as info:
+        run_demo(tmp_path, "tiny", threads=1, device="cpu", progress=False)
+    assert str(info.value) == (
+        f"--out {tmp_path} was prepared with --second-teacher half; pass --second-teacher half "
+        "to re-run it, or choose another folder, or pass --overwrite to replace it")
+
+
 @pytest.fixture(scope="module")
 def half(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     """The tiny preset with teacher B trained on the leading half (about 10 s of CPU)."""

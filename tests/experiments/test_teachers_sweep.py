@@ -119,9 +119,12 @@ def test_teacher_names_and_weights_are_refused_one_line_each(multi_teacher: type
         "twice": {"teachers": ["a", "a"]},
         "counts": {"teachers": ["a", "b"], "teacher_weight": [1, 2, 3]},
         "default": {"teacher_weight": [0.5, 0.5]},
-        "shape": {"teachers": "a"}}))
+        "shape": {"teachers": "a"},
+        "none": {"teachers": []}}))
     assert problems == [
         "arms.shape.teachers: expected a list of teacher names, e.g. [a, b]",
+        "arms.none.teachers: at least one teacher is needed, e.g. [a] (leave teachers out for "
+        "the setup's first teacher)",
         "arms.ghost.teachers: 'c' is not a teacher of the setup (a, b)",
         "arms.twice.teachers: a teacher is named twice",
         "arms.counts.teacher_weight: 3 weight(s) for 2 teacher(s) (a, b): give one per teacher, "
@@ -142,8 +145,8 @@ def test_setup_problems(multi_teacher: type) -> None:
                                                            "second_teacher": "half"},
         "setup.second_teacher 'twin' is not one of half, small": {"embedded": "tiny",
                                                                    "second_teacher": "twin"},
-        "setup.eval_caches names teachers b, a but setup.caches a, b": {
-            "caches": {"a": "/a", "b": "/b"}, "eval_caches": {"b": "/hb", "a": "/ha"}},
+        "setup.eval_caches names teachers a but setup.caches a, b": {
+            "caches": {"a": "/a", "b": "/b"}, "eval_caches": {"a": "/ha"}},
         "setup.eval_cache comes with setup.cache (setup.caches takes setup.eval_caches": {
             "caches": {"a": "/a"}, "eval_cache": "/h"},
         "setup.caches must map teacher names to cache folders": {"caches": ["/a", "/b"]},
@@ -151,6 +154,24 @@ def test_setup_problems(multi_teacher: type) -> None:
     for expected, setup in cases.items():
         message = " ".join(_problems({"setup": setup, "arms": {"kd": {}}}))
         assert expected in message, (expected, message)
+
+
+def test_held_out_caches_are_matched_by_name(multi_teacher: type) -> None:
+    spec = _spec()
+    spec["setup"]["eval_caches"] = {"b": "/fake/hb", "a": "/fake/ha"}
+    exp = parse_experiment(spec, "x.yaml")
+    assert exp.setup.teacher_eval_caches() == {"a": "/fake/ha", "b": "/fake/hb"}
+    inputs = Inputs(cache="/fake/a", eval_cache="/fake/ha",
+                    caches=exp.setup.teacher_caches(), eval_caches=exp.setup.teacher_eval_caches())
+    assert arm_caches(exp, inputs, exp.arm("mix")) == (("/fake/b", "/fake/a"),
+                                                       ("/fake/hb", "/fake/ha"))
+
+
+def test_an_unknown_sweep_family_is_reported_once(multi_teacher: type) -> None:
+    spec = _spec(comparisons=[])
+    spec["sweep"]["comparisons"] = [["ce", "ghost"]]
+    assert _problems(spec) == [
+        "sweep.comparisons [ce, ghost]: 'ghost' is not a family under sweep.arms (ce, kd, kd-b)"]
 
 
 def test_sweep_problems(multi_teacher: type) -> None:
@@ -301,3 +322,116 @@ def test_seed_motivations_yaml(multi_teacher: type) -> None:
         assert exp.arm(a) and exp.arm(b)
     # (b)'s teacher-A arm is the sweep's kd at the preset's student size
     assert ("b-alone", "kd-h64") in exp.comparisons
+
+
+def test_each_curriculum_is_built_on_its_arms_first_teachers_cache(
+        multi_teacher: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A curriculum is ranked on one cache and the trainer takes it only for that first
+    cache: an arm whose first teacher is b gets the build on b's cache (NAME@b)."""
+    from kdpipe.embedded.timing import StageClock
+    from kdpipe.experiments.plan import build_curricula
+
+    monkeypatch.setattr("kdpipe.experiments.plan.default_shuffle_window", lambda cache: None)
+    built: list[tuple[str, str, str | None]] = []
+    monkeypatch.setattr("kdpipe.curriculum.build.build_curriculum", lambda cfg: built.append(
+        (Path(cfg.out).relative_to(tmp_path).as_posix(), cfg.cache, cfg.run)))
+    exp = parse_experiment(_spec(
+        comparisons=[], sweep=None,
+        curricula={"tn": {"source": "teacher", "metric": "nll"},
+                   "snap": {"source": "snapshot", "from_arm": "b-alone"}},
+        arms={"kd": {}, "b-alone": {"teachers": ["b"]},
+              "y": {"teachers": ["b"], "curriculum": "tn"},
+              "z": {"teachers": ["b", "a"], "curriculum": "tn"},
+              "w": {"curriculum": "tn"},
+              "x": {"teachers": ["b"], "curriculum": "snap"}}), "x.yaml")
+    inputs = Inputs(cache="/fake/a", eval_cache="/fake/ha",
+                    caches={"a": "/fake/a", "b": "/fake/b"},
+                    eval_caches={"a": "/fake/ha", "b": "/fake/hb"})
+    runs = {r.arm: r.config for r in plan_runs(exp, inputs, tmp_path, "cpu", False)
+            if r.seed == 0}
+    curricula = tmp_path / "curricula"
+    assert runs["y"].curriculum.file == str(curricula / "tn@b.parquet")
+    assert runs["z"].curriculum.file == str(curricula / "tn@b.parquet")
+    assert runs["w"].curriculum.file == str(curricula / "tn.parquet")
+    assert runs["x"].curriculum.file == str(curricula / "snap@b" / "seed-0.parquet")
+    clock = StageClock(tmp_path)
+    build_curricula(exp, inputs, tmp_path, clock, None, "cpu", False)
+    assert built == [("curricula/tn@b.parquet", "/fake/b", None),
+                     ("curricula/tn.parquet", "/fake/a", None)]
+    built.clear()
+    build_curricula(exp, inputs, tmp_path, clock, (0,), "cpu", False)
+    assert built == [("curricula/snap@b/seed-0.parquet", "/fake/b",
+                      str(tmp_path / "runs" / "b-alone" / "seed-0"))]
+
+
+def test_a_snapshot_curriculum_of_another_first_teacher_is_refused(multi_teacher: type) -> None:
+    spec = _spec(comparisons=[], sweep=None,
+                 curricula={"snap": {"source": "snapshot", "from_arm": "b-alone"}},
+                 arms={"b-alone": {"teachers": ["b"]}, "x": {"curriculum": "snap"},
+                       "ok": {"teachers": ["b", "a"], "curriculum": "snap"}})
+    assert _problems(spec) == [
+        "arms.x.curriculum snap: ranks the snapshots of arm b-alone, made on teacher b's cache, "
+        "but this arm's first teacher is a: give both arms the same first teacher (a curriculum "
+        "follows the first teacher's cache)"]
+
+
+def test_teachers_that_do_not_align_stop_the_experiment_before_anything_trains(
+        tmp_path: Path, exp_caches: tuple[Path, Path]) -> None:
+    """The held-out cache holds other sequences than the train cache: as teachers a and b
+    of one arm they cannot train together, and the experiment says so before any run."""
+    from kdpipe.experiments.plan import check_teachers_aligned
+    from kdpipe.experiments.runner import run_experiment
+
+    train, heldout = map(str, exp_caches)
+    spec = {"out": str(tmp_path / "out"), "setup": {"caches": {"a": train, "b": heldout}},
+            "train": {"student_config": STUDENT, "max_steps": 1, "device": "cpu"},
+            "arms": {"kd": {}, "b-alone": {"teachers": ["b"]}, "mix": {"teachers": ["a", "b"]},
+                     "mix2": {"teachers": ["a", "b"], "teacher_weight": [0.7, 0.3]}}}
+    exp = parse_experiment(spec, "x.yaml")
+    with pytest.raises(ConfigError) as info:
+        run_experiment(exp, threads=1, device="cpu", progress=False)
+    message = str(info.value)
+    assert message.startswith(f"experiment cannot start: arms mix, mix2 (teachers a, b): "
+                              f"teacher b's train cache {heldout} does not cover the same "
+                              f"sequences as teacher a's train cache {train}: ")
+    assert "\n" not in message
+    assert not (tmp_path / "out" / "runs").exists()
+    # the same cache under two names aligns; one teacher per arm needs no check
+    same = parse_experiment({**spec, "setup": {"caches": {"a": train, "b": train}}}, "y.yaml")
+    inputs = Inputs(cache=train, eval_cache=None, caches={"a": train, "b": train})
+    check_teachers_aligned(same, inputs)
+    alone = parse_experiment({**spec, "arms": {"kd": {}, "b": {"teachers": ["b"]}}}, "z.yaml")
+    check_teachers_aligned(alone, Inputs(cache=train, eval_cache=None,
+                                         caches={"a": train, "b": heldout}))
+
+
+def test_the_summary_names_each_arms_teacher_and_keeps_per_teacher_metrics(
+        multi_teacher: type, tmp_path: Path) -> None:
+    """b-alone's agreement is with b, the others' with a: the tables say so, and results.json
+    keeps every eval_* metric of a run (KL to each teacher of a mix)."""
+    from types import SimpleNamespace
+
+    from kdpipe.experiments.plan import PlannedRun
+    from kdpipe.experiments.runner import run_record, write_summary
+
+    exp = parse_experiment(_spec(sweep=None, comparisons=[], seeds=1), "x.yaml")
+    metrics = {"eval_ce": 5.0, "eval_top1_agreement": 0.3, "eval_kd": 0.5,
+               "eval_kd_teacher_1": 0.4, "eval_kd_teacher_2": 0.7, "train_loss": 5.1, "step": 3}
+    records = [run_record(PlannedRun(arm.name, 0, SimpleNamespace(out=str(tmp_path / arm.name))),
+                          "ran", metrics, 1.0, 1.0) for arm in exp.arms]
+    assert records[2]["eval_kd_teacher_2"] == 0.7 and records[2]["step"] == 3
+    write_summary(exp, records, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    note = ("Top-1 agreement is with each arm's first teacher: teacher a for a-alone; teacher b "
+            "for b-alone, mix.")
+    assert "top-1 agreement with the (first) teacher" in text and note in text
+    record = {**exp.to_json_dict(), "inputs": {}, "labels": {}}
+    (tmp_path / "experiment.json").write_text(json.dumps(record))
+    (tmp_path / "results.json").write_text(json.dumps(records))
+    report = render_report(tmp_path, plots=False, out=tmp_path / "report").read_text()
+    assert note in report
+    # one teacher for every arm: no note
+    single = parse_experiment({"setup": {"cache": "/c"}, "arms": {"kd": {}, "ce": {"mode": "ce"}},
+                               "train": {"student_config": STUDENT}}, "s.yaml")
+    write_summary(single, records[:1], tmp_path)
+    assert "first teacher:" not in (tmp_path / "summary.md").read_text()

@@ -414,5 +414,6 @@ def test_the_commands_take_several_caches(tmp_path: Path, tiny_cache: Path, cach
                                "1", "--teacher-weight", "3", "--device", "cpu"], capsys)
     assert code == 0
     result = json.loads(stdout)
+    assert result["teacher_weight"] == pytest.approx([0.25, 0.75])  # what `kd` mixed
     assert result["kd"] == pytest.approx(0.25 * result["kd_teacher_1"]
                                          + 0.75 * result["kd_teacher_2"], rel=1e-5)
