@@ -44,6 +44,7 @@ from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
 from kdpipe.schemas.shard import SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.distributed import RankSlice
+from kdpipe.trainer.loss_config import normalised
 from kdpipe.trainer.reliance import partner_map
 
 _SALT = 0x7465616368  # separates the token shuffles' RNG streams from the λ controls'
@@ -65,7 +66,10 @@ def teacher_weights(nll: np.ndarray, prior: np.ndarray, mode: str, temperature: 
     if mode == "softmax":
         # NLL relative to the least allowed one, so that a tiny T makes the others' logits
         # -inf (weight 0), never inf - inf = NaN.
-        excess = (nll - nll[allowed].min(axis=0, keepdims=True)) / temperature  # (J, M)
+        # A tiny T overflows the division to +inf (weight exactly 0, as the limit T → 0
+        # gives); the least one stays 0 / T = 0, so the max below is finite.
+        with np.errstate(over="ignore"):
+            excess = (nll - nll[allowed].min(axis=0, keepdims=True)) / temperature  # (J, M)
         with np.errstate(divide="ignore"):  # log 0 = -inf: a teacher the prior excludes
             logits = np.log(prior)[:, None] - excess
         logits -= logits[allowed].max(axis=0, keepdims=True)  # the largest term is exp(0) = 1
@@ -135,11 +139,13 @@ def read_sample_nll(caches: Sequence[Cache]) -> SampleNll:
 
 def _normalised_prior(prior: Sequence[float] | np.ndarray) -> np.ndarray:
     w0 = np.asarray(prior, dtype=np.float64)
-    if w0.ndim != 1 or w0.size == 0 or not np.isfinite(w0).all() or (w0 < 0).any() \
-            or w0.sum() <= 0:
+    try:
+        if w0.ndim != 1:
+            raise ValueError("not one value per teacher")
+        return np.asarray(normalised(w0.tolist()), dtype=np.float64)
+    except ValueError:
         raise ConfigError(f"--teacher-weight {w0.tolist()}: give one finite value ≥ 0 per "
-                          "--cache, not all 0")
-    return w0 / w0.sum()
+                          "--cache, not all 0") from None
 
 
 @dataclass

@@ -4,6 +4,7 @@ level and control; bad confidences are refused, never turned into NaN weights.""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import cast
 
@@ -18,6 +19,7 @@ from kdpipe.schemas.shard import SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.curriculum_config import CurriculumConfig, setup_teacher_reliance
 from kdpipe.trainer.distributed import RankSlice
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.reliance import partner_map
 from kdpipe.trainer.teacher_reliance import (
     SampleNll,
@@ -58,6 +60,22 @@ def test_best_ties_share_in_proportion_to_the_prior() -> None:
     # best is softmax's T -> 0 limit, ties included; T -> infinity gives back the prior
     assert np.allclose(teacher_weights(nll, prior, "softmax", 1e-300), expected)
     assert np.allclose(teacher_weights(nll, prior, "softmax", 1e12), prior[:, None])
+
+
+def test_huge_weights_and_tiny_temperatures_neither_overflow_nor_warn() -> None:
+    # 1e308 + 1e308 = inf: a plain sum would make every weight 0 (KD silently off)
+    assert LossConfig(teacher_weights=(1e308, 1e308)).teacher_mix(2) == (0.5, 0.5)
+    assert LossConfig(teacher_weights=(3e-320, 1e-320)).teacher_mix(2) == pytest.approx(
+        (0.75, 0.25))
+    nll = np.array([[1.0, 2.0, 3.0], [1e10, 2.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarning: overflow
+        for mode in ("softmax", "best"):
+            rel = TeacherReliance(mode, "token", 1e-310, [1e308, 1e308])
+            assert rel.prior.tolist() == [0.5, 0.5]
+            weights, mean = rel.for_tokens([torch.tensor(-nll)], 1)
+            assert weights[0].tolist() == [[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]
+            assert np.isfinite(mean).all()
 
 
 def test_a_teacher_without_prior_weight_never_gets_weight() -> None:
@@ -266,6 +284,8 @@ def test_options_refused_with_one_line_each() -> None:
     assert lines == ["--teacher-reliance-level, --teacher-reliance-control need "
                      "--teacher-reliance softmax or best",
                      "--teacher-reliance-temperature is the T of --teacher-reliance softmax"]
+    lines = CurriculumConfig(teacher_reliance_level="token").problems("kd", True, teachers=2)
+    assert lines == ["--teacher-reliance-level needs --teacher-reliance softmax or best"]
     lines = CurriculumConfig(teacher_reliance="best").problems("ce", True, teachers=1)
     assert lines == ["--teacher-reliance best chooses between teachers: give one --cache per "
                      "teacher, two or more",
