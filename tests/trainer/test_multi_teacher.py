@@ -153,6 +153,11 @@ def test_options_of_several_caches_are_checked(tmp_path: Path, tiny_cache: Path,
     with pytest.raises(ConfigError, match="the weights are all 0"):
         train(_config(both, tmp_path / "b", student=str(tiny_student_dir),
                       teacher_weight=(0.0, 0.0)))
+    with pytest.raises(ConfigError) as refused:
+        train(_config(both, tmp_path / "b", student=str(tiny_student_dir),
+                      teacher_weight=(1.0, -2.0)))
+    assert "--teacher-weight -2.0 must be >= 0" in str(refused.value)
+    assert "all 0" not in str(refused.value)  # only the real problem
     with pytest.raises(ConfigError, match="give one --eval-cache per --cache"):
         train(_config(both, tmp_path / "c", student=str(tiny_student_dir),
                       eval_cache=str(cache_b)))
