@@ -22,7 +22,9 @@ Controls, in the style of `reliance.py`'s for λ:
 
 * shuffled: the same weight vectors given to random samples: sample i gets the vector of its
   partner π(i), π a seeded permutation of the training split (`reliance.partner_map`, on its
-  own stream); per token, the weight vectors of a micro-batch are permuted over its tokens.
+  own stream); per token, each sample's token weight vectors are permuted over that sample's
+  own targets (seeded by seed, step and sample id), which keeps each sample's weights and
+  breaks their link to each token's confidence, whatever the micro-batches and processes.
 * matched: every sample (token) of step t gets the step's mean weight vector: the mean over
   the global batch's samples (`sample`) or over all its target tokens on every process
   (`token`, summed with `sum_across`). Same mean weight per teacher per step, no selectivity.
@@ -233,15 +235,21 @@ class TeacherReliance:
             weights = np.repeat(weights.mean(axis=1, keepdims=True), ids.size, axis=1)
         return weights.astype(np.float32)
 
-    def for_tokens(self, micro: Sequence[torch.Tensor], step: int
+    def for_tokens(self, micro: Sequence[torch.Tensor], step: int,
+                   samples: Sequence[np.ndarray] | None = None
                    ) -> tuple[list[torch.Tensor], np.ndarray]:
         """The weights of every target token of this process's micro-batches of one step.
 
         micro: per micro-batch the (J, N_m) cached target_logprob of each teacher (the log
-        p_j of the true token, nats). Returns per micro-batch (J, N_m) float32 CPU weights,
-        columns summing to 1, and (J,) the step's token-weighted mean weight per teacher
-        over every process (`sum_across`: one collective per call, whatever the mode).
+        p_j of the true token, nats). samples: per micro-batch the (N_m,) sample id of each
+        target (needed by the shuffled control, which permutes within each sample). Returns
+        per micro-batch (J, N_m) float32 CPU weights, columns summing to 1, and (J,) the
+        step's token-weighted mean weight per teacher over every process (`sum_across`: one
+        collective per call, whatever the mode).
         """
+        if self.control == "shuffled" and (samples is None or len(samples) != len(micro)):
+            raise ValueError("the shuffled control needs each target's sample id, per "
+                             "micro-batch")
         weights = []
         for m, logprob in enumerate(micro):
             if logprob.ndim != 2 or logprob.shape[0] != self.teachers:
@@ -251,8 +259,8 @@ class TeacherReliance:
             check_finite(nll, self.names, f"target_logprob of micro-batch {m}, target")
             w = teacher_weights(nll, self.prior, self.mode, self.temperature)  # (J, N_m)
             if self.control == "shuffled":
-                rng = np.random.default_rng([self.seed, _SALT, step, m])
-                w = w[:, rng.permutation(w.shape[1])]
+                assert samples is not None
+                w = self._shuffle_within_samples(w, np.asarray(samples[m], np.int64), step)
             weights.append(w)
         local = [float(v) for v in sum(w.sum(axis=1) for w in weights)] if weights else \
             [0.0] * self.teachers
@@ -263,12 +271,29 @@ class TeacherReliance:
             weights = [np.repeat(mean[:, None], w.shape[1], axis=1) for w in weights]
         return [torch.from_numpy(w.astype(np.float32)) for w in weights], mean
 
+    def _shuffle_within_samples(self, weights: np.ndarray, samples: np.ndarray, step: int
+                                ) -> np.ndarray:
+        """(J, N) token weights with each sample's columns permuted among themselves, by a
+        permutation seeded by (seed, step, sample id): the same however the global batch is
+        split into micro-batches and processes."""
+        if samples.shape != (weights.shape[1],):
+            raise ValueError(f"expected {weights.shape[1]} target sample ids, got "
+                             f"{samples.shape}")
+        out = weights.copy()
+        for sample in np.unique(samples):
+            where = np.flatnonzero(samples == sample)  # ascending: the sample's target order
+            rng = np.random.default_rng([self.seed, _SALT, step, int(sample)])
+            out[:, where] = weights[:, where[rng.permutation(where.size)]]
+        return out
+
     def for_step(self, global_ids: np.ndarray, step: int, micro: Sequence[torch.Tensor],
-                 share: RankSlice | None = None) -> StepTeacherWeights:
+                 share: RankSlice | None = None, samples: Sequence[np.ndarray] | None = None
+                 ) -> StepTeacherWeights:
         """The weights of step `step` over the global batch `global_ids` (S,), of which this
         process trains its `share` (None: all of it, one process) in micro-batches whose
-        (J, N_m) target log-probs are `micro` (read only at the token level). A share that is
-        not real (a padding rank) gets the prior but still takes part in the collective."""
+        (J, N_m) target log-probs are `micro` and (N_m,) target sample ids `samples` (both
+        read only at the token level). A share that is not real (a padding rank) gets the
+        prior but still takes part in the collective."""
         start, count = (0, global_ids.size) if share is None else (share.start,
                                                                      share.sample_ids.size)
         real = share is None or share.real
@@ -278,5 +303,6 @@ class TeacherReliance:
                 self.prior[:, None], count, axis=1).astype(np.float32)
             mean = every.astype(np.float64).mean(axis=1) if every.size else self.prior.copy()
             return StepTeacherWeights(mine, None, mean)
-        per_token, mean = self.for_tokens(micro if real else [], step)
+        per_token, mean = self.for_tokens(micro if real else [], step,
+                                          (samples or []) if real else [])
         return StepTeacherWeights(None, per_token, mean)

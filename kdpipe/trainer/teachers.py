@@ -93,16 +93,17 @@ class RelianceTeacherWeights:
 
     def for_step(self, global_ids: np.ndarray, step: int, batch: GlobalBatch,
                  share: RankSlice | None = None) -> StepWeights:
-        micro = []
+        micro, samples = [], []
         if self.target_logprob:
             for mb in batch.micro:
+                samples.append(mb.sample_ids.cpu()[mb.target_row.cpu()].numpy())  # (N_m,)
                 logprobs = [t.target_logprob for t in mb.teachers]
                 if any(lp is None for lp in logprobs):
                     raise ValueError("token-level teacher reliance needs every teacher's "
                                      "target_logprob; build the loader's Columns with "
                                      "target_logprob=True")
                 micro.append(torch.stack(logprobs))  # type: ignore[arg-type]  # (J, N_m)
-        return self.reliance.for_step(global_ids, step, micro, share)
+        return self.reliance.for_step(global_ids, step, micro, share, samples)
 
 
 def per_token(weights: torch.Tensor, target_row: torch.Tensor) -> torch.Tensor:

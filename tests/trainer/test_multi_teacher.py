@@ -404,6 +404,17 @@ def test_teacher_reliance_options_weigh_the_teachers(tmp_path: Path, tiny_cache:
         assert r["teacher_weight_1"] != pytest.approx(0.5, abs=1e-6)
 
 
+def test_token_shuffled_control_does_not_depend_on_the_batch_split(
+        tmp_path: Path, tiny_cache: Path, cache_b: Path, tiny_student_dir: Path) -> None:
+    options = dict(teacher_reliance="softmax", teacher_reliance_level="token",
+                   teacher_reliance_control="shuffled", max_steps=2, student=str(tiny_student_dir))
+    whole = train(_config((tiny_cache, cache_b), tmp_path / "whole", batch_size=8, **options))
+    split = train(_config((tiny_cache, cache_b), tmp_path / "split", batch_size=4, grad_accum=2,
+                          **options))
+    for key in ("train_loss", "train_kd", "train_kd_teacher_1", "train_kd_teacher_2"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
 def test_the_commands_take_several_caches(tmp_path: Path, tiny_cache: Path, cache_b: Path,
                                           tiny_student_dir: Path, misaligned: dict[str, Path],
                                           capsys: pytest.CaptureFixture[str]) -> None:

@@ -160,18 +160,30 @@ def test_token_softmax_is_the_posterior_over_teachers() -> None:
     assert best[1].tolist() == [[0, 1, 0.5], [1, 0, 0.5]]  # a tie splits evenly
 
 
+SAMPLES = [np.array([100, 100, 100, 101, 101]), np.array([102, 102, 102])]  # per target
+
+
 def test_token_controls() -> None:
     plain, _ = TeacherReliance("softmax", "token", 1.0, EQUAL).for_tokens(LOGPROBS, 3)
     shuffle = TeacherReliance("softmax", "token", 1.0, EQUAL, control="shuffled", seed=4)
-    shuffled, _ = shuffle.for_tokens(LOGPROBS, 3)
-    for p, s in zip(plain, shuffled, strict=True):  # columns permuted within a micro-batch
-        assert torch.allclose(torch.sort(p[0]).values, torch.sort(s[0]).values)
+    shuffled, _ = shuffle.for_tokens(LOGPROBS, 3, SAMPLES)
+    for p, s, ids in zip(plain, shuffled, SAMPLES, strict=True):  # permuted within a sample
+        for sample in np.unique(ids):
+            mine = torch.from_numpy(ids == sample)
+            assert torch.allclose(torch.sort(p[0, mine]).values, torch.sort(s[0, mine]).values)
         assert torch.allclose(s.sum(dim=0), torch.ones(s.shape[1]))
     assert not all(torch.equal(p, s) for p, s in zip(plain, shuffled, strict=True))
-    again, _ = shuffle.for_tokens(LOGPROBS, 3)
+    again, _ = shuffle.for_tokens(LOGPROBS, 3, SAMPLES)
     assert all(torch.equal(a, s) for a, s in zip(again, shuffled, strict=True))
-    other = [shuffle.for_tokens(LOGPROBS, step)[0][0] for step in range(4, 12)]
+    other = [shuffle.for_tokens(LOGPROBS, step, SAMPLES)[0][0] for step in range(4, 12)]
     assert any(not torch.equal(o, shuffled[0]) for o in other)  # a new permutation per step
+    # the same tokens in other micro-batches (another --batch-size × --grad-accum, or other
+    # processes) get the same weights
+    split = [LOGPROBS[0][:, :3], LOGPROBS[0][:, 3:], LOGPROBS[1]]
+    parts, _ = shuffle.for_tokens(split, 3, [SAMPLES[0][:3], SAMPLES[0][3:], SAMPLES[1]])
+    assert torch.equal(torch.cat(parts, dim=1), torch.cat(shuffled, dim=1))
+    with pytest.raises(ValueError, match="needs each target's sample id"):
+        shuffle.for_tokens(LOGPROBS, 3)
 
     calls: list[list[float]] = []
 
