@@ -25,9 +25,11 @@ Controls, in the style of `reliance.py`'s for λ:
   own stream); per token, each sample's token weight vectors are permuted over that sample's
   own targets (seeded by seed, step and sample id), which keeps each sample's weights and
   breaks their link to each token's confidence, whatever the micro-batches and processes.
-* matched: every sample (token) of step t gets the step's mean weight vector: the mean over
-  the global batch's samples (`sample`) or over all its target tokens on every process
-  (`token`, summed with `sum_across`). Same mean weight per teacher per step, no selectivity.
+* matched: every sample (token) of step t gets the step's mean weight vector, a mean over
+  the global batch's target tokens: at the level `sample` each sample's vector weighted by
+  its number of targets (the loss sums over tokens, so this is the mean weight per token that
+  `teacher_weight_j` logs), at the level `token` over all its target tokens on every process
+  (summed with `sum_across`). Same mean weight per teacher per step, no selectivity.
 
 Every function is deterministic in (seed, step). The formulas run in float64 numpy; results
 are float32. docs/curriculum.md gives the sources (Du et al. 2020 on competing teachers; Zhang,
@@ -44,7 +46,7 @@ import torch
 
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
-from kdpipe.schemas.shard import SAMPLE_ID, TEACHER_NLL
+from kdpipe.schemas.shard import NUM_TARGETS, SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.distributed import RankSlice
 from kdpipe.trainer.loss_config import normalised
 from kdpipe.trainer.reliance import partner_map
@@ -102,25 +104,35 @@ class SampleNll:
 
     sample_ids: np.ndarray  # (n,) int64, ascending
     nll: np.ndarray  # (J, n) float64, nats per target token, finite
+    num_targets: np.ndarray  # (n,) int64, each sample's target tokens (the loss's weight)
 
-    def lookup(self, sample_ids: np.ndarray) -> np.ndarray:
-        """(S,) sample ids → (J, S) NLL; ValueError for an id not in the table."""
+    def _where(self, sample_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(sample_ids, dtype=np.int64)
         where = np.searchsorted(self.sample_ids, ids).clip(max=max(self.sample_ids.size - 1, 0))
         missing = ids[self.sample_ids[where] != ids] if self.sample_ids.size else ids
         if missing.size:
             raise ValueError(f"samples {missing[:5].tolist()} have no teacher_nll in the table")
-        return self.nll[:, where]
+        return where
+
+    def lookup(self, sample_ids: np.ndarray) -> np.ndarray:
+        """(S,) sample ids → (J, S) NLL; ValueError for an id not in the table."""
+        return self.nll[:, self._where(sample_ids)]
+
+    def targets(self, sample_ids: np.ndarray) -> np.ndarray:
+        """(S,) sample ids → (S,) their numbers of target tokens; ValueError as `lookup`."""
+        return self.num_targets[self._where(sample_ids)]
 
 
 def read_sample_nll(caches: Sequence[Cache]) -> SampleNll:
-    """The `teacher_nll` column of every cache (one per teacher, --cache order), by sample id.
+    """The `teacher_nll` column of every cache (one per teacher, --cache order), by sample id,
+    with the first cache's `num_targets` (aligned caches share their target positions).
 
     Every cache must hold the same sample ids (CacheFormatError otherwise, naming the cache);
     a non-finite value is a NonFiniteError naming the cache and the sample.
     """
     first: np.ndarray | None = None
     rows = []
+    targets = np.zeros(0, np.int64)
     for cache in caches:
         ids = cache.read_column(SAMPLE_ID).to_numpy().astype(np.int64)  # (n,)
         values = cache.read_column(TEACHER_NLL).to_numpy().astype(np.float64)  # (n,)
@@ -128,6 +140,7 @@ def read_sample_nll(caches: Sequence[Cache]) -> SampleNll:
         ids, values = ids[order], values[order]
         if first is None:
             first = ids
+            targets = cache.read_column(NUM_TARGETS).to_numpy().astype(np.int64)[order]
         elif not np.array_equal(ids, first):
             raise CacheFormatError(f"{cache.location}: holds other samples than "
                                    f"{caches[0].location}; every --cache must cover the same "
@@ -136,7 +149,7 @@ def read_sample_nll(caches: Sequence[Cache]) -> SampleNll:
         rows.append(values)
     if first is None:
         raise ValueError("read_sample_nll needs at least one cache")
-    return SampleNll(first, np.stack(rows))
+    return SampleNll(first, np.stack(rows), targets)
 
 
 def _normalised_prior(prior: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -150,13 +163,22 @@ def _normalised_prior(prior: Sequence[float] | np.ndarray) -> np.ndarray:
                           "--cache, not all 0") from None
 
 
+def _token_mean(weights: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(J, S) per-sample weights and (S,) target counts → (J,) the mean weight per target
+    token (a plain mean over samples when no sample has a target)."""
+    total = targets.sum()
+    if total <= 0:
+        return weights.mean(axis=1)
+    return (weights * targets[None, :]).sum(axis=1) / total
+
+
 @dataclass
 class StepTeacherWeights:
     """The teacher weights of one optimizer step, for the samples this process trains on."""
 
     per_sample: np.ndarray | None  # (J, S_local) float32, level `sample`
     per_token: list[torch.Tensor] | None  # (J, N_m) float32 per micro-batch, level `token`
-    mean: np.ndarray  # (J,) float64, the step's mean weight per teacher over the global batch
+    mean: np.ndarray  # (J,) float64, the step's mean weight per teacher per target token
 
     def tokens(self, micro: int, first_row: int, target_row: torch.Tensor) -> torch.Tensor:
         """(J, N) weights of each target token of micro-batch `micro`, whose rows start at
@@ -232,7 +254,8 @@ class TeacherReliance:
         weights = teacher_weights(self.sample_nll.lookup(ids), self.prior, self.mode,
                                   self.temperature)  # (J, S)
         if self.control == "matched" and ids.size:
-            weights = np.repeat(weights.mean(axis=1, keepdims=True), ids.size, axis=1)
+            mean = _token_mean(weights, self.sample_nll.targets(ids))
+            weights = np.repeat(mean[:, None], ids.size, axis=1)
         return weights.astype(np.float32)
 
     def for_tokens(self, micro: Sequence[torch.Tensor], step: int,
@@ -301,7 +324,12 @@ class TeacherReliance:
             every = self.for_samples(global_ids, step)  # (J, S) the same on every process
             mine = every[:, start:start + count] if real else np.repeat(
                 self.prior[:, None], count, axis=1).astype(np.float32)
-            mean = every.astype(np.float64).mean(axis=1) if every.size else self.prior.copy()
+            if not every.size:
+                mean = self.prior.copy()
+            elif self.sample_nll is not None:
+                mean = _token_mean(every.astype(np.float64), self.sample_nll.targets(global_ids))
+            else:  # fixed: every column is the prior
+                mean = every.astype(np.float64).mean(axis=1)
             return StepTeacherWeights(mine, None, mean)
         per_token, mean = self.for_tokens(micro if real else [], step,
                                           (samples or []) if real else [])

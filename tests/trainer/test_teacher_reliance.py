@@ -15,7 +15,7 @@ import torch
 
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
-from kdpipe.schemas.shard import SAMPLE_ID, TEACHER_NLL
+from kdpipe.schemas.shard import NUM_TARGETS, SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.curriculum_config import CurriculumConfig, setup_teacher_reliance
 from kdpipe.trainer.distributed import RankSlice
@@ -31,7 +31,8 @@ from kdpipe.trainer.teacher_reliance import (
 IDS = np.arange(100, 300, dtype=np.int64)  # the training split: 200 samples
 RNG = np.random.default_rng(7)
 NLL = np.stack([RNG.uniform(1.0, 4.0, IDS.size), RNG.uniform(1.0, 4.0, IDS.size)])  # (2, 200)
-TABLE = SampleNll(IDS, NLL)
+TARGETS = RNG.integers(1, 64, IDS.size)  # (200,) unequal target counts per sample
+TABLE = SampleNll(IDS, NLL, TARGETS)
 EQUAL = np.array([0.5, 0.5])
 
 
@@ -87,7 +88,7 @@ def test_a_teacher_without_prior_weight_never_gets_weight() -> None:
 
 @pytest.mark.parametrize("mode", ["fixed", "softmax", "best"])
 def test_one_teacher_gets_weight_one(mode: str) -> None:
-    table = SampleNll(IDS, NLL[:1])
+    table = SampleNll(IDS, NLL[:1], TARGETS)
     rel = TeacherReliance(mode, "sample", 1.0, [3.0], sample_nll=table)
     assert rel.for_samples(IDS[:5], 1).tolist() == [[1.0] * 5]
     tok = TeacherReliance(mode, "token", 1.0, [3.0])
@@ -138,8 +139,17 @@ def test_matched_gives_every_sample_the_step_mean(mode: str) -> None:
     batch = IDS[[5, 60, 61, 199, 17]]
     plain = sample_reliance(mode).for_samples(batch, 2)
     matched = sample_reliance(mode, control="matched").for_samples(batch, 2)
-    assert np.allclose(matched, plain.mean(axis=1, keepdims=True).repeat(5, axis=1))
+    # the loss sums over tokens: the mean weights each sample by its number of targets, so
+    # matched keeps the mean weight per teacher per token (what teacher_weight_j logs)
+    targets = TARGETS[batch - IDS[0]].astype(np.float64)
+    assert len(set(targets)) > 1
+    per_token = (plain * targets).sum(axis=1) / targets.sum()
+    assert np.allclose(matched, per_token[:, None].repeat(5, axis=1))
+    assert not np.allclose(matched[:, 0], plain.mean(axis=1))
+    assert np.allclose((matched * targets).sum(axis=1), (plain * targets).sum(axis=1))
     assert np.allclose(matched.sum(axis=0), 1.0)
+    step = sample_reliance(mode).for_step(batch, 2, [])
+    assert np.allclose(step.mean, per_token)
 
 
 LOGPROBS = [torch.log(torch.tensor([[0.9, 0.5, 0.1, 0.2, 0.8], [0.3, 0.5, 0.6, 0.4, 0.2]])),
@@ -222,7 +232,8 @@ def test_for_step_gives_each_process_its_share() -> None:
     share = RankSlice(batch[2:5], start=2, real=True, micro_batches=1)
     step = rel.for_step(batch, 1, [], share)
     assert step.per_sample is not None and np.array_equal(step.per_sample, every[:, 2:5])
-    assert np.allclose(step.mean, every.mean(axis=1))
+    targets = TARGETS[batch - IDS[0]]
+    assert np.allclose(step.mean, (every * targets).sum(axis=1) / targets.sum())  # per token
     # micro-batch rows start at sample 1 of this share: tokens of rows 0, 0, 1 → samples 3, 3, 4
     tokens = step.tokens(0, 1, torch.tensor([0, 0, 1]))
     assert torch.equal(tokens, torch.from_numpy(every[:, [3, 3, 4]]))
@@ -240,7 +251,7 @@ def test_non_finite_confidence_is_refused_not_weighted() -> None:
     nll = NLL.copy()
     nll[1, 7] = np.nan
     with pytest.raises(NonFiniteError, match=r"^b: teacher_nll of sample 107 is nan"):
-        TeacherReliance("softmax", "sample", 1.0, EQUAL, sample_nll=SampleNll(IDS, nll),
+        TeacherReliance("softmax", "sample", 1.0, EQUAL, sample_nll=SampleNll(IDS, nll, TARGETS),
                         names=["a", "b"])
     bad = [LOGPROBS[0], LOGPROBS[1].clone()]
     bad[1][0, 2] = -math.inf
@@ -259,7 +270,9 @@ def test_non_finite_confidence_is_refused_not_weighted() -> None:
 class FakeCache:
     def __init__(self, ids: list[int], nll: list[float], location: str) -> None:
         self.columns = {SAMPLE_ID: pa.chunked_array([pa.array(ids, pa.int64())]),
-                        TEACHER_NLL: pa.chunked_array([pa.array(nll, pa.float32())])}
+                        TEACHER_NLL: pa.chunked_array([pa.array(nll, pa.float32())]),
+                        NUM_TARGETS: pa.chunked_array([pa.array([10 * i for i in ids],
+                                                                pa.int32())])}
         self.location = location
 
     def read_column(self, name: str) -> pa.ChunkedArray:
@@ -272,6 +285,7 @@ def test_read_sample_nll_aligns_by_sample_id() -> None:
     table = read_sample_nll([cast(Cache, a), cast(Cache, b)])
     assert table.sample_ids.tolist() == [1, 2, 3]
     assert table.nll.tolist() == [[1.5, 2.5, 0.5], [1.0, 2.0, 3.0]]
+    assert table.num_targets.tolist() == [10, 20, 30]
     with pytest.raises(CacheFormatError, match="^c: holds other samples than a"):
         read_sample_nll([cast(Cache, a), cast(Cache, FakeCache([1, 2, 4], [1, 1, 1], "c"))])
     with pytest.raises(NonFiniteError, match="^d: teacher_nll of sample 2 is inf"):
