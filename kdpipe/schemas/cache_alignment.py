@@ -2,9 +2,12 @@
 (several teachers, one per cache: docs/training.md, "Several teachers").
 
 Two caches align when their tokenizers map ids alike (`manifest.same_mapping`), they select
-the same target positions (`train_on`, packed documents' `segments`), they hold the same
-sample ids, every sample id has the same `input_ids` in both, and the same number of target
-positions. The teacher, top-k, encoding, tempered tails and shard layout may differ.
+the same target positions (`train_on`) and both record packed documents' `segments` or
+neither, they hold the same sample ids, every sample id has the same `input_ids` in both, and
+the same number of target positions. The teacher, top-k, encoding, tempered tails and shard
+layout may differ. The positions of each sample's targets and its document boundaries
+(the `segments` lengths) are not read here: the loader compares them row by row as it
+decodes them (`trainer.data.collate`).
 
 The token comparison is exact at one of two costs:
 
