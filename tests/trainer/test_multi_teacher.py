@@ -137,6 +137,14 @@ def test_caches_that_do_not_align_are_refused_before_any_write(
     assert f"--cache {misaligned[case]} does not cover the same sequences as --cache " \
            f"{tiny_cache}" in text
     assert not out.exists()
+    # the manifests show each of these: --dry-run refuses them with one line alike (naming
+    # what the manifests show: numbers of sequences or tokens, a shard's tokens_sha256)
+    with pytest.raises(ConfigError) as planned:
+        dry_run(cfg)
+    assert "\n" not in str(planned.value)
+    assert str(planned.value).split(": ")[0] == text.split(": ")[0]
+    assert str(planned.value).endswith("(docs/training.md, \"Several teachers\")")
+    assert not out.exists()
     # evaluate refuses them alike
     with pytest.raises(ConfigError, match=message):
         evaluate(EvalConfig(student=str(tiny_student_dir), device="cpu",
