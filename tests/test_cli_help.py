@@ -212,3 +212,11 @@ def test_usage_errors_are_one_line(args: list[str], expected: str,
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"kdpipe: error: {expected}")
     assert f"(see 'kdpipe {args[0]} --help')" in err or args == ["nope"]
+
+
+@pytest.mark.parametrize("config", [TrainConfig, EvalConfig])
+def test_read_ahead_help_says_each_cache_reads_ahead(config: type) -> None:
+    # several teachers: one read-ahead of the whole budget per --cache, so J times the memory
+    flag = next(f for f in options.flags(config) if f.cli == "--read-ahead")
+    text = flag.field.metadata["help"]
+    assert "per --cache" in text and "J teachers hold J such copies" in text

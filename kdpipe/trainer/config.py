@@ -233,8 +233,9 @@ class TrainConfig:
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     read_ahead: int = option(
         READ_AHEAD_TARGETS, "Target tokens of upcoming samples the loader reads ahead, each row "
-        "group they touch decoded once and only their rows kept (~k x 4 bytes a token): what "
-        "keeps a curriculum's scattered order fast; same batches at any value.", ge=1)
+        "group they touch decoded once and only their rows kept (~k x 4 bytes a token, per "
+        "--cache: J teachers hold J such copies): what keeps a curriculum's scattered order "
+        "fast; same batches at any value.", ge=1)
     loader_workers: int = option(
         0, "Processes that read and decode the cache's row groups ahead of the loader (0: its "
         "one background thread). For a GPU at tens of thousands of tokens per step: 2-4.", ge=0)
@@ -383,8 +384,9 @@ class EvalConfig:
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     read_ahead: int = option(
         READ_AHEAD_TARGETS, "Target tokens of upcoming samples the loader reads ahead, each row "
-        "group they touch decoded once and only their rows kept (~k x 4 bytes a token): what "
-        "keeps a curriculum's scattered order fast; same batches at any value.", ge=1)
+        "group they touch decoded once and only their rows kept (~k x 4 bytes a token, per "
+        "--cache: J teachers hold J such copies): what keeps a curriculum's scattered order "
+        "fast; same batches at any value.", ge=1)
     progress: bool = option(False, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
     local_cache: str | None = option(None, LOCAL_CACHE_HELP)
