@@ -9,6 +9,7 @@ at once as one `ConfigError`. A run folder holds its config as `config.json`, wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -324,9 +325,23 @@ class TrainConfig:
         return to_dict(self)
 
     def changed_fields(self, other: TrainConfig) -> list[str]:
-        """Option names whose values differ between two configs."""
+        """Option names whose values differ between two configs. --teacher-weight compares
+        the normalised weights the run trains with, so equivalent values (0.5 0.5 and the
+        default, 1 3 and 2 6) are no change and a run folder resumes whichever was given."""
         mine, theirs = options.flat_values(self), options.flat_values(other)
-        return [name for name in mine if mine[name] != theirs[name]]
+        return [name for name in mine if mine[name] != theirs[name]
+                and not (name == "teacher_weight" and self._same_teacher_mix(other))]
+
+    def _same_teacher_mix(self, other: TrainConfig) -> bool:
+        teachers = len(as_paths(self.cache))
+        if teachers != len(as_paths(other.cache)):
+            return False
+        try:
+            mine, theirs = self.loss.teacher_mix(teachers), other.loss.teacher_mix(teachers)
+        except ValueError:  # not one weight per cache, or all 0: compared as given
+            return False
+        return all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
+                   for a, b in zip(mine, theirs, strict=True))
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:

@@ -301,6 +301,25 @@ def test_a_one_cache_run_folder_of_before_still_resumes(tmp_path: Path, tiny_cac
     assert read_config(tmp_path / "run") == cfg
 
 
+def test_equivalent_teacher_weights_are_no_change_on_resume(
+        tmp_path: Path, tiny_cache: Path, cache_b: Path, tiny_student_dir: Path) -> None:
+    both = (tiny_cache, cache_b)
+
+    def config(**options: Any) -> TrainConfig:
+        return _config(both, tmp_path / "run", student=str(tiny_student_dir),
+                       **{"max_steps": 2, **options})
+
+    assert config(teacher_weight=(0.5, 0.5)).changed_fields(config()) == []
+    assert config(teacher_weight=(1.0, 3.0)).changed_fields(
+        config(teacher_weight=(2.0, 6.0))) == []
+    assert config(teacher_weight=(1.0, 3.0)).changed_fields(
+        config(teacher_weight=(3.0, 1.0))) == ["teacher_weight"]
+    # a run made with the default equal weights resumes with them spelled out
+    made = train(config())
+    resumed = train(config(teacher_weight=(0.5, 0.5), max_steps=3, resume=True))
+    assert made["step"] == 2 and resumed["step"] == 3
+
+
 def test_two_teachers_resume_exactly_after_a_kill(tmp_path: Path, tiny_cache: Path,
                                                   cache_b: Path, tiny_student_dir: Path) -> None:
     cfg = _config((tiny_cache, cache_b), tmp_path / "full", student=str(tiny_student_dir),
