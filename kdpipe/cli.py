@@ -17,7 +17,8 @@ import atexit
 import logging
 import os
 import sys
-from typing import Annotated, NoReturn
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -92,6 +93,26 @@ def _name_environment_variables(group: TyperGroup) -> None:
         for param in command.params:
             if isinstance(param, TyperOption) and not param.is_eager:
                 param.envvar = envvar_name(name, param)
+                if param.multiple:
+                    _refuse_commas(param)
+
+
+def _refuse_commas(option: TyperOption) -> None:
+    """A repeatable option's variable holds its values separated by spaces, as click splits
+    it (`KDPIPE_TRAIN_STUDENT_CACHE="a b"`). A value with a comma that names no existing
+    path ("a,b", "1,2") was meant as a list: refuse it with one line saying so, instead of
+    click's parse error or a "no such folder" for the joined text."""
+    read = option.value_from_envvar
+
+    def value_from_envvar(ctx: Any) -> Any:  # click's Context, as typer vendors it
+        raw = option.resolve_envvar_value(ctx)
+        if raw and any("," in part and not Path(part).exists() for part in raw.split()):
+            raise typer.BadParameter(
+                "separate the values of a repeated option with spaces, not commas: "
+                f"{option.envvar}=\"{raw.replace(',', ' ')}\"", ctx=ctx, param=option)
+        return read(ctx)
+
+    option.value_from_envvar = value_from_envvar  # type: ignore[method-assign]
 
 
 def cli() -> TyperGroup:

@@ -152,6 +152,29 @@ def test_an_option_reads_its_variable(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 2 and "--batch-size 0 must be >= 1" in err
 
 
+def test_a_repeated_option_reads_space_separated_values(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("KDPIPE_EVALUATE_CACHE", f"{a} {b}")  # two values: both reported
+    code, _, err = run_cli(["evaluate", "--student", "s"], capsys)
+    assert code == 2 and f"--cache {a}: no such folder" in err and f"--cache {b}" in err
+    for variable, value in (("KDPIPE_EVALUATE_CACHE", f"{a},{b}"),
+                            ("KDPIPE_EVALUATE_TEACHER_WEIGHT", "1,2")):
+        monkeypatch.setenv(variable, value)
+        code, _, err = run_cli(["evaluate", "--student", "s"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "separate the values of a repeated option with spaces, not commas: " \
+               f"{variable}=\"{value.replace(',', ' ')}\"" in err
+        monkeypatch.delenv(variable)
+    # a comma inside an existing path is that path
+    odd = tmp_path / "x,y"
+    odd.mkdir()
+    monkeypatch.setenv("KDPIPE_EVALUATE_CACHE", str(odd))
+    code, _, err = run_cli(["evaluate", "--student", "s"], capsys)
+    assert "not commas" not in err
+
+
 def test_config_file_keys_get_a_suggestion(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "run.yaml"
@@ -212,3 +235,11 @@ def test_usage_errors_are_one_line(args: list[str], expected: str,
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"kdpipe: error: {expected}")
     assert f"(see 'kdpipe {args[0]} --help')" in err or args == ["nope"]
+
+
+@pytest.mark.parametrize("config", [TrainConfig, EvalConfig])
+def test_read_ahead_help_says_each_cache_reads_ahead(config: type) -> None:
+    # several teachers: one read-ahead of the whole budget per --cache, so J times the memory
+    flag = next(f for f in options.flags(config) if f.cli == "--read-ahead")
+    text = flag.field.metadata["help"]
+    assert "per --cache" in text and "J teachers hold J such copies" in text

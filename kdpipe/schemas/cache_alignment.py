@@ -2,9 +2,12 @@
 (several teachers, one per cache: docs/training.md, "Several teachers").
 
 Two caches align when their tokenizers map ids alike (`manifest.same_mapping`), they select
-the same target positions (`train_on`, packed documents' `segments`), they hold the same
-sample ids, every sample id has the same `input_ids` in both, and the same number of target
-positions. The teacher, top-k, encoding, tempered tails and shard layout may differ.
+the same target positions (`train_on`) and both record packed documents' `segments` or
+neither, they hold the same sample ids, every sample id has the same `input_ids` in both, and
+the same number of target positions. The teacher, top-k, encoding, tempered tails and shard
+layout may differ. The positions of each sample's targets and its document boundaries
+(the `segments` lengths) are not read here: the loader compares them row by row as it
+decodes them (`trainer.data.collate`).
 
 The token comparison is exact at one of two costs:
 
@@ -24,7 +27,7 @@ import hashlib
 import numpy as np
 
 from kdpipe.schemas import shard as cols
-from kdpipe.schemas.manifest import same_mapping
+from kdpipe.schemas.manifest import CacheManifest, same_mapping
 from kdpipe.schemas.shard_reader import CacheIndex
 
 
@@ -37,12 +40,9 @@ def alignment_difference(a: CacheIndex, b: CacheIndex) -> str | None:
     be read.
     """
     ma, mb = a.cache.manifest, b.cache.manifest
-    if not same_mapping(ma, mb):
-        return "their tokenizers map ids differently"
-    if ma.train_on != mb.train_on:
-        return f"targets at {ma.train_on} positions against {mb.train_on}"
-    if ma.segments != mb.segments:
-        return "one packs documents with recorded boundaries (segments), the other not"
+    found = _settings_difference(ma, mb)
+    if found is not None:
+        return found
     ids_a, ids_b = np.sort(a.sample_ids), np.sort(b.sample_ids)
     if not np.array_equal(ids_a, ids_b):
         only_a = np.setdiff1d(ids_a, ids_b)
@@ -55,14 +55,48 @@ def alignment_difference(a: CacheIndex, b: CacheIndex) -> str | None:
         first = int(ids_a[np.flatnonzero(targets_a != targets_b)[0]])
         return f"sample id {first} has other target positions"
     if _shard_layout(ma.shards) == _shard_layout(mb.shards):
-        for sa, sb in zip(ma.shards, mb.shards, strict=True):
-            if sa.tokens_sha256 != sb.tokens_sha256:
-                return f"{sa.file} holds other input_ids (its tokens_sha256 differs)"
-        return None
+        return _tokens_difference(ma, mb)
     digests_a, digests_b = _sequence_digests(a), _sequence_digests(b)
     differ = digests_a[a.positions(ids_a)] != digests_b[b.positions(ids_a)]
     if differ.any():
         return f"sample id {int(ids_a[np.flatnonzero(differ)[0]])} has other input_ids"
+    return None
+
+
+def manifest_difference(ma: CacheManifest, mb: CacheManifest) -> str | None:
+    """The first difference between two caches that their manifests alone show (tokenizer
+    mapping, target selection, segments recorded, numbers of sequences, tokens and targets,
+    and with the same shard layout each shard's `tokens_sha256`), as a phrase; None when
+    the manifests agree. `--dry-run` checks this much; the rest needs the shards. Whatever
+    this finds, `alignment_difference` finds too (there per sample where it can)."""
+    found = _settings_difference(ma, mb)
+    if found is not None:
+        return found
+    for what, na, nb in (("sequences", ma.num_sequences, mb.num_sequences),
+                         ("tokens", ma.num_tokens, mb.num_tokens),
+                         ("target positions", ma.num_targets, mb.num_targets)):
+        if na != nb:
+            return f"the first holds {na:,} {what} and the second {nb:,} (their manifests)"
+    if _shard_layout(ma.shards) == _shard_layout(mb.shards):
+        return _tokens_difference(ma, mb)
+    return None
+
+
+def _settings_difference(ma: CacheManifest, mb: CacheManifest) -> str | None:
+    if not same_mapping(ma, mb):
+        return "their tokenizers map ids differently"
+    if ma.train_on != mb.train_on:
+        return f"targets at {ma.train_on} positions against {mb.train_on}"
+    if ma.segments != mb.segments:
+        return "one packs documents with recorded boundaries (segments), the other not"
+    return None
+
+
+def _tokens_difference(ma: CacheManifest, mb: CacheManifest) -> str | None:
+    """Caches of one shard layout: the first shard whose `tokens_sha256` differs."""
+    for sa, sb in zip(ma.shards, mb.shards, strict=True):
+        if sa.tokens_sha256 != sb.tokens_sha256:
+            return f"{sa.file} holds other input_ids (its tokens_sha256 differs)"
     return None
 
 

@@ -211,7 +211,8 @@ def _checked_kind(hidden: Tensor, head: torch.nn.Module | Tensor, labels: Tensor
     sampled = bool(teachers) and teachers[0].is_sampled
     if any(t.is_sampled != sampled for t in teachers):
         raise ConfigError("the teachers' caches mix top-k and sampled targets; one --loss "
-                          "serves every teacher, so give caches of one kind")
+                          "serves every teacher, so cache every teacher with the same "
+                          "--cache-mode")
     kind = cfg.resolved(sampled)
     if kd_mode and teachers and sampled != (kind == SAMPLED):
         raise ConfigError(f"--loss {kind} needs a top-k cache, but this cache is sampled "

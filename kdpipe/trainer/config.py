@@ -9,6 +9,7 @@ at once as one `ConfigError`. A run folder holds its config as `config.json`, wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -132,17 +133,25 @@ def cache_list_problems(caches: tuple[str, ...], eval_caches: tuple[str, ...],
     if weights and len(weights) != len(caches):
         found.append(f"give one --teacher-weight per --cache, in the same order: "
                      f"{len(caches)} --cache but {len(weights)} --teacher-weight")
-    elif weights and sum(weights) <= 0:
+    elif weights and all(w == 0 for w in weights):  # a negative one is its own problem
         found.append("--teacher-weight: the weights are all 0; give at least one above 0")
-    modes = {cache: m.cache_mode for cache in caches + eval_caches
-             if (m := _cache_manifest(cache)) is not None}
-    if len(set(modes.values())) > 1:
-        sampled = next(c for c, mode in modes.items() if mode == "sampled")
-        topk = next(c for c, mode in modes.items() if mode != "sampled")
-        found.append(f"--cache {sampled} is sampled (--cache-mode sampled) but {topk} holds "
-                     "top-k log-probs: one --loss serves every teacher, so give caches of one "
-                     "kind")
+    if mixed_cache_modes(caches + eval_caches):
+        modes = {f"{flag} {cache}": m.cache_mode == "sampled"
+                 for flag, group in (("--cache", caches), ("--eval-cache", eval_caches))
+                 for cache in group if (m := _cache_manifest(cache)) is not None}
+        sampled = next(name for name, is_sampled in modes.items() if is_sampled)
+        topk = next(name for name, is_sampled in modes.items() if not is_sampled)
+        found.append(f"{sampled} is sampled (--cache-mode sampled) but {topk} holds top-k "
+                     "log-probs: one --loss serves every teacher and held-out cache, so cache "
+                     "them all with the same --cache-mode (`kdpipe cache-teacher`)")
     return found
+
+
+def mixed_cache_modes(caches: tuple[str, ...]) -> bool:
+    """Whether the readable manifests of `caches` mix sampled and top-k caches (no --loss then
+    suits them all, so the per-cache --loss advice is left out)."""
+    return len({m.cache_mode == "sampled" for cache in caches
+                if (m := _cache_manifest(cache)) is not None}) > 1
 
 
 @dataclass(frozen=True)
@@ -225,8 +234,9 @@ class TrainConfig:
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     read_ahead: int = option(
         READ_AHEAD_TARGETS, "Target tokens of upcoming samples the loader reads ahead, each row "
-        "group they touch decoded once and only their rows kept (~k x 4 bytes a token): what "
-        "keeps a curriculum's scattered order fast; same batches at any value.", ge=1)
+        "group they touch decoded once and only their rows kept (~k x 4 bytes a token, per "
+        "--cache: J teachers hold J such copies): what keeps a curriculum's scattered order "
+        "fast; same batches at any value.", ge=1)
     loader_workers: int = option(
         0, "Processes that read and decode the cache's row groups ahead of the loader (0: its "
         "one background thread). For a GPU at tens of thousands of tokens per step: 2-4.", ge=0)
@@ -281,11 +291,12 @@ class TrainConfig:
         elif Path(self.out).exists() and not Path(self.out).is_dir():
             found.append(f"--out {self.out} is a file; give a folder for the run")
         loss = self.with_cache_defaults().loss  # every --eval-cache must suit it too
-        if self.loss.mode == "kd" or self.eval_fraction > 0:  # evaluation reports KD too
-            for cache in self.cache:
-                found += loss_cache_problems(loss, cache)
-        for cache in self.eval_cache:
-            found += loss_cache_problems(loss, cache, "--eval-cache")
+        if not mixed_cache_modes(self.cache + self.eval_cache):  # else no --loss would fix it
+            if self.loss.mode == "kd" or self.eval_fraction > 0:  # evaluation reports KD too
+                for cache in self.cache:
+                    found += loss_cache_problems(loss, cache)
+            for cache in self.eval_cache:
+                found += loss_cache_problems(loss, cache, "--eval-cache")
         if self.eval_cache and self.eval_fraction > 0:
             found.append("give at most one of --eval-cache and --eval-fraction")
         if self.max_steps is not None and self.epochs is not None:
@@ -314,9 +325,23 @@ class TrainConfig:
         return to_dict(self)
 
     def changed_fields(self, other: TrainConfig) -> list[str]:
-        """Option names whose values differ between two configs."""
+        """Option names whose values differ between two configs. --teacher-weight compares
+        the normalised weights the run trains with, so equivalent values (0.5 0.5 and the
+        default, 1 3 and 2 6) are no change and a run folder resumes whichever was given."""
         mine, theirs = options.flat_values(self), options.flat_values(other)
-        return [name for name in mine if mine[name] != theirs[name]]
+        return [name for name in mine if mine[name] != theirs[name]
+                and not (name == "teacher_weight" and self._same_teacher_mix(other))]
+
+    def _same_teacher_mix(self, other: TrainConfig) -> bool:
+        teachers = len(as_paths(self.cache))
+        if teachers != len(as_paths(other.cache)):
+            return False
+        try:
+            mine, theirs = self.loss.teacher_mix(teachers), other.loss.teacher_mix(teachers)
+        except ValueError:  # not one weight per cache, or all 0: compared as given
+            return False
+        return all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
+                   for a, b in zip(mine, theirs, strict=True))
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -374,8 +399,9 @@ class EvalConfig:
     prefetch: int = option(4, "Batches decoded ahead in the background.", ge=1)
     read_ahead: int = option(
         READ_AHEAD_TARGETS, "Target tokens of upcoming samples the loader reads ahead, each row "
-        "group they touch decoded once and only their rows kept (~k x 4 bytes a token): what "
-        "keeps a curriculum's scattered order fast; same batches at any value.", ge=1)
+        "group they touch decoded once and only their rows kept (~k x 4 bytes a token, per "
+        "--cache: J teachers hold J such copies): what keeps a curriculum's scattered order "
+        "fast; same batches at any value.", ge=1)
     progress: bool = option(False, PROGRESS_HELP)
     verify_reads: bool = option(True, VERIFY_READS_HELP)
     local_cache: str | None = option(None, LOCAL_CACHE_HELP)
@@ -398,8 +424,9 @@ class EvalConfig:
 
     def validate(self) -> None:
         problems = self.loss.problems() + cache_list_problems(self.cache, (), self.loss)
-        for cache in self.cache:
-            problems += loss_cache_problems(self.loss, cache)
+        if not mixed_cache_modes(self.cache):  # else no --loss would fix it
+            for cache in self.cache:
+                problems += loss_cache_problems(self.loss, cache)
         from kdpipe.trainer.execution import attention_problems  # torch: not for --help
         problems += attention_problems(self.attn_implementation)
         if self.base is not None and not is_adapter_folder(self.student):

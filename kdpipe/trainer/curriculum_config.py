@@ -128,7 +128,8 @@ class CurriculumConfig:
                 ("--curriculum-metric", self.metric, default.metric))
                 if mine != theirs]
             if changed:
-                found.append(f"{', '.join(changed)} need --curriculum FILE or "
+                found.append(f"{', '.join(changed)} {'need' if len(changed) > 1 else 'needs'} "
+                             "--curriculum FILE or "
                              "--curriculum-source snapshot")
         if self.source == "snapshot" and not snapshots:
             found.append("--curriculum-source snapshot re-ranks from the per-sample snapshots; "
@@ -168,7 +169,8 @@ class CurriculumConfig:
                 ("--teacher-reliance-control", self.teacher_reliance_control,
                  default.teacher_reliance_control)) if mine != theirs]
             if changed:
-                found.append(f"{', '.join(changed)} need --teacher-reliance softmax or best")
+                found.append(f"{', '.join(changed)} {'need' if len(changed) > 1 else 'needs'} "
+                             "--teacher-reliance softmax or best")
         elif teachers < 2:
             found.append(f"{chosen} chooses between teachers: give one --cache per teacher, "
                          "two or more")

@@ -85,9 +85,10 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
     """Pad samples (sample_id, decoded row group, row) into one right-padded Batch.
 
     `others`: the same samples' rows in the caches of teachers 2..J, with their columns; they
-    supply `other_teachers` only. Raises CacheFormatError where such a row's input_ids or
-    target positions differ from `rows`' (the caches' alignment, checked at setup from the
-    manifests, re-checked here on the decoded rows at the cost of one comparison)."""
+    supply `other_teachers` only. Raises CacheFormatError where such a row's input_ids,
+    target positions or packed-document boundaries differ from `rows`' (the caches'
+    alignment, checked at setup from the manifests, re-checked here on the decoded rows at
+    the cost of one comparison)."""
     seqs = [g.input_ids[g.offsets[r]:g.offsets[r + 1]] for _, g, r in rows]
     lengths = np.array([s.size for s in seqs], dtype=np.int64)
     width = int(lengths.max())
@@ -125,17 +126,20 @@ def collate(rows: Sequence[tuple[int, RowGroup, int]], columns: Columns, pad_id:
 
 def _check_same_rows(rows: Sequence[tuple[int, RowGroup, int]],
                      other: Sequence[tuple[int, RowGroup, int]]) -> None:
-    """Raise CacheFormatError unless `other` holds the same samples, input_ids and target
-    positions as `rows`."""
+    """Raise CacheFormatError unless `other` holds the same samples, input_ids, target
+    positions and packed-document boundaries (`segments`) as `rows`. The manifests only tell
+    whether both caches record segments (`schemas.cache_alignment`); the lengths themselves
+    are compared here, row by row."""
     for (sid, g, r), (other_sid, h, q) in zip(rows, other, strict=True):
         same = (sid == other_sid and np.array_equal(g.input_ids[g.offsets[r]:g.offsets[r + 1]],
                                                     h.input_ids[h.offsets[q]:h.offsets[q + 1]])
-                and np.array_equal(g.positions_of(r), h.positions_of(q)))
+                and np.array_equal(g.positions_of(r), h.positions_of(q))
+                and g.segments_of(r) == h.segments_of(q))
         if not same:
-            raise CacheFormatError(f"sample id {sid} has other input_ids or target positions in "
-                                   "another teacher's cache than in the first; the caches "
-                                   "changed since the run checked them: run `kdpipe verify` on "
-                                   "both")
+            raise CacheFormatError(f"sample id {sid} has other input_ids, target positions or "
+                                   "packed-document boundaries in another teacher's cache than "
+                                   "in the first; the caches changed since the run checked "
+                                   "them: run `kdpipe verify` on both")
 
 
 def _collate_target_logprob(rows: Sequence[tuple[int, RowGroup, int]]) -> torch.Tensor:

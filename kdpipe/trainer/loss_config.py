@@ -8,6 +8,8 @@ with KD_j one of `losses.LOSS_KINDS` on teacher j's cached partition (docs/train
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kdpipe.options import field_problems, option, raise_problems
@@ -23,6 +25,20 @@ LOSS_HELP = ("KD divergence on the cached top-k + tail partition: forward (KL wi
              "bucket, exact), zero (renormalised top-k, biased; for comparison), reverse, jsd, "
              "skew, tvd; sampled (count-weighted CE, for a --cache-mode sampled cache). "
              "Default: follows the cache: sampled for a sampled cache, else forward.")
+
+
+def normalised(weights: Sequence[float]) -> tuple[float, ...]:
+    """Weights ≥ 0, finite, not all 0 → the same weights summing to 1. Divided by their
+    largest first, so that no sum overflows (1e308 + 1e308 = inf would make every weight 0)
+    or underflows. Raises ValueError for an empty, negative, non-finite or all-0 list (the
+    options' checks refuse those first)."""
+    values = [float(w) for w in weights]
+    if not values or any(not math.isfinite(w) or w < 0 for w in values) or max(values) == 0:
+        raise ValueError(f"teacher weights {values}: need finite values ≥ 0, not all 0")
+    top = max(values)
+    scaled = [w / top for w in values]  # in [0, 1], the largest exactly 1: the sum is in [1, J]
+    total = sum(scaled)
+    return tuple(w / total for w in scaled)
 
 
 def default_kind(sampled_cache: bool) -> str:
@@ -69,8 +85,7 @@ class LossConfig:
         if len(self.teacher_weights) != teachers:
             raise ValueError(f"{len(self.teacher_weights)} --teacher-weight for {teachers} "
                              "teachers")
-        total = sum(self.teacher_weights)
-        return tuple(w / total for w in self.teacher_weights)
+        return normalised(self.teacher_weights)
 
     def resolved(self, sampled_cache: bool) -> str:
         """The divergence to compute: `kind`, or the cache's default."""

@@ -93,7 +93,7 @@ from kdpipe.hf_errors import refusal_reason, refusals
 from kdpipe.model_parts import known_transform
 from kdpipe.schemas.cache import open_cache
 from kdpipe.schemas.errors import ConfigError
-from kdpipe.schemas.manifest import CacheManifest, same_mapping
+from kdpipe.schemas.manifest import CacheManifest
 from kdpipe.torch_runtime import resolve_device
 from kdpipe.trainer import adapters
 from kdpipe.trainer.adapter_config import is_adapter_folder
@@ -103,6 +103,7 @@ from kdpipe.trainer.model import check_vocab, student_model_config
 from kdpipe.trainer.optimizers import BNB_MIN_8BIT_SIZE  # smaller tensors: float32 moments
 from kdpipe.trainer.precision import resolve_precision
 from kdpipe.trainer.run_dir import plan_run_dir
+from kdpipe.trainer.teachers import check_manifests_aligned
 
 log = logging.getLogger(__name__)
 
@@ -540,11 +541,11 @@ def dry_run(cfg: TrainConfig) -> MemoryPlan:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device).name
     # the manifests alone, from a folder or a URL (no shard is opened; no --local-cache copy)
-    manifests = [open_cache(cache, check_shards=False).manifest for cache in cfg.cache]
-    for cache, other in zip(cfg.cache[1:], manifests[1:], strict=True):
-        if not same_mapping(manifests[0], other):  # the rest needs the shards: at training
-            raise ConfigError(f"--cache {cache} does not cover the same sequences as --cache "
-                              f"{cfg.cache[0]}: their tokenizers map ids differently")
+    caches = [open_cache(cache, check_shards=False) for cache in cfg.cache]
+    manifests = [cache.manifest for cache in caches]
+    for path, other in zip(cfg.cache[1:], caches[1:], strict=True):
+        # what the manifests show; the rest needs the shards: at training
+        check_manifests_aligned(caches[0], other, (f"--cache {cfg.cache[0]}", f"--cache {path}"))
     model = meta_student(cfg, manifests[0])
     return plan_memory(cfg, manifests[0], model, planned_world_size(), precision, device.type,
                        manifests[1:])

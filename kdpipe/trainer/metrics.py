@@ -71,6 +71,23 @@ def truncate_after_step(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def record_at(path: Path, split: str, step: int) -> dict[str, Any] | None:
+    """The last `split` record ("train", "eval") of `step` in a metrics log, or None (no
+    such record, or no log). A line cut short by a crash is skipped."""
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("split") == split \
+                and record.get("step") == step:
+            found = record
+    return found
+
+
 class RunLogger:
     """metrics.jsonl + order.jsonl (+ TensorBoard) of one run folder."""
 

@@ -91,8 +91,9 @@ def plan_run_dir(cfg: TrainConfig, world_size: int = 1) -> RunStart:
                           "pass --overwrite to start it over")
     _check_world_size(run_dir, checkpoint, world_size)
     if changed:
-        log.warning("resuming %s with changed %s (the LR schedule follows the new length)",
-                    run_dir, ", ".join(changed))
+        length = " (the LR schedule follows the new length)" if {"max_steps", "epochs"} & set(
+            changed) else ""
+        log.warning("resuming %s with changed %s%s", run_dir, ", ".join(changed), length)
     return RunStart(checkpoint=checkpoint, finished=None)
 
 

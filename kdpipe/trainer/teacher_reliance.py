@@ -22,10 +22,14 @@ Controls, in the style of `reliance.py`'s for λ:
 
 * shuffled: the same weight vectors given to random samples: sample i gets the vector of its
   partner π(i), π a seeded permutation of the training split (`reliance.partner_map`, on its
-  own stream); per token, the weight vectors of a micro-batch are permuted over its tokens.
-* matched: every sample (token) of step t gets the step's mean weight vector: the mean over
-  the global batch's samples (`sample`) or over all its target tokens on every process
-  (`token`, summed with `sum_across`). Same mean weight per teacher per step, no selectivity.
+  own stream); per token, each sample's token weight vectors are permuted over that sample's
+  own targets (seeded by seed, step and sample id), which keeps each sample's weights and
+  breaks their link to each token's confidence, whatever the micro-batches and processes.
+* matched: every sample (token) of step t gets the step's mean weight vector, a mean over
+  the global batch's target tokens: at the level `sample` each sample's vector weighted by
+  its number of targets (the loss sums over tokens, so this is the mean weight per token that
+  `teacher_weight_j` logs), at the level `token` over all its target tokens on every process
+  (summed with `sum_across`). Same mean weight per teacher per step, no selectivity.
 
 Every function is deterministic in (seed, step). The formulas run in float64 numpy; results
 are float32. docs/curriculum.md gives the sources (Du et al. 2020 on competing teachers; Zhang,
@@ -42,8 +46,9 @@ import torch
 
 from kdpipe.schemas.cache import Cache
 from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
-from kdpipe.schemas.shard import SAMPLE_ID, TEACHER_NLL
+from kdpipe.schemas.shard import NUM_TARGETS, SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.distributed import RankSlice
+from kdpipe.trainer.loss_config import normalised
 from kdpipe.trainer.reliance import partner_map
 
 _SALT = 0x7465616368  # separates the token shuffles' RNG streams from the λ controls'
@@ -65,7 +70,10 @@ def teacher_weights(nll: np.ndarray, prior: np.ndarray, mode: str, temperature: 
     if mode == "softmax":
         # NLL relative to the least allowed one, so that a tiny T makes the others' logits
         # -inf (weight 0), never inf - inf = NaN.
-        excess = (nll - nll[allowed].min(axis=0, keepdims=True)) / temperature  # (J, M)
+        # A tiny T overflows the division to +inf (weight exactly 0, as the limit T → 0
+        # gives); the least one stays 0 / T = 0, so the max below is finite.
+        with np.errstate(over="ignore"):
+            excess = (nll - nll[allowed].min(axis=0, keepdims=True)) / temperature  # (J, M)
         with np.errstate(divide="ignore"):  # log 0 = -inf: a teacher the prior excludes
             logits = np.log(prior)[:, None] - excess
         logits -= logits[allowed].max(axis=0, keepdims=True)  # the largest term is exp(0) = 1
@@ -96,25 +104,35 @@ class SampleNll:
 
     sample_ids: np.ndarray  # (n,) int64, ascending
     nll: np.ndarray  # (J, n) float64, nats per target token, finite
+    num_targets: np.ndarray  # (n,) int64, each sample's target tokens (the loss's weight)
 
-    def lookup(self, sample_ids: np.ndarray) -> np.ndarray:
-        """(S,) sample ids → (J, S) NLL; ValueError for an id not in the table."""
+    def _where(self, sample_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(sample_ids, dtype=np.int64)
         where = np.searchsorted(self.sample_ids, ids).clip(max=max(self.sample_ids.size - 1, 0))
         missing = ids[self.sample_ids[where] != ids] if self.sample_ids.size else ids
         if missing.size:
             raise ValueError(f"samples {missing[:5].tolist()} have no teacher_nll in the table")
-        return self.nll[:, where]
+        return where
+
+    def lookup(self, sample_ids: np.ndarray) -> np.ndarray:
+        """(S,) sample ids → (J, S) NLL; ValueError for an id not in the table."""
+        return self.nll[:, self._where(sample_ids)]
+
+    def targets(self, sample_ids: np.ndarray) -> np.ndarray:
+        """(S,) sample ids → (S,) their numbers of target tokens; ValueError as `lookup`."""
+        return self.num_targets[self._where(sample_ids)]
 
 
 def read_sample_nll(caches: Sequence[Cache]) -> SampleNll:
-    """The `teacher_nll` column of every cache (one per teacher, --cache order), by sample id.
+    """The `teacher_nll` column of every cache (one per teacher, --cache order), by sample id,
+    with the first cache's `num_targets` (aligned caches share their target positions).
 
     Every cache must hold the same sample ids (CacheFormatError otherwise, naming the cache);
     a non-finite value is a NonFiniteError naming the cache and the sample.
     """
     first: np.ndarray | None = None
     rows = []
+    targets = np.zeros(0, np.int64)
     for cache in caches:
         ids = cache.read_column(SAMPLE_ID).to_numpy().astype(np.int64)  # (n,)
         values = cache.read_column(TEACHER_NLL).to_numpy().astype(np.float64)  # (n,)
@@ -122,6 +140,7 @@ def read_sample_nll(caches: Sequence[Cache]) -> SampleNll:
         ids, values = ids[order], values[order]
         if first is None:
             first = ids
+            targets = cache.read_column(NUM_TARGETS).to_numpy().astype(np.int64)[order]
         elif not np.array_equal(ids, first):
             raise CacheFormatError(f"{cache.location}: holds other samples than "
                                    f"{caches[0].location}; every --cache must cover the same "
@@ -130,16 +149,27 @@ def read_sample_nll(caches: Sequence[Cache]) -> SampleNll:
         rows.append(values)
     if first is None:
         raise ValueError("read_sample_nll needs at least one cache")
-    return SampleNll(first, np.stack(rows))
+    return SampleNll(first, np.stack(rows), targets)
 
 
 def _normalised_prior(prior: Sequence[float] | np.ndarray) -> np.ndarray:
     w0 = np.asarray(prior, dtype=np.float64)
-    if w0.ndim != 1 or w0.size == 0 or not np.isfinite(w0).all() or (w0 < 0).any() \
-            or w0.sum() <= 0:
+    try:
+        if w0.ndim != 1:
+            raise ValueError("not one value per teacher")
+        return np.asarray(normalised(w0.tolist()), dtype=np.float64)
+    except ValueError:
         raise ConfigError(f"--teacher-weight {w0.tolist()}: give one finite value ≥ 0 per "
-                          "--cache, not all 0")
-    return w0 / w0.sum()
+                          "--cache, not all 0") from None
+
+
+def _token_mean(weights: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(J, S) per-sample weights and (S,) target counts → (J,) the mean weight per target
+    token (a plain mean over samples when no sample has a target)."""
+    total = targets.sum()
+    if total <= 0:
+        return weights.mean(axis=1)
+    return (weights * targets[None, :]).sum(axis=1) / total
 
 
 @dataclass
@@ -148,7 +178,7 @@ class StepTeacherWeights:
 
     per_sample: np.ndarray | None  # (J, S_local) float32, level `sample`
     per_token: list[torch.Tensor] | None  # (J, N_m) float32 per micro-batch, level `token`
-    mean: np.ndarray  # (J,) float64, the step's mean weight per teacher over the global batch
+    mean: np.ndarray  # (J,) float64, the step's mean weight per teacher per target token
 
     def tokens(self, micro: int, first_row: int, target_row: torch.Tensor) -> torch.Tensor:
         """(J, N) weights of each target token of micro-batch `micro`, whose rows start at
@@ -224,18 +254,25 @@ class TeacherReliance:
         weights = teacher_weights(self.sample_nll.lookup(ids), self.prior, self.mode,
                                   self.temperature)  # (J, S)
         if self.control == "matched" and ids.size:
-            weights = np.repeat(weights.mean(axis=1, keepdims=True), ids.size, axis=1)
+            mean = _token_mean(weights, self.sample_nll.targets(ids))
+            weights = np.repeat(mean[:, None], ids.size, axis=1)
         return weights.astype(np.float32)
 
-    def for_tokens(self, micro: Sequence[torch.Tensor], step: int
+    def for_tokens(self, micro: Sequence[torch.Tensor], step: int,
+                   samples: Sequence[np.ndarray] | None = None
                    ) -> tuple[list[torch.Tensor], np.ndarray]:
         """The weights of every target token of this process's micro-batches of one step.
 
         micro: per micro-batch the (J, N_m) cached target_logprob of each teacher (the log
-        p_j of the true token, nats). Returns per micro-batch (J, N_m) float32 CPU weights,
-        columns summing to 1, and (J,) the step's token-weighted mean weight per teacher
-        over every process (`sum_across`: one collective per call, whatever the mode).
+        p_j of the true token, nats). samples: per micro-batch the (N_m,) sample id of each
+        target (needed by the shuffled control, which permutes within each sample). Returns
+        per micro-batch (J, N_m) float32 CPU weights, columns summing to 1, and (J,) the
+        step's token-weighted mean weight per teacher over every process (`sum_across`: one
+        collective per call, whatever the mode).
         """
+        if self.control == "shuffled" and (samples is None or len(samples) != len(micro)):
+            raise ValueError("the shuffled control needs each target's sample id, per "
+                             "micro-batch")
         weights = []
         for m, logprob in enumerate(micro):
             if logprob.ndim != 2 or logprob.shape[0] != self.teachers:
@@ -245,8 +282,8 @@ class TeacherReliance:
             check_finite(nll, self.names, f"target_logprob of micro-batch {m}, target")
             w = teacher_weights(nll, self.prior, self.mode, self.temperature)  # (J, N_m)
             if self.control == "shuffled":
-                rng = np.random.default_rng([self.seed, _SALT, step, m])
-                w = w[:, rng.permutation(w.shape[1])]
+                assert samples is not None
+                w = self._shuffle_within_samples(w, np.asarray(samples[m], np.int64), step)
             weights.append(w)
         local = [float(v) for v in sum(w.sum(axis=1) for w in weights)] if weights else \
             [0.0] * self.teachers
@@ -257,12 +294,29 @@ class TeacherReliance:
             weights = [np.repeat(mean[:, None], w.shape[1], axis=1) for w in weights]
         return [torch.from_numpy(w.astype(np.float32)) for w in weights], mean
 
+    def _shuffle_within_samples(self, weights: np.ndarray, samples: np.ndarray, step: int
+                                ) -> np.ndarray:
+        """(J, N) token weights with each sample's columns permuted among themselves, by a
+        permutation seeded by (seed, step, sample id): the same however the global batch is
+        split into micro-batches and processes."""
+        if samples.shape != (weights.shape[1],):
+            raise ValueError(f"expected {weights.shape[1]} target sample ids, got "
+                             f"{samples.shape}")
+        out = weights.copy()
+        for sample in np.unique(samples):
+            where = np.flatnonzero(samples == sample)  # ascending: the sample's target order
+            rng = np.random.default_rng([self.seed, _SALT, step, int(sample)])
+            out[:, where] = weights[:, where[rng.permutation(where.size)]]
+        return out
+
     def for_step(self, global_ids: np.ndarray, step: int, micro: Sequence[torch.Tensor],
-                 share: RankSlice | None = None) -> StepTeacherWeights:
+                 share: RankSlice | None = None, samples: Sequence[np.ndarray] | None = None
+                 ) -> StepTeacherWeights:
         """The weights of step `step` over the global batch `global_ids` (S,), of which this
         process trains its `share` (None: all of it, one process) in micro-batches whose
-        (J, N_m) target log-probs are `micro` (read only at the token level). A share that is
-        not real (a padding rank) gets the prior but still takes part in the collective."""
+        (J, N_m) target log-probs are `micro` and (N_m,) target sample ids `samples` (both
+        read only at the token level). A share that is not real (a padding rank) gets the
+        prior but still takes part in the collective."""
         start, count = (0, global_ids.size) if share is None else (share.start,
                                                                      share.sample_ids.size)
         real = share is None or share.real
@@ -270,7 +324,13 @@ class TeacherReliance:
             every = self.for_samples(global_ids, step)  # (J, S) the same on every process
             mine = every[:, start:start + count] if real else np.repeat(
                 self.prior[:, None], count, axis=1).astype(np.float32)
-            mean = every.astype(np.float64).mean(axis=1) if every.size else self.prior.copy()
+            if not every.size:
+                mean = self.prior.copy()
+            elif self.sample_nll is not None:
+                mean = _token_mean(every.astype(np.float64), self.sample_nll.targets(global_ids))
+            else:  # fixed: every column is the prior
+                mean = every.astype(np.float64).mean(axis=1)
             return StepTeacherWeights(mine, None, mean)
-        per_token, mean = self.for_tokens(micro if real else [], step)
+        per_token, mean = self.for_tokens(micro if real else [], step,
+                                          (samples or []) if real else [])
         return StepTeacherWeights(None, per_token, mean)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kdpipe.schemas.cache import Cache, open_cache
-from kdpipe.schemas.cache_alignment import alignment_difference
+from kdpipe.schemas.cache_alignment import alignment_difference, manifest_difference
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.shard_reader import CacheIndex, build_index
 from kdpipe.schemas.vocab import compare_vocab, real_vocab_size
@@ -93,16 +93,17 @@ class RelianceTeacherWeights:
 
     def for_step(self, global_ids: np.ndarray, step: int, batch: GlobalBatch,
                  share: RankSlice | None = None) -> StepWeights:
-        micro = []
+        micro, samples = [], []
         if self.target_logprob:
             for mb in batch.micro:
+                samples.append(mb.sample_ids.cpu()[mb.target_row.cpu()].numpy())  # (N_m,)
                 logprobs = [t.target_logprob for t in mb.teachers]
                 if any(lp is None for lp in logprobs):
                     raise ValueError("token-level teacher reliance needs every teacher's "
                                      "target_logprob; build the loader's Columns with "
                                      "target_logprob=True")
                 micro.append(torch.stack(logprobs))  # type: ignore[arg-type]  # (J, N_m)
-        return self.reliance.for_step(global_ids, step, micro, share)
+        return self.reliance.for_step(global_ids, step, micro, share, samples)
 
 
 def per_token(weights: torch.Tensor, target_row: torch.Tensor) -> torch.Tensor:
@@ -128,11 +129,22 @@ def check_aligned(first: CacheIndex, other: CacheIndex, names: tuple[str, str]) 
     """Raise ConfigError unless `other` covers the same sequences as `first` (same tokenizer
     mapping, sample ids and input_ids per sample id; `schemas.cache_alignment`). `names`:
     how to call the two caches ("--cache A", "--cache B")."""
-    difference = alignment_difference(first, other)
+    refuse_unaligned(alignment_difference(first, other), first.cache, other.cache, names)
+
+
+def check_manifests_aligned(first: Cache, other: Cache, names: tuple[str, str]) -> None:
+    """Raise ConfigError, as `check_aligned` does, for what the two caches' manifests alone
+    show (`cache_alignment.manifest_difference`; `--dry-run` opens no shard)."""
+    refuse_unaligned(manifest_difference(first.manifest, other.manifest), first, other, names)
+
+
+def refuse_unaligned(difference: str | None, first: Cache, other: Cache,
+                     names: tuple[str, str]) -> None:
+    """Raise the one-line ConfigError for `difference` (None: nothing to refuse)."""
     if difference is None:
         return
     if difference.startswith("their tokenizers"):
-        difference += mapping_detail(first.cache, other.cache, names)
+        difference += mapping_detail(first, other, names)
     raise ConfigError(f"{names[1]} does not cover the same sequences as {names[0]}: "
                       f"{difference}; cache every teacher over the same data with the same "
                       "tokenizer and --max-length (docs/training.md, \"Several teachers\")")

@@ -53,7 +53,13 @@ from kdpipe.trainer.distributed import (
 from kdpipe.trainer.evaluate import run_evaluation
 from kdpipe.trainer.execution import compile_body, enable_gradient_checkpointing
 from kdpipe.trainer.loss_config import LossConfig
-from kdpipe.trainer.metrics import RunLogger, SampleStats, Throughput, teacher_metrics
+from kdpipe.trainer.metrics import (
+    RunLogger,
+    SampleStats,
+    Throughput,
+    record_at,
+    teacher_metrics,
+)
 from kdpipe.trainer.model import Student, autocast, open_student, write_merged
 from kdpipe.trainer.objective import StudentObjective, call, no_grad_sync
 from kdpipe.trainer.optimizers import build_optimizer
@@ -616,7 +622,14 @@ def log_step(run: Run, logger: RunLogger | None, bar: Progress, throughput: Thro
 
 
 def finish(run: Run, last: dict[str, Any], logger: RunLogger | None) -> dict[str, Any]:
-    """The last snapshot and evaluation, a checkpoint, `final/` and final_metrics.json."""
+    """The last snapshot and evaluation, a checkpoint, `final/` and final_metrics.json.
+
+    `last`: the last step's train record; empty when this process ran no step (a finished
+    run resumed to change a reporting option), and then the train record of the run's last
+    step is read back from metrics.jsonl, so that final_metrics.json keeps its train_*
+    fields."""
+    if not last:
+        last = record_at(run.layout.metrics, "train", run.state.step) or {}
     if run.stats is not None and run.state.batches_in_epoch:  # stopped mid-epoch
         write_snapshot(run, complete=False)
     final_eval = evaluate_now(run)

@@ -11,9 +11,9 @@ import torch
 
 from kdpipe.schemas import shard as cols
 from kdpipe.schemas.cache import open_cache
-from kdpipe.schemas.errors import ConfigError
-from kdpipe.schemas.shard_reader import build_index, columns_for
-from kdpipe.trainer.data import BatchLoader
+from kdpipe.schemas.errors import CacheFormatError, ConfigError
+from kdpipe.schemas.shard_reader import Columns, RowGroup, build_index, columns_for
+from kdpipe.trainer.data import BatchLoader, collate
 from kdpipe.trainer.sampler import ShuffleSampler, holdout_mask
 
 
@@ -152,3 +152,23 @@ def test_collated_padding_is_right_padding(tiny_cache: Path) -> None:
     assert batch.attention_mask[0, n_short:].sum() == 0
     assert batch.labels.shape[0] == int(lengths.min() + lengths.max() - 2)
     assert batch.target_mask.dtype == torch.bool
+
+
+def _packed_group(segments: list[int]) -> RowGroup:
+    """One row of 6 tokens, every position a target, packed from documents of `segments`."""
+    return RowGroup(offsets=np.array([0, 6]), input_ids=np.arange(6, dtype=np.uint16),
+                    target_offsets=np.array([0, 5]), position_mask=None,
+                    segment_offsets=np.array([0, len(segments)]),
+                    segments=np.array(segments, dtype=np.int64), topk_ids=None,
+                    topk_logprobs=None, tail_logmass=None, tempered=None)
+
+
+def test_a_teacher_with_other_document_boundaries_is_refused() -> None:
+    columns = Columns(teacher=False, top_k=0, segments=True)
+    first = [(7, _packed_group([2, 4]), 0)]
+    batch = collate(first, columns, 0, [([(7, _packed_group([2, 4]), 0)], columns)])
+    assert batch.segments == [[2, 4]]
+    # the same tokens and targets, packed from other documents
+    with pytest.raises(CacheFormatError, match="sample id 7 has other input_ids, target "
+                                               "positions or packed-document boundaries"):
+        collate(first, columns, 0, [([(7, _packed_group([3, 3]), 0)], columns)])

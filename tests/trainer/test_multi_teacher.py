@@ -137,6 +137,14 @@ def test_caches_that_do_not_align_are_refused_before_any_write(
     assert f"--cache {misaligned[case]} does not cover the same sequences as --cache " \
            f"{tiny_cache}" in text
     assert not out.exists()
+    # the manifests show each of these: --dry-run refuses them with one line alike (naming
+    # what the manifests show: numbers of sequences or tokens, a shard's tokens_sha256)
+    with pytest.raises(ConfigError) as planned:
+        dry_run(cfg)
+    assert "\n" not in str(planned.value)
+    assert str(planned.value).split(": ")[0] == text.split(": ")[0]
+    assert str(planned.value).endswith("(docs/training.md, \"Several teachers\")")
+    assert not out.exists()
     # evaluate refuses them alike
     with pytest.raises(ConfigError, match=message):
         evaluate(EvalConfig(student=str(tiny_student_dir), device="cpu",
@@ -153,6 +161,11 @@ def test_options_of_several_caches_are_checked(tmp_path: Path, tiny_cache: Path,
     with pytest.raises(ConfigError, match="the weights are all 0"):
         train(_config(both, tmp_path / "b", student=str(tiny_student_dir),
                       teacher_weight=(0.0, 0.0)))
+    with pytest.raises(ConfigError) as refused:
+        train(_config(both, tmp_path / "b", student=str(tiny_student_dir),
+                      teacher_weight=(1.0, -2.0)))
+    assert "--teacher-weight -2.0 must be >= 0" in str(refused.value)
+    assert "all 0" not in str(refused.value)  # only the real problem
     with pytest.raises(ConfigError, match="give one --eval-cache per --cache"):
         train(_config(both, tmp_path / "c", student=str(tiny_student_dir),
                       eval_cache=str(cache_b)))
@@ -288,6 +301,25 @@ def test_a_one_cache_run_folder_of_before_still_resumes(tmp_path: Path, tiny_cac
     assert read_config(tmp_path / "run") == cfg
 
 
+def test_equivalent_teacher_weights_are_no_change_on_resume(
+        tmp_path: Path, tiny_cache: Path, cache_b: Path, tiny_student_dir: Path) -> None:
+    both = (tiny_cache, cache_b)
+
+    def config(**options: Any) -> TrainConfig:
+        return _config(both, tmp_path / "run", student=str(tiny_student_dir),
+                       **{"max_steps": 2, **options})
+
+    assert config(teacher_weight=(0.5, 0.5)).changed_fields(config()) == []
+    assert config(teacher_weight=(1.0, 3.0)).changed_fields(
+        config(teacher_weight=(2.0, 6.0))) == []
+    assert config(teacher_weight=(1.0, 3.0)).changed_fields(
+        config(teacher_weight=(3.0, 1.0))) == ["teacher_weight"]
+    # a run made with the default equal weights resumes with them spelled out
+    made = train(config())
+    resumed = train(config(teacher_weight=(0.5, 0.5), max_steps=3, resume=True))
+    assert made["step"] == 2 and resumed["step"] == 3
+
+
 def test_two_teachers_resume_exactly_after_a_kill(tmp_path: Path, tiny_cache: Path,
                                                   cache_b: Path, tiny_student_dir: Path) -> None:
     cfg = _config((tiny_cache, cache_b), tmp_path / "full", student=str(tiny_student_dir),
@@ -397,6 +429,17 @@ def test_teacher_reliance_options_weigh_the_teachers(tmp_path: Path, tiny_cache:
                                         rel=1e-6)
         assert r["teacher_weight_1"] + r["teacher_weight_2"] == pytest.approx(1.0)
         assert r["teacher_weight_1"] != pytest.approx(0.5, abs=1e-6)
+
+
+def test_token_shuffled_control_does_not_depend_on_the_batch_split(
+        tmp_path: Path, tiny_cache: Path, cache_b: Path, tiny_student_dir: Path) -> None:
+    options = dict(teacher_reliance="softmax", teacher_reliance_level="token",
+                   teacher_reliance_control="shuffled", max_steps=2, student=str(tiny_student_dir))
+    whole = train(_config((tiny_cache, cache_b), tmp_path / "whole", batch_size=8, **options))
+    split = train(_config((tiny_cache, cache_b), tmp_path / "split", batch_size=4, grad_accum=2,
+                          **options))
+    for key in ("train_loss", "train_kd", "train_kd_teacher_1", "train_kd_teacher_2"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
 def test_the_commands_take_several_caches(tmp_path: Path, tiny_cache: Path, cache_b: Path,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,26 @@ def test_resume_needs_something_to_resume(tmp_path: Path, tiny_cache: Path,
     assert RunLayout(run).config.is_file()  # a run that stopped before its first checkpoint
     with pytest.raises(ConfigError, match="wrote no checkpoint to resume from.*--overwrite"):
         train(cfg)
+
+
+def test_resuming_a_finished_run_to_change_reporting_keeps_its_results(
+        tmp_path: Path, tiny_cache: Path, tiny_student_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    cfg = small_config(tiny_cache, run, student=str(tiny_student_dir), max_steps=2)
+    first = train(cfg)
+    assert "train_loss" in first
+    with caplog.at_level(logging.WARNING, logger="kdpipe.trainer.run_dir"):
+        again = train(replace(cfg, log_every=7, resume=True))  # no step left to run
+    assert again["step"] == 2
+    saved = json.loads(RunLayout(run).final_metrics.read_text())
+    for key, value in first.items():
+        if key.startswith("train_"):
+            assert saved[key] == again[key] == value, key
+    warning = next(r.getMessage() for r in caplog.records if "resuming" in r.getMessage())
+    assert "changed log_every" in warning and "LR schedule" not in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdpipe.trainer.run_dir"):
+        train(replace(cfg, max_steps=3, resume=True))
+    assert any("the LR schedule follows the new length" in r.getMessage()
+               for r in caplog.records)

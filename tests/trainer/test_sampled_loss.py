@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,17 @@ def test_sampled_cache_trains_and_evaluates(tmp_path: Path, sampled_cache: Path,
     with pytest.raises(ConfigError, match="--eval-cache .* is sampled"):
         small_config(tiny_cache, tmp_path / "bad", student=str(tiny_student_dir),
                      eval_cache=str(sampled_cache)).validate()
+    # A sampled and a top-k teacher: no --loss suits both, so no --loss is advised.
+    for caches in ((sampled_cache, tiny_cache), (tiny_cache, sampled_cache)):
+        with pytest.raises(ConfigError) as refused:
+            replace(small_config(caches[0], tmp_path / "bad", student=str(tiny_student_dir)),
+                    cache=tuple(map(str, caches))).validate()
+        assert "cache them all with the same --cache-mode" in str(refused.value)
+        assert "use --loss" not in str(refused.value)
+        with pytest.raises(ConfigError) as refused:
+            EvalConfig.from_options(student=str(tiny_student_dir),
+                                    cache=tuple(map(str, caches))).validate()
+        assert "use --loss" not in str(refused.value)
     with pytest.raises(ConfigError, match="--cache .* is sampled"):
         small_config(sampled_cache, tmp_path / "bad", student=str(tiny_student_dir),
                      mode="ce", eval_fraction=0.2, loss="forward").validate()

@@ -4,6 +4,7 @@ level and control; bad confidences are refused, never turned into NaN weights.""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import cast
 
@@ -14,10 +15,11 @@ import torch
 
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
-from kdpipe.schemas.shard import SAMPLE_ID, TEACHER_NLL
+from kdpipe.schemas.shard import NUM_TARGETS, SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.config import TrainConfig
 from kdpipe.trainer.curriculum_config import CurriculumConfig, setup_teacher_reliance
 from kdpipe.trainer.distributed import RankSlice
+from kdpipe.trainer.loss_config import LossConfig
 from kdpipe.trainer.reliance import partner_map
 from kdpipe.trainer.teacher_reliance import (
     SampleNll,
@@ -29,7 +31,8 @@ from kdpipe.trainer.teacher_reliance import (
 IDS = np.arange(100, 300, dtype=np.int64)  # the training split: 200 samples
 RNG = np.random.default_rng(7)
 NLL = np.stack([RNG.uniform(1.0, 4.0, IDS.size), RNG.uniform(1.0, 4.0, IDS.size)])  # (2, 200)
-TABLE = SampleNll(IDS, NLL)
+TARGETS = RNG.integers(1, 64, IDS.size)  # (200,) unequal target counts per sample
+TABLE = SampleNll(IDS, NLL, TARGETS)
 EQUAL = np.array([0.5, 0.5])
 
 
@@ -60,6 +63,22 @@ def test_best_ties_share_in_proportion_to_the_prior() -> None:
     assert np.allclose(teacher_weights(nll, prior, "softmax", 1e12), prior[:, None])
 
 
+def test_huge_weights_and_tiny_temperatures_neither_overflow_nor_warn() -> None:
+    # 1e308 + 1e308 = inf: a plain sum would make every weight 0 (KD silently off)
+    assert LossConfig(teacher_weights=(1e308, 1e308)).teacher_mix(2) == (0.5, 0.5)
+    assert LossConfig(teacher_weights=(3e-320, 1e-320)).teacher_mix(2) == pytest.approx(
+        (0.75, 0.25))
+    nll = np.array([[1.0, 2.0, 3.0], [1e10, 2.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarning: overflow
+        for mode in ("softmax", "best"):
+            rel = TeacherReliance(mode, "token", 1e-310, [1e308, 1e308])
+            assert rel.prior.tolist() == [0.5, 0.5]
+            weights, mean = rel.for_tokens([torch.tensor(-nll)], 1)
+            assert weights[0].tolist() == [[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]
+            assert np.isfinite(mean).all()
+
+
 def test_a_teacher_without_prior_weight_never_gets_weight() -> None:
     nll = np.array([[5.0, 1.0], [0.0, 1.0]])  # teacher 2 is the more confident one
     prior = np.array([1.0, 0.0])
@@ -69,7 +88,7 @@ def test_a_teacher_without_prior_weight_never_gets_weight() -> None:
 
 @pytest.mark.parametrize("mode", ["fixed", "softmax", "best"])
 def test_one_teacher_gets_weight_one(mode: str) -> None:
-    table = SampleNll(IDS, NLL[:1])
+    table = SampleNll(IDS, NLL[:1], TARGETS)
     rel = TeacherReliance(mode, "sample", 1.0, [3.0], sample_nll=table)
     assert rel.for_samples(IDS[:5], 1).tolist() == [[1.0] * 5]
     tok = TeacherReliance(mode, "token", 1.0, [3.0])
@@ -120,8 +139,17 @@ def test_matched_gives_every_sample_the_step_mean(mode: str) -> None:
     batch = IDS[[5, 60, 61, 199, 17]]
     plain = sample_reliance(mode).for_samples(batch, 2)
     matched = sample_reliance(mode, control="matched").for_samples(batch, 2)
-    assert np.allclose(matched, plain.mean(axis=1, keepdims=True).repeat(5, axis=1))
+    # the loss sums over tokens: the mean weights each sample by its number of targets, so
+    # matched keeps the mean weight per teacher per token (what teacher_weight_j logs)
+    targets = TARGETS[batch - IDS[0]].astype(np.float64)
+    assert len(set(targets)) > 1
+    per_token = (plain * targets).sum(axis=1) / targets.sum()
+    assert np.allclose(matched, per_token[:, None].repeat(5, axis=1))
+    assert not np.allclose(matched[:, 0], plain.mean(axis=1))
+    assert np.allclose((matched * targets).sum(axis=1), (plain * targets).sum(axis=1))
     assert np.allclose(matched.sum(axis=0), 1.0)
+    step = sample_reliance(mode).for_step(batch, 2, [])
+    assert np.allclose(step.mean, per_token)
 
 
 LOGPROBS = [torch.log(torch.tensor([[0.9, 0.5, 0.1, 0.2, 0.8], [0.3, 0.5, 0.6, 0.4, 0.2]])),
@@ -142,18 +170,30 @@ def test_token_softmax_is_the_posterior_over_teachers() -> None:
     assert best[1].tolist() == [[0, 1, 0.5], [1, 0, 0.5]]  # a tie splits evenly
 
 
+SAMPLES = [np.array([100, 100, 100, 101, 101]), np.array([102, 102, 102])]  # per target
+
+
 def test_token_controls() -> None:
     plain, _ = TeacherReliance("softmax", "token", 1.0, EQUAL).for_tokens(LOGPROBS, 3)
     shuffle = TeacherReliance("softmax", "token", 1.0, EQUAL, control="shuffled", seed=4)
-    shuffled, _ = shuffle.for_tokens(LOGPROBS, 3)
-    for p, s in zip(plain, shuffled, strict=True):  # columns permuted within a micro-batch
-        assert torch.allclose(torch.sort(p[0]).values, torch.sort(s[0]).values)
+    shuffled, _ = shuffle.for_tokens(LOGPROBS, 3, SAMPLES)
+    for p, s, ids in zip(plain, shuffled, SAMPLES, strict=True):  # permuted within a sample
+        for sample in np.unique(ids):
+            mine = torch.from_numpy(ids == sample)
+            assert torch.allclose(torch.sort(p[0, mine]).values, torch.sort(s[0, mine]).values)
         assert torch.allclose(s.sum(dim=0), torch.ones(s.shape[1]))
     assert not all(torch.equal(p, s) for p, s in zip(plain, shuffled, strict=True))
-    again, _ = shuffle.for_tokens(LOGPROBS, 3)
+    again, _ = shuffle.for_tokens(LOGPROBS, 3, SAMPLES)
     assert all(torch.equal(a, s) for a, s in zip(again, shuffled, strict=True))
-    other = [shuffle.for_tokens(LOGPROBS, step)[0][0] for step in range(4, 12)]
+    other = [shuffle.for_tokens(LOGPROBS, step, SAMPLES)[0][0] for step in range(4, 12)]
     assert any(not torch.equal(o, shuffled[0]) for o in other)  # a new permutation per step
+    # the same tokens in other micro-batches (another --batch-size × --grad-accum, or other
+    # processes) get the same weights
+    split = [LOGPROBS[0][:, :3], LOGPROBS[0][:, 3:], LOGPROBS[1]]
+    parts, _ = shuffle.for_tokens(split, 3, [SAMPLES[0][:3], SAMPLES[0][3:], SAMPLES[1]])
+    assert torch.equal(torch.cat(parts, dim=1), torch.cat(shuffled, dim=1))
+    with pytest.raises(ValueError, match="needs each target's sample id"):
+        shuffle.for_tokens(LOGPROBS, 3)
 
     calls: list[list[float]] = []
 
@@ -192,7 +232,8 @@ def test_for_step_gives_each_process_its_share() -> None:
     share = RankSlice(batch[2:5], start=2, real=True, micro_batches=1)
     step = rel.for_step(batch, 1, [], share)
     assert step.per_sample is not None and np.array_equal(step.per_sample, every[:, 2:5])
-    assert np.allclose(step.mean, every.mean(axis=1))
+    targets = TARGETS[batch - IDS[0]]
+    assert np.allclose(step.mean, (every * targets).sum(axis=1) / targets.sum())  # per token
     # micro-batch rows start at sample 1 of this share: tokens of rows 0, 0, 1 → samples 3, 3, 4
     tokens = step.tokens(0, 1, torch.tensor([0, 0, 1]))
     assert torch.equal(tokens, torch.from_numpy(every[:, [3, 3, 4]]))
@@ -210,7 +251,7 @@ def test_non_finite_confidence_is_refused_not_weighted() -> None:
     nll = NLL.copy()
     nll[1, 7] = np.nan
     with pytest.raises(NonFiniteError, match=r"^b: teacher_nll of sample 107 is nan"):
-        TeacherReliance("softmax", "sample", 1.0, EQUAL, sample_nll=SampleNll(IDS, nll),
+        TeacherReliance("softmax", "sample", 1.0, EQUAL, sample_nll=SampleNll(IDS, nll, TARGETS),
                         names=["a", "b"])
     bad = [LOGPROBS[0], LOGPROBS[1].clone()]
     bad[1][0, 2] = -math.inf
@@ -229,7 +270,9 @@ def test_non_finite_confidence_is_refused_not_weighted() -> None:
 class FakeCache:
     def __init__(self, ids: list[int], nll: list[float], location: str) -> None:
         self.columns = {SAMPLE_ID: pa.chunked_array([pa.array(ids, pa.int64())]),
-                        TEACHER_NLL: pa.chunked_array([pa.array(nll, pa.float32())])}
+                        TEACHER_NLL: pa.chunked_array([pa.array(nll, pa.float32())]),
+                        NUM_TARGETS: pa.chunked_array([pa.array([10 * i for i in ids],
+                                                                pa.int32())])}
         self.location = location
 
     def read_column(self, name: str) -> pa.ChunkedArray:
@@ -242,6 +285,7 @@ def test_read_sample_nll_aligns_by_sample_id() -> None:
     table = read_sample_nll([cast(Cache, a), cast(Cache, b)])
     assert table.sample_ids.tolist() == [1, 2, 3]
     assert table.nll.tolist() == [[1.5, 2.5, 0.5], [1.0, 2.0, 3.0]]
+    assert table.num_targets.tolist() == [10, 20, 30]
     with pytest.raises(CacheFormatError, match="^c: holds other samples than a"):
         read_sample_nll([cast(Cache, a), cast(Cache, FakeCache([1, 2, 4], [1, 1, 1], "c"))])
     with pytest.raises(NonFiniteError, match="^d: teacher_nll of sample 2 is inf"):
@@ -266,6 +310,8 @@ def test_options_refused_with_one_line_each() -> None:
     assert lines == ["--teacher-reliance-level, --teacher-reliance-control need "
                      "--teacher-reliance softmax or best",
                      "--teacher-reliance-temperature is the T of --teacher-reliance softmax"]
+    lines = CurriculumConfig(teacher_reliance_level="token").problems("kd", True, teachers=2)
+    assert lines == ["--teacher-reliance-level needs --teacher-reliance softmax or best"]
     lines = CurriculumConfig(teacher_reliance="best").problems("ce", True, teachers=1)
     assert lines == ["--teacher-reliance best chooses between teachers: give one --cache per "
                      "teacher, two or more",
