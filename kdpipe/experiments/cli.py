@@ -25,7 +25,6 @@ def experiment(
     """Train arms × seeds on one cache (finished runs are skipped); summary with 95% CIs."""
     from kdpipe.experiments.config import load_experiment
     from kdpipe.experiments.runner import SUMMARY_MD, run_experiment
-
     from kdpipe.progress import bars_shown, library_bars
 
     exp = load_experiment(config, out)
