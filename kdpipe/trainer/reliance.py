@@ -14,9 +14,11 @@ Controls, to tell selective reliance from its side effects:
 
 * --reliance-control shuffled: the same λ values, given to random samples. A seeded
   permutation π of the training split pairs each sample with a partner; sample i gets the λ
-  its partner π(i) would get (per token: the λ values of a micro-batch permuted over its
-  tokens). Over the split the multiset of λ values is unchanged; their link to difficulty is
-  gone.
+  its partner π(i) would get. Over the split the multiset of λ values is unchanged; their
+  link to difficulty is gone. Per token, each sample's λ_t are permuted over that sample's own
+  targets (seeded by seed, step and sample id, `shuffle_within_samples`): each sample keeps
+  its multiset of λ_t, their link to each token's teacher confidence is gone, and the result
+  does not depend on how the global batch is split into micro-batches and processes.
 * --kd-weight-schedule linear: λ(t) = λ_lo + (λ_hi - λ_lo) · (t - 1) / (T - 1) for every
   sample of step t (1-based, T total steps): a plain λ warm-up. In a sorted curriculum SR
   raises λ as harder samples arrive, so this is the schedule SR could be mistaken for.
@@ -100,6 +102,26 @@ def partner_map(train_ids: np.ndarray, seed: int, stream: int = 0
     return ids, np.random.default_rng([seed, _SALT, stream]).permutation(ids)
 
 
+def shuffle_within_samples(values: np.ndarray, samples: np.ndarray, key: Sequence[int]
+                           ) -> np.ndarray:
+    """(..., N) per-target values with each sample's targets permuted among themselves.
+
+    samples: (N,) the sample id of each target. The permutation of sample s is drawn from
+    `np.random.default_rng([*key, s])`, so with `key` = (seed, salt, step) a sample's targets
+    get the same permutation however the global batch is split into micro-batches and
+    processes (the token-level shuffled controls of λ and of the teacher weights). Raises
+    ValueError when `samples` is not (N,).
+    """
+    if samples.shape != (values.shape[-1],):
+        raise ValueError(f"expected {values.shape[-1]} target sample ids, got {samples.shape}")
+    out = values.copy()
+    for sample in np.unique(samples):
+        where = np.flatnonzero(samples == sample)  # ascending: the sample's target order
+        rng = np.random.default_rng([*key, int(sample)])
+        out[..., where] = values[..., where[rng.permutation(where.size)]]
+    return out
+
+
 class SampleReliance:
     """LambdaFn for threshold/linear, with the controls."""
 
@@ -135,9 +157,10 @@ class ScheduledLambda:
         return np.full(len(sample_ids), self.value(step), dtype=np.float32)
 
 
-# (target_logprob (N_m,), target_row (N_m,), rows) of each micro-batch of one global batch;
-# target_logprob is None only when the loader was not asked for it (a bug, refused).
-MicroTargets = tuple[torch.Tensor | None, torch.Tensor, int]
+# (target_logprob (N_m,), target_row (N_m,), sample_ids (rows,)) of each micro-batch of one
+# global batch; target_logprob is None only when the loader was not asked for it (a bug,
+# refused).
+MicroTargets = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 
 class TokenReliance:
@@ -154,21 +177,22 @@ class TokenReliance:
                  ) -> tuple[list[torch.Tensor], np.ndarray]:
         """Per micro-batch (N_m,) float32 λ_t, and (S,) the mean λ of each sample's tokens."""
         weights = []
-        for m, (target_logprob, _, _) in enumerate(micro):
+        for target_logprob, row, sample_ids in micro:
             if target_logprob is None:
                 raise ValueError("token-level reliance needs the target_logprob column; "
                                  "build the loader's Columns with target_logprob=True")
             lam = self.mapping.token_lambda(target_logprob.cpu())  # (N_m,)
             if self.control == "shuffled":
-                rng = np.random.default_rng([self.seed, _SALT, 1, step, m])
-                lam = lam[torch.from_numpy(rng.permutation(lam.numel()))]
+                samples = sample_ids.cpu().numpy().astype(np.int64)[row.cpu().numpy()]  # (N_m,)
+                lam = torch.from_numpy(shuffle_within_samples(
+                    lam.numpy(), samples, (self.seed, _SALT, 1, step)))
             weights.append(lam)
         if self.schedule == "matched":
             every = torch.cat(weights) if weights else torch.zeros(0)
             total, count = self.sum_across([float(every.double().sum()), float(every.numel())])
             mean = total / count if count else self.mapping.constant
             weights = [torch.full_like(w, mean) for w in weights]
-        means = [sample_means(w, row.cpu(), rows) for w, (_, row, rows) in
+        means = [sample_means(w, row.cpu(), ids.numel()) for w, (_, row, ids) in
                  zip(weights, micro, strict=True)]
         return weights, (np.concatenate(means) if means else np.zeros(0, np.float32))
 
@@ -229,7 +253,7 @@ class Reliance:
             lam = self.per_sample(global_ids, step)  # (S,) the same on every process
             mine = lam[start:start + count] if real else np.zeros(count, np.float32)
             return StepLambdas(mine, None, lam if self.varies else None)
-        micro = [(mb.target_logprob, mb.target_row, mb.sample_ids.numel())
+        micro = [(mb.target_logprob, mb.target_row, mb.sample_ids)
                  for mb in batch.micro] if real else []
         weights, means = self.per_token(micro, step)  # collective under `matched`
         mine = means if real else np.zeros(count, np.float32)

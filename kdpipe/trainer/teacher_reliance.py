@@ -23,8 +23,9 @@ Controls, in the style of `reliance.py`'s for λ:
 * shuffled: the same weight vectors given to random samples: sample i gets the vector of its
   partner π(i), π a seeded permutation of the training split (`reliance.partner_map`, on its
   own stream); per token, each sample's token weight vectors are permuted over that sample's
-  own targets (seeded by seed, step and sample id), which keeps each sample's weights and
-  breaks their link to each token's confidence, whatever the micro-batches and processes.
+  own targets (seeded by seed, step and sample id: `reliance.shuffle_within_samples`, as
+  λ's token-level control), which keeps each sample's weights and breaks their link to each
+  token's confidence, whatever the micro-batches and processes.
 * matched: every sample (token) of step t gets the step's mean weight vector, a mean over
   the global batch's target tokens: at the level `sample` each sample's vector weighted by
   its number of targets (the loss sums over tokens, so this is the mean weight per token that
@@ -49,7 +50,7 @@ from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
 from kdpipe.schemas.shard import NUM_TARGETS, SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.distributed import RankSlice
 from kdpipe.trainer.loss_config import normalised
-from kdpipe.trainer.reliance import partner_map
+from kdpipe.trainer.reliance import partner_map, shuffle_within_samples
 
 _SALT = 0x7465616368  # separates the token shuffles' RNG streams from the λ controls'
 _PARTNER_STREAM = 2  # reliance.partner_map's stream here; λ's shuffled control uses 0
@@ -283,7 +284,8 @@ class TeacherReliance:
             w = teacher_weights(nll, self.prior, self.mode, self.temperature)  # (J, N_m)
             if self.control == "shuffled":
                 assert samples is not None
-                w = self._shuffle_within_samples(w, np.asarray(samples[m], np.int64), step)
+                w = shuffle_within_samples(w, np.asarray(samples[m], np.int64),
+                                           (self.seed, _SALT, step))
             weights.append(w)
         local = [float(v) for v in sum(w.sum(axis=1) for w in weights)] if weights else \
             [0.0] * self.teachers
@@ -293,21 +295,6 @@ class TeacherReliance:
         if self.control == "matched":
             weights = [np.repeat(mean[:, None], w.shape[1], axis=1) for w in weights]
         return [torch.from_numpy(w.astype(np.float32)) for w in weights], mean
-
-    def _shuffle_within_samples(self, weights: np.ndarray, samples: np.ndarray, step: int
-                                ) -> np.ndarray:
-        """(J, N) token weights with each sample's columns permuted among themselves, by a
-        permutation seeded by (seed, step, sample id): the same however the global batch is
-        split into micro-batches and processes."""
-        if samples.shape != (weights.shape[1],):
-            raise ValueError(f"expected {weights.shape[1]} target sample ids, got "
-                             f"{samples.shape}")
-        out = weights.copy()
-        for sample in np.unique(samples):
-            where = np.flatnonzero(samples == sample)  # ascending: the sample's target order
-            rng = np.random.default_rng([self.seed, _SALT, step, int(sample)])
-            out[:, where] = weights[:, where[rng.permutation(where.size)]]
-        return out
 
     def for_step(self, global_ids: np.ndarray, step: int, micro: Sequence[torch.Tensor],
                  share: RankSlice | None = None, samples: Sequence[np.ndarray] | None = None

@@ -14,6 +14,7 @@ from kdpipe.trainer.reliance import (
     ScheduledLambda,
     TokenReliance,
     partner_map,
+    shuffle_within_samples,
 )
 
 IDS = np.arange(200, 220, dtype=np.int64)
@@ -71,10 +72,11 @@ def test_linear_schedule() -> None:
     assert schedule(IDS[:3], 6).tolist() == pytest.approx([0.5] * 3)
 
 
-def _micro() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+def _micro() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     lp1 = torch.log(torch.tensor([0.9, 0.5, 0.1, 0.2, 0.8]))  # 2 samples: 3 + 2 tokens
     lp2 = torch.log(torch.tensor([0.3, 0.6, 0.6]))  # 1 sample: 3 tokens
-    return [(lp1, torch.tensor([0, 0, 0, 1, 1]), 2), (lp2, torch.tensor([0, 0, 0]), 1)]
+    return [(lp1, torch.tensor([0, 0, 0, 1, 1]), torch.tensor([100, 101])),
+            (lp2, torch.tensor([0, 0, 0]), torch.tensor([102]))]
 
 
 def test_token_reliance_and_its_controls() -> None:
@@ -86,14 +88,29 @@ def test_token_reliance_and_its_controls() -> None:
     assert np.allclose(means, [0.2 + 0.4 * (1 - 0.5), 0.2 + 0.4 * (1 - 0.5),
                                0.2 + 0.4 * (1 - 0.5)])
 
-    shuffled_w, shuffled_means = TokenReliance(mapping, seed=0, control="shuffled")(
-        _micro(), step=3)
-    for w, s in zip(weights, shuffled_w, strict=True):  # same values within each micro-batch
-        assert torch.allclose(torch.sort(w).values, torch.sort(s).values)
-    assert not all(torch.allclose(w, s) for w, s in zip(weights, shuffled_w, strict=True))
+    shuffle = TokenReliance(mapping, seed=0, control="shuffled")
+    shuffled_w, shuffled_means = shuffle(_micro(), step=3)
+    for w, s, (_, row, _) in zip(weights, shuffled_w, _micro(), strict=True):
+        for r in row.unique():  # each sample keeps its own λ_t, permuted over its targets
+            mine = row == r
+            assert torch.equal(torch.sort(w[mine]).values, torch.sort(s[mine]).values)
+    assert np.allclose(shuffled_means, means)  # and so its mean λ
     again, _ = TokenReliance(mapping, seed=0, control="shuffled")(_micro(), step=3)
     assert all(torch.equal(a, b) for a, b in zip(again, shuffled_w, strict=True))
-    assert shuffled_means.shape == (3,)
+    steps = [torch.cat(shuffle(_micro(), step)[0]) for step in range(3, 11)]
+    assert any(not torch.equal(s, steps[0]) for s in steps)  # a new permutation per step
+    assert any(not torch.equal(s, torch.cat(weights)) for s in steps)
+    other_seed = TokenReliance(mapping, seed=1, control="shuffled")
+    assert any(not torch.equal(torch.cat(other_seed(_micro(), step)[0]), s)
+               for step, s in zip(range(3, 11), steps, strict=True))
+    # the same samples split into other micro-batches (another --batch-size × --grad-accum,
+    # or other processes) get the same λ_t
+    (lp1, _, _), second = _micro()
+    split = [(lp1[:3], torch.tensor([0, 0, 0]), torch.tensor([100])),
+             (lp1[3:], torch.tensor([0, 0]), torch.tensor([101])), second]
+    parts, part_means = shuffle(split, step=3)
+    assert torch.equal(torch.cat(parts), torch.cat(shuffled_w))
+    assert np.array_equal(part_means, shuffled_means)
 
     matched_w, matched_means = TokenReliance(mapping, seed=0, schedule="matched")(
         _micro(), step=3)
@@ -126,3 +143,20 @@ def test_invalid_combinations_are_reported_together() -> None:
     assert "shuffled needs" not in message
     assert "matched averages selective" in problems(kd_weight_schedule="matched")
     assert problems(reliance="token") == ""
+
+
+def test_shuffle_within_samples_permutes_each_sample_by_its_own_seed() -> None:
+    values = np.arange(14, dtype=np.float64).reshape(2, 7)  # (J, N): columns move together
+    samples = np.array([5, 5, 5, 9, 9, 9, 9])
+    out = shuffle_within_samples(values, samples, (0, 1, 2))
+    assert np.array_equal(out[1] - out[0], np.full(7, 7.0))
+    for sample in (5, 9):
+        mine = samples == sample
+        assert sorted(out[0, mine]) == sorted(values[0, mine])
+        alone = shuffle_within_samples(values[:, mine], samples[mine], (0, 1, 2))
+        assert np.array_equal(alone, out[:, mine])  # whatever else shares the batch
+    assert np.array_equal(shuffle_within_samples(values, samples, (0, 1, 2)), out)
+    keyed = [shuffle_within_samples(values, samples, (0, 1, k)) for k in range(3, 12)]
+    assert any(not np.array_equal(k, out) for k in keyed)
+    with pytest.raises(ValueError, match="expected 7 target sample ids"):
+        shuffle_within_samples(values, samples[:3], (0, 1, 2))
