@@ -172,6 +172,25 @@ def test_token_reliance_weights_tokens_by_teacher_uncertainty(
         assert record["kd_weight"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_token_shuffled_control_does_not_depend_on_the_batch_split(
+        tmp_path: Path, tiny_cache: Path, tiny_student_dir: Path) -> None:
+    def run(name: str, **split: object) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        train(small_config(tiny_cache, tmp_path / name, student=str(tiny_student_dir),
+                           max_steps=2, snapshots=False, reliance="token",
+                           reliance_control="shuffled", **split))
+        return _jsonl(tmp_path / name / "metrics.jsonl"), _jsonl(tmp_path / name / "order.jsonl")
+
+    whole, whole_order = run("whole", batch_size=8)
+    split, split_order = run("split", batch_size=4, grad_accum=2)
+    assert len(whole) == len(split) == 2
+    for a, b in zip(whole, split, strict=True):
+        for key in ("loss", "ce", "kd"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    for a, b in zip(whole_order, split_order, strict=True):
+        assert a["sample_ids"] == b["sample_ids"]
+        assert b["kd_weight"] == pytest.approx(a["kd_weight"], abs=1e-6)
+
+
 def test_mismatched_curriculum_is_refused(tmp_path: Path, tiny_cache: Path,
                                           tiny_student_dir: Path) -> None:
     ids = np.sort(open_cache(tiny_cache).read_column(cols.SAMPLE_ID).to_numpy())

@@ -177,7 +177,8 @@ def test_evaluate_splits_the_samples_over_processes(tiny_cache: Path, tiny_stude
 @pytest.mark.parametrize("reliance", [
     {"curriculum_source": "snapshot", "reliance": "threshold"},
     {"reliance": "token", "kd_weight_schedule": "matched", "pacing": "root"},
-], ids=["snapshot-curriculum-threshold", "token-matched"])
+    {"reliance": "token", "reliance_control": "shuffled"},
+], ids=["snapshot-curriculum-threshold", "token-matched", "token-shuffled"])
 def test_curricula_and_reliance_are_the_same_on_two_processes(
         tmp_path: Path, tiny_cache: Path, tiny_student_dir: Path, teacher_curriculum: Path,
         reliance: dict[str, Any]) -> None:
