@@ -83,7 +83,8 @@ class CurriculumConfig:
     reliance_quantile: float = option(
         0.5, "q of --reliance threshold: λ_hi above this percentile, λ_lo below.", ge=0, le=1)
     reliance_control: str = option(
-        "none", "none, or shuffled: the same λ values given to random samples.",
+        "none", "none, or shuffled: the same λ values given to random samples (token: each "
+        "sample's λ given to random targets of that sample).",
         choices=RELIANCE_CONTROLS)
     kd_weight_schedule: str = option(
         "none", "Control: none; linear (λ_lo → λ_hi over steps, all samples alike); matched "

@@ -109,8 +109,9 @@ def shuffle_within_samples(values: np.ndarray, samples: np.ndarray, key: Sequenc
     samples: (N,) the sample id of each target. The permutation of sample s is drawn from
     `np.random.default_rng([*key, s])`, so with `key` = (seed, salt, step) a sample's targets
     get the same permutation however the global batch is split into micro-batches and
-    processes (the token-level shuffled controls of λ and of the teacher weights). Raises
-    ValueError when `samples` is not (N,).
+    processes (the token-level shuffled controls of λ and of the teacher weights). The
+    targets of a sample that occurs twice in `samples` are permuted together, as one group.
+    Raises ValueError when `samples` is not (N,).
     """
     if samples.shape != (values.shape[-1],):
         raise ValueError(f"expected {values.shape[-1]} target sample ids, got {samples.shape}")
