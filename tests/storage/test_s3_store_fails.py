@@ -4,8 +4,9 @@ code 2, and its work kept: a checkpoint of the last completed step, from which `
 once the server is back, finishes equal to a run never interrupted.
 
 The server here is this module's own, in a process of its own, so stopping it leaves the
-other tests' server alone; started again, it is given back the objects it held. `AWS_MAX_ATTEMPTS=1` turns botocore's retries off, so a
-failure is reported at once instead of after the ~10 s of retries a user's run waits.
+other tests' server alone; started again, it is given back the objects it held.
+`AWS_MAX_ATTEMPTS=1` turns botocore's retries off, so a failure is reported at once instead
+of after the ~10 s of retries a user's run waits.
 """
 
 from __future__ import annotations
