@@ -11,6 +11,7 @@ of after the ~10 s of retries a user's run waits.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import s3fs
 from safetensors.torch import load_file
 
 from kdpipe.schemas.cache import Cache
+from kdpipe.schemas.remote_cache import RemoteShards
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer import train as train_module
 
@@ -179,9 +181,13 @@ def test_store_stopped_mid_run_saves_a_checkpoint_that_resumes_exactly(
     assert all(expected[k].equal(resumed[k]) for k in expected)
 
 
+@pytest.mark.parametrize("local_cache", [False, True])
 def test_store_stopped_mid_evaluate_is_one_line(
-        server: Server, cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        server: Server, cache: str, tmp_path: Path, local_cache: bool,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Streamed (the server goes before the second shard is opened), or copied into
+    --local-cache (it goes before the second shard is downloaded: a reader with a local cache
+    downloads every shard it lacks before its first batch)."""
     student = tmp_path / "student.json"
     student.write_text(json.dumps(STUDENT))
     run = tmp_path / "run"
@@ -190,19 +196,22 @@ def test_store_stopped_mid_evaluate_is_one_line(
                             "--batch-size", "4", "--no-progress"], capsys)
     assert code == 0, err
 
-    real_open = Cache.open_shard
-    opened: list[str] = []
+    owner, name = (RemoteShards, "_fetch") if local_cache else (Cache, "open_shard")
+    real = getattr(owner, name)
+    calls = itertools.count(1)
 
-    def store_goes_away(self: Cache, shard: Any) -> Any:
-        opened.append(shard.file)
-        if len(opened) == 2:  # the first shard is read; the server goes before the second
+    def store_goes_away(self: Any, shard: Any) -> Any:
+        if next(calls) == 2:
             server.stop()
-        return real_open(self, shard)
+        return real(self, shard)
 
-    monkeypatch.setattr(Cache, "open_shard", store_goes_away)
+    monkeypatch.setattr(owner, name, store_goes_away)
+    node = ["--local-cache", str(tmp_path / "node")] if local_cache else []
     code, _, err = run_cli(["evaluate", "--student", str(run / "final"), "--cache", cache,
-                            "--batch-size", "2", "--no-progress"], capsys)
+                            "--batch-size", "2", "--no-progress", *node], capsys)
     line = error_line(err)
     assert code == 2, err
-    assert line.startswith(f"kdpipe: error: {cache}/{opened[-1]}: the store cannot be reached")
-    assert "then re-run the same command" in line
+    assert re.match(rf"kdpipe: error: {cache}/shard-\d+\.parquet: the store cannot be reached "
+                    r"\(\w+ after the library's retries\); .*then re-run the same command$",
+                    line), line
+    assert not any(".tmp-" in path.name for path in tmp_path.rglob("*"))  # no torn copy
