@@ -23,11 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 from safetensors.torch import load_file
 
-from kdpipe.schemas.cache import Cache
+from kdpipe.schemas.cache import Cache, open_cache
+from kdpipe.schemas.errors import StorageError
 from kdpipe.schemas.remote_cache import RemoteShards
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer import train as train_module
@@ -215,3 +217,18 @@ def test_store_stopped_mid_evaluate_is_one_line(
                     r"\(\w+ after the library's retries\); .*then re-run the same command$",
                     line), line
     assert not any(".tmp-" in path.name for path in tmp_path.rglob("*"))  # no torn copy
+
+
+def test_a_read_of_an_open_shard_fails_as_one_error(server: Server, cache: str) -> None:
+    """The store goes after a shard's stream is open and before its bytes are read (the
+    shards above are small enough for pyarrow's first read, of the footer, to take them
+    whole): pyarrow hands up the library's error, and `Cache.reading` names the shard."""
+    opened = open_cache(cache)
+    shard = opened.manifest.shards[0]
+    assert opened.remote is not None
+    stream = opened.remote.open(shard)
+    server.stop()
+    with pytest.raises(StorageError, match=rf"^{cache}/{shard.file}: the store cannot be "
+                                           r"reached \(EndpointConnectionError"), \
+            opened.reading(shard):
+        pq.ParquetFile(stream).read_row_group(0)
