@@ -143,13 +143,26 @@ class Store:
             return self.fs.open(self.path(name), "rb", block_size=READAHEAD_BYTES,
                                 cache_type="readahead")
 
+    def _blocks(self, name: str) -> Iterator[bytes]:
+        """The object's bytes in blocks of `BLOCK_BYTES`, streamed. Only the store's reads are
+        inside `store_errors`: what the caller does with a block (a local write that finds
+        the disk full) keeps its own errors."""
+        url = f"{self.url}/{name}"
+        with store_errors(self, reading=url):
+            stream = self.fs.open(self.path(name), "rb", block_size=BLOCK_BYTES)
+        with stream:
+            while True:
+                with store_errors(self, reading=url):
+                    block = stream.read(BLOCK_BYTES)
+                if not block:
+                    return
+                yield block
+
     def sha256(self, name: str) -> str:
         """Hex sha256 of an object, streamed."""
         digest = hashlib.sha256()
-        with store_errors(self, reading=f"{self.url}/{name}"), \
-                self.fs.open(self.path(name), "rb", block_size=BLOCK_BYTES) as f:
-            while block := f.read(BLOCK_BYTES):
-                digest.update(block)
+        for block in self._blocks(name):
+            digest.update(block)
         return digest.hexdigest()
 
     def get_file(self, name: str, dest: Path, sha256: str | None = None) -> bool:
@@ -161,10 +174,8 @@ class Store:
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         digest = hashlib.sha256()
         try:
-            with store_errors(self, reading=f"{self.url}/{name}"), \
-                    self.fs.open(self.path(name), "rb", block_size=BLOCK_BYTES) as src, \
-                    open(tmp, "wb") as out:
-                while block := src.read(BLOCK_BYTES):
+            with open(tmp, "wb") as out:
+                for block in self._blocks(name):
                     digest.update(block)
                     out.write(block)
             if sha256 is not None and digest.hexdigest() != sha256:
