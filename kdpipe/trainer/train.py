@@ -511,7 +511,7 @@ def stopped_by_store(run: Run, exc: StorageError) -> StorageError:
         kept = (f"{stopped} with no checkpoint saved (under torchrun the other ranks did not "
                 "see the failure): " + (f"add --resume to continue from {latest}"
                                         if latest is not None else "none to resume from yet"))
-    elif at.is_dir():
+    elif at in ckpt.list_checkpoints(run.run_dir):  # --save-every, or the step resumed from
         kept = f"{stopped}: add --resume to continue from its checkpoint {at}"
     elif step == 0:
         kept = f"{stopped}: nothing to save"

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -31,6 +32,7 @@ from safetensors.torch import load_file
 from kdpipe.schemas.cache import Cache, open_cache
 from kdpipe.schemas.errors import StorageError
 from kdpipe.schemas.remote_cache import RemoteShards
+from kdpipe.schemas.run_layout import RunLayout
 from kdpipe.trainer import checkpoint as ckpt
 from kdpipe.trainer import train as train_module
 
@@ -232,3 +234,23 @@ def test_a_read_of_an_open_shard_fails_as_one_error(server: Server, cache: str) 
                                            r"reached \(EndpointConnectionError"), \
             opened.reading(shard):
         pq.ParquetFile(stream).read_row_group(0)
+
+
+def test_under_torchrun_nothing_is_saved(tmp_path: Path) -> None:
+    """`save` is collective and the other ranks did not see the failure: the line names the
+    last checkpoint instead (none yet, then one), and nothing is written."""
+    layout = RunLayout(tmp_path)
+    run = SimpleNamespace(state=SimpleNamespace(step=5), total_steps=9, layout=layout,
+                          run_dir=tmp_path, dist=SimpleNamespace(enabled=True))
+    failure = StorageError("s3://b/c/shard-00001.parquet: the store cannot be reached")
+    message = str(train_module.stopped_by_store(run, failure))  # type: ignore[arg-type]
+    assert message == (f"{failure}; training stopped after step 5 of 9 with no checkpoint "
+                       "saved (under torchrun the other ranks did not see the failure): none "
+                       "to resume from yet")
+    kept = layout.checkpoint(4)
+    kept.mkdir(parents=True)
+    for name in (ckpt.TRAINER_STATE_NAME, ckpt.TRAINING_STATE_NAME):
+        (kept / name).write_text("{}")
+    message = str(train_module.stopped_by_store(run, failure))  # type: ignore[arg-type]
+    assert message.endswith(f"did not see the failure): add --resume to continue from {kept}")
+    assert ckpt.list_checkpoints(tmp_path) == [kept]
