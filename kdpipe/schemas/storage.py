@@ -289,10 +289,9 @@ _STORE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "fsspec
 def _from_store(exc: BaseException) -> bool:
     """Whether `exc` is a failure of the connection or of a store's library (not, say, a
     bug of kdpipe's or a Parquet decoding error, which keep their own handling)."""
-    module = type(exc).__module__.split(".", 1)[0]
     if isinstance(exc, FileNotFoundError):  # a one-line error of its own (cli.USER_ERRORS)
         return False
-    return isinstance(exc, OSError) or module in _STORE_MODULES
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORE_MODULES
 
 
 def _reason(exc: BaseException) -> str:
