@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from kdpipe.schemas.manifest import (
 )
 from kdpipe.schemas.remote_cache import RemoteShards, local_folder
 from kdpipe.schemas.shard import NUM_TARGETS, TAIL_LOGMASS, TEACHER_NLL, check_shard_schema
-from kdpipe.schemas.storage import Store, location
+from kdpipe.schemas.storage import Store, location, store_errors
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,20 @@ class Cache:
         shards = self.manifest.shards
         at = next(i for i, s in enumerate(shards) if s.file == shard.file)
         self.remote.prefetch(shards[at + 1 : at + 2])
-        # pre_buffer: one coalesced read per row group instead of one per column chunk
-        return pq.ParquetFile(self.remote.open(shard), pre_buffer=True)
+        with self.reading(shard):  # the footer is read here
+            # pre_buffer: one coalesced read per row group instead of one per column chunk
+            return pq.ParquetFile(self.remote.open(shard), pre_buffer=True)
+
+    @contextmanager
+    def reading(self, shard: ShardInfo) -> Iterator[None]:
+        """Read `shard` inside this: a store failing mid-read (after its library's retries)
+        raises one StorageError naming the shard's URL and the reason, not the library's
+        traceback. Nothing for a local cache, whose errors keep their own handling."""
+        if self.remote is None:
+            yield
+            return
+        with store_errors(self.remote.store, reading=self.shard_path(shard)):
+            yield
 
     def check_shards(self, shards: Sequence[ShardInfo]) -> None:
         """Raise CacheFormatError naming the first of `shards` whose bytes differ from the
@@ -106,7 +119,10 @@ class Cache:
             self.check_shards([shard])
             parquet = self.open_shard(shard)
             for index in range(parquet.num_row_groups):
-                yield parquet.read_row_group(index, columns=list(columns) if columns else None)
+                with self.reading(shard):
+                    table = parquet.read_row_group(index,
+                                                   columns=list(columns) if columns else None)
+                yield table
 
     def read_column(self, name: str) -> pa.ChunkedArray:
         """One per-sequence column of the whole cache (small: one value per sequence)."""

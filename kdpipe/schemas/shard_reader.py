@@ -302,7 +302,8 @@ class RowGroupReader:
             self.groups.move_to_end(group)
             return self.groups[group]
         shard, rg = self.index.groups[group]
-        table = self._file(shard).read_row_group(rg, columns=self.columns.names)
+        with self.index.cache.reading(shard):
+            table = self._file(shard).read_row_group(rg, columns=self.columns.names)
         try:
             decoded = decode_row_group(table, self.columns)
         except CacheFormatError as exc:  # name the place: the message alone cannot

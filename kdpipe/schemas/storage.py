@@ -136,18 +136,33 @@ class Store:
             return bytes(self.fs.cat_file(self.path(name)))
 
     def open(self, name: str) -> IO[bytes]:
-        """Stream an object, reading ahead `READAHEAD_BYTES` past each read."""
-        with store_errors(self):
+        """Stream an object, reading ahead `READAHEAD_BYTES` past each read. Opening it fails
+        as a StorageError naming its URL; its reads raise the library's exceptions (read them
+        inside `store_errors(store, reading=URL)`)."""
+        with store_errors(self, reading=f"{self.url}/{name}"):
             return self.fs.open(self.path(name), "rb", block_size=READAHEAD_BYTES,
                                 cache_type="readahead")
+
+    def _blocks(self, name: str) -> Iterator[bytes]:
+        """The object's bytes in blocks of `BLOCK_BYTES`, streamed. Only the store's reads are
+        inside `store_errors`: what the caller does with a block (a local write that finds
+        the disk full) keeps its own errors."""
+        url = f"{self.url}/{name}"
+        with store_errors(self, reading=url):
+            stream = self.fs.open(self.path(name), "rb", block_size=BLOCK_BYTES)
+        with stream:
+            while True:
+                with store_errors(self, reading=url):
+                    block = stream.read(BLOCK_BYTES)
+                if not block:
+                    return
+                yield block
 
     def sha256(self, name: str) -> str:
         """Hex sha256 of an object, streamed."""
         digest = hashlib.sha256()
-        with store_errors(self), self.fs.open(self.path(name), "rb",
-                                              block_size=BLOCK_BYTES) as f:
-            while block := f.read(BLOCK_BYTES):
-                digest.update(block)
+        for block in self._blocks(name):
+            digest.update(block)
         return digest.hexdigest()
 
     def get_file(self, name: str, dest: Path, sha256: str | None = None) -> bool:
@@ -159,10 +174,8 @@ class Store:
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         digest = hashlib.sha256()
         try:
-            with store_errors(self), self.fs.open(self.path(name), "rb",
-                                                  block_size=BLOCK_BYTES) as src, \
-                    open(tmp, "wb") as out:
-                while block := src.read(BLOCK_BYTES):
+            with open(tmp, "wb") as out:
+                for block in self._blocks(name):
                     digest.update(block)
                     out.write(block)
             if sha256 is not None and digest.hexdigest() != sha256:
@@ -231,30 +244,61 @@ def _kind(exc: BaseException) -> str | None:
 
 
 @contextmanager
-def store_errors(store: Store) -> Iterator[None]:
+def store_errors(store: Store, reading: str | None = None) -> Iterator[None]:
     """Turn a missing credential, a refused access or an unreachable endpoint into one
     StorageError naming the URL. The libraries retry a failed connection a bounded number of
-    times first (s3fs: 5 tries with backoff, a few seconds in all)."""
+    times first (s3fs: 5 tries with backoff, a few seconds in all).
+
+    `reading`: the URL of an object being read (a shard streamed mid-run). Then any failure
+    of the store's libraries or of the connection (an `OSError`, or an exception of botocore,
+    aiohttp, s3fs, gcsfs or fsspec) is a StorageError naming that URL and its reason, and
+    what to do: by then the libraries have retried, and their traceback tells the user no
+    more than the one line.
+    """
     try:
         yield
     except KdpipeError:
         raise
     except Exception as exc:
         kind = _kind(exc)
+        url = reading or store.url
         if kind == "credentials":
             raise StorageError(
-                f"{store.url}: no valid credentials for this store; set them as its library "
+                f"{url}: no valid credentials for this store; set them as its library "
                 "reads them (S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
                 "GCS: GOOGLE_APPLICATION_CREDENTIALS): see docs/storage.md") from None
         if kind == "unreachable":
             raise StorageError(
-                f"{store.url}: the store cannot be reached ({type(exc).__name__} after the "
+                f"{url}: the store cannot be reached ({type(exc).__name__} after the "
                 "library's retries); check the network and the endpoint (AWS_ENDPOINT_URL for "
                 "an S3-compatible store), then re-run the same command") from None
         if kind == "denied":
-            raise StorageError(f"{store.url}: access denied ({exc}); check the credentials' "
+            raise StorageError(f"{url}: access denied ({exc}); check the credentials' "
                                "permissions on this bucket") from None
+        if reading is not None and _from_store(exc):
+            raise StorageError(
+                f"{url}: reading failed ({_reason(exc)}); check the store, then re-run the "
+                "same command") from None
         raise
+
+
+_STORE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "fsspec", "google",
+                  "huggingface_hub", "requests", "urllib3")
+
+
+def _from_store(exc: BaseException) -> bool:
+    """Whether `exc` is a failure of the connection or of a store's library (not, say, a
+    bug of kdpipe's or a Parquet decoding error, which keep their own handling)."""
+    if isinstance(exc, FileNotFoundError):  # a one-line error of its own (cli.USER_ERRORS)
+        return False
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORE_MODULES
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception in a few words on one line: its type and the start of its message."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 100 else text[:97] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def file_location(value: str | Path, flag: str) -> Path | tuple[Store, str]:

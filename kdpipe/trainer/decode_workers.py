@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdpipe.schemas.errors import CacheFormatError
+from kdpipe.schemas.errors import CacheFormatError, KdpipeError, StorageError
 from kdpipe.schemas.shard_reader import (
     OPEN_FILES,
     CacheIndex,
@@ -81,10 +81,11 @@ def from_shared(arrays: Shared) -> RowGroup:
     return RowGroup(**fields)
 
 
-class _RowGroups(Dataset[tuple[int, Shared | CacheFormatError]]):
+class _RowGroups(Dataset[tuple[int, Shared | KdpipeError]]):
     """Item i: (group, its decoded arrays), for the i-th row group of `loads`. A faulty row
-    group is returned as its CacheFormatError, so that the loader raises it as one line
-    (DataLoader would wrap it in the worker's traceback)."""
+    group, or a store that fails while it is read, is returned as its CacheFormatError or
+    StorageError, so that the loader raises it as one line (DataLoader would wrap it in the
+    worker's traceback)."""
 
     def __init__(self, index: CacheIndex, columns: Columns, loads: list[int]) -> None:
         self.index, self.columns, self.loads = index, columns, loads
@@ -93,7 +94,7 @@ class _RowGroups(Dataset[tuple[int, Shared | CacheFormatError]]):
     def __len__(self) -> int:
         return len(self.loads)
 
-    def __getitem__(self, i: int) -> tuple[int, Shared | CacheFormatError]:
+    def __getitem__(self, i: int) -> tuple[int, Shared | KdpipeError]:
         group = self.loads[i]
         shard, rg = self.index.groups[group]
         path = self.index.cache.shard_path(shard)
@@ -102,10 +103,13 @@ class _RowGroups(Dataset[tuple[int, Shared | CacheFormatError]]):
                 self.files[shard.file] = self.index.cache.open_shard(shard)  # or a URL's
                 if len(self.files) > OPEN_FILES:
                     self.files.popitem(last=False)[1].close()
-            table = self.files[shard.file].read_row_group(rg, columns=self.columns.names)
+            with self.index.cache.reading(shard):
+                table = self.files[shard.file].read_row_group(rg, columns=self.columns.names)
             return group, to_shared(decode_row_group(table, self.columns))
         except CacheFormatError as exc:
             return group, CacheFormatError(f"{path} row group {rg}: {exc}")
+        except StorageError as exc:  # the store failed: its one line, as the loader's own
+            return group, exc
 
 
 class WorkerRowGroupReader:
@@ -121,7 +125,7 @@ class WorkerRowGroupReader:
         self.index, self.capacity = index, max(capacity, 1)
         self.groups: OrderedDict[int, RowGroup] = OrderedDict()
         dataset = _RowGroups(index, columns, load_sequence(groups, self.capacity))
-        self.decoded: Iterator[tuple[int, Shared | CacheFormatError]] | None = iter(
+        self.decoded: Iterator[tuple[int, Shared | KdpipeError]] | None = iter(
             DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
                        prefetch_factor=prefetch))
 
@@ -133,7 +137,7 @@ class WorkerRowGroupReader:
         loaded, decoded = next(self.decoded)
         if loaded != group:  # the caller broke the contract: a bug, not the user's input
             raise RuntimeError(f"row group {group} asked for, {loaded} decoded next")
-        if isinstance(decoded, CacheFormatError):
+        if isinstance(decoded, KdpipeError):
             raise decoded
         self.index.cache.check_shards([self.index.groups[group][0]])  # once per shard
         self.groups[group] = from_shared(decoded)

@@ -26,7 +26,7 @@ from torch import nn
 from kdpipe.progress import Progress
 from kdpipe.schemas import snapshot as snap
 from kdpipe.schemas.cache import Cache, open_cache
-from kdpipe.schemas.errors import ConfigError, NonFiniteError
+from kdpipe.schemas.errors import ConfigError, NonFiniteError, StorageError
 from kdpipe.schemas.io import atomic_write_json
 from kdpipe.schemas.manifest import same_mapping
 from kdpipe.schemas.run_layout import RunLayout
@@ -494,6 +494,33 @@ def should_stop_or_save(run: Run, stop: StopRequest, clock: CheckpointClock
     return signum, save_now
 
 
+def stopped_by_store(run: Run, exc: StorageError) -> StorageError:
+    """The one-line error of a run whose loader could not deliver the next batch because the
+    store failed (after its library's retries), once the run has kept its work.
+
+    The loop is between steps then: `run.state` is the last completed step, whose hooks have
+    run, so a checkpoint of it is saved as a signal saves one (`save`), unless it is there
+    already. Under torchrun it is not: `save` is collective, and the other ranks, which did
+    not see the failure, are inside the next step's collectives; the run's last checkpoint
+    is what --resume continues from (torchrun ends the other ranks when this one exits).
+    """
+    step, at = run.state.step, run.layout.checkpoint(run.state.step)
+    stopped = f"training stopped after step {step} of {run.total_steps}"
+    if run.dist.enabled:
+        latest = ckpt.latest_checkpoint(run.run_dir)
+        kept = (f"{stopped} with no checkpoint saved (under torchrun the other ranks did not "
+                "see the failure): " + (f"add --resume to continue from {latest}"
+                                        if latest is not None else "none to resume from yet"))
+    elif at in ckpt.list_checkpoints(run.run_dir):  # --save-every, or the step resumed from
+        kept = f"{stopped}: add --resume to continue from its checkpoint {at}"
+    elif step == 0:
+        kept = f"{stopped}: nothing to save"
+    else:
+        save(run, at, with_training_state=True)
+        kept = f"{stopped} and saved checkpoint {at}: add --resume to continue from it"
+    return StorageError(f"{exc}; {kept}")
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, sampler: Sampler | None = None,
@@ -572,7 +599,13 @@ def _loop(run: Run) -> dict[str, Any]:
         if logger is not None:
             stack.enter_context(logger)
         steps = stack.enter_context(contextlib.closing(_steps(run)))
-        for batch, share, global_ids, batches in steps:
+        while True:
+            try:
+                batch, share, global_ids, batches = next(steps)
+            except StopIteration:
+                break
+            except StorageError as exc:  # the loader could not read the next batch
+                raise stopped_by_store(run, exc) from exc
             step = run.state.step + 1
             # λ of every sample (or token) this rank trains on, the same on every rank.
             lam = run.reliance.for_step(global_ids, step, batch, share)
