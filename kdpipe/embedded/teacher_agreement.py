@@ -13,9 +13,9 @@ mass T_A = 1 − Σ_{i∈S_A} p_A(i), and likewise for B:
   top-k contains it, and merging the rest into one bin can only lower it (log-sum
   inequality), up to the uniform guess.
 
-Every number is a mean over target positions. The caches must hold the same sequences (the
-same `sample_id` → `input_ids` and target positions), as `prepare(..., second_teacher=...)`
-makes them; anything else is a ConfigError.
+Every number is a mean over target positions. The caches must hold the same sequences
+(`schemas.cache_alignment`, as training with several teachers checks them) in the same row
+groups, as `prepare(..., second_teacher=...)` makes them; anything else is a ConfigError.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from kdpipe.schemas.cache import open_cache
+from kdpipe.schemas.cache_alignment import alignment_difference
 from kdpipe.schemas.errors import ConfigError
 from kdpipe.schemas.shard import SAMPLE_ID
-from kdpipe.schemas.shard_reader import RowGroup, columns_for, decode_row_group
+from kdpipe.schemas.shard_reader import RowGroup, build_index, columns_for, decode_row_group
 
 TINY = 1e-30  # floor of a probability under a log: a bin B gives no mass costs log(1/TINY)
 
@@ -75,10 +76,13 @@ def compare_teachers(cache_a: Path, cache_b: Path,
     """
     a, b = open_cache(cache_a), open_cache(cache_b)
     ma, mb = a.manifest, b.manifest
-    if (ma.top_k, ma.vocab_size, ma.num_sequences) != (mb.top_k, mb.vocab_size,
-                                                        mb.num_sequences):
+    if (ma.top_k, ma.vocab_size) != (mb.top_k, mb.vocab_size):
         raise ConfigError(f"{cache_b} does not hold {cache_a}'s sequences at its k and "
                           "vocabulary; cache both teachers over the same data and --top-k")
+    difference = alignment_difference(build_index(a), build_index(b))
+    if difference is not None:
+        raise ConfigError(f"{cache_a} and {cache_b} hold different sequences ({difference}); "
+                          "cache both over the same data")
     cols_a = columns_for(a, teacher=True, temperature=1.0, target_logprob=True)
     cols_b = columns_for(b, teacher=True, temperature=1.0, target_logprob=True)
     sums = np.zeros(4)  # nll_a, nll_b, top-1 agreements, kl
@@ -86,12 +90,10 @@ def compare_teachers(cache_a: Path, cache_b: Path,
     for table_a, table_b in zip(a.iter_row_groups(cols_a.names), b.iter_row_groups(cols_b.names),
                                 strict=True):
         ids = table_a.column(SAMPLE_ID).to_numpy()
+        if not np.array_equal(ids, table_b.column(SAMPLE_ID).to_numpy()):
+            raise ConfigError(f"{cache_a} and {cache_b} hold the same sequences in other row "
+                              "groups; cache both with the same --shard-size")
         ga, gb = decode_row_group(table_a, cols_a), decode_row_group(table_b, cols_b)
-        if not (np.array_equal(ids, table_b.column(SAMPLE_ID).to_numpy())
-                and np.array_equal(ga.input_ids, gb.input_ids)
-                and np.array_equal(ga.target_offsets, gb.target_offsets)):
-            raise ConfigError(f"{cache_a} and {cache_b} hold different sequences (sample ids "
-                              f"from {int(ids[0])}); cache both over the same data")
         keep = np.repeat(np.ones(ids.size, bool) if sample_range is None else
                          (ids >= sample_range[0]) & (ids < sample_range[1]),
                          np.diff(ga.target_offsets))  # (targets,)

@@ -102,6 +102,16 @@ def partner_map(train_ids: np.ndarray, seed: int, stream: int = 0
     return ids, np.random.default_rng([seed, _SALT, stream]).permutation(ids)
 
 
+def partners_of(ids: np.ndarray, partners: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+    """(S,) the partner of each of `sample_ids` under `partner_map`'s (ids, partners).
+    Raises ValueError for a sample outside the training split the map was drawn over."""
+    wanted = np.asarray(sample_ids, dtype=np.int64)
+    where = np.searchsorted(ids, wanted).clip(max=max(ids.size - 1, 0))
+    if wanted.size and (ids.size == 0 or (ids[where] != wanted).any()):
+        raise ValueError("the shuffled control got samples outside the training split")
+    return partners[where]
+
+
 def shuffle_within_samples(values: np.ndarray, samples: np.ndarray, key: Sequence[int]
                            ) -> np.ndarray:
     """(..., N) per-target values with each sample's targets permuted among themselves.
@@ -132,12 +142,9 @@ class SampleReliance:
         self.mapping, self.source, self.control, self.schedule = mapping, source, control, schedule
         self.ids, self.partners = partner_map(train_ids, seed)
 
-    def partner(self, sample_ids: np.ndarray) -> np.ndarray:
-        where = np.searchsorted(self.ids, np.asarray(sample_ids, dtype=np.int64))
-        return self.partners[where]
-
     def __call__(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
-        ids = self.partner(sample_ids) if self.control == "shuffled" else sample_ids
+        ids = (partners_of(self.ids, self.partners, sample_ids) if self.control == "shuffled"
+               else sample_ids)
         lam = self.mapping.sample_lambda(self.source.percentiles(ids, step))  # (S,)
         if self.schedule == "matched":
             lam = np.full_like(lam, lam.mean())

@@ -50,7 +50,7 @@ from kdpipe.schemas.errors import CacheFormatError, ConfigError, NonFiniteError
 from kdpipe.schemas.shard import NUM_TARGETS, SAMPLE_ID, TEACHER_NLL
 from kdpipe.trainer.distributed import RankSlice
 from kdpipe.trainer.loss_config import normalised
-from kdpipe.trainer.reliance import partner_map, shuffle_within_samples
+from kdpipe.trainer.reliance import partner_map, partners_of, shuffle_within_samples
 
 _SALT = 0x7465616368  # separates the token shuffles' RNG streams from the λ controls'
 _PARTNER_STREAM = 2  # reliance.partner_map's stream here; λ's shuffled control uses 0
@@ -233,14 +233,6 @@ class TeacherReliance:
                 raise ValueError("the shuffled control needs the training split's sample ids")
             self.ids, self.partners = partner_map(train_ids, seed, stream=_PARTNER_STREAM)
 
-    def _partner(self, sample_ids: np.ndarray) -> np.ndarray:
-        assert self.ids is not None and self.partners is not None
-        ids = np.asarray(sample_ids, dtype=np.int64)
-        where = np.searchsorted(self.ids, ids).clip(max=self.ids.size - 1)
-        if (self.ids[where] != ids).any():
-            raise ValueError("the shuffled control got samples outside the training split")
-        return self.partners[where]
-
     def for_samples(self, sample_ids: np.ndarray, step: int) -> np.ndarray:
         """(S,) sample ids of a global batch at optimizer step `step` → (J, S) float32
         weights, columns summing to 1 (level `sample`, or `fixed` at any level)."""
@@ -251,7 +243,8 @@ class TeacherReliance:
         if self.level != "sample" or self.sample_nll is None:
             raise ValueError("for_samples is the sample level; use for_tokens")
         if self.control == "shuffled":
-            ids = self._partner(ids)
+            assert self.ids is not None and self.partners is not None
+            ids = partners_of(self.ids, self.partners, ids)
         weights = teacher_weights(self.sample_nll.lookup(ids), self.prior, self.mode,
                                   self.temperature)  # (J, S)
         if self.control == "matched" and ids.size:
